@@ -1,0 +1,49 @@
+"""fhe_backend: run the private parts of a PyTorch model under fully homomorphic encryption.
+
+``torch.compile(model, backend="fhe", options={...})`` captures the model, runs the FHE-marked
+parts as Concrete circuits and the rest as eager torch. Importing this package registers the
+backend (it is also registered through the ``torch_dynamo_backends`` entry point).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+from torch._dynamo import list_backends, register_backend  # noqa: E402
+
+from .backend import fhe_backend, partitions, set_fhe_mode  # noqa: E402
+from .errors import (  # noqa: E402
+    BitWidthError,
+    FheBackendError,
+    LoweringError,
+    NotCompiledError,
+    OptionError,
+    PassError,
+    UnsupportedOpError,
+)
+from .marks import fhe_module  # noqa: E402
+from .runtime import FhePartition  # noqa: E402
+from .settings import FheSettings  # noqa: E402
+
+__version__ = "0.1.0"
+
+if "fhe" not in list_backends(exclude_tags=()):
+    register_backend(fhe_backend, name="fhe")
+
+__all__ = [
+    "BitWidthError",
+    "FheBackendError",
+    "FhePartition",
+    "FheSettings",
+    "LoweringError",
+    "NotCompiledError",
+    "OptionError",
+    "PassError",
+    "UnsupportedOpError",
+    "fhe_backend",
+    "fhe_module",
+    "partitions",
+    "set_fhe_mode",
+]

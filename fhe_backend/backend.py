@@ -1,0 +1,241 @@
+"""The `fhe` torch.compile backend: capture -> passes -> partition -> quantize -> lower -> stitch.
+
+Dynamo hands over an FX graph; AOTAutograd lowers it to core ATen. Parameters and buffers
+reaching the graph as inputs are baked as constants (the server's weights are clear constants
+of the circuit). Graph passes run, supported nodes of the FHE target are fused into
+`FhePartition`s, calibrated on the inputset, quantized, lowered and compiled with Concrete;
+the rest of the graph stays eager torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+import weakref
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from functorch.compile import aot_module_simplified, make_boxed_func
+from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from passes import PassManager
+
+from .errors import OptionError
+from .partition import TargetGroup, TorchNode, fhe_partitions, partition
+from .quantization.calibration import batches
+from .runtime import FhePartition
+from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
+
+logger = logging.getLogger("fhe_backend")
+
+_CONSTANT_SOURCE = re.compile(r"\._(parameters|buffers)\[|\.(weight|bias)$")
+DECOMPOSITIONS = core_aten_decompositions()
+
+# compiled graphs by id() of the module torch.compile wrapped, for partitions(compiled_model)
+_BY_ROOT: Dict[Optional[int], List["weakref.ref[CompiledGraph]"]] = {}
+
+
+class CompiledGraph(torch.nn.Module):
+    """The runnable result of one captured graph: eager torch with FHE partitions inside."""
+
+    def __init__(self, split: fx.GraphModule, partitions: List[FhePartition],
+                 left_in_torch: List[TorchNode], user_inputs: List[fx.Node],
+                 settings: FheSettings):
+        super().__init__()
+        self.split = split
+        self.partitions = partitions
+        self.left_in_torch = left_in_torch
+        self.user_inputs = user_inputs
+        self.settings = settings
+
+    def calibrate(self, inputset: Any) -> None:
+        """Calibrate every partition on the inputset and compile their circuits."""
+        if not self.partitions:
+            return
+        samples = 0
+        for partition_ in self.partitions:
+            partition_.mode = "calibrate"
+        try:
+            for batch in batches(inputset):
+                args = self._bind(batch)
+                size = _batch_size(batch)
+                samples += size
+                for partition_ in self.partitions:
+                    partition_.calibration_batch_size = size
+                self.split(*args)
+        finally:
+            for partition_ in self.partitions:
+                partition_.mode = self.settings.fhe if partition_.settings is self.settings \
+                    else partition_.settings.fhe
+        if samples < MIN_RECOMMENDED_INPUTSET:
+            warnings.warn(f"fhe_backend: the inputset has {samples} samples; a representative "
+                          f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
+                          "needed for accuracy", stacklevel=3)
+        for index, partition_ in enumerate(self.partitions):
+            _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(self.partitions)})")
+            partition_.compile()
+
+    def _bind(self, tensors: Sequence[torch.Tensor]) -> List[Any]:
+        """Arguments of the split graph for user tensors: symbolic sizes solved from shapes."""
+        tensor_nodes = [n for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+        if len(tensors) != len(tensor_nodes):
+            raise OptionError(f"inputset batches have {len(tensors)} tensor(s) but the model takes "
+                              f"{len(tensor_nodes)} tensor input(s)")
+        by_node = dict(zip(tensor_nodes, tensors))
+        args = []
+        for node in self.user_inputs:
+            if node in by_node:
+                args.append(by_node[node])
+            else:
+                args.append(_solve_symbol(node, by_node))
+        return args
+
+    def forward(self, *args: Any) -> Any:
+        """Run the graph; on the first call without an inputset, calibrate on these inputs."""
+        if any(not p.compiled for p in self.partitions):
+            warnings.warn("fhe_backend: no 'inputset' option, calibrating on the first call's "
+                          "inputs; pass a representative inputset (hundreds of samples) for accuracy",
+                          stacklevel=2)
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.calibrate([tuple(tensors)])
+        return self.split(*args)
+
+
+def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict] = None):
+    """The `torch.compile(backend="fhe", options=...)` entry point."""
+    settings = FheSettings.from_options(options)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    own = list(dict(gm.named_parameters(remove_duplicate=False)).values()) + list(
+        dict(gm.named_buffers(remove_duplicate=False)).values())
+    constant_flags = [True] * len(own) + [_is_constant_input(n, x) for n, x in zip(placeholders, example_inputs)]
+    constants = [t.detach() for t in own] + [x.detach() if isinstance(x, torch.Tensor) else x
+                                            for x in example_inputs]
+    start = time.perf_counter()
+    root = _root_module_id(gm)
+
+    def compile_forward(aten_gm: fx.GraphModule, _fake_args):
+        with unset_fake_temporarily():
+            compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings)
+        _BY_ROOT.setdefault(root, []).append(weakref.ref(compiled))
+        _BY_ROOT.setdefault(None, []).append(weakref.ref(compiled))
+        logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
+        user = [i for i, flag in enumerate(constant_flags) if not flag]
+
+        def run(args):
+            outputs = compiled(*[args[i] for i in user])
+            args.clear()
+            return outputs
+
+        run._boxed_call = True
+        run.compiled_graph = compiled
+        return run
+
+    with torch.no_grad():
+        return aot_module_simplified(gm, list(example_inputs), fw_compiler=compile_forward,
+                                     decompositions=DECOMPOSITIONS)
+
+
+def _is_constant_input(node: fx.Node, example: Any) -> bool:
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    source = source() if callable(source) else source
+    return bool(_CONSTANT_SOURCE.search(str(source)))
+
+
+def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_flags: Sequence[bool],
+                       settings: FheSettings, groups: Optional[List[TargetGroup]] = None) -> CompiledGraph:
+    """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given."""
+    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    user_inputs = []
+    for index, (node, is_constant) in enumerate(zip(placeholders, constant_flags)):
+        if not is_constant:
+            user_inputs.append(node)
+            continue
+        name = f"_fhe_constant_{index}"
+        aten_gm.register_buffer(name, values[index].clone(), persistent=False)
+        with aten_gm.graph.inserting_before(node):
+            constant = aten_gm.graph.get_attr(name)
+        constant.meta = dict(node.meta)
+        node.replace_all_uses_with(constant)
+        aten_gm.graph.erase_node(node)
+    aten_gm.recompile()
+    aten_gm = PassManager()(aten_gm, settings)
+    from .marks import target_groups
+
+    groups = groups if groups is not None else target_groups(aten_gm, settings)
+    input_status = _input_status(user_inputs, settings)
+    split, partitions, left = partition(aten_gm, groups, input_status)
+    compiled = CompiledGraph(split, partitions, left, user_inputs, settings)
+    if settings.inputset is not None:
+        compiled.calibrate(settings.inputset)
+    return compiled
+
+
+def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:
+    tensors = [n for n in user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+    status = settings.inputs_encryption_status
+    if status is None:
+        return {}
+    if len(status) != len(tensors):
+        raise OptionError(f"option 'inputs_encryption_status' = {status!r} has {len(status)} "
+                          f"entries but the model has {len(tensors)} tensor input(s)")
+    return {node.name: s for node, s in zip(tensors, status)}
+
+
+def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
+    symbol = node.meta.get("val")
+    expr = getattr(getattr(symbol, "node", None), "expr", None)
+    for tensor_node, tensor in tensors.items():
+        for dim, size in enumerate(tensor_node.meta["val"].shape):
+            if getattr(getattr(size, "node", None), "expr", None) == expr:
+                return tensor.shape[dim]
+    raise OptionError(f"cannot bind the symbolic size '{node.name}' from the inputset shapes")
+
+
+def _batch_size(batch: Sequence[torch.Tensor]) -> int:
+    return int(batch[0].shape[0]) if batch and batch[0].dim() else 1
+
+
+def _progress(settings: FheSettings, message: str) -> None:
+    logger.info(message)
+    if settings.verbose:
+        print(f"[fhe_backend] {message}")
+
+
+def _root_module_id(gm: fx.GraphModule) -> Optional[int]:
+    """id() of the module torch.compile was called on, from dynamo's nn_module_stack."""
+    for node in gm.graph.nodes:
+        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
+            if re.fullmatch(r"L\['[^']*'\]", path):
+                try:
+                    return int(key)
+                except ValueError:
+                    return None
+    return None
+
+
+def compiled_graphs(model: Any) -> List[CompiledGraph]:
+    """The graphs compiled for a torch.compile'd model (or module), oldest first."""
+    target = getattr(model, "_orig_mod", model)
+    refs = _BY_ROOT.get(id(target)) or (_BY_ROOT.get(None) or [])[-1:]
+    graphs = [ref() for ref in refs]
+    return [g for g in graphs if g is not None]
+
+
+def partitions(model: Any) -> List[FhePartition]:
+    """The FHE partitions of a compiled model (after its first call)."""
+    if isinstance(model, torch.nn.Module) and fhe_partitions(model):
+        return fhe_partitions(model)
+    return [p for graph in compiled_graphs(model) for p in graph.partitions]
+
+
+def set_fhe_mode(model: Any, mode: Any) -> None:
+    """Switch every FHE partition of a compiled model to a mode (no recompilation)."""
+    for partition_ in partitions(model):
+        partition_.mode = mode

@@ -1,0 +1,134 @@
+"""Leveled linear ops: matmul/linear/conv with constant weights, encrypted matmul, sums.
+
+Inputs are centered (q - zero_point) so padding and zero-points need no correction terms;
+weights are quantized symmetrically per output channel; the accumulator keeps the product of
+scales (per channel) and the bias becomes its zero-point. No table lookup happens here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from concrete import fhe
+
+from ..quantization.program import Encrypted, LoweringContext, is_encrypted, shape_of
+from ..quantization.quantizers import quantize_weights
+from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
+
+aten = torch.ops.aten
+
+
+def _constant_array(value) -> np.ndarray:
+    return value.detach().to(torch.float64).numpy() if isinstance(value, torch.Tensor) else np.asarray(
+        value, dtype=np.float64)
+
+
+def _weights(ctx: LoweringContext, weight, channel_axis: int):
+    """Integer weights and their scale (cached per node)."""
+    per_channel = ctx.settings.per_channel_weights
+    return ctx.cache(f"weights{channel_axis}", lambda: quantize_weights(
+        _constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None))
+
+
+def matmul(ctx: LoweringContext, a, b) -> Encrypted:
+    """a @ b with at least one encrypted operand."""
+    if is_encrypted(a) and is_encrypted(b):
+        a, b = ctx.as_linear_input(a), ctx.as_linear_input(b)
+        if not b.uniform or not a.uniform:
+            a, b = ctx.materialize(a), ctx.materialize(b)
+        return Encrypted(a.centered @ b.centered, a.scale * b.scale, 0.0)
+    if is_encrypted(a):
+        a = ctx.as_linear_input(a)
+        q_w, s_w = _weights(ctx, b, -1)
+        return Encrypted(a.centered @ q_w, a.scale * s_w, 0.0)
+    b = ctx.as_linear_input(b)
+    q_w, s_w = _weights(ctx, a, -2)
+    return Encrypted(q_w @ b.centered, b.scale * s_w, 0.0)
+
+
+def _with_bias(value: Encrypted, bias, beta: float = 1.0) -> Encrypted:
+    if bias is None:
+        return value
+    bias = _constant_array(bias) * beta
+    value.zero_point = value.zero_point - bias / value.scale
+    return value
+
+
+@register(aten.mm.default, aten.bmm.default)
+def mm(ctx: LoweringContext, a, b):
+    """Matrix product (constant weights or two encrypted operands)."""
+    return matmul(ctx, a, b)
+
+
+def _addmm_reason(node: fx.Node) -> Optional[str]:
+    if not is_constant(node.args[0]):
+        return f"{op_name(node)} with an encrypted bias is not lowered"
+    return None
+
+
+@register(aten.addmm.default, validator=_addmm_reason)
+def addmm(ctx: LoweringContext, bias, a, b, beta=1, alpha=1):
+    """bias * beta + alpha * (a @ b): the linear layer."""
+    value = matmul(ctx, a, b)
+    value.scale = value.scale * alpha
+    return _with_bias(value, bias, beta)
+
+
+def _conv_reason(node: fx.Node) -> Optional[str]:
+    x, weight, bias, _, _, _, transposed, *_ = node.args
+    if transposed:
+        return "transposed convolution has no FHE lowering"
+    if not is_constant(weight) or (bias is not None and not is_constant(bias)):
+        return "convolution with encrypted weights has no FHE lowering"
+    shape = meta_shape(weight)
+    if shape is not None and len(shape) not in (3, 4):
+        return f"{len(shape) - 2}d convolution has no FHE lowering (1d and 2d do)"
+    return None
+
+
+@register(aten.convolution.default, validator=_conv_reason)
+def convolution(ctx: LoweringContext, x, weight, bias, stride, padding, dilation, transposed,
+                output_padding, groups):
+    """conv1d/conv2d with constant weights (stride, padding, dilation, groups)."""
+    x = ctx.as_linear_input(x)
+    q_w, s_w = _weights(ctx, weight, 0)
+    pads = list(padding) + list(padding)
+    acc = fhe.conv(x.centered, q_w, None, pads=pads, strides=list(stride),
+                   dilations=list(dilation), group=groups)
+    channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
+    scale = x.scale * np.reshape(s_w, channel_shape)
+    bias = None if bias is None else _constant_array(bias).reshape(channel_shape)
+    return _with_bias(Encrypted(acc, scale, 0.0), bias)
+
+
+def _reduce_reason(node: fx.Node) -> Optional[str]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return batch_dim_reason(dims, node)
+
+
+def _reduce(ctx: LoweringContext, x, dims, keepdim: bool, mean: bool):
+    if not is_encrypted(x):
+        return ctx.node.target(x, dims, keepdim)
+    if not x.uniform:
+        x = ctx.materialize(x)
+    ndim = len(shape_of(x.expr))
+    axes = tuple(sorted(d % ndim for d in dims))
+    count = int(np.prod([shape_of(x.expr)[d] for d in axes]))
+    expr = np.sum(x.expr, axis=axes, keepdims=bool(keepdim))
+    scale = x.scale / count if mean else x.scale
+    return Encrypted(expr, scale, x.zero_point * count)
+
+
+@register(aten.sum.dim_IntList, validator=_reduce_reason)
+def sum_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
+    """Sum over non-batch dims: leveled."""
+    return _reduce(ctx, x, dims, keepdim, mean=False)
+
+
+@register(aten.mean.dim, validator=_reduce_reason)
+def mean_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
+    """Mean over non-batch dims: a leveled sum with the scale divided."""
+    return _reduce(ctx, x, dims, keepdim, mean=True)

@@ -1,0 +1,69 @@
+"""Pooling: average pooling as a leveled depth-wise sum, max pooling with Concrete's maxpool."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from concrete import fhe
+
+from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .registry import register
+
+aten = torch.ops.aten
+
+
+def _pairs(value, ndim: int = 2):
+    value = list(value) if isinstance(value, (list, tuple)) else [value]
+    return value * ndim if len(value) == 1 else value
+
+
+def _avg_reason(node: fx.Node) -> Optional[str]:
+    args = list(node.args) + [None] * 7
+    padding, ceil_mode, count_include_pad, divisor = args[3], args[4], args[5], args[6]
+    if ceil_mode:
+        return "avg_pool2d with ceil_mode=True has no FHE lowering"
+    if divisor is not None:
+        return "avg_pool2d with divisor_override has no FHE lowering"
+    if count_include_pad is False and any(_pairs(padding or 0)):
+        return "avg_pool2d with padding and count_include_pad=False has no FHE lowering"
+    return None
+
+
+@register(aten.avg_pool2d.default, validator=_avg_reason)
+def avg_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size."""
+    x = ctx.as_linear_input(x)
+    kernel = _pairs(kernel_size)
+    stride = _pairs(stride) if stride else kernel
+    padding = _pairs(padding)
+    channels = shape_of(x.expr)[1]
+    ones = np.ones((channels, 1, *kernel), dtype=np.int64)
+    acc = fhe.conv(x.centered, ones, None, pads=padding + padding, strides=stride, group=channels)
+    return Encrypted(acc, x.scale / int(np.prod(kernel)), 0.0)
+
+
+def _max_reason(node: fx.Node) -> Optional[str]:
+    args = list(node.args) + [None] * 6
+    padding, ceil_mode = args[3], args[5]
+    if any(_pairs(padding or 0)):
+        return "max_pool2d with padding has no FHE lowering"
+    if ceil_mode:
+        return "max_pool2d with ceil_mode=True has no FHE lowering"
+    return None
+
+
+@register(aten.max_pool2d_with_indices.default, validator=_max_reason)
+def max_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, dilation=1,
+               ceil_mode=False):
+    """Max pooling on the integers (monotone for a positive uniform scale)."""
+    if not (x.uniform and np.all(np.asarray(x.scale) > 0)):
+        x = ctx.materialize(x)
+    kernel = _pairs(kernel_size)
+    stride = _pairs(stride) if stride else kernel
+    expr = fhe.maxpool(x.expr, kernel_shape=tuple(kernel), strides=tuple(stride),
+                       dilations=tuple(_pairs(dilation)))
+    return with_value(x, expr=expr), None

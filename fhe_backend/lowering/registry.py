@@ -1,0 +1,132 @@
+"""The lowering registry: the one source of truth for what runs in FHE.
+
+A node is FHE-supported exactly when a lowering is registered for its ATen overload (or it is a
+pointwise op, handled generically) and that lowering's validator accepts the node. The
+partitioner asks `unsupported_reason`; the integer program asks `lowering_for`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import LoweringError
+
+Validator = Callable[[fx.Node], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How one op becomes integer operations, and which of its nodes are accepted."""
+
+    fn: Callable[..., Any]
+    validator: Optional[Validator] = None
+
+    def reason(self, node: fx.Node) -> Optional[str]:
+        """None when the node is accepted, else why not."""
+        return self.validator(node) if self.validator else None
+
+
+LOWERINGS: Dict[Any, Lowering] = {}
+_POINTWISE: List[Lowering] = []
+
+
+def register(*targets: Any, validator: Optional[Validator] = None):
+    """Decorator registering a lowering `fn(ctx, *args, **kwargs)` for ATen overloads."""
+
+    def decorate(fn):
+        for target in targets:
+            LOWERINGS[target] = Lowering(fn, validator)
+        return fn
+
+    return decorate
+
+
+def register_pointwise(fn: Callable[..., Any], validator: Optional[Validator] = None) -> None:
+    """The generic lowering of ATen ops tagged pointwise without a lowering of their own."""
+    _POINTWISE[:] = [Lowering(fn, validator)]
+
+
+def is_pointwise(target: Any) -> bool:
+    """True for ATen overloads tagged `pointwise`."""
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _find(node: fx.Node) -> Optional[Lowering]:
+    _load_lowerings()
+    if node.target in LOWERINGS:
+        return LOWERINGS[node.target]
+    if is_pointwise(node.target) and _POINTWISE:
+        return _POINTWISE[0]
+    return None
+
+
+def lowering_for(node: fx.Node) -> Lowering:
+    """The lowering of a supported node; raises LoweringError otherwise."""
+    lowering = _find(node)
+    if lowering is None:
+        raise LoweringError(f"no FHE lowering for {op_name(node)} (node '{node.name}')")
+    return lowering
+
+
+def unsupported_reason(node: fx.Node) -> Optional[str]:
+    """None when `node` can run in FHE, else a sentence saying why it cannot."""
+    if node.op != "call_function":
+        return None
+    lowering = _find(node)
+    if lowering is None:
+        return f"no FHE lowering for {op_name(node)}"
+    return lowering.reason(node)
+
+
+def op_name(node: fx.Node) -> str:
+    """A readable name of the node's operator, e.g. 'aten.relu.default'."""
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
+        target, "__name__", str(target))
+
+
+def _load_lowerings() -> None:
+    from . import activation, elementwise, linear, pool, shape  # noqa: F401  (they register)
+
+
+# ---- helpers shared by validators -------------------------------------------------------
+
+
+def is_constant(arg: Any) -> bool:
+    """True for graph constants (baked weights, folded constants) and Python scalars."""
+    if isinstance(arg, fx.Node):
+        return arg.op == "get_attr"
+    return True
+
+
+def meta_shape(node: Any) -> Optional[Sequence[Any]]:
+    """The node's traced shape (may hold symbolic sizes), or None."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def touches_batch_dim(dims: Any, ndim: Optional[int]) -> bool:
+    """True when `dims` include dim 0, the batch-major dim every FHE value keeps apart."""
+    if dims is None or ndim is None:
+        return dims is None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return True
+    return any(d % max(ndim, 1) == 0 for d in dims)
+
+
+def batch_dim_reason(dims: Any, node: fx.Node, what: str = "dims") -> Optional[str]:
+    """Reason string when an op acts across samples (on dim 0), else None."""
+    source = node.all_input_nodes[0] if node.all_input_nodes else None
+    shape = meta_shape(source) if source is not None else None
+    if touches_batch_dim(dims, len(shape) if shape is not None else None):
+        return (f"{op_name(node)} with {what}={dims!r} acts on dim 0 (the batch); FHE circuits "
+                "run one sample at a time")
+    return None

@@ -1,0 +1,175 @@
+"""Data movement: reshape, permute, expand, cat, slice, select, getitem. All leveled.
+
+Dim 0 is batch-major everywhere in a partition (its size is the batch times a constant, each
+sample's rows contiguous), so a circuit compiled for one sample runs any batch. Ops that move
+data across dim 0 stay in torch.
+"""
+
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
+
+aten = torch.ops.aten
+
+
+def graph_batch_size(graph: fx.Graph) -> Optional[Any]:
+    """The batch size the graph was traced with: dim 0 of its first tensor input."""
+    for node in graph.nodes:
+        shape = meta_shape(node) if node.op == "placeholder" else None
+        if shape:
+            return shape[0]
+    return None
+
+
+def _batch_major_reason(node: fx.Node) -> Optional[str]:
+    batch = graph_batch_size(node.graph)
+    shape = meta_shape(node)
+    if batch is None or shape is None:
+        return None
+    if not shape:
+        return f"{op_name(node)} to a scalar merges the batch"
+    try:
+        ratio = Fraction(int(shape[0]), int(batch))
+    except (TypeError, ValueError):
+        ratio = _symbolic_ratio(shape[0], batch)
+    if ratio is None or ratio.denominator != 1:
+        return (f"{op_name(node)} to shape {tuple(shape)} mixes samples of the batch "
+                f"(batch size {batch}); FHE circuits run one sample at a time")
+    return None
+
+
+def _symbolic_ratio(size: Any, batch: Any) -> Optional[Fraction]:
+    try:
+        import sympy
+
+        ratio = sympy.simplify(size.node.expr / batch.node.expr)
+        return Fraction(int(ratio)) if ratio.is_Integer else None
+    except Exception:  # noqa: BLE001 - any failure means "cannot prove batch-major"
+        return None
+
+
+def _varies_along_last_only(array: Any) -> bool:
+    return np.ndim(array) == 0 or all(d == 1 for d in np.shape(array)[:-1])
+
+
+def move(ctx: LoweringContext, x: Any, apply: Callable[[Any], Any]) -> Any:
+    """Apply a data-movement function to an encrypted value (its scale/zero-point follow)."""
+    if x.uniform or (x.fn is not None and not x.positional):
+        return with_value(x, expr=apply(x.expr))
+    expr = apply(x.expr)
+    if (x.affine and _varies_along_last_only(x.scale) and _varies_along_last_only(x.zero_point)
+            and shape_of(expr)[-1:] == shape_of(x.expr)[-1:]):
+        keep = lambda a: a if np.ndim(a) == 0 else np.reshape(a, (1,) * (len(shape_of(expr)) - 1) + (-1,))  # noqa: E731
+        return with_value(x, expr=expr, scale=keep(x.scale), zero_point=keep(x.zero_point))
+    x = ctx.materialize(x)
+    return with_value(x, expr=apply(x.expr))
+
+
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+            aten.flatten.using_ints)
+
+
+@register(*RESHAPES, validator=_batch_major_reason)
+def reshape(ctx: LoweringContext, x, *args, **kwargs):
+    """view, reshape, flatten, squeeze, unsqueeze: a reshape to the recorded shape."""
+    return move(ctx, x, lambda e: e.reshape(ctx.out_shape(like=e)))
+
+
+def _permute_reason(node: fx.Node) -> Optional[str]:
+    dims = list(node.args[1])
+    shape = meta_shape(node.args[0])
+    ndim = len(shape) if shape is not None else len(dims)
+    if dims and dims[0] % max(ndim, 1) != 0:
+        return f"permute{tuple(dims)} moves the batch dim 0"
+    return None
+
+
+@register(aten.permute.default, validator=_permute_reason)
+def permute(ctx: LoweringContext, x, dims):
+    """permute / transpose of non-batch dims."""
+    return move(ctx, x, lambda e: np.transpose(e, [d % len(shape_of(e)) for d in dims]))
+
+
+def _expand_reason(node: fx.Node) -> Optional[str]:
+    sizes = list(node.args[1])
+    shape = meta_shape(node.args[0])
+    if shape is not None and len(sizes) != len(shape):
+        return "expand that adds leading dims moves the batch dim"
+    return None
+
+
+@register(aten.expand.default, validator=_expand_reason)
+def expand(ctx: LoweringContext, x, sizes, implicit=False):
+    """Tensor.expand over non-batch dims."""
+    return move(ctx, x, lambda e: np.broadcast_to(e, ctx.out_shape(like=e)))
+
+
+def _dim_arg_reason(node: fx.Node) -> Optional[str]:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return batch_dim_reason(dim, node, "dim")
+
+
+def _index(ndim: int, dim: int, item: Any) -> tuple:
+    return (slice(None),) * (dim % ndim) + (item,)
+
+
+@register(aten.slice.Tensor, validator=_dim_arg_reason)
+def slice_tensor(ctx: LoweringContext, x, dim=0, start=None, end=None, step=1):
+    """Slicing along a non-batch dim."""
+    return move(ctx, x, lambda e: e[_index(len(shape_of(e)), dim, slice(start, end, step))])
+
+
+@register(aten.select.int, validator=_dim_arg_reason)
+def select(ctx: LoweringContext, x, dim, index):
+    """Indexing one position of a non-batch dim."""
+    return move(ctx, x, lambda e: e[_index(len(shape_of(e)), dim, index)])
+
+
+def _cat_reason(node: fx.Node) -> Optional[str]:
+    tensors = node.args[0]
+    if any(is_constant(t) for t in tensors):
+        return "cat of encrypted and constant tensors has no FHE lowering"
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return batch_dim_reason(dim, node, "dim")
+
+
+@register(aten.cat.default, validator=_cat_reason)
+def cat(ctx: LoweringContext, tensors, dim=0):
+    """Concatenation along a non-batch dim; different scales become a per-position scale."""
+    values = [t if t.affine else ctx.materialize(t) for t in tensors]
+    ndim = len(shape_of(values[0].expr))
+    axis = dim % ndim
+    expr = np.concatenate([v.expr for v in values], axis=axis)
+    first = values[0]
+    if all(v.uniform and np.isclose(v.scale, first.scale) and np.isclose(v.zero_point, first.zero_point)
+           for v in values):
+        return Encrypted(expr, first.scale, first.zero_point, fresh=all(v.fresh for v in values))
+
+    def per_position(field: str) -> np.ndarray:
+        parts = [np.broadcast_to(getattr(v, field), (1, *shape_of(v.expr)[1:])) for v in values]
+        return np.concatenate(parts, axis=axis)
+
+    return Encrypted(expr, per_position("scale"), per_position("zero_point"))
+
+
+def _getitem_reason(node: fx.Node) -> Optional[str]:
+    source, index = node.args
+    if getattr(source, "target", None) == aten.max_pool2d_with_indices.default and index != 0:
+        return "max_pool2d indices are not computed in FHE"
+    return None
+
+
+@register(operator.getitem, validator=_getitem_reason)
+def getitem(ctx: LoweringContext, values, index):
+    """Pick one result of a multi-output op."""
+    return values[index]

@@ -1,0 +1,1 @@
+"""Calibration, quantizers and the integer program of an FHE partition."""

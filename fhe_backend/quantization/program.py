@@ -1,0 +1,324 @@
+"""The integer program of one FHE partition.
+
+Interpreting a partition's ATen graph with the registered lowerings yields a numpy function of
+integer inputs. The same function runs in three ways: on numpy arrays (``disable`` mode and the
+integer calibration that sizes rounding), and traced by ``concrete.fhe.Compiler`` into a circuit.
+
+Every encrypted value is an `Encrypted`: an integer expression plus how to read it as a float,
+either affine (``scale * (q - zero_point)``, usable by linear operations without any table
+lookup) or through a pending element-wise function ``fn(q)``. Element-wise operations only
+compose ``fn``; a table lookup happens when a linear operation needs its input affine again
+(`LoweringContext.materialize`), so a whole chain of element-wise ops with the requantization
+around it is ONE lookup.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+from concrete import fhe
+
+from ..errors import BitWidthError, LoweringError
+from ..settings import MAX_TLU_BIT_WIDTH, FheSettings
+from .calibration import NodeStats
+from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
+
+FloatFn = Callable[[np.ndarray], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Encrypted:
+    """An encrypted integer tensor `expr` and its float meaning.
+
+    fn is None: float = scale * (expr - zero_point) (scale/zero_point may be per-position arrays).
+    fn set: float = fn(expr) element-wise; `positional` when fn depends on the element's position.
+    fresh: expr is a small quantized value (op_inputs bits), safe to feed a linear operation.
+    """
+
+    expr: Any
+    scale: Any = 1.0
+    zero_point: Any = 0.0
+    fn: Optional[FloatFn] = None
+    fresh: bool = False
+    positional: bool = False
+
+    def value_fn(self) -> FloatFn:
+        """The float value as a function of the integer (for building table lookups)."""
+        if self.fn is not None:
+            return self.fn
+        scale, zero_point = self.scale, self.zero_point
+        return lambda q: torch.from_numpy((np.asarray(q, dtype=np.float64) - zero_point) * scale)
+
+    @property
+    def affine(self) -> bool:
+        """True when no element-wise function is pending."""
+        return self.fn is None
+
+    @property
+    def uniform(self) -> bool:
+        """True when one scale and one zero-point hold for every element."""
+        return self.affine and np.ndim(self.scale) == 0 and np.ndim(self.zero_point) == 0
+
+    @property
+    def centered(self):
+        """expr - zero_point as integers (requires an integer zero-point)."""
+        zero_point = np.rint(self.zero_point).astype(np.int64)
+        return self.expr - zero_point if np.any(zero_point) else self.expr
+
+
+def shape_of(value: Any) -> Tuple[int, ...]:
+    """Shape of a numpy array, a concrete tracer or a constant."""
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else tuple(np.shape(value))
+
+
+def is_encrypted(value: Any) -> bool:
+    """True for values that depend on the circuit's inputs."""
+    return isinstance(value, Encrypted)
+
+
+class LoweringContext:
+    """What a lowering sees: the node, its calibration statistics, settings and helpers."""
+
+    def __init__(self, program: "IntegerProgram", node: fx.Node):
+        self.program = program
+        self.node = node
+        self.settings = program.settings
+        self._lookups = itertools.count()
+
+    @property
+    def stats(self) -> NodeStats:
+        """Calibration statistics of this node's output."""
+        return self.program.stats[self.node.name]
+
+    def input_stats(self, index: int = 0) -> NodeStats:
+        """Calibration statistics of the node's index-th tensor argument."""
+        return self.program.stats[self.node.all_input_nodes[index].name]
+
+    def out_shape(self, like: Any, input_index: int = 0) -> Tuple[int, ...]:
+        """This node's output shape at run time: the batch-major dim 0 follows `like`'s."""
+        recorded_out = self.stats.shape
+        recorded_in = self.input_stats(input_index).shape
+        dim0 = shape_of(like)[0] * recorded_out[0] // recorded_in[0]
+        return (dim0, *recorded_out[1:])
+
+    def cache(self, key: str, build: Callable[[], Any]) -> Any:
+        """Memoize constants derived from the graph (quantized weights) across runs."""
+        full_key = (self.node.name, key)
+        if full_key not in self.program.constants:
+            self.program.constants[full_key] = build()
+        return self.program.constants[full_key]
+
+    def lookup(self, expr: Any, table: Callable[[np.ndarray], np.ndarray]) -> Any:
+        """One table lookup, after rounding the input to `rounding_threshold_bits` if set."""
+        key = f"{self.node.name}:{next(self._lookups)}"
+        if self.program.recording is not None:
+            array = np.asarray(expr)
+            low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+            old = self.program.recording.get(key)
+            if old is not None:
+                low, high = min(low, old[0]), max(high, old[1])
+            self.program.recording[key] = (low, high)
+        lsbs = self.program.rounding_lsbs.get(key, 0)
+        if lsbs:
+            exactness = (fhe.Exactness.APPROXIMATE
+                         if self.settings.rounding_threshold_bits.method == "approximate"
+                         else fhe.Exactness.EXACT)
+            expr = fhe.round_bit_pattern(expr, lsbs_to_remove=lsbs, exactness=exactness)
+        return fhe.univariate(table)(expr)
+
+    def materialize(self, value: Any, n_bits: Optional[int] = None,
+                    stats: Optional[NodeStats] = None) -> Encrypted:
+        """Requantize `value` to a fresh `n_bits` (default op_inputs) value: one table lookup.
+
+        The output range comes from `stats` (default: this node's calibration statistics).
+        """
+        if not is_encrypted(value):
+            raise LoweringError(f"node '{self.node.name}': cannot requantize a clear constant")
+        if n_bits is None:
+            n_bits = self.settings.n_bits.op_inputs
+        stats = stats or self.program.value_stats(value, self)
+        quantizer = UniformQuantizer.from_range(stats.low, stats.high, n_bits)
+        float_fn = value.value_fn()
+        table = lambda q: quantizer.quantize(float_fn(q).numpy())  # noqa: E731
+        expr = self.lookup(value.expr, table)
+        return Encrypted(expr, quantizer.scale, quantizer.zero_point, fresh=True)
+
+    def as_linear_input(self, value: Any, stats: Optional[NodeStats] = None) -> Encrypted:
+        """A fresh, uniformly scaled value with an integer zero-point (materialized if needed)."""
+        if (value.fresh and value.uniform
+                and float(value.zero_point) == float(np.rint(value.zero_point))):
+            return value
+        return self.materialize(value, stats=stats)
+
+    def rescale(self, value: Encrypted, scale: Any) -> Encrypted:
+        """value expressed on `scale` with zero-point 0: one table lookup (round(v / scale))."""
+        float_fn = value.value_fn()
+        table = lambda q: np.rint(float_fn(q).numpy() / scale).astype(np.int64)  # noqa: E731
+        return Encrypted(self.lookup(value.expr, table), scale, 0.0)
+
+
+class IntegerProgram:
+    """The integer function of one partition, callable on numpy arrays or concrete tracers."""
+
+    def __init__(self, graph_module: fx.GraphModule, stats: Dict[str, NodeStats],
+                 settings: FheSettings, encryption_status: Sequence[str]):
+        self.graph_module = graph_module
+        self.stats = stats
+        self.settings = settings
+        self.encryption_status = tuple(encryption_status)
+        self.constants: Dict[Any, Any] = {}
+        self.rounding_lsbs: Dict[str, int] = {}
+        self.recording: Optional[Dict[str, Tuple[int, int]]] = None
+        self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
+        self.input_quantizers = [
+            self._input_quantizer(node) for node in self.tensor_inputs
+        ]
+        self.output_dequantizers: List[OutputDequantizer] = []
+        self._value_stats: Dict[int, NodeStats] = {}
+
+    def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
+        stats = self.stats[node.name]
+        if stats.integral and stats.low >= 0:
+            # integer inputs (token ids, indices) are exact with scale 1
+            return UniformQuantizer(1.0, 0, bit_width(stats.low, stats.high))
+        return UniformQuantizer.from_range(stats.low, stats.high, self.settings.n_bits.model_inputs)
+
+    def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
+        """Float statistics of a value: of the node that produced it (default: ctx's node)."""
+        return self._value_stats.get(id(value), ctx.stats)
+
+    def quantize_inputs(self, *inputs: Any) -> Tuple[np.ndarray, ...]:
+        """Float tensors/arrays -> the integer inputs of the program."""
+        return tuple(q.quantize(_numpy(x)) for q, x in zip(self.input_quantizers, inputs))
+
+    def dequantize_outputs(self, *outputs: Any) -> Tuple[np.ndarray, ...]:
+        """Integer outputs of the program -> float arrays."""
+        return tuple(d.dequantize(y) for d, y in zip(self.output_dequantizers, outputs))
+
+    def __call__(self, *q_inputs: Any):
+        """Run the program on integer inputs (numpy arrays or concrete tracers)."""
+        env: Dict[fx.Node, Any] = {}
+        inputs = iter(q_inputs)
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = self._placeholder(node, inputs)
+            elif node.op == "get_attr":
+                env[node] = _fetch_attr(self.graph_module, node.target)
+            elif node.op == "call_function":
+                env[node] = self._call(node, env)
+            elif node.op == "output":
+                return self._outputs(node, env)
+        raise LoweringError("partition graph has no output node")
+
+    def _placeholder(self, node: fx.Node, inputs) -> Any:
+        if node not in self.tensor_inputs:
+            return None  # symbolic sizes: shapes come from calibration instead
+        index = self.tensor_inputs.index(node)
+        quantizer = self.input_quantizers[index]
+        value = Encrypted(next(inputs), quantizer.scale, quantizer.zero_point, fresh=True)
+        self._value_stats[id(value)] = self.stats[node.name]
+        return value
+
+    def _call(self, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
+        from ..lowering.registry import lowering_for
+
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        ctx = LoweringContext(self, node)
+        if not any(is_encrypted(a) for a in tree_leaves((args, kwargs))):
+            return node.target(*args, **kwargs)  # constant folding
+        try:
+            result = lowering_for(node).fn(ctx, *args, **kwargs)
+        except (BitWidthError, LoweringError):
+            raise
+        except Exception as error:
+            raise LoweringError(
+                f"lowering {node.target} failed at node '{node.name}'"
+                f"{_source_hint(node)}: {type(error).__name__}: {error}"
+            ) from error
+        if is_encrypted(result) and node.name in self.stats:
+            self._value_stats[id(result)] = self.stats[node.name]
+        return result
+
+    def _outputs(self, node: fx.Node, env: Dict[fx.Node, Any]):
+        results, dequantizers = [], []
+        for out_node in _flat_outputs(node):
+            value = env[out_node]
+            ctx = LoweringContext(self, out_node)
+            if not is_encrypted(value):
+                raise LoweringError(f"partition output '{out_node.name}' does not depend on any input")
+            if not value.affine:
+                value = ctx.materialize(value, self.settings.n_bits.model_outputs,
+                                        self.stats[out_node.name])
+            results.append(value.expr)
+            dequantizers.append(OutputDequantizer(value.scale, value.zero_point))
+        self.output_dequantizers = dequantizers
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
+        """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
+
+        Returns each lookup's integer input range.
+        """
+        self.rounding_lsbs = {}
+        self.recording = {}
+        try:
+            self(*q_inputs)
+            ranges = dict(self.recording)
+        finally:
+            self.recording = None
+        rounding = self.settings.rounding_threshold_bits
+        for key, (low, high) in ranges.items():
+            bits = bit_width(low, high)
+            if rounding is not None and bits > rounding.n_bits:
+                self.rounding_lsbs[key] = bits - rounding.n_bits
+            effective = bits - self.rounding_lsbs.get(key, 0)
+            if effective > MAX_TLU_BIT_WIDTH:
+                node = key.split(":")[0]
+                raise BitWidthError(
+                    f"table lookup at node '{node}' needs a {effective}-bit input (range "
+                    f"[{low}, {high}]), over Concrete's {MAX_TLU_BIT_WIDTH}-bit limit. Lower it with "
+                    f"the option 'rounding_threshold_bits' (e.g. 6) or a smaller 'n_bits' "
+                    f"(now {self.settings.n_bits})"
+                )
+        return ranges
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _flat_outputs(output_node: fx.Node) -> List[fx.Node]:
+    args = output_node.args[0]
+    return list(args) if isinstance(args, (tuple, list)) else [args]
+
+
+def _source_hint(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return ""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    location = [line for line in lines if line.startswith("File ")]
+    return f" ({location[-1]})" if location else ""
+
+
+def with_value(value: Encrypted, **changes: Any) -> Encrypted:
+    """A copy of `value` with some fields changed (same integer expression)."""
+    return replace(value, **changes)

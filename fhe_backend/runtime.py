@@ -1,0 +1,262 @@
+"""An FHE partition at run time: calibration, circuit compilation, keys and the run modes.
+
+`FhePartition` replaces one fused subgraph of the model. It quantizes its torch inputs, runs
+the integer program in a mode, and dequantizes: ``disable`` (the program in the clear, whole
+batch at once), ``simulate`` (``circuit.simulate``), ``execute`` (keys, encrypt, run, decrypt),
+``torch`` (the original float subgraph). Switching modes never recompiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+from concrete import fhe
+
+from .errors import NotCompiledError, OptionError
+from .quantization.calibration import NodeStats, StatsRecorder
+from .quantization.program import IntegerProgram
+from .settings import FHE_MODES, FheSettings
+
+logger = logging.getLogger("fhe_backend")
+
+RUN_MODES = FHE_MODES + ("remote",)
+MAX_COMPILE_INPUTSET = 1000
+
+
+class FhePartition(torch.nn.Module):
+    """One FHE subgraph of a model: a concrete circuit plus its quantizers."""
+
+    def __init__(self, name: str, graph_module: fx.GraphModule, settings: FheSettings,
+                 encryption_status: Sequence[str], module_path: str = ""):
+        super().__init__()
+        self.name = name
+        self.graph_module = graph_module
+        self.settings = settings
+        self.module_path = module_path
+        self.encryption_status = tuple(encryption_status)
+        self._mode = settings.fhe
+        self.stats: Dict[str, NodeStats] = {}
+        self.program: Optional[IntegerProgram] = None
+        self.circuit: Optional[fhe.Circuit] = None
+        self.calibration_batch_size: Optional[int] = None
+        self.rows_per_sample: List[int] = []
+        self.lookup_ranges: Dict[str, Tuple[int, int]] = {}
+        self.remote_runner = None  # set by hybrid deployment: q_inputs -> q_outputs
+        self._calibration_inputs: List[List[torch.Tensor]] = []
+        self._keys_ready = False
+        self.compile_seconds: Optional[float] = None
+        self.keygen_seconds: Optional[float] = None
+
+    # ---- modes --------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The run mode: disable, simulate, execute, torch (or remote, set by deployment)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Any) -> None:
+        value = getattr(value, "value", value)
+        if value not in RUN_MODES + ("calibrate",):
+            raise OptionError(f"FHE mode {value!r}: allowed modes are {RUN_MODES}")
+        if value == "remote" and self.remote_runner is None:
+            raise OptionError(f"partition '{self.name}': mode 'remote' needs a client "
+                              "(use fhe_backend.hybrid_model.HybridFHEModel)")
+        self._mode = value
+
+    @property
+    def compiled(self) -> bool:
+        """True once the circuit exists."""
+        return self.circuit is not None
+
+    # ---- calibration and compilation ----------------------------------------------------
+
+    def tensor_args(self, args: Sequence[Any]) -> List[torch.Tensor]:
+        """The tensor inputs among the partition's arguments (symbolic sizes are skipped)."""
+        return [a for a in args if isinstance(a, torch.Tensor)]
+
+    def calibrate(self, *args: Any) -> Any:
+        """Run in float on one calibration batch, recording ranges and inputs."""
+        tensors = self.tensor_args(args)
+        self._calibration_inputs.append([t.detach() for t in tensors])
+        return StatsRecorder(self.graph_module, self.stats).run(*args)
+
+    def compile(self) -> None:
+        """Build the integer program from the recorded statistics and compile the circuit."""
+        if not self._calibration_inputs:
+            raise NotCompiledError(f"partition '{self.name}' has no calibration data")
+        start = time.perf_counter()
+        batch = self.calibration_batch_size or self._calibration_inputs[0][0].shape[0]
+        self.rows_per_sample = [max(1, t.shape[0] // batch) for t in self._calibration_inputs[0]]
+        self.program = IntegerProgram(self.graph_module, self.stats, self.settings,
+                                      self.encryption_status)
+        columns = list(zip(*self._calibration_inputs))
+        q_inputs = [np.concatenate(q) for q in zip(*[
+            self.program.quantize_inputs(*[torch.cat(col) for col in columns])])]
+        self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
+        samples = self._samples(q_inputs)
+        if len(samples) > MAX_COMPILE_INPUTSET:
+            picks = np.random.default_rng(0).choice(len(samples), MAX_COMPILE_INPUTSET, replace=False)
+            samples = [samples[i] for i in sorted(picks)]
+        compiler = fhe.Compiler(self._traceable(), {
+            f"x{i}": status for i, status in enumerate(self.encryption_status)})
+        kwargs = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
+        if self.settings.configuration is not None:
+            kwargs["configuration"] = self.settings.configuration
+        if self.settings.p_error is not None:
+            kwargs["p_error"] = self.settings.p_error
+        if self.settings.global_p_error is not None:
+            kwargs["global_p_error"] = self.settings.global_p_error
+        self.circuit = compiler.compile([s if len(s) > 1 else s[0] for s in samples], **kwargs)
+        self._calibration_inputs = []
+        self._keys_ready = False
+        self.compile_seconds = time.perf_counter() - start
+        self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+
+    def _traceable(self):
+        program, count = self.program, len(self.encryption_status)
+
+        def circuit_function(**kwargs):
+            return program(*[kwargs[f"x{i}"] for i in range(count)])
+
+        circuit_function.__signature__ = inspect.Signature([
+            inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)])
+        return circuit_function
+
+    def _samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
+        """Split batch-major integer inputs into per-sample tuples."""
+        count = q_inputs[0].shape[0] // self.rows_per_sample[0]
+        return [tuple(q[i * r:(i + 1) * r] for q, r in zip(q_inputs, self.rows_per_sample))
+                for i in range(count)]
+
+    # ---- keys ---------------------------------------------------------------------------
+
+    def keygen(self, force: bool = False) -> None:
+        """Generate (or load from `key_cache_dir`) the keys of the circuit, once."""
+        self._require_compiled()
+        if self._keys_ready and not force:
+            return
+        self.circuit.enable_fhe_execution()
+        start = time.perf_counter()
+        cache_dir = self.settings.key_cache_dir
+        if cache_dir and not force:
+            digest = hashlib.sha256(self.circuit.mlir.encode()).hexdigest()[:16]
+            path = Path(cache_dir) / f"{self.name}-{digest}.keys"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
+        else:
+            self.circuit.keygen(force=force)
+        self._keys_ready = True
+        self.keygen_seconds = time.perf_counter() - start
+        self._log(f"keys ready in {self.keygen_seconds:.2f}s")
+
+    # ---- running ------------------------------------------------------------------------
+
+    def forward(self, *args: Any) -> Any:
+        """Run the partition in its current mode on torch inputs."""
+        if self._mode == "torch":
+            return self.graph_module(*args)
+        if self._mode == "calibrate":
+            return self.calibrate(*args)
+        if not self.compiled:
+            warnings.warn(
+                f"fhe_backend: partition '{self.name}' is calibrated on the first call's inputs only; "
+                "pass a representative inputset (hundreds of samples) with options={'inputset': ...} "
+                "for accuracy", stacklevel=2)
+            self.calibration_batch_size = self.calibration_batch_size or None
+            self.calibrate(*args)
+            self.compile()
+        tensors = self.tensor_args(args)
+        q_outputs = self.run_integers(self.program.quantize_inputs(*tensors))
+        outputs = self.program.dequantize_outputs(*q_outputs)
+        return self._to_torch(outputs, tensors)
+
+    def run_integers(self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
+                     ) -> Tuple[np.ndarray, ...]:
+        """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
+        self._require_compiled()
+        mode = mode or self._mode
+        if mode == "disable":
+            return _as_tuple(self.program(*q_inputs))
+        if mode == "remote":
+            return _as_tuple(self.remote_runner(q_inputs))
+        if mode == "execute":
+            self.keygen()
+            run = self.circuit.encrypt_run_decrypt
+        else:
+            run = self.circuit.simulate
+        per_sample = [_as_tuple(run(*sample)) for sample in self._samples(q_inputs)]
+        return tuple(np.concatenate(parts) for parts in zip(*per_sample))
+
+    def _to_torch(self, outputs: Sequence[np.ndarray], like: Sequence[torch.Tensor]) -> Any:
+        out_nodes = _output_nodes(self.graph_module)
+        device = like[0].device if like else None
+        tensors = []
+        for node, value in zip(out_nodes, outputs):
+            meta = node.meta.get("val")
+            dtype = meta.dtype if isinstance(meta, torch.Tensor) else torch.float32
+            tensor = torch.from_numpy(np.asarray(value))
+            tensor = tensor.round().to(dtype) if not dtype.is_floating_point else tensor.to(dtype)
+            tensors.append(tensor.to(device))
+        return tensors[0] if not _returns_tuple(self.graph_module) else tuple(tensors)
+
+    # ---- inspection ---------------------------------------------------------------------
+
+    @property
+    def statistics(self) -> Dict[str, Any]:
+        """Circuit cost figures: pbs_count, max_bit_width, max_tlu_bit_width, complexity, ..."""
+        self._require_compiled()
+        circuit = self.circuit
+        tlu_widths = [node.inputs[0].dtype.bit_width for node in circuit.graph.graph.nodes
+                      if node.converted_to_table_lookup and node.inputs]
+        return {
+            "pbs_count": int(circuit.programmable_bootstrap_count),
+            "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+            "max_tlu_bit_width": int(max(tlu_widths, default=0)),
+            "complexity": float(circuit.complexity),
+            "input_shape": self._sample_shapes(),
+            "p_error": float(circuit.p_error),
+            "global_p_error": float(circuit.global_p_error),
+        }
+
+    def _sample_shapes(self) -> List[Tuple[int, ...]]:
+        return [(rows, *self.stats[n.name].shape[1:]) for n, rows in
+                zip(self.program.tensor_inputs, self.rows_per_sample)]
+
+    def _require_compiled(self) -> None:
+        if not self.compiled:
+            raise NotCompiledError(
+                f"partition '{self.name}' is not compiled yet: call the model once (or give "
+                "options={'inputset': ...})")
+
+    def _log(self, message: str) -> None:
+        logger.info("%s: %s", self.name, message)
+        if self.settings.verbose:
+            print(f"[fhe_backend] {self.name}: {message}")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, mode={self._mode!r}, module={self.module_path!r}"
+
+
+def _as_tuple(value: Any) -> Tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _output_nodes(graph_module: fx.GraphModule) -> List[fx.Node]:
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    args = output.args[0]
+    return list(args) if isinstance(args, (tuple, list)) else [args]
+
+
+def _returns_tuple(graph_module: fx.GraphModule) -> bool:
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    return isinstance(output.args[0], (tuple, list))

@@ -1,0 +1,187 @@
+"""One frozen settings object, parsed once from the user's options and threaded everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
+
+from .errors import OptionError
+
+DEFAULT_N_BITS = 8
+DEFAULT_MODEL_BITS = 5
+DEFAULT_FHE_MODE = "simulate"
+FHE_MODES = ("disable", "simulate", "execute", "torch")
+ROUNDING_METHODS = ("exact", "approximate")
+ENCRYPTION_STATUSES = ("encrypted", "clear")
+MAX_TLU_BIT_WIDTH = 16
+MIN_RECOMMENDED_INPUTSET = 100
+
+
+@dataclass(frozen=True)
+class NBits:
+    """Bit-widths of the quantizers, with Concrete ML's meaning of each field."""
+
+    op_inputs: int
+    op_weights: int
+    model_inputs: int
+    model_outputs: int
+
+    @classmethod
+    def parse(cls, value: Any) -> "NBits":
+        """Build from an int (inputs and weights; outputs at least 5 bits) or a dict."""
+        if isinstance(value, NBits):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, Mapping)):
+            raise OptionError(
+                f"option 'n_bits' = {value!r}: expected an int or a dict with keys "
+                "'op_inputs', 'op_weights' (mandatory), 'model_inputs', 'model_outputs'"
+            )
+        if isinstance(value, int):
+            fields = dict(op_inputs=value, op_weights=value, model_inputs=value,
+                          model_outputs=max(DEFAULT_MODEL_BITS, value))
+        else:
+            allowed = {"op_inputs", "op_weights", "model_inputs", "model_outputs"}
+            unknown = set(value) - allowed
+            missing = {"op_inputs", "op_weights"} - set(value)
+            if unknown or missing:
+                raise OptionError(
+                    f"option 'n_bits' = {dict(value)!r}: "
+                    + (f"unknown keys {sorted(unknown)}; " if unknown else "")
+                    + (f"missing mandatory keys {sorted(missing)}; " if missing else "")
+                    + f"allowed keys are {sorted(allowed)}"
+                )
+            fields = dict(op_inputs=value["op_inputs"], op_weights=value["op_weights"],
+                          model_inputs=value.get("model_inputs", DEFAULT_MODEL_BITS),
+                          model_outputs=value.get("model_outputs", DEFAULT_MODEL_BITS))
+        for key, bits in fields.items():
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_TLU_BIT_WIDTH:
+                raise OptionError(
+                    f"option 'n_bits' field '{key}' = {bits!r}: expected an int in [1, {MAX_TLU_BIT_WIDTH}]"
+                )
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """Accumulator rounding before each table lookup: keep `n_bits` most significant bits."""
+
+    n_bits: int
+    method: str = "exact"
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional["Rounding"]:
+        """Build from None, an int, or a dict with 'n_bits' and optional 'method'."""
+        if value is None or isinstance(value, Rounding):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"n_bits", "method"}
+            if unknown or "n_bits" not in value:
+                raise OptionError(
+                    f"option 'rounding_threshold_bits' = {dict(value)!r}: a dict needs 'n_bits' (int) "
+                    f"and may have 'method' in {ROUNDING_METHODS}"
+                )
+            method = value.get("method", "exact")
+            method = str(getattr(method, "value", method)).lower()
+            if method not in ROUNDING_METHODS:
+                raise OptionError(
+                    f"option 'rounding_threshold_bits' method = {value.get('method')!r}: "
+                    f"allowed {ROUNDING_METHODS}"
+                )
+            return cls._checked(value["n_bits"], method)
+        return cls._checked(value, "exact")
+
+    @classmethod
+    def _checked(cls, n_bits: Any, method: str) -> "Rounding":
+        if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= MAX_TLU_BIT_WIDTH:
+            raise OptionError(
+                f"option 'rounding_threshold_bits' n_bits = {n_bits!r}: expected None, an int in "
+                f"[1, {MAX_TLU_BIT_WIDTH}], or {{'n_bits': int, 'method': 'exact'|'approximate'}}"
+            )
+        return cls(n_bits, method)
+
+
+@dataclass(frozen=True, eq=False)
+class FheSettings:
+    """Every option of the backend, validated. Build it with `FheSettings.from_options`."""
+
+    inputset: Any = None
+    n_bits: NBits = NBits.parse(DEFAULT_N_BITS)
+    rounding_threshold_bits: Optional[Rounding] = None
+    p_error: Optional[float] = None
+    global_p_error: Optional[float] = None
+    configuration: Any = None
+    fhe: str = DEFAULT_FHE_MODE
+    verbose: bool = False
+    require_full_fhe: bool = False
+    module_names: Tuple[str, ...] = ()
+    inputs_encryption_status: Optional[Tuple[str, ...]] = None
+    key_cache_dir: Optional[str] = None
+    per_channel_weights: bool = True
+    show_mlir: bool = False
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "FheSettings":
+        """Parse `torch.compile(..., options=...)`; unknown options and bad values raise."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionError(f"unknown option(s) {unknown}: allowed options are {sorted(known)}")
+        return cls().replace(**options)
+
+    def replace(self, **overrides: Any) -> "FheSettings":
+        """A copy with some options changed, validated the same way as `from_options`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(overrides)
+        return FheSettings(**_validated(values))
+
+
+def _validated(values: dict) -> dict:
+    values["n_bits"] = NBits.parse(values["n_bits"])
+    values["rounding_threshold_bits"] = Rounding.parse(values["rounding_threshold_bits"])
+    for key in ("p_error", "global_p_error"):
+        value = values[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < 1):
+            raise OptionError(f"option '{key}' = {value!r}: expected None or a float in (0, 1)")
+    if values["p_error"] is not None and values["global_p_error"] is not None:
+        raise OptionError(
+            f"options 'p_error' = {values['p_error']!r} and 'global_p_error' = "
+            f"{values['global_p_error']!r}: set at most one of them"
+        )
+    configuration = values["configuration"]
+    if configuration is not None:
+        from concrete import fhe
+
+        if not isinstance(configuration, fhe.Configuration):
+            raise OptionError(
+                f"option 'configuration' = {configuration!r}: expected a concrete.fhe.Configuration"
+            )
+    mode = values["fhe"]
+    mode = getattr(mode, "value", mode)
+    if mode not in FHE_MODES:
+        raise OptionError(f"option 'fhe' = {values['fhe']!r}: allowed modes are {FHE_MODES}")
+    values["fhe"] = mode
+    for key in ("verbose", "require_full_fhe", "per_channel_weights", "show_mlir"):
+        if not isinstance(values[key], (bool, int)):
+            raise OptionError(f"option '{key}' = {values[key]!r}: expected a bool")
+        values[key] = bool(values[key])
+    names = values["module_names"]
+    if isinstance(names, str):
+        names = (names,)
+    if not all(isinstance(name, str) for name in names):
+        raise OptionError(f"option 'module_names' = {names!r}: expected a list of module names")
+    values["module_names"] = tuple(names)
+    status = values["inputs_encryption_status"]
+    if status is not None:
+        status = tuple(status)
+        if not status or any(s not in ENCRYPTION_STATUSES for s in status) or "encrypted" not in status:
+            raise OptionError(
+                f"option 'inputs_encryption_status' = {status!r}: one of {ENCRYPTION_STATUSES} per "
+                "input, at least one 'encrypted'"
+            )
+        values["inputs_encryption_status"] = status
+    if values["key_cache_dir"] is not None:
+        values["key_cache_dir"] = str(values["key_cache_dir"])
+    return values
