@@ -60,7 +60,7 @@ class CompiledGraph(torch.nn.Module):
         for partition_ in self.partitions:
             partition_.mode = "calibrate"
         try:
-            for batch in batches(inputset):
+            for batch in self._traced_batches(batches(inputset)):
                 args = self._bind(batch)
                 size = _batch_size(batch)
                 samples += size
@@ -78,6 +78,22 @@ class CompiledGraph(torch.nn.Module):
         for index, partition_ in enumerate(self.partitions):
             _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(self.partitions)})")
             partition_.compile()
+
+    def _traced_batches(self, inputset: List[tuple]) -> List[tuple]:
+        """Re-batch the inputset to the traced batch size when the graph has static shapes.
+
+        The last chunk is completed with samples from the start (they only repeat ranges).
+        """
+        first = next((n.meta["val"] for n in self.user_inputs
+                      if isinstance(n.meta.get("val"), torch.Tensor)), None)
+        if first is None or not first.dim() or not isinstance(first.shape[0], int):
+            return inputset
+        size = first.shape[0]
+        columns = [torch.cat(column) for column in zip(*inputset)]
+        total = columns[0].shape[0]
+        cyclic = torch.arange(-(-total // size) * size) % total
+        columns = [column[cyclic] for column in columns]
+        return [tuple(c[i:i + size] for c in columns) for i in range(0, len(cyclic), size)]
 
     def _bind(self, tensors: Sequence[torch.Tensor]) -> List[Any]:
         """Arguments of the split graph for user tensors: symbolic sizes solved from shapes."""

@@ -24,6 +24,7 @@ from concrete import fhe
 from .errors import NotCompiledError, OptionError
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
+from .quantization.quantizers import bit_width
 from .settings import FHE_MODES, FheSettings
 
 logger = logging.getLogger("fhe_backend")
@@ -216,8 +217,9 @@ class FhePartition(torch.nn.Module):
         """Circuit cost figures: pbs_count, max_bit_width, max_tlu_bit_width, complexity, ..."""
         self._require_compiled()
         circuit = self.circuit
-        tlu_widths = [node.inputs[0].dtype.bit_width for node in circuit.graph.graph.nodes
-                      if node.converted_to_table_lookup and node.inputs]
+        program = self.program
+        tlu_widths = [bit_width(low, high) - program.rounding_lsbs.get(key, 0)
+                      for key, (low, high) in self.lookup_ranges.items()]
         return {
             "pbs_count": int(circuit.programmable_bootstrap_count),
             "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),

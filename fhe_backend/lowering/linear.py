@@ -57,6 +57,21 @@ def _with_bias(value: Encrypted, bias, beta: float = 1.0) -> Encrypted:
     return value
 
 
+def pad_trailing(expr, pads, value: int = 0):
+    """Pad the trailing len(pads) dims by pads[i] on both sides (Concrete's conv has no padding)."""
+    if not any(pads):
+        return expr
+    shape = shape_of(expr)
+    lead = len(shape) - len(pads)
+    if isinstance(expr, np.ndarray):
+        return np.pad(expr, [(0, 0)] * lead + [(p, p) for p in pads], constant_values=value)
+    padded = fhe.zeros(shape[:lead] + tuple(s + 2 * p for s, p in zip(shape[lead:], pads)))
+    if value:
+        padded = padded + value
+    padded[(slice(None),) * lead + tuple(slice(p, p + s) for s, p in zip(shape[lead:], pads))] = expr
+    return padded
+
+
 @register(aten.mm.default, aten.bmm.default)
 def mm(ctx: LoweringContext, a, b):
     """Matrix product (constant weights or two encrypted operands)."""
@@ -95,8 +110,7 @@ def convolution(ctx: LoweringContext, x, weight, bias, stride, padding, dilation
     """conv1d/conv2d with constant weights (stride, padding, dilation, groups)."""
     x = ctx.as_linear_input(x)
     q_w, s_w = _weights(ctx, weight, 0)
-    pads = list(padding) + list(padding)
-    acc = fhe.conv(x.centered, q_w, None, pads=pads, strides=list(stride),
+    acc = fhe.conv(pad_trailing(x.centered, list(padding)), q_w, None, strides=list(stride),
                    dilations=list(dilation), group=groups)
     channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
     scale = x.scale * np.reshape(s_w, channel_shape)

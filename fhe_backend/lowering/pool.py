@@ -10,6 +10,7 @@ import torch.fx as fx
 from concrete import fhe
 
 from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .linear import pad_trailing
 from .registry import register
 
 aten = torch.ops.aten
@@ -42,7 +43,7 @@ def avg_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, ceil_
     padding = _pairs(padding)
     channels = shape_of(x.expr)[1]
     ones = np.ones((channels, 1, *kernel), dtype=np.int64)
-    acc = fhe.conv(x.centered, ones, None, pads=padding + padding, strides=stride, group=channels)
+    acc = fhe.conv(pad_trailing(x.centered, padding), ones, None, strides=stride, group=channels)
     return Encrypted(acc, x.scale / int(np.prod(kernel)), 0.0)
 
 

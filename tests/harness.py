@@ -1,0 +1,68 @@
+"""One harness for every numeric test: compile with backend "fhe", compare with eager torch.
+
+The tolerance is derived from the quantization: a few output quantization steps of the
+model's output range at the chosen bit-width, scaled by the number of quantized layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import fhe_backend
+
+
+def as_tuple(value: Any) -> Tuple[Any, ...]:
+    """Wrap a single value in a tuple."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def compile_fhe(model: torch.nn.Module, inputset: Any, **options: Any):
+    """torch.compile(model, backend="fhe") with an inputset, a fresh dynamo cache."""
+    torch._dynamo.reset()
+    return torch.compile(model, backend="fhe", options={"inputset": inputset, **options})
+
+
+def quantization_tolerance(reference: torch.Tensor, n_bits: int, steps: float = 4.0) -> float:
+    """`steps` quantization steps of the reference output's range at `n_bits`."""
+    span = float(reference.max() - reference.min()) if reference.numel() else 0.0
+    return steps * max(span, 1e-6) / (2**n_bits - 1)
+
+
+def assert_matches_torch(model: torch.nn.Module, inputs: Sequence[torch.Tensor], inputset: Any,
+                         n_bits: int = 8, steps: float = 4.0, mode: str = "simulate",
+                         options: Optional[Dict[str, Any]] = None, expect_partitions: Optional[int] = None):
+    """Compile `model`, run `inputs` in `mode`, assert every output is within tolerance of eager.
+
+    Returns the compiled model (for further checks on its partitions).
+    """
+    model = model.eval()
+    inputs = tuple(inputs)
+    with torch.no_grad():
+        expected = as_tuple(model(*inputs))
+    compiled = compile_fhe(model, inputset, n_bits=n_bits, fhe=mode, **(options or {}))
+    with torch.no_grad():
+        actual = as_tuple(compiled(*inputs))
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got.shape == want.shape, (got.shape, want.shape)
+        tolerance = quantization_tolerance(want.float(), n_bits, steps)
+        error = float((got.float() - want.float()).abs().max())
+        assert error <= tolerance, f"max error {error:.4g} > tolerance {tolerance:.4g}"
+    partitions = fhe_backend.partitions(compiled)
+    assert partitions, "nothing ran in FHE"
+    if expect_partitions is not None:
+        assert len(partitions) == expect_partitions
+    return compiled
+
+
+def digits_split(seed: int = 0):
+    """scikit-learn's digits (ships with the package), scaled to [0, 1], split 75/25."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    return train_test_split(x, y, test_size=0.25, random_state=seed)
