@@ -185,6 +185,11 @@ class IntegerProgram:
         self._value_stats: Dict[int, NodeStats] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
+        from ..lowering.quant import input_quantizer
+
+        qat_quantizer = input_quantizer(node)  # QAT: the model's own input quantizer
+        if qat_quantizer is not None:
+            return qat_quantizer
         stats = self.stats[node.name]
         if stats.integral and stats.low >= 0:
             # integer inputs (token ids, indices) are exact with scale 1

@@ -87,6 +87,7 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
 
     Returns (integer weights, scale) with scale broadcastable against `weights`; symmetric
     weights have no zero-point, so no correction term appears in the integer program.
+    Weights that already are integers within the range (QAT weights) are kept exactly.
     """
     weights = np.asarray(weights, dtype=np.float64)
     levels = max(1, 2 ** (n_bits - 1) - 1)
@@ -96,6 +97,8 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
         axes = tuple(a for a in range(weights.ndim) if a != channel_axis % weights.ndim)
         max_abs = np.max(np.abs(weights), axis=axes, keepdims=True)
     scale = np.where(max_abs > 0, max_abs / levels, 1.0)
+    if np.all(weights == np.rint(weights)) and np.all(max_abs <= levels):
+        return weights.astype(np.int64), np.ones_like(scale)  # already integers (QAT): exact
     q = np.clip(np.rint(weights / scale), -levels, levels).astype(np.int64)
     return q, scale
 

@@ -1,0 +1,168 @@
+"""QAT: Brevitas models compile as one graph with Brevitas' own quantizers (no re-calibration)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fhe_backend
+from fhe_backend.qat import has_any_qnn_layers, prepare_qat_model
+from tests.harness import compile_fhe, digits_split
+
+qnn = pytest.importorskip("brevitas.nn")
+
+N_FEAT, N_CLASSES, N_BITS = 64, 10, 3
+
+
+class QATSimpleNet(nn.Module):
+    """The seed's QATSimpleNet (3-bit weights and activations), on 8x8 digits."""
+
+    def __init__(self, n_hidden: int = 30, return_quant_tensor: bool = True):
+        super().__init__()
+        self.quant_inp = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
+        self.fc1 = qnn.QuantLinear(N_FEAT, n_hidden, True, weight_bit_width=N_BITS, bias_quant=None)
+        self.quant2 = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
+        self.fc2 = qnn.QuantLinear(n_hidden, n_hidden, True, weight_bit_width=N_BITS, bias_quant=None)
+        self.quant3 = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
+        self.fc3 = qnn.QuantLinear(n_hidden, N_CLASSES, True, weight_bit_width=N_BITS, bias_quant=None)
+
+    def forward(self, x):
+        x = self.quant_inp(x)
+        x = self.quant2(torch.relu(self.fc1(x)))
+        x = self.quant3(torch.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+class QATConvNet(nn.Module):
+    """QuantConv2d, QuantConv1d, QuantReLU and QuantLinear, plain tensors between layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant_inp = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=False)
+        self.conv2d = qnn.QuantConv2d(1, 2, 3, padding=1, weight_bit_width=N_BITS, bias_quant=None)
+        self.relu1 = qnn.QuantReLU(bit_width=N_BITS, return_quant_tensor=False)
+        self.conv1d = qnn.QuantConv1d(2, 2, 3, stride=2, weight_bit_width=N_BITS, bias_quant=None)
+        self.relu2 = qnn.QuantReLU(bit_width=N_BITS, return_quant_tensor=False)
+        self.fc = qnn.QuantLinear(2 * 31, N_CLASSES, True, weight_bit_width=N_BITS, bias_quant=None)
+
+    def forward(self, x):
+        x = self.relu1(self.conv2d(self.quant_inp(x.reshape(-1, 1, 8, 8))))
+        x = self.relu2(self.conv1d(x.reshape(-1, 2, 64)))
+        return self.fc(x.flatten(1))
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        for start in range(0, len(x), 64):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x_train, x_test, y_train, y_test = digits_split()
+    return torch.tensor(x_train), torch.tensor(x_test), torch.tensor(y_train), y_test
+
+
+@pytest.fixture(scope="module")
+def simple_net(digits):
+    x_train, x_test, y_train, _ = digits
+    torch.manual_seed(0)
+    model = _train(QATSimpleNet(), x_train, y_train, epochs=3)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = compile_fhe(model, x_train, fhe="simulate")
+    with torch.no_grad():
+        simulated = compiled(x_test)
+    # keep the partitions: the autouse fixture resets dynamo (and its compiled graphs) per test
+    return model, fhe_backend.partitions(compiled), simulated, dict(counters["graph_break"])
+
+
+def test_has_any_qnn_layers():
+    assert has_any_qnn_layers(QATSimpleNet())
+    assert not has_any_qnn_layers(nn.Sequential(nn.Linear(4, 2), nn.ReLU()))
+    assert has_any_qnn_layers(nn.Sequential(nn.Linear(4, 2), torch.ao.quantization.FakeQuantize()))
+
+
+def test_brevitas_model_is_one_graph_and_one_partition(simple_net):
+    _, partitions, _, graph_breaks = simple_net
+    assert not graph_breaks
+    assert len(partitions) == 1
+    fake_quants = [n for n in partitions[0].graph_module.graph.nodes
+                   if n.target == torch.ops.fhe.fake_quant.default]
+    assert len(fake_quants) == 3
+
+
+def test_simulate_predictions_equal_brevitas(simple_net, digits):
+    model, _, simulated, _ = simple_net
+    _, x_test, _, y_test = digits
+    with torch.no_grad():
+        expected = model(x_test)
+    agreement = float((simulated.argmax(1) == expected.argmax(1)).float().mean())
+    assert agreement >= 0.99
+    assert float((expected.argmax(1).numpy() == y_test).mean()) > 0.5  # the model did learn
+
+
+def test_circuit_integers_are_brevitas_integers(simple_net, digits):
+    model, partitions, simulated, _ = simple_net
+    _, x_test, _, _ = digits
+    program = partitions[0].program
+    with torch.no_grad():
+        brevitas_input = model.quant_inp(x_test)
+        expected = model(x_test)
+    # the circuit input is Brevitas' integer input (stored shifted to unsigned)
+    (q_input,) = program.quantize_inputs(x_test)
+    quantizer = program.input_quantizers[0]
+    assert quantizer.scale == pytest.approx(float(brevitas_input.scale))
+    shift = int(quantizer.zero_point) - int(brevitas_input.zero_point)
+    np.testing.assert_array_equal(q_input - shift, brevitas_input.int().numpy())
+    # the output is Brevitas' integer accumulator times Brevitas' scales: equal up to float error
+    with torch.no_grad():
+        output_scale = float(model.quant3(torch.zeros(1, 30)).scale) * float(model.fc3.quant_weight().scale)
+    assert np.all(np.isclose(program.output_dequantizers[0].scale, output_scale))
+    tolerance = 1e-4 * float(expected.abs().max())
+    assert float((simulated - expected).abs().max()) <= tolerance
+
+
+def test_bit_widths_follow_brevitas(simple_net):
+    _, partitions, _, _ = simple_net
+    statistics = partitions[0].statistics
+    # 3-bit activations x 3-bit weights over 64 inputs: |acc| <= 64 * 4 * 3 (11 bits with sign)
+    bound = 1 + math.ceil(math.log2(N_FEAT * 2 ** (N_BITS - 1) * (2 ** (N_BITS - 1) - 1)))
+    assert statistics["max_bit_width"] <= bound
+    assert statistics["pbs_count"] == 2 * 30  # two requantizations of 30 neurons, no input lookup
+
+
+def test_return_quant_tensor_false_conv_relu_model(digits):
+    x_train, x_test, y_train, _ = digits
+    torch.manual_seed(0)
+    model = _train(QATConvNet(), x_train[:600], y_train[:600], epochs=1)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = compile_fhe(model, x_train[:200], fhe="simulate")
+    with torch.no_grad():
+        expected = model(x_test[:40])
+        simulated = compiled(x_test[:40])
+    assert not counters["graph_break"]
+    assert len(fhe_backend.partitions(compiled)) == 1
+    assert float((simulated - expected).abs().max()) <= 1e-4 * float(expected.abs().max()) + 1e-6
+
+
+def test_prepare_qat_model_keeps_eager_results():
+    model = QATSimpleNet(8)
+    x = torch.rand(5, N_FEAT)
+    with torch.no_grad():
+        before = model.eval()(x)
+        prepared = prepare_qat_model(model)
+        after = prepared(x)
+    torch.testing.assert_close(after, before)
