@@ -52,8 +52,12 @@ class CompiledGraph(torch.nn.Module):
         self.user_inputs = user_inputs
         self.settings = settings
 
-    def calibrate(self, inputset: Any) -> None:
-        """Calibrate every partition on the inputset and compile their circuits."""
+    def calibrate(self, inputset: Any, compile_circuits: bool = True) -> None:
+        """Calibrate every partition on the inputset and compile their circuits.
+
+        With `compile_circuits=False` the partitions are only quantized (integer programs, no
+        circuits): the disable mode works, the others need `FhePartition.compile_circuit`.
+        """
         if not self.partitions:
             return
         samples = 0
@@ -76,6 +80,9 @@ class CompiledGraph(torch.nn.Module):
                           f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
                           "needed for accuracy", stacklevel=3)
         for index, partition_ in enumerate(self.partitions):
+            if not compile_circuits:
+                partition_.quantize()
+                continue
             _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(self.partitions)})")
             partition_.compile()
 

@@ -93,9 +93,17 @@ class FhePartition(torch.nn.Module):
 
     def compile(self) -> None:
         """Build the integer program from the recorded statistics and compile the circuit."""
+        start = time.perf_counter()
+        self.compile_circuit(self.quantize())
+        self.compile_seconds = time.perf_counter() - start
+
+    def quantize(self) -> List[np.ndarray]:
+        """Build the integer program from the recorded statistics, without compiling a circuit.
+
+        Returns the quantized calibration inputs (batch-major), the circuit's inputset.
+        """
         if not self._calibration_inputs:
             raise NotCompiledError(f"partition '{self.name}' has no calibration data")
-        start = time.perf_counter()
         batch = self.calibration_batch_size or self._calibration_inputs[0][0].shape[0]
         self.rows_per_sample = [max(1, t.shape[0] // batch) for t in self._calibration_inputs[0]]
         self.program = IntegerProgram(self.graph_module, self.stats, self.settings,
@@ -104,6 +112,15 @@ class FhePartition(torch.nn.Module):
         q_inputs = [np.concatenate(q) for q in zip(*[
             self.program.quantize_inputs(*[torch.cat(col) for col in columns])])]
         self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
+        self._calibration_inputs = []
+        return q_inputs
+
+    def compile_circuit(self, q_inputs: Sequence[np.ndarray], artifacts: Any = None) -> None:
+        """Compile the integer program into a circuit on a quantized, batch-major inputset.
+
+        `artifacts` (a `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR.
+        """
+        start = time.perf_counter()
         samples = self._samples(q_inputs)
         if len(samples) > MAX_COMPILE_INPUTSET:
             picks = np.random.default_rng(0).choice(len(samples), MAX_COMPILE_INPUTSET, replace=False)
@@ -117,8 +134,8 @@ class FhePartition(torch.nn.Module):
             kwargs["p_error"] = self.settings.p_error
         if self.settings.global_p_error is not None:
             kwargs["global_p_error"] = self.settings.global_p_error
-        self.circuit = compiler.compile([s if len(s) > 1 else s[0] for s in samples], **kwargs)
-        self._calibration_inputs = []
+        self.circuit = compiler.compile([s if len(s) > 1 else s[0] for s in samples],
+                                        artifacts=artifacts, **kwargs)
         self._keys_ready = False
         self.compile_seconds = time.perf_counter() - start
         self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
@@ -184,10 +201,10 @@ class FhePartition(torch.nn.Module):
     def run_integers(self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
                      ) -> Tuple[np.ndarray, ...]:
         """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
-        self._require_compiled()
         mode = mode or self._mode
-        if mode == "disable":
+        if mode == "disable" and self.program is not None:
             return _as_tuple(self.program(*q_inputs))
+        self._require_compiled()
         if mode == "remote":
             return _as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
