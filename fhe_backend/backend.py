@@ -58,32 +58,32 @@ class CompiledGraph(torch.nn.Module):
         With `compile_circuits=False` the partitions are only quantized (integer programs, no
         circuits): the disable mode works, the others need `FhePartition.compile_circuit`.
         """
-        if not self.partitions:
+        pending = [p for p in self.partitions if p.primary is None and not p.compiled]
+        if not pending:
             return
         samples = 0
-        for partition_ in self.partitions:
+        for partition_ in pending:
             partition_.mode = "calibrate"
         try:
             for batch in self._traced_batches(batches(inputset)):
                 args = self._bind(batch)
                 size = _batch_size(batch)
                 samples += size
-                for partition_ in self.partitions:
+                for partition_ in pending:
                     partition_.calibration_batch_size = size
                 self.split(*args)
         finally:
-            for partition_ in self.partitions:
-                partition_.mode = self.settings.fhe if partition_.settings is self.settings \
-                    else partition_.settings.fhe
+            for partition_ in pending:
+                partition_.mode = partition_.settings.fhe
         if samples < MIN_RECOMMENDED_INPUTSET:
             warnings.warn(f"fhe_backend: the inputset has {samples} samples; a representative "
                           f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
                           "needed for accuracy", stacklevel=3)
-        for index, partition_ in enumerate(self.partitions):
+        for index, partition_ in enumerate(pending):
             if not compile_circuits:
                 partition_.quantize()
                 continue
-            _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(self.partitions)})")
+            _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(pending)})")
             partition_.compile()
 
     def _traced_batches(self, inputset: List[tuple]) -> List[tuple]:
@@ -142,7 +142,8 @@ def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
 
     def compile_forward(aten_gm: fx.GraphModule, _fake_args):
         with unset_fake_temporarily():
-            compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings)
+            compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings,
+                                          reuse_key=(root, id(options)))
         _BY_ROOT.setdefault(root, []).append(weakref.ref(compiled))
         _BY_ROOT.setdefault(None, []).append(weakref.ref(compiled))
         logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
@@ -172,8 +173,13 @@ def _is_constant_input(node: fx.Node, example: Any) -> bool:
 
 
 def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_flags: Sequence[bool],
-                       settings: FheSettings, groups: Optional[List[TargetGroup]] = None) -> CompiledGraph:
-    """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given."""
+                       settings: FheSettings, groups: Optional[List[TargetGroup]] = None,
+                       reuse_key: Any = None) -> CompiledGraph:
+    """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given.
+
+    Partitions equal to one compiled earlier under the same `reuse_key` (dynamo recompiling the
+    same model for another batch size) share its circuit and keys instead of recompiling.
+    """
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     user_inputs = []
     for index, (node, is_constant) in enumerate(zip(placeholders, constant_flags)):
@@ -194,10 +200,26 @@ def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_
     groups = groups if groups is not None else target_groups(aten_gm, settings)
     input_status = _input_status(user_inputs, settings)
     split, partitions, left = partition(aten_gm, groups, input_status)
+    if reuse_key is not None:
+        _share_equal_partitions(partitions, _REUSABLE.setdefault(reuse_key, {}))
     compiled = CompiledGraph(split, partitions, left, user_inputs, settings)
     if settings.inputset is not None:
         compiled.calibrate(settings.inputset)
     return compiled
+
+
+_REUSABLE: Dict[Any, Dict[Any, "weakref.ref[FhePartition]"]] = {}
+
+
+def _share_equal_partitions(partitions: List[FhePartition], known: Dict[Any, Any]) -> None:
+    for partition_ in partitions:
+        signature = partition_.signature()
+        earlier = known.get(signature)
+        earlier = earlier() if earlier is not None else None
+        if earlier is not None:
+            partition_.share(earlier)
+        else:
+            known[signature] = weakref.ref(partition_)
 
 
 def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:
@@ -255,7 +277,7 @@ def partitions(model: Any) -> List[FhePartition]:
     """The FHE partitions of a compiled model (after its first call)."""
     if isinstance(model, torch.nn.Module) and fhe_partitions(model):
         return fhe_partitions(model)
-    return [p for graph in compiled_graphs(model) for p in graph.partitions]
+    return [p for graph in compiled_graphs(model) for p in graph.partitions if p.primary is None]
 
 
 def set_fhe_mode(model: Any, mode: Any) -> None:

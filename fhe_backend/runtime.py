@@ -45,6 +45,7 @@ class FhePartition(torch.nn.Module):
         self.module_path = module_path
         self.encryption_status = tuple(encryption_status)
         self._mode = settings.fhe
+        object.__setattr__(self, "primary", None)  # an equal partition compiled before (not a submodule)
         self.stats: Dict[str, NodeStats] = {}
         self.program: Optional[IntegerProgram] = None
         self.circuit: Optional[fhe.Circuit] = None
@@ -62,11 +63,14 @@ class FhePartition(torch.nn.Module):
     @property
     def mode(self) -> str:
         """The run mode: disable, simulate, execute, torch (or remote, set by deployment)."""
-        return self._mode
+        return self.primary.mode if self.primary is not None else self._mode
 
     @mode.setter
     def mode(self, value: Any) -> None:
         value = getattr(value, "value", value)
+        if self.primary is not None:
+            self.primary.mode = value
+            return
         if value not in RUN_MODES + ("calibrate",):
             raise OptionError(f"FHE mode {value!r}: allowed modes are {RUN_MODES}")
         if value == "remote" and self.remote_runner is None:
@@ -77,6 +81,8 @@ class FhePartition(torch.nn.Module):
     @property
     def compiled(self) -> bool:
         """True once the circuit exists."""
+        if self.primary is not None:
+            return self.primary.compiled
         return self.circuit is not None
 
     # ---- calibration and compilation ----------------------------------------------------
@@ -181,8 +187,10 @@ class FhePartition(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         """Run the partition in its current mode on torch inputs."""
-        if self._mode == "torch":
+        if self.mode == "torch":
             return self.graph_module(*args)
+        if self.primary is not None:
+            return self.primary(*args)
         if self._mode == "calibrate":
             return self.calibrate(*args)
         if not self.compiled:
@@ -226,6 +234,33 @@ class FhePartition(torch.nn.Module):
             tensor = tensor.round().to(dtype) if not dtype.is_floating_point else tensor.to(dtype)
             tensors.append(tensor.to(device))
         return tensors[0] if not _returns_tuple(self.graph_module) else tuple(tensors)
+
+    # ---- sharing one circuit between dynamo's recompilations ---------------------------------
+
+    def signature(self) -> Tuple[Any, ...]:
+        """Structure of the partition: ops, per-sample shapes and constants (not the batch size).
+
+        Dynamo recompiles a graph for a new batch size; partitions with equal signatures share
+        one circuit and its keys (see `share`).
+        """
+        parts: List[Any] = []
+        for node in self.graph_module.graph.nodes:
+            value = node.meta.get("val")
+            shape = (str(value.dtype), tuple(str(d) for d in value.shape[1:])) if isinstance(
+                value, torch.Tensor) else None
+            if node.op == "get_attr":
+                constant = self.graph_module
+                for part in node.target.split("."):
+                    constant = getattr(constant, part)
+                parts.append(("constant", hashlib.sha256(
+                    constant.detach().cpu().contiguous().numpy().tobytes()).hexdigest()))
+            elif node.op in ("placeholder", "call_function"):
+                parts.append((node.op, str(node.target) if node.op == "call_function" else "", shape))
+        return tuple(parts)
+
+    def share(self, primary: "FhePartition") -> None:
+        """Run through `primary`'s circuit, keys and mode (this graph is kept for torch mode)."""
+        object.__setattr__(self, "primary", primary.primary or primary)
 
     # ---- inspection ---------------------------------------------------------------------
 

@@ -13,6 +13,11 @@ def _constant_value(graph_module: fx.GraphModule, node: fx.Node):
     return value
 
 
+def _is_random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags or torch.Tag.dynamic_output_shape in tags
+
+
 def fold_constants(graph_module: fx.GraphModule, settings=None) -> fx.GraphModule:
     """Evaluate call_function nodes whose inputs are all constants; store the results."""
     values = {}
@@ -20,7 +25,7 @@ def fold_constants(graph_module: fx.GraphModule, settings=None) -> fx.GraphModul
         if node.op == "get_attr":
             values[node] = _constant_value(graph_module, node)
             continue
-        if node.op != "call_function" or not node.all_input_nodes:
+        if node.op != "call_function" or _is_random(node):
             continue
         if not all(arg in values for arg in node.all_input_nodes):
             continue
