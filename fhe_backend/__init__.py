@@ -23,7 +23,9 @@ from .errors import (  # noqa: E402
     PassError,
     UnsupportedOpError,
 )
+from .explain import explain  # noqa: E402
 from .marks import fhe_module  # noqa: E402
+from .qat import has_any_qnn_layers  # noqa: E402  (also lets dynamo capture Brevitas layers)
 from .runtime import FhePartition  # noqa: E402
 from .settings import FheSettings  # noqa: E402
 
@@ -42,8 +44,10 @@ __all__ = [
     "OptionError",
     "PassError",
     "UnsupportedOpError",
+    "explain",
     "fhe_backend",
     "fhe_module",
+    "has_any_qnn_layers",
     "partitions",
     "set_fhe_mode",
 ]
