@@ -12,12 +12,13 @@ import torch.fx as fx
 
 from fhe_backend.errors import FheBackendError, PassError
 
+from .detect_fake_quant import detect_fake_quant
 from .fold_constants import fold_constants
 from .remove_identities import remove_identities
 
 GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-DEFAULT_PASSES: Sequence[GraphPass] = (remove_identities, fold_constants)
+DEFAULT_PASSES: Sequence[GraphPass] = (remove_identities, fold_constants, detect_fake_quant)
 
 
 class PassManager:
@@ -41,4 +42,5 @@ class PassManager:
         return graph_module
 
 
-__all__ = ["DEFAULT_PASSES", "PassManager", "fold_constants", "remove_identities"]
+__all__ = ["DEFAULT_PASSES", "PassManager", "detect_fake_quant", "fold_constants",
+           "remove_identities"]

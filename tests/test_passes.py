@@ -1,0 +1,145 @@
+"""Graph passes, each on a small ATen graph: the expected nodes, and eager equality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fhe_backend
+from fhe_backend.errors import PassError
+from fhe_backend.lowering.quant import FAKE_QUANT, fake_quant_spec
+from passes import DEFAULT_PASSES, PassManager, detect_fake_quant, fold_constants, remove_identities
+from tests.harness import compile_fhe
+
+aten = torch.ops.aten
+
+
+def aten_graph(fn, *inputs) -> fx.GraphModule:
+    """Core ATen graph of `fn` (tensors it closes over become get_attr constants)."""
+    return make_fx(fn, decomposition_table=core_aten_decompositions())(*inputs)
+
+
+def targets(graph_module: fx.GraphModule):
+    return [n.target for n in graph_module.graph.nodes if n.op == "call_function"]
+
+
+def test_default_passes_order():
+    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, detect_fake_quant]
+
+
+def test_remove_identities_drops_copies_keeps_layout_clones():
+    def fn(x):
+        y = x.detach().clone().to(torch.float32) * 2
+        z = x[:, :1].expand(4, 3).clone()  # makes a non-contiguous tensor contiguous
+        return y + z.view(12).view(4, 3)
+
+    x = torch.randn(4, 3)
+    graph_module = aten_graph(fn, x)
+    assert aten.clone.default in targets(graph_module)
+    result = remove_identities(graph_module)
+    result.recompile()
+    remaining = targets(result)
+    assert aten.detach.default not in remaining and aten._to_copy.default not in remaining
+    assert remaining.count(aten.clone.default) == 1  # only the clone of the expand stays
+    torch.testing.assert_close(result(x), fn(x))
+
+
+def test_fold_constants_folds_weight_transposes():
+    weight, bias = torch.randn(3, 5), torch.randn(3)
+    fn = lambda x: torch.nn.functional.linear(x, weight, bias)  # noqa: E731
+    x = torch.randn(2, 5)
+    graph_module = aten_graph(fn, x)
+    assert aten.permute.default in targets(graph_module)
+    result = fold_constants(graph_module)
+    result.recompile()
+    assert targets(result) == [aten.addmm.default]
+    torch.testing.assert_close(result(x), fn(x))
+
+
+def _hand_written(x):
+    return (torch.clamp(torch.round(x / 0.25 + 2), 0, 7) - 2) * 0.25
+
+
+def _zero_point_after_round(x):
+    return (torch.clamp(torch.round(x * 4.0) + 3, 0, 15) - 3) / 4.0
+
+
+def _torch_ao(x):
+    return torch.fake_quantize_per_tensor_affine(x, 0.1, 3, 0, 15)
+
+
+@pytest.mark.parametrize("fn, spec", [
+    (_hand_written, (0.25, 2.0, 0, 7)),
+    (_zero_point_after_round, (0.25, 3.0, 0, 15)),
+    (_torch_ao, (0.1, 3.0, 0, 15)),
+])
+def test_detect_fake_quant_patterns(fn, spec):
+    x = torch.randn(6, 4) * 2
+    graph_module = fold_constants(aten_graph(lambda v: torch.relu(fn(v)), x))
+    result = detect_fake_quant(graph_module)
+    result.recompile()
+    assert targets(result) == [FAKE_QUANT, aten.relu.default]
+    found = fake_quant_spec(next(n for n in result.graph.nodes if n.target == FAKE_QUANT))
+    assert (found.scale, found.zero_point, found.qmin, found.qmax) == pytest.approx(spec)
+    torch.testing.assert_close(result(x), torch.relu(fn(x)))
+
+
+def test_detect_fake_quant_leaves_other_rounding_alone():
+    def fn(x):
+        q = torch.round(x / 0.5)
+        return torch.clamp(q, -2, 2) * 0.5 + q  # the integers are used twice: not a quantizer
+
+    x = torch.randn(5, 3)
+    result = detect_fake_quant(fold_constants(aten_graph(fn, x)))
+    assert FAKE_QUANT not in targets(result)
+
+
+def test_pass_manager_names_the_failing_pass():
+    def broken(graph_module, settings):
+        raise RuntimeError("boom")
+
+    graph_module = aten_graph(lambda x: x + 1, torch.randn(2))
+    with pytest.raises(PassError, match="'broken' failed: RuntimeError: boom"):
+        PassManager([remove_identities, broken])(graph_module, None)
+
+
+class GenericQat(torch.nn.Module):
+    """A plain torch QAT model: 3-bit fake-quantizers of its own (Concrete ML's import_qat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    @staticmethod
+    def quantize(x, scale):
+        return (torch.clamp(torch.round(x / scale + 4), 0, 7) - 4) * scale
+
+    def forward(self, x):
+        x = self.quantize(x, 0.5)
+        x = self.quantize(torch.relu(self.fc1(x)), 0.25)
+        return self.fc2(x)
+
+
+def test_generic_qat_model_uses_its_own_quantizers():
+    torch.manual_seed(0)
+    model = GenericQat().eval()
+    x = torch.randn(150, 6)
+    compiled = compile_fhe(model, x, n_bits=8, fhe="simulate")
+    with torch.no_grad():
+        actual, expected = compiled(x[:30]), model(x[:30])
+    (partition,) = fhe_backend.partitions(compiled)
+    graph_targets = targets(partition.graph_module)
+    assert graph_targets.count(FAKE_QUANT) == 2
+    assert aten.round.default not in graph_targets
+    quantizer = partition.program.input_quantizers[0]
+    assert (quantizer.scale, quantizer.zero_point, quantizer.n_bits) == (0.5, 4.0, 3)
+    # one lookup per hidden neuron (the input needs none); weights re-quantized at 8 bits
+    assert partition.statistics["pbs_count"] == 8
+    # re-quantized weights may flip a hidden value at a rounding boundary: one 0.25 step
+    errors = (actual - expected).abs()
+    assert float(errors.max()) <= 2 * 0.25 * float(model.fc2.weight.abs().max())
+    assert float(errors.median()) <= 0.01 * float(expected.abs().max())
