@@ -52,6 +52,7 @@ class ExplainReport:
     torch_nodes: List[TorchNode]
     samples: int
     warnings: List[str] = field(default_factory=list)
+    fhe_modules: List[FhePartition] = field(default_factory=list, repr=False)
 
     @property
     def fhe_ops(self) -> int:
@@ -156,9 +157,10 @@ def explain(model: torch.nn.Module, inputset: Any, **options: Any) -> ExplainRep
     finally:
         target.train(was_training)
     graphs = compiled_graphs(compiled)
-    partitions = [partition_report(p) for graph in graphs for p in graph.partitions]
+    modules = [p for graph in graphs for p in graph.partitions]
     torch_nodes = [node for graph in graphs for node in graph.left_in_torch]
-    return ExplainReport(partitions, torch_nodes, samples, notes)
+    return ExplainReport([partition_report(p) for p in modules], torch_nodes, samples, notes,
+                         modules)
 
 
 # ---- the `fhe-backend explain` command --------------------------------------------------

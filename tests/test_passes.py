@@ -143,3 +143,39 @@ def test_generic_qat_model_uses_its_own_quantizers():
     errors = (actual - expected).abs()
     assert float(errors.max()) <= 2 * 0.25 * float(model.fc2.weight.abs().max())
     assert float(errors.median()) <= 0.01 * float(expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def gpt2_mlp():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    return model.transformer.h[0].mlp
+
+
+def test_convert_conv1d_to_linear(gpt2_mlp):
+    import copy
+
+    from fhe_backend.conv1d import convert_conv1d_to_linear, is_conv1d
+
+    x = torch.randn(3, 5, 16)
+    converted = convert_conv1d_to_linear(copy.deepcopy(gpt2_mlp))
+    assert isinstance(converted.c_fc, torch.nn.Linear) and isinstance(converted.c_proj, torch.nn.Linear)
+    assert (converted.c_fc.in_features, converted.c_fc.out_features) == (16, 64)
+    assert not any(is_conv1d(m) for m in converted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), gpt2_mlp(x))
+        single = convert_conv1d_to_linear(gpt2_mlp.c_fc)
+        torch.testing.assert_close(single(x), gpt2_mlp.c_fc(x))
+
+
+def test_gpt2_conv1d_mlp_compiles_and_matches(gpt2_mlp):
+    from tests.harness import assert_matches_torch
+
+    torch.manual_seed(0)
+    inputset = torch.randn(120, 8, 16)
+    compiled = assert_matches_torch(gpt2_mlp, [inputset[:4]], inputset, n_bits=6, steps=4,
+                                    expect_partitions=1)
+    graph = fhe_backend.partitions(compiled)[0].graph_module.graph
+    assert [str(n.target) for n in graph.nodes].count("aten.addmm.default") == 2
