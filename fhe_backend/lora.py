@@ -139,6 +139,7 @@ class FheMatmul(nn.Module):
         self.dynamic = True
         self.rows_per_circuit = DEFAULT_ROWS_PER_CIRCUIT
         self.partition: Optional[FhePartition] = None
+        self.graph: Any = None  # the CompiledGraph holding `partition` (deployment needs it)
         self.recording = False
         self.private_info_cleared = False
         self._mode = "torch"
@@ -242,7 +243,7 @@ class FheMatmul(nn.Module):
         if len(compiled.partitions) != 1:
             raise LoraError(f"'{self.name}': expected one FHE partition for the linear, got "
                             f"{len(compiled.partitions)} (unsupported ops: {compiled.left_in_torch})")
-        self.partition = compiled.partitions[0]
+        self.graph, self.partition = compiled, compiled.partitions[0]
         self.partition.name = self.name or self.partition.name
         self.partition.module_path = self.name
         self.partition.mode = settings.fhe
@@ -519,6 +520,7 @@ class LoraTrainer:
         self.gradient_stats: Dict[str, List[float]] = {}
         self.eval_history: List[Tuple[int, Dict[str, float]]] = []
         self.remote_names: List[str] = []
+        self.remote_clients: Dict[str, Any] = {}
         self.start_epoch, self.global_step, self._skip_batches = 1, 0, 0
         self._epoch_batches_done = 0
         self._steps_per_epoch: Optional[int] = None
@@ -588,6 +590,41 @@ class LoraTrainer:
                     "fhe_backend.hybrid_model) before training")
         for matmul in remote.values():
             matmul.mode = fhe
+
+    # ---- deployment (fhe="remote") ------------------------------------------------------
+
+    def save_server_artifacts(self, path: str) -> List[str]:
+        """Write each remote linear's ``client.zip``/``server.zip`` under
+        ``path/<module>/<input shape>/`` (the layout of `fhe_backend.hybrid_model`): serve the
+        parent folder with ``fhe-backend serve``, `path`'s name being the model name."""
+        written = []
+        for remote in self._remote_clients(None, Path(path).name).values():
+            written.append(str(remote.save_artifacts(Path(path) / remote.url_name)))
+        return written
+
+    def init_client(self, server_remote_address: str, model_name: str = "model",
+                    path_to_clients: Optional[str] = None, path_to_keys: Optional[str] = None) -> None:
+        """Connect every remote linear to the FHE server (keys generated here, evaluation keys
+        uploaded), so that ``train(..., fhe="remote")`` runs them on the server."""
+        self.remote_clients = self._remote_clients(server_remote_address, model_name)
+        for remote in self.remote_clients.values():
+            folder = remote.url_name
+            remote.init_fhe_client(Path(path_to_clients) / folder if path_to_clients else None,
+                                   Path(path_to_keys) / folder if path_to_keys else None)
+
+    def _remote_clients(self, server_remote_address: Optional[str], model_name: str) -> Dict[str, Any]:
+        """A hybrid-model RemoteModule around each remote linear's partition."""
+        from .hybrid_model import RemoteModule
+
+        clients = {}
+        for name, matmul in self._remote_matmuls().items():
+            if matmul.partition is None:
+                raise NotCompiledError(f"'{name}' is not compiled: call LoraTrainer.compile(inputset) first")
+            remote = RemoteModule(None, server_remote_address, module_name=name, model_name=model_name)
+            remote.graph, remote.partition = matmul.graph, matmul.partition
+            remote.input_shape = tuple(matmul.partition.statistics["input_shape"][0])
+            clients[name] = remote
+        return clients
 
     # ---- training -------------------------------------------------------------------------
 

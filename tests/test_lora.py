@@ -298,6 +298,12 @@ def test_save_and_clear_private_info(tmp_path):
     trainer = mlp_trainer(tmp_path)
     trainer.compile((x, y), n_bits=6)
     trainer.train([(x[:8], y[:8])], num_epochs=1, fhe="torch")
+    # server side: one client.zip/server.zip per remote linear, in the hybrid server's layout
+    folders = trainer.save_server_artifacts(str(tmp_path / "models" / "lora_mlp"))
+    assert len(folders) == 3
+    for folder in folders:
+        assert {"client.zip", "server.zip"} <= {p.name for p in (tmp_path / "models" / "lora_mlp").glob("*/*/*")}
+        assert folder.startswith(str(tmp_path / "models" / "lora_mlp"))
     trainer.save_and_clear_private_info(str(tmp_path / "client"))
     assert (tmp_path / "client" / "client_model_state.pt").is_file()
     assert (tmp_path / "client" / "remote_modules.pt").is_file()
@@ -358,3 +364,4 @@ def test_training_inputs_forms_and_helpers(tmp_path):
     assert all(t.device.type == "cpu" for s in optimizer.state.values() for t in s.values()
                if isinstance(t, torch.Tensor))
     copy.deepcopy(FheMatmul(torch.eye(2)))  # modules stay copyable
+
