@@ -58,10 +58,24 @@ def prepare_qat_model(model: torch.nn.Module) -> torch.nn.Module:
     by `torch.compile` as well as by `torch.export`.
     """
     install_brevitas_support()
+    model.eval()
     for module in model.modules():
         if isinstance(module, _brevitas_layer_types()):
             module._fhe_always_traceable = True
-    return model.eval()
+            module._fhe_qat_constants = _layer_constants(module)  # read now, in eager mode
+    return model
+
+
+def _layer_constants(layer: torch.nn.Module) -> dict:
+    """The quantizer specs and integer weights of a Brevitas layer, computed eagerly."""
+    constants = {}
+    for attribute in ("input_quant", "act_quant", "output_quant"):
+        proxy = getattr(layer, attribute, None)
+        if proxy is not None and proxy.is_quant_enabled:
+            constants[attribute] = _quantizer_spec(proxy)
+    if getattr(layer, "weight_quant", None) is not None:
+        constants["weights"] = _integer_weights(layer)
+    return constants
 
 
 # ---- Brevitas: quantizer parameters, read at trace time ------------------------------------
@@ -113,10 +127,17 @@ def _channel_shape(layer: torch.nn.Module) -> Tuple[int, ...]:
     return (1, -1) + (1,) * (layer.weight.dim() - 2)
 
 
-def _fake_quantized(proxy: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _constant(layer: torch.nn.Module, key: str, compute, *args) -> Any:
+    """A layer constant: cached by `prepare_qat_model`, else read at trace time."""
+    cached = getattr(layer, "_fhe_qat_constants", {})
+    return cached[key] if key in cached else compute(*args)
+
+
+def _fake_quantized(layer: torch.nn.Module, attribute: str, x: torch.Tensor) -> torch.Tensor:
+    proxy = getattr(layer, attribute)
     if not proxy.is_quant_enabled:
         return x
-    scale, zero_point, qmin, qmax = _quantizer_spec(proxy)
+    scale, zero_point, qmin, qmax = _constant(layer, attribute, _quantizer_spec, proxy)
     return fake_quant(x, scale, zero_point, qmin, qmax)
 
 
@@ -127,19 +148,18 @@ def _plain(x: Any) -> torch.Tensor:
 
 def _activation_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
     """Traceable eval forward of QuantIdentity, QuantReLU, ... (QuantNonLinearActLayer)."""
-    x = _fake_quantized(layer.input_quant, _plain(x))
-    proxy = layer.act_quant
-    fused = proxy.fused_activation_quant_proxy
+    x = _fake_quantized(layer, "input_quant", _plain(x))
+    fused = layer.act_quant.fused_activation_quant_proxy
     if fused is None:
         return x
     x = fused.activation_impl(x)
-    return _fake_quantized(proxy, x)
+    return _fake_quantized(layer, "act_quant", x)
 
 
 def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
     """Traceable eval forward of QuantLinear, QuantConv1d, QuantConv2d."""
-    x = _fake_quantized(layer.input_quant, _plain(x))
-    weights, scale = _integer_weights(layer)
+    x = _fake_quantized(layer, "input_quant", _plain(x))
+    weights, scale = _constant(layer, "weights", _integer_weights, layer)
     if isinstance(layer, torch.nn.Linear):
         y = F.linear(x, weights)
     else:
@@ -147,7 +167,7 @@ def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
     y = y * scale
     if layer.bias is not None:
         y = y + layer.bias.reshape(_channel_shape(layer))
-    return _fake_quantized(layer.output_quant, y)
+    return _fake_quantized(layer, "output_quant", y)
 
 
 def _traceable(layer: torch.nn.Module) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from fhe_backend.lowering.quant import FAKE_QUANT
+from fhe_backend.lowering.quant import FAKE_QUANT, constant_value
 
 aten = torch.ops.aten
 ADD, SUB, MUL, DIV = aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor
@@ -38,9 +38,7 @@ def _scalar(graph_module: fx.GraphModule, arg: Any) -> Optional[float]:
     if isinstance(arg, (int, float)):
         return float(arg)
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = graph_module
-        for part in arg.target.split("."):
-            value = getattr(value, part)
+        value = constant_value(graph_module, arg)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return float(value)
     return None

@@ -166,3 +166,26 @@ def test_prepare_qat_model_keeps_eager_results():
         prepared = prepare_qat_model(model)
         after = prepared(x)
     torch.testing.assert_close(after, before)
+    # torch.export captures the prepared model as one graph of fake-quants and linear ops
+    exported = torch.export.export(prepared, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fhe.fake_quant.default) == 3
+    torch.testing.assert_close(exported.module()(x), before)
+
+
+def test_tiny_qat_circuit_execute_equals_simulate(insecure_configuration):
+    torch.manual_seed(0)
+    model = nn.Sequential(qnn.QuantIdentity(bit_width=2, return_quant_tensor=True),
+                          qnn.QuantLinear(4, 3, True, weight_bit_width=2, bias_quant=None),
+                          qnn.QuantReLU(bit_width=2)).eval()
+    x = torch.rand(120, 4)
+    compiled = compile_fhe(model, x, fhe="simulate", configuration=insecure_configuration)
+    with torch.no_grad():
+        simulated = compiled(x[:3])
+        (partition,) = fhe_backend.partitions(compiled)
+        assert partition.statistics["max_tlu_bit_width"] <= 4
+        fhe_backend.set_fhe_mode(compiled, "execute")
+        executed = compiled(x[:3])
+        expected = model(x[:3])
+    torch.testing.assert_close(executed, simulated)
+    torch.testing.assert_close(simulated, getattr(expected, "value", expected))

@@ -88,7 +88,8 @@ def _scalar(value: Any) -> Optional[float]:
     return None
 
 
-def _constant_of(graph_module: fx.GraphModule, arg: Any) -> Any:
+def constant_value(graph_module: fx.GraphModule, arg: Any) -> Any:
+    """The value of a get_attr node (or the argument itself when it is not a node)."""
     if isinstance(arg, fx.Node):
         value = graph_module
         for part in arg.target.split("."):
@@ -110,7 +111,7 @@ def fake_quant_spec(node: fx.Node, values: Optional[tuple] = None) -> Optional[F
         if not (is_constant(scale) and is_constant(zero_point)):
             return None
         graph_module = node.graph.owning_module
-        values = (_constant_of(graph_module, scale), _constant_of(graph_module, zero_point))
+        values = (constant_value(graph_module, scale), constant_value(graph_module, zero_point))
     scale, zero_point = (_scalar(v) for v in values)
     if scale is None or zero_point is None or scale <= 0 or zero_point != round(zero_point):
         return None
