@@ -234,6 +234,7 @@ class FheMatmul(nn.Module):
         chunks = _chunked(samples, self.rows_per_circuit)
 
         def linear(chunk: torch.Tensor) -> torch.Tensor:
+            """The circuit's function: one chunk of rows times the (augmented) matrix."""
             return torch.matmul(chunk, circuit_matrix)
 
         graph = make_fx(linear, decomposition_table=DECOMPOSITIONS)(chunks[:1])
@@ -302,11 +303,13 @@ class _FheLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer):
+        """The layer's forward module on `x` (FHE in an FHE mode)."""
         ctx.layer = layer
         return layer.forward_module(x)
 
     @staticmethod
     def backward(ctx, grad_output):
+        """The input gradient through the layer's backward module; no gradient for the layer."""
         layer = ctx.layer
         if layer.backward_module is None:
             raise LoraError(
@@ -401,6 +404,7 @@ class LoraTraining(nn.Module):
         remaining = n_layers_to_skip_for_backprop
 
         def replace(module: nn.Module, prefix: str) -> None:
+            """Recursively swap the linear children of `module`."""
             nonlocal remaining
             for child_name, child in list(module.named_children()):
                 path = f"{prefix}.{child_name}" if prefix else child_name

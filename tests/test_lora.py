@@ -63,6 +63,7 @@ def lm_batches(tokens: torch.Tensor, size: int = 4):
 
 
 def train_gpt2(fhe: str, tmp_path, steps_per_epoch_batches, epochs: int = 3):
+    """LoRA-train the tiny GPT-2 for `epochs` in mode `fhe`; returns the trainer."""
     model = tiny_gpt2_lora()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     trainer = LoraTrainer(model, optimizer, train_log_path=str(tmp_path / f"{fhe}.log"), logging_steps=4)
@@ -82,10 +83,12 @@ def gpt2_runs(tmp_path_factory):
 
 
 def mean(values):
+    """Arithmetic mean."""
     return sum(values) / len(values)
 
 
 def test_gpt2_simulate_lowers_loss_and_tracks_torch(gpt2_runs):
+    """Simulate lowers the loss and ends within 10% of the same training in torch."""
     runs, _ = gpt2_runs
     simulated = runs["simulate"].get_training_losses()
     clear = runs["torch"].get_training_losses()
@@ -96,6 +99,7 @@ def test_gpt2_simulate_lowers_loss_and_tracks_torch(gpt2_runs):
 
 
 def test_gpt2_frozen_linears_are_fhe_partitions(gpt2_runs):
+    """Every frozen linear (not LoRA, not lm_head) is an FhePartition; stats and log are kept."""
     runs, tmp_path = gpt2_runs
     trainer = runs["simulate"]
     model = trainer.lora_training_module.inference_model
@@ -118,6 +122,7 @@ def test_gpt2_frozen_linears_are_fhe_partitions(gpt2_runs):
 
 
 def test_conv1d_forward_and_input_gradient_in_fhe():
+    """Conv1D forward and input gradient in FHE, accurate at any input magnitude (dynamic quantization)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -156,10 +161,12 @@ class TinyMLP(nn.Module):
         self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x):
+        """fc2(relu(fc1(x)))."""
         return self.fc2(torch.relu(self.fc1(x)))
 
 
 def tiny_mlp_lora(seed: int = 0) -> nn.Module:
+    """TinyMLP wrapped with peft LoRA on both linears."""
     torch.manual_seed(seed)
     model = peft.get_peft_model(TinyMLP(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
     for name, param in model.named_parameters():  # non-zero B so both layers get gradients
@@ -169,6 +176,7 @@ def tiny_mlp_lora(seed: int = 0) -> nn.Module:
 
 
 def mlp_data(count: int = 32, seed: int = 0):
+    """A 3-class toy classification set."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(count, 4, generator=generator)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
@@ -176,6 +184,7 @@ def mlp_data(count: int = 32, seed: int = 0):
 
 
 def mlp_trainer(tmp_path, lr: float = 0.1, **kwargs) -> LoraTrainer:
+    """A LoraTrainer on a fresh tiny MLP with SGD and cross-entropy."""
     model = tiny_mlp_lora()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     kwargs.setdefault("train_log_path", str(tmp_path / "mlp.log"))
@@ -183,11 +192,13 @@ def mlp_trainer(tmp_path, lr: float = 0.1, **kwargs) -> LoraTrainer:
 
 
 def trainable_state(trainer: LoraTrainer):
+    """Copies of the trainable (LoRA) parameters by name."""
     model = trainer.lora_training_module.inference_model
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_mlp_one_step_execute_equals_simulate(tmp_path, insecure_configuration):
+    """With real keys, one training step gives exactly the simulate (and disable) update."""
     x, y = mlp_data()
     trainer = mlp_trainer(tmp_path)
     trainer.compile((x, y), n_bits=3, configuration=insecure_configuration)
@@ -212,6 +223,7 @@ def test_mlp_one_step_execute_equals_simulate(tmp_path, insecure_configuration):
 
 
 def test_gradient_accumulation_matches_large_batch(tmp_path):
+    """Two accumulated batches of 4 give the update of one batch of 8 (simulate)."""
     x, y = mlp_data(8)
     updates = {}
     for accumulation, batches in ((1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])):
@@ -227,6 +239,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
 
 
 def test_max_grad_norm_clips(tmp_path):
+    """max_grad_norm bounds the update; gradient stats keep the raw norm."""
     x, y = mlp_data(8)
     trainer = mlp_trainer(tmp_path, lr=1.0, training_args={"max_grad_norm": 1e-3})
     start = trainable_state(trainer)
@@ -238,11 +251,13 @@ def test_max_grad_norm_clips(tmp_path):
 
 
 def test_evaluation_every_eval_steps(tmp_path):
+    """eval_metric_fn (or the mean loss) runs every eval_steps steps."""
     x, y = mlp_data(24)
     batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 24, 4)]
     calls = []
 
     def accuracy(model, loader):
+        """Share of correct predictions over the eval batches."""
         calls.append(len(loader))
         with torch.no_grad():
             correct = sum(int((model(bx).argmax(-1) == by).sum()) for bx, by in loader)
@@ -259,6 +274,7 @@ def test_evaluation_every_eval_steps(tmp_path):
 
 
 def test_checkpoint_resume_continues_at_next_epoch_and_step(tmp_path):
+    """Resuming from a checkpoint continues at the next epoch and step with the same result."""
     x, y = mlp_data(16)
     batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
     full = mlp_trainer(tmp_path, checkpoint_dir=str(tmp_path / "full"), training_args={"save_steps": 2})
@@ -294,6 +310,7 @@ def test_checkpoint_resume_continues_at_next_epoch_and_step(tmp_path):
 
 
 def test_save_and_clear_private_info(tmp_path):
+    """Client model saved, clear frozen weights dropped, circuits still run; server artifacts written."""
     x, y = mlp_data(32)
     trainer = mlp_trainer(tmp_path)
     trainer.compile((x, y), n_bits=6)
@@ -317,6 +334,7 @@ def test_save_and_clear_private_info(tmp_path):
 
 
 def test_errors_say_how_to_fix(tmp_path):
+    """Bad models, inputs and modes raise errors naming the fix."""
     with pytest.raises(ValueError, match="no LoRA layers"):
         LoraTraining(TinyMLP())
     training = LoraTraining(tiny_mlp_lora())  # no loss_fn, and TinyMLP.forward takes no labels
@@ -336,6 +354,7 @@ def test_errors_say_how_to_fix(tmp_path):
 
 
 def test_training_inputs_forms_and_helpers(tmp_path):
+    """Dict, BatchEncoding and tuple inputs; remote names; logger and optimizer helpers."""
     model = tiny_gpt2_lora()
     names = get_remote_names(model)  # before conversion: the plain frozen linears
     assert "base_model.model.transformer.h.0.attn.c_attn.base_layer" in names
