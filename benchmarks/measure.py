@@ -1,0 +1,361 @@
+"""Measuring one target: build, compile, score in every mode, time, and read the circuits' costs.
+
+Each `measure_<kind>(target, config, progress)` returns one results row (a flat dict of
+figures). The figures common to every target come from `evaluate_modes` and
+`circuit_figures`, so they mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import statistics
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import models
+from .targets import Target
+
+GPT2_MLP = "transformer.h.0.mlp"
+LORA_TARGET_MODULES = ["c_attn", "c_proj"]
+LORA_BATCH = 8
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What the runner asks of every target."""
+
+    execute: bool = False
+    samples: int = 3  # encrypted samples timed with --execute (median reported)
+    eval_samples: Optional[int] = None  # test samples scored in disable/simulate (None: all)
+    out: Path = Path("bench-results")
+
+
+# ---- generic helpers ------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak resident memory (MiB) of this process while the block runs, sampled every 10 ms."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        """Current resident set size in MiB (/proc on Linux, else the lifetime maximum)."""
+        try:
+            with open("/proc/self/statm") as statm:
+                pages = int(statm.read().split()[1])
+            return pages * resource.getpagesize() / 2**20
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak_mb = self.rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Train with one torch thread: tiny models train many times faster on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def timed(function: Callable[[], Any]) -> tuple:
+    """(result, seconds) of calling `function`."""
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
+    """Cost of the circuits of a target: PBS and complexity summed, bit-widths maximised."""
+    stats = [partition.statistics for partition in partitions]
+    return {
+        "partitions": len(stats),
+        "pbs_count": sum(s["pbs_count"] for s in stats),
+        "max_bit_width": max((s["max_bit_width"] for s in stats), default=0),
+        "max_tlu_bit_width": max((s.get("max_tlu_bit_width", 0) for s in stats), default=0),
+        "complexity": float(sum(s["complexity"] for s in stats)),
+        "circuit_compile_seconds": sum(p.compile_seconds or 0.0 for p in partitions),
+    }
+
+
+def keygen_seconds(partitions: Sequence[Any]) -> float:
+    """Generate fresh keys for every partition; the total wall time."""
+    _, seconds = timed(lambda: [partition.keygen(force=True) for partition in partitions])
+    return seconds
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy of logits against integer labels."""
+    return float((torch.as_tensor(logits).argmax(-1).numpy() == labels).mean())
+
+
+def max_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference with the float output."""
+    return float((torch.as_tensor(output).float() - reference.float()).abs().max())
+
+
+def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch.Tensor],
+                   inputs: torch.Tensor, reference: torch.Tensor, score: Callable[[Any, slice], float],
+                   partitions: Sequence[Any], config: BenchConfig, progress: Progress) -> None:
+    """Score disable and simulate on the evaluation inputs (and execute on a few samples).
+
+    `run(mode, inputs)` returns the model outputs; `score(outputs, rows)` the accuracy of the
+    outputs of `inputs[rows]`; `reference` is the float output on `inputs`.
+    """
+    count = len(inputs) if config.eval_samples is None else min(config.eval_samples, len(inputs))
+    rows = slice(0, count)
+    for mode in ("disable", "simulate"):
+        progress(f"{mode} on {count} samples")
+        run(mode, inputs[:1])  # warm-up: first-call costs are not throughput
+        outputs, seconds = timed(lambda: run(mode, inputs[rows]))
+        row[f"{mode}_accuracy"] = score(outputs, rows)
+        row[f"{mode}_error"] = max_error(outputs, reference[rows])
+        row[f"{mode}_samples_per_second"] = count / seconds
+    if not config.execute:
+        return
+    progress("key generation")
+    row["keygen_seconds"] = keygen_seconds(partitions)
+    times, outputs = [], []
+    for index in range(min(config.samples, len(inputs))):
+        progress(f"execute sample {index + 1}/{config.samples}")
+        output, seconds = timed(lambda: run("execute", inputs[index:index + 1]))
+        times.append(seconds)
+        outputs.append(torch.as_tensor(output))
+    executed = torch.cat(outputs)
+    simulated = torch.as_tensor(run("simulate", inputs[:len(outputs)]))
+    row["execute_samples"] = len(times)
+    row["execute_seconds_per_sample"] = statistics.median(times)
+    row["execute_seconds_all"] = times
+    row["execute_accuracy"] = score(executed, slice(0, len(outputs)))
+    row["execute_max_difference_to_simulate"] = max_error(executed, simulated)
+
+
+# ---- digits classifiers ---------------------------------------------------------------------
+
+def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor,
+                   first_input: torch.Tensor):
+    """Compile a digits model; returns (run(mode, x) -> logits, partitions)."""
+    import fhe_backend
+
+    if target.qat:
+        from fhe_backend.compile import compile_brevitas_qat_model
+
+        module = compile_brevitas_qat_model(model, x_train, **target.options)
+
+        def run(mode: str, x: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(module.forward(x.numpy(), fhe=mode))
+
+        return run, [module.partition]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fhe",
+                             options={"inputset": x_train, "fhe": "disable", **target.options})
+    with torch.no_grad():
+        compiled(first_input)
+    partitions = fhe_backend.partitions(compiled)
+
+    def run(mode: str, x: torch.Tensor) -> torch.Tensor:
+        # set on the partitions held since the first call: graphs dynamo recompiles for other
+        # batch sizes run through these (shared circuits), fhe_backend.set_fhe_mode may miss them
+        for partition in partitions:
+            partition.mode = mode
+        with torch.no_grad():
+            return compiled(x)
+
+    return run, partitions
+
+
+def measure_digits(target: Target, config: BenchConfig, progress: Progress) -> Dict[str, Any]:
+    """Train a digits classifier, compile it, score it in float/disable/simulate (execute)."""
+    data = models.digits_data()
+    transform = models.DIGITS_MODELS[target.model][1]
+    x_train = torch.from_numpy(transform(data["x_train"]))
+    x_test = torch.from_numpy(transform(data["x_test"]))
+    progress("training")
+    with single_torch_thread():
+        model, train_seconds = timed(lambda: models.build_digits_model(target.model, data))
+    with torch.no_grad():
+        reference = model(x_test)
+    row: Dict[str, Any] = {"metric": "accuracy", "train_seconds": train_seconds,
+                           "float_accuracy": accuracy(reference, data["y_test"]),
+                           "eval_samples": len(x_test) if config.eval_samples is None
+                           else min(config.eval_samples, len(x_test))}
+    _save_for_comparison(config, target, model, data)
+    progress("compiling")
+    (run, partitions), row["compile_seconds"] = timed(
+        lambda: compile_digits(target, model, x_train, x_test[:1]))
+    row.update(circuit_figures(partitions))
+
+    def score(outputs: torch.Tensor, rows: slice) -> float:
+        return accuracy(outputs, data["y_test"][rows])
+
+    evaluate_modes(row, run, x_test, reference, score, partitions, config, progress)
+    return row
+
+
+def _save_for_comparison(config: BenchConfig, target: Target, model: torch.nn.Module,
+                         data: Dict[str, np.ndarray]) -> None:
+    """Write the trained weights and the data where compare_concrete_ml.py reads them."""
+    folder = config.out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / f"{target.name}.pt")
+    np.savez(folder / "digits.npz", **data)
+
+
+# ---- tiny GPT-2: MLP block in hybrid mode ---------------------------------------------------
+
+def gpt2_block_inputs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering the MLP block (for the Concrete ML comparison)."""
+    captured: List[torch.Tensor] = []
+    handle = model.get_submodule(GPT2_MLP).register_forward_hook(
+        lambda _module, args, _output: captured.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def measure_gpt2_hybrid(target: Target, config: BenchConfig, progress: Progress) -> Dict[str, Any]:
+    """The tiny GPT-2 with its MLP block in FHE; scored by next-token agreement with float."""
+    from fhe_backend.hybrid_model import HybridFHEModel
+
+    model = models.tiny_gpt2()
+    tokens = models.token_batches()
+    with torch.no_grad():
+        reference = model(tokens).logits
+    _save_gpt2_block(config, target, model, tokens)
+    row: Dict[str, Any] = {"metric": "top-1 agreement with float", "float_accuracy": 1.0,
+                           "eval_samples": len(tokens)}
+    progress("compiling")
+    hybrid = HybridFHEModel(model, module_names=[GPT2_MLP])
+
+    def compile_model() -> None:
+        hybrid.compile_model(tokens, **target.options)
+
+    _, row["compile_seconds"] = timed(compile_model)
+    partitions = [remote.partition for remote in hybrid.remote_modules.values()]
+    row.update(circuit_figures(partitions))
+    float_tokens = reference.argmax(-1)
+
+    def run(mode: str, x: torch.Tensor) -> torch.Tensor:
+        return hybrid.forward(x, fhe=mode).logits
+
+    def score(outputs: torch.Tensor, rows: slice) -> float:
+        return float((outputs.argmax(-1) == float_tokens[rows]).float().mean())
+
+    evaluate_modes(row, run, tokens, reference, score, partitions, config, progress)
+    return row
+
+
+def _save_gpt2_block(config: BenchConfig, target: Target, model: torch.nn.Module,
+                     tokens: torch.Tensor) -> None:
+    """The MLP block as plain linears (Conv1D transposed) and its inputs, for Concrete ML."""
+    block = model.get_submodule(GPT2_MLP)
+    state = {"fc1.weight": block.c_fc.weight.detach().T.contiguous(), "fc1.bias": block.c_fc.bias.detach(),
+             "fc2.weight": block.c_proj.weight.detach().T.contiguous(), "fc2.bias": block.c_proj.bias.detach()}
+    folder = config.out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / f"{target.name}.pt")
+    np.savez(folder / f"{target.name}_inputs.npz", x=gpt2_block_inputs(model, tokens).numpy())
+
+
+# ---- one LoRA training step -----------------------------------------------------------------
+
+def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dict[str, Any]:
+    """One LoRA step (forward, backward, optimizer) on the tiny GPT-2 in each mode.
+
+    The "accuracy" of a training step is its loss and its LoRA gradients: each mode is
+    compared with the same step in float torch (loss difference, largest gradient error).
+    """
+    import peft
+
+    from fhe_backend.lora import LoraTrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(models.tiny_gpt2(), peft.LoraConfig(
+            r=4, target_modules=LORA_TARGET_MODULES, fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    tokens = models.token_batches()
+    batch = {"input_ids": tokens[:LORA_BATCH], "attention_mask": torch.ones_like(tokens[:LORA_BATCH]),
+             "labels": tokens[:LORA_BATCH]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    trainer = LoraTrainer(model, optimizer, train_log_path=str(config.out / "lora.log"))
+    progress("compiling")
+    _, compile_seconds = timed(lambda: trainer.compile({"input_ids": tokens, "labels": tokens},
+                                                       **target.options))
+    partitions = list(trainer.partitions().values())
+    row: Dict[str, Any] = {"metric": "training-step loss", "compile_seconds": compile_seconds,
+                           "eval_samples": LORA_BATCH, **circuit_figures(partitions)}
+    initial = copy.deepcopy([p.detach().clone() for p in trainable])
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    def step(mode: str):
+        for param, value in zip(trainable, initial):
+            param.data.copy_(value)
+            param.grad = None
+        optimizer.load_state_dict(optimizer_state)
+        trainer.set_fhe_mode(mode)
+        start = time.perf_counter()
+        loss, _ = trainer.lora_training_module(batch)
+        gradients = [p.grad.detach().clone() for p in trainable]
+        optimizer.step()
+        return float(loss), gradients, time.perf_counter() - start
+
+    modes = ["torch", "disable", "simulate"] + (["execute"] if config.execute else [])
+    results = {}
+    for mode in modes:
+        if mode == "execute":
+            progress("key generation")
+            row["keygen_seconds"] = keygen_seconds(partitions)
+        progress(f"training step in {mode}")
+        results[mode] = step(mode)
+    float_loss, float_gradients, _ = results["torch"]
+    row["float_loss"] = float_loss
+    for mode, (loss, gradients, seconds) in results.items():
+        if mode == "torch":
+            continue
+        row[f"{mode}_loss"] = loss
+        row[f"{mode}_error"] = abs(loss - float_loss)
+        row[f"{mode}_gradient_error"] = max(float((g - f).abs().max() / f.abs().max().clamp_min(1e-12))
+                                            for g, f in zip(gradients, float_gradients))
+        row[f"{mode}_step_seconds"] = seconds
+        if mode == "execute":
+            row["execute_seconds_per_sample"] = seconds / LORA_BATCH
+        else:
+            row[f"{mode}_samples_per_second"] = LORA_BATCH / seconds
+    return row
+
+
+MEASURES = {"digits": measure_digits, "gpt2_hybrid": measure_gpt2_hybrid, "lora": measure_lora}
