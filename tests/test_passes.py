@@ -141,7 +141,7 @@ def test_generic_qat_model_uses_its_own_quantizers():
     assert partition.statistics["pbs_count"] == 8
     # re-quantized weights may flip a hidden value at a rounding boundary: one 0.25 step
     errors = (actual - expected).abs()
-    assert float(errors.max()) <= 2 * 0.25 * float(model.fc2.weight.abs().max())
+    assert float(errors.max()) <= 2 * 0.25 * float(model.fc2.weight.detach().abs().max())
     assert float(errors.median()) <= 0.01 * float(expected.abs().max())
 
 
