@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from .errors import OptionError
 
@@ -16,6 +16,9 @@ ROUNDING_METHODS = ("exact", "approximate")
 ENCRYPTION_STATUSES = ("encrypted", "clear")
 MAX_TLU_BIT_WIDTH = 16
 MIN_RECOMMENDED_INPUTSET = 100
+AUTO = "auto"
+AUTO_ROUNDING_TOLERANCE = 0.01  # mean output error allowed by "auto", as a share of the output span
+AUTO_ROUNDING_MIN_BITS = 2
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,19 @@ class NBits:
 
 @dataclass(frozen=True)
 class Rounding:
-    """Accumulator rounding before each table lookup: keep `n_bits` most significant bits."""
+    """Accumulator rounding before each table lookup: keep `n_bits` most significant bits.
 
-    n_bits: int
+    `n_bits="auto"` picks, lookup by lookup, the fewest bits that keep the partition's outputs
+    within `AUTO_ROUNDING_TOLERANCE` of the unrounded program on the calibration set.
+    """
+
+    n_bits: Union[int, str]
     method: str = "exact"
+
+    @property
+    def auto(self) -> bool:
+        """True when the precision of each lookup is searched on the calibration set."""
+        return self.n_bits == AUTO
 
     @classmethod
     def parse(cls, value: Any) -> Optional["Rounding"]:
@@ -93,10 +105,13 @@ class Rounding:
 
     @classmethod
     def _checked(cls, n_bits: Any, method: str) -> "Rounding":
+        if n_bits == AUTO:
+            return cls(AUTO, method)
         if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= MAX_TLU_BIT_WIDTH:
             raise OptionError(
                 f"option 'rounding_threshold_bits' n_bits = {n_bits!r}: expected None, an int in "
-                f"[1, {MAX_TLU_BIT_WIDTH}], or {{'n_bits': int, 'method': 'exact'|'approximate'}}"
+                f"[1, {MAX_TLU_BIT_WIDTH}], 'auto', or {{'n_bits': int | 'auto', "
+                f"'method': 'exact'|'approximate'}}"
             )
         return cls(n_bits, method)
 

@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_leaves
 from concrete import fhe
 
 from ..errors import BitWidthError, LoweringError
-from ..settings import MAX_TLU_BIT_WIDTH, FheSettings
+from ..settings import (AUTO_ROUNDING_MIN_BITS, AUTO_ROUNDING_TOLERANCE, MAX_TLU_BIT_WIDTH,
+                        FheSettings)
 from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
@@ -268,6 +269,21 @@ class IntegerProgram:
         self.output_dequantizers = dequantizers
         return results[0] if len(results) == 1 else tuple(results)
 
+    def _search_rounding(self, q_inputs: Sequence[np.ndarray], ranges: Dict[str, Tuple[int, int]]) -> None:
+        """rounding_threshold_bits="auto": for each lookup in graph order, keep the fewest bits
+        whose outputs stay within AUTO_ROUNDING_TOLERANCE of the unrounded program."""
+        sample = list(q_inputs)
+        reference = self.dequantize_outputs(*_as_tuple(self(*sample)))
+        spans = [max(float(np.ptp(r)), 1e-9) for r in reference]
+        for key, (low, high) in ranges.items():
+            bits = bit_width(low, high)
+            for kept in range(AUTO_ROUNDING_MIN_BITS, bits):
+                self.rounding_lsbs[key] = bits - kept
+                if _output_error(self, sample, reference, spans) <= AUTO_ROUNDING_TOLERANCE:
+                    break
+            else:
+                self.rounding_lsbs.pop(key, None)
+
     def calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
 
@@ -281,9 +297,11 @@ class IntegerProgram:
         finally:
             self.recording = None
         rounding = self.settings.rounding_threshold_bits
+        if rounding is not None and rounding.auto:
+            self._search_rounding(q_inputs, ranges)
         for key, (low, high) in ranges.items():
             bits = bit_width(low, high)
-            if rounding is not None and bits > rounding.n_bits:
+            if rounding is not None and not rounding.auto and bits > rounding.n_bits:
                 self.rounding_lsbs[key] = bits - rounding.n_bits
             effective = bits - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
@@ -295,6 +313,16 @@ class IntegerProgram:
                     f"(now {self.settings.n_bits})"
                 )
         return ranges
+
+
+def _output_error(program: "IntegerProgram", q_inputs, reference, spans) -> float:
+    """Worst mean absolute output error, as a share of each output's span."""
+    outputs = program.dequantize_outputs(*_as_tuple(program(*q_inputs)))
+    return max(float(np.mean(np.abs(out - ref))) / span for out, ref, span in zip(outputs, reference, spans))
+
+
+def _as_tuple(value: Any) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _numpy(x: Any) -> np.ndarray:
