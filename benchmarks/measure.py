@@ -102,7 +102,8 @@ def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
         "partitions": len(stats),
         "pbs_count": sum(s["pbs_count"] for s in stats),
         "max_bit_width": max((s["max_bit_width"] for s in stats), default=0),
-        "max_tlu_bit_width": max((s.get("max_tlu_bit_width", 0) for s in stats), default=0),
+        "max_tlu_bit_width": max((s["max_tlu_bit_width"] for s in stats if "max_tlu_bit_width" in s),
+                                 default=None),
         "complexity": float(sum(s["complexity"] for s in stats)),
         "circuit_compile_seconds": sum(p.compile_seconds or 0.0 for p in partitions),
     }
@@ -166,6 +167,7 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
                    first_input: torch.Tensor):
     """Compile a digits model; returns (run(mode, x) -> logits, partitions)."""
     import fhe_backend
+    from fhe_backend.backend import compiled_graphs
 
     if target.qat:
         from fhe_backend.compile import compile_brevitas_qat_model
@@ -182,6 +184,7 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
     with torch.no_grad():
         compiled(first_input)
     partitions = fhe_backend.partitions(compiled)
+    left_in_torch = [str(node) for graph in compiled_graphs(compiled) for node in graph.left_in_torch]
 
     def run(mode: str, x: torch.Tensor) -> torch.Tensor:
         # set on the partitions held since the first call: graphs dynamo recompiles for other
@@ -191,28 +194,37 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
         with torch.no_grad():
             return compiled(x)
 
+    run.left_in_torch = left_in_torch  # operators that did not run in FHE, recorded in the row
     return run, partitions
 
 
-def measure_digits(target: Target, config: BenchConfig, progress: Progress) -> Dict[str, Any]:
-    """Train a digits classifier, compile it, score it in float/disable/simulate (execute)."""
-    data = models.digits_data()
+def measure_digits(target: Target, config: BenchConfig, progress: Progress,
+                   trained: Optional[tuple] = None, compiler: Callable = compile_digits) -> Dict[str, Any]:
+    """Train a digits classifier, compile it, score it in float/disable/simulate (execute).
+
+    `trained` = (model, data) skips the training (the Concrete ML comparison loads the weights
+    trained here); `compiler(target, model, x_train, first_input) -> (run, partitions)`.
+    """
+    row: Dict[str, Any] = {"metric": "accuracy"}
+    if trained is None:
+        data = models.digits_data()
+        progress("training")
+        with single_torch_thread():
+            model, row["train_seconds"] = timed(lambda: models.build_digits_model(target.model, data))
+        _save_for_comparison(config, target, model, data)
+    else:
+        model, data = trained
     transform = models.DIGITS_MODELS[target.model][1]
     x_train = torch.from_numpy(transform(data["x_train"]))
     x_test = torch.from_numpy(transform(data["x_test"]))
-    progress("training")
-    with single_torch_thread():
-        model, train_seconds = timed(lambda: models.build_digits_model(target.model, data))
     with torch.no_grad():
         reference = model(x_test)
-    row: Dict[str, Any] = {"metric": "accuracy", "train_seconds": train_seconds,
-                           "float_accuracy": accuracy(reference, data["y_test"]),
-                           "eval_samples": len(x_test) if config.eval_samples is None
-                           else min(config.eval_samples, len(x_test))}
-    _save_for_comparison(config, target, model, data)
+    row["float_accuracy"] = accuracy(reference, data["y_test"])
+    row["eval_samples"] = len(x_test) if config.eval_samples is None else min(config.eval_samples, len(x_test))
     progress("compiling")
     (run, partitions), row["compile_seconds"] = timed(
-        lambda: compile_digits(target, model, x_train, x_test[:1]))
+        lambda: compiler(target, model, x_train, x_test[:1]))
+    row["left_in_torch"] = getattr(run, "left_in_torch", [])
     row.update(circuit_figures(partitions))
 
     def score(outputs: torch.Tensor, rows: slice) -> float:

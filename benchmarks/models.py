@@ -95,6 +95,19 @@ def qat_simple_net(n_features: int = 64, n_hidden: int = QAT_HIDDEN, n_classes: 
     return QATSimpleNet()
 
 
+class Gpt2MlpBlock(nn.Module):
+    """GPT-2's MLP block with plain linears: c_fc, GELU (tanh approximation), c_proj."""
+
+    def __init__(self, n_embd: int = TINY_GPT2["n_embd"]):
+        super().__init__()
+        self.fc1 = nn.Linear(n_embd, 4 * n_embd)
+        self.fc2 = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for hidden states (batch, sequence, n_embd)."""
+        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
 def as_images(x: np.ndarray) -> np.ndarray:
     """Flat 64-pixel digits -> (N, 1, 8, 8) images."""
     return x.reshape(-1, 1, 8, 8)

@@ -189,7 +189,8 @@ def markdown(rows: List[Dict[str, Any]], env: Dict[str, Any],
     if failed:
         lines += ["", "## Not measured", ""]
         lines += [f"- `{r['target']}`{' (Concrete ML)' if r in (reference or {}).values() else ''}: "
-                  f"{r.get('status')}: {r.get('error', '')}" for r in failed]
+                  f"{r.get('status')}: {str(r.get('error', '')).splitlines()[0] if r.get('error') else ''}"
+                  for r in failed]
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
-from fhe_backend.errors import OptionError
-
 
 @dataclass(frozen=True)
 class Target:
@@ -46,6 +44,8 @@ BY_NAME = {target.name: target for target in TARGETS}
 
 def select(names: Sequence[str]) -> List[Target]:
     """The targets named (all of them for an empty selection), in declaration order."""
+    from fhe_backend.errors import OptionError  # lazy: compare_concrete_ml.py has no fhe_backend
+
     names = [name.strip() for name in names if name.strip()]
     unknown = [name for name in names if name not in BY_NAME]
     if unknown:

@@ -30,6 +30,7 @@ def test_bench_writes_json_with_sane_figures(bench_run):
     (row,) = document["results"]
     assert row["target"] == "mlp" and row["status"] == "ok", row.get("error")
     assert row["eval_samples"] == 120
+    assert row["left_in_torch"] == []  # the whole MLP runs in FHE
     for key in ("float_accuracy", "disable_accuracy", "simulate_accuracy"):
         assert 0.8 <= row[key] <= 1.0, (key, row[key])
     # 6-bit quantization costs at most a few points of accuracy
