@@ -66,3 +66,24 @@ def digits_split(seed: int = 0):
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     return train_test_split(x, y, test_size=0.25, random_state=seed)
+
+
+def find_cause(error: BaseException, kind: type) -> Optional[BaseException]:
+    """The first exception of type `kind` in `error`'s cause chain (dynamo wraps backend errors)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    return error
+
+
+def grid_inputs(shape: Sequence[int], n_bits: int, samples: int = 100, seed: int = 0) -> torch.Tensor:
+    """Random inputs exactly on the grid an `n_bits` input quantizer calibrated on them uses.
+
+    Values are k / 2**(n_bits - 2) for integers k in [-2**(n_bits-1), 2**(n_bits-1) - 1]; the
+    first two samples hold the two extremes, so calibration finds that exact range and input
+    quantization is lossless: what remains is the error of the operator's own lowering.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    half = 2 ** (n_bits - 1)
+    steps = torch.randint(-half, half, (samples, *shape), generator=generator)
+    steps[0], steps[1] = -half, half - 1
+    return steps.to(torch.float32) / 2 ** (n_bits - 2)

@@ -4,7 +4,9 @@ Any ATen op tagged pointwise whose encrypted operands all derive from one intege
 is folded into that expression's pending function (evaluated with torch itself, so every
 activation has exact torch semantics). Adding or multiplying an affine value by a constant only
 changes its scale/zero-point. Two independently encrypted operands are supported for add, sub
-(scales aligned with at most one lookup) and mul (encrypted multiplication).
+(scales aligned with at most one lookup), mul (encrypted multiplication), div (a reciprocal
+lookup, then a multiplication), comparisons (through their difference: gt(a, b) = gt(a - b, 0)),
+maximum/minimum (b + relu(a - b)) and where (b + cond * (a - b)).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import LoweringError
+from ..quantization.calibration import NodeStats, tensor_stats
 from ..quantization.program import Encrypted, LoweringContext, is_encrypted, with_value, shape_of
-from .registry import is_constant, is_pointwise, op_name, register, register_pointwise
+from .registry import is_constant, is_pointwise, meta_shape, op_name, register, register_pointwise
 
 aten = torch.ops.aten
 
@@ -25,7 +28,11 @@ ADD = {aten.add.Tensor, aten.add.Scalar}
 SUB = {aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
 MUL = {aten.mul.Tensor, aten.mul.Scalar}
 DIV = {aten.div.Tensor, aten.div.Scalar}
-TWO_ENCRYPTED = ADD | SUB | MUL
+COMPARISONS = {aten.gt.Tensor, aten.ge.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.eq.Tensor,
+               aten.ne.Tensor}
+EXTREMA = {aten.maximum.default, aten.minimum.default}
+WHERE = {aten.where.self}
+TWO_ENCRYPTED = ADD | SUB | MUL | DIV | COMPARISONS | EXTREMA
 
 
 def _root(arg: fx.Node) -> fx.Node:
@@ -41,12 +48,26 @@ def _root(arg: fx.Node) -> fx.Node:
 
 
 def pointwise_reason(node: fx.Node) -> Optional[str]:
-    """Element-wise ops of several independently encrypted tensors: only add, sub and mul."""
+    """Element-wise ops of several independently encrypted tensors: only the TWO_ENCRYPTED ones
+    and where; an encrypted operand must not broadcast along dim 0 (the batch)."""
     encrypted = [a for a in node.all_input_nodes if not is_constant(a)]
-    if len({_root(a) for a in encrypted}) <= 1 or node.target in TWO_ENCRYPTED:
+    out_shape = meta_shape(node)
+    for operand in encrypted:
+        shape = meta_shape(operand)
+        if shape is not None and out_shape is not None and len(shape) == len(out_shape) and shape \
+                and shape[0] != out_shape[0]:
+            return (f"{op_name(node)} broadcasts an operand of shape {tuple(shape)} along dim 0 "
+                    "(the batch); FHE circuits run one sample at a time")
+    if len({_root(a) for a in encrypted}) <= 1:
         return None
-    return (f"{op_name(node)} of two independently encrypted tensors has no FHE lowering "
-            "(only add, sub and mul do)")
+    if node.target in TWO_ENCRYPTED and len(node.args) == 2 and all(
+            isinstance(a, fx.Node) for a in node.args):
+        return None
+    if node.target in WHERE and isinstance(node.args[0], fx.Node) and not is_constant(node.args[0]):
+        return None
+    return (f"{op_name(node)} of several independently encrypted tensors has no FHE lowering "
+            "(add, sub, mul, div, comparisons, maximum, minimum and where with an encrypted "
+            "condition do)")
 
 
 def _torch_constant(value: Any) -> Any:
@@ -132,34 +153,180 @@ def pointwise(ctx: LoweringContext, *args, **kwargs):
 
 def _two_encrypted(ctx: LoweringContext, args: tuple, kwargs: dict) -> Encrypted:
     op = ctx.node.target
+    if op in WHERE:
+        return select(ctx, *args)
     if len(args) != 2 or not all(is_encrypted(a) for a in args):
         raise LoweringError(f"{op_name(ctx.node)}: unsupported mix of encrypted operands")
     a, b = args
     if op in MUL:
-        a, b = ctx.as_linear_input(a), ctx.as_linear_input(b)
-        return Encrypted(a.centered * b.centered, a.scale * b.scale, 0.0)
+        return multiply(ctx, a, b)
+    if op in DIV:
+        inverse = reciprocal(ctx, b)
+        return multiply(ctx, a, inverse, b_stats=observed_stats(ctx, "reciprocal", inverse))
+    if op in COMPARISONS:
+        difference = combine(ctx, a, b, -1)
+        return fold(ctx, (difference,), {}, apply=lambda d: op(d, torch.zeros((), dtype=d.dtype)))
+    if op in EXTREMA:
+        return extremum(ctx, a, b, largest=op is aten.maximum.default)
     alpha = float(kwargs.get("alpha", 1))
     sign = -alpha if op in SUB else alpha
     if op in {aten.rsub.Tensor}:
         a, b = b, a
-    a, b = (v if v.affine else ctx.materialize(v) for v in (a, b))
     if alpha != 1:
+        b = affine(ctx, b)
         b = with_value(b, scale=b.scale * abs(alpha))
         sign = np.sign(sign)
-    return add_aligned(ctx, a, b, sign)
+    return combine(ctx, a, b, sign)
 
 
-def add_aligned(ctx: LoweringContext, a: Encrypted, b: Encrypted, sign: float) -> Encrypted:
-    """a + sign * b for affine values: leveled when scales match, else one lookup on the finer."""
+def affine(ctx: LoweringContext, value: Encrypted) -> Encrypted:
+    """`value` with no pending function (one lookup when one is pending)."""
+    return value if value.affine else ctx.materialize(value)
+
+
+def combine(ctx: LoweringContext, a: Encrypted, b: Encrypted, sign: float) -> Encrypted:
+    """a + sign * b for any two encrypted values (pending functions are materialized first)."""
+    return add_aligned(ctx, affine(ctx, a), affine(ctx, b), sign)
+
+
+def align(ctx: LoweringContext, a: Encrypted, b: Encrypted):
+    """Affine a and b on one scale: the finer one is rescaled to the coarser (one lookup)."""
     scales_match = np.shape(a.scale) == np.shape(b.scale) and np.allclose(a.scale, b.scale)
     if not scales_match:
         if np.max(np.abs(a.scale)) >= np.max(np.abs(b.scale)):
             b = ctx.rescale(b, a.scale)
         else:
             a = ctx.rescale(a, b.scale)
+    return a, b
+
+
+def add_aligned(ctx: LoweringContext, a: Encrypted, b: Encrypted, sign: float) -> Encrypted:
+    """a + sign * b for affine values: leveled when scales match, else one lookup on the finer."""
+    a, b = align(ctx, a, b)
     expr = a.expr + b.expr if sign > 0 else a.expr - b.expr
     zero_point = a.zero_point + b.zero_point if sign > 0 else a.zero_point - b.zero_point
     return Encrypted(expr, a.scale, zero_point)
+
+
+def extremum(ctx: LoweringContext, a: Encrypted, b: Encrypted, largest: bool) -> Encrypted:
+    """maximum(a, b) = b + relu(a - b), minimum(a, b) = a - relu(a - b): one lookup on a - b."""
+    a, b = align(ctx, affine(ctx, a), affine(ctx, b))
+    difference = add_aligned(ctx, a, b, -1)
+    relu = with_value(difference, fn=lambda q, f=difference.value_fn(): torch.relu(f(q)))
+    positive_part = ctx.rescale(relu, difference.scale)
+    return add_aligned(ctx, b if largest else a, positive_part, 1 if largest else -1)
+
+
+def select(ctx: LoweringContext, condition: Any, a: Any, b: Any) -> Encrypted:
+    """where(condition, a, b) = b + condition * (a - b), condition encrypted (an encrypted mul)."""
+    if not is_encrypted(condition):
+        raise LoweringError(f"{op_name(ctx.node)}: a constant condition over encrypted values is "
+                            "not lowered")
+    mask = with_value(condition, fn=lambda q, f=condition.value_fn(): f(q).to(torch.float64))
+    mask = ctx.materialize(mask, n_bits=1, stats=NodeStats(0.0, 1.0, ()))
+    if is_encrypted(b):
+        base = affine(ctx, b)
+        delta = combine(ctx, a, b, -1) if is_encrypted(a) else shift(
+            with_value(base, scale=-base.scale), float(_numpy_constant(a)))
+    else:
+        base = None
+        delta = shift(affine(ctx, a), -float(_numpy_constant(b)))
+    product = multiply(ctx, mask, delta, b_stats=observed_stats(ctx, "where-delta", delta))
+    if base is None:
+        return shift(product, float(_numpy_constant(b)))
+    return add_aligned(ctx, base, product, 1)
+
+
+def shift(value: Encrypted, constant: float) -> Encrypted:
+    """value + constant for an affine value: only its zero-point changes."""
+    return with_value(value, zero_point=value.zero_point - constant / value.scale, fresh=False)
+
+
+def multiply(ctx: LoweringContext, a: Encrypted, b: Encrypted, a_stats: Optional[NodeStats] = None,
+             b_stats: Optional[NodeStats] = None) -> Encrypted:
+    """a * b of two encrypted values (broadcasting): an encrypted multiplication of fresh values.
+
+    `a_stats`/`b_stats` give the float range of an operand that must be requantized and that is
+    not a node's output (an intermediate value of a lowering).
+    """
+    a, b = ctx.as_linear_input(a, stats=a_stats), ctx.as_linear_input(b, stats=b_stats)
+    if is_clear(a.expr):
+        a, b = b, a
+    if is_clear(b.expr):  # Concrete has no clear-clear ops: expand (q_b - z_b) around the product
+        zero_point = int(np.rint(b.zero_point))
+        product = a.centered * b.expr
+        return Encrypted(product - a.centered * zero_point if zero_point else product,
+                         a.scale * b.scale, 0.0)
+    return Encrypted(_signed_product(ctx, a.centered, b.centered), a.scale * b.scale, 0.0)
+
+
+def _signed_product(ctx: LoweringContext, a: Any, b: Any) -> Any:
+    """a * b of two encrypted integer tensors.
+
+    Concrete 2.11 miscomputes the product of a signed and an unsigned encrypted tensor (in
+    simulation and execution), so a non-negative operand facing a signed one is shifted to a
+    signed range first (by its minimum + 1, the smallest growth): a * b = (a - k) * b + k * b.
+    """
+    count = getattr(ctx, "_products", 0)
+    ctx._products = count + 1
+    ranges = [observed_integers(ctx, f"product{count}:{side}", v) for side, v in (("a", a), ("b", b))]
+    signed = [r.low < 0 for r in ranges]
+    if signed[0] == signed[1]:
+        return a * b
+    if signed[0]:
+        a, b, ranges = b, a, ranges[::-1]
+    shift_by = int(ranges[0].low) + 1  # `a` is the non-negative operand: a - shift_by reaches -1
+    return (a - shift_by) * b + b * shift_by
+
+
+def is_clear(expr: Any) -> bool:
+    """True for a traced circuit value that is a clear (unencrypted) input."""
+    output = getattr(expr, "output", None)
+    return output is not None and not getattr(output, "is_encrypted", True)
+
+
+def reciprocal(ctx: LoweringContext, value: Encrypted) -> Encrypted:
+    """1 / value as a pending function (non-finite results at 0 are clipped when materialized)."""
+    float_fn = value.value_fn()
+    return Encrypted(value.expr, fn=lambda q: _finite(1.0 / float_fn(q).to(torch.float64)),
+                     positional=value.positional or not value.uniform)
+
+
+LARGE = 1e12  # stands for infinity in tables (clipped by the quantizer)
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(values, nan=0.0, posinf=LARGE, neginf=-LARGE)
+
+
+def observed_stats(ctx: LoweringContext, key: str, value: Encrypted) -> NodeStats:
+    """The float range of an intermediate value of a lowering, measured on the inputset.
+
+    The program's first run is on the whole quantized inputset (`calibrate_rounding`): there the
+    value is concrete and its range is recorded; later runs (circuit tracing, execution) reuse it.
+    """
+    def measure() -> NodeStats:
+        floats = value.value_fn()(value.expr)
+        return tensor_stats(floats[torch.isfinite(floats)] if floats.is_floating_point() else floats)
+
+    return _observed(ctx, key, value.expr, measure)
+
+
+def observed_integers(ctx: LoweringContext, key: str, expr: Any) -> NodeStats:
+    """The range of an integer expression inside a lowering, measured like `observed_stats`."""
+    return _observed(ctx, key, expr, lambda: tensor_stats(torch.from_numpy(np.asarray(expr))))
+
+
+def _observed(ctx: LoweringContext, key: str, expr: Any, measure) -> NodeStats:
+    store = ctx.program.constants
+    full_key = (ctx.node.name, f"observed:{key}")
+    if ctx.program.recording is not None and isinstance(expr, np.ndarray):
+        new = measure()
+        store[full_key] = store[full_key].merge(new) if full_key in store else new
+    if full_key not in store:
+        raise LoweringError(f"node '{ctx.node.name}': the range of its intermediate value '{key}' "
+                            "was not calibrated; compile the model with an inputset first")
+    return store[full_key]
 
 
 register_pointwise(pointwise, pointwise_reason)

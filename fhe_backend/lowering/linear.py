@@ -59,16 +59,30 @@ def _with_bias(value: Encrypted, bias, beta: float = 1.0) -> Encrypted:
 
 def pad_trailing(expr, pads, value: int = 0):
     """Pad the trailing len(pads) dims by pads[i] on both sides (Concrete's conv has no padding)."""
-    if not any(pads):
+    return pad_constant(expr, [(p, p) for p in pads], value)
+
+
+def pad_constant(expr, pads, value: int = 0):
+    """Pad the trailing len(pads) dims by pads[i] = (before, after) integers of `value`.
+
+    Negative amounts crop. Concrete has no np.pad: encrypted values are written into a larger
+    fhe.zeros tensor by slice assignment.
+    """
+    lead = len(shape_of(expr)) - len(pads)
+    crop = tuple(slice(max(-b, 0), s - max(-a, 0))
+                 for s, (b, a) in zip(shape_of(expr)[lead:], pads))
+    if any(min(b, a) < 0 for b, a in pads):
+        expr = expr[(slice(None),) * lead + crop]
+    pads = [(max(b, 0), max(a, 0)) for b, a in pads]
+    if not any(b or a for b, a in pads):
         return expr
     shape = shape_of(expr)
-    lead = len(shape) - len(pads)
     if isinstance(expr, np.ndarray):
-        return np.pad(expr, [(0, 0)] * lead + [(p, p) for p in pads], constant_values=value)
-    padded = fhe.zeros(shape[:lead] + tuple(s + 2 * p for s, p in zip(shape[lead:], pads)))
+        return np.pad(expr, [(0, 0)] * lead + pads, constant_values=value)
+    padded = fhe.zeros(shape[:lead] + tuple(s + b + a for s, (b, a) in zip(shape[lead:], pads)))
     if value:
         padded = padded + value
-    padded[(slice(None),) * lead + tuple(slice(p, p + s) for s, p in zip(shape[lead:], pads))] = expr
+    padded[(slice(None),) * lead + tuple(slice(b, b + s) for s, (b, _) in zip(shape[lead:], pads))] = expr
     return padded
 
 
@@ -110,8 +124,13 @@ def convolution(ctx: LoweringContext, x, weight, bias, stride, padding, dilation
     """conv1d/conv2d with constant weights (stride, padding, dilation, groups)."""
     x = ctx.as_linear_input(x)
     q_w, s_w = _weights(ctx, weight, 0)
-    acc = fhe.conv(pad_trailing(x.centered, list(padding)), q_w, None, strides=list(stride),
-                   dilations=list(dilation), group=groups)
+    inputs, kernel = pad_trailing(x.centered, list(padding)), q_w
+    if q_w.ndim == 3:  # Concrete has no 1d convolution: run it as 2d over a unit height
+        inputs, kernel = inputs.reshape((*shape_of(inputs)[:2], 1, shape_of(inputs)[2])), q_w[:, :, None, :]
+        stride, dilation = [1, *stride], [1, *dilation]
+    acc = fhe.conv(inputs, kernel, None, strides=list(stride), dilations=list(dilation), group=groups)
+    if q_w.ndim == 3:
+        acc = acc.reshape((*shape_of(acc)[:2], shape_of(acc)[3]))
     channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
     scale = x.scale * np.reshape(s_w, channel_shape)
     bias = None if bias is None else _constant_array(bias).reshape(channel_shape)
@@ -146,3 +165,59 @@ def sum_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
 def mean_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
     """Mean over non-batch dims: a leveled sum with the scale divided."""
     return _reduce(ctx, x, dims, keepdim, mean=True)
+
+
+def _extreme_reason(node: fx.Node) -> Optional[str]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return batch_dim_reason(dims, node)
+
+
+def _reduce_extreme(ctx: LoweringContext, x, dims, keepdim: bool, largest: bool) -> Encrypted:
+    """max/min over non-batch dims on the integers (order-preserving for a uniform scale)."""
+    if not x.uniform:
+        x = ctx.materialize(x, stats=ctx.input_stats(0))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    ndim = len(shape_of(x.expr))
+    integer_max = largest == bool(np.all(np.asarray(x.scale) > 0))
+    expr = x.expr
+    for axis in sorted(d % ndim for d in dims):
+        expr = _pairwise_extreme(ctx, expr, axis, integer_max)
+    if not keepdim:
+        kept = [s for axis, s in enumerate(shape_of(expr)) if axis not in {d % ndim for d in dims}]
+        expr = expr.reshape(tuple(kept))
+    return Encrypted(expr, x.scale, x.zero_point, fresh=x.fresh)
+
+
+def _positive_part(values: np.ndarray) -> np.ndarray:
+    return np.maximum(values, 0)
+
+
+def _pairwise_extreme(ctx: LoweringContext, expr, axis: int, integer_max: bool):
+    """Reduce `axis` to size 1 by a tree of max(a, b) = b + relu(a - b) (min: a - relu(a - b)).
+
+    One lookup per tree level on the exact integer difference: ceil(log2(size)) levels, far
+    cheaper than Concrete's generic np.max.
+    """
+    size = shape_of(expr)[axis]
+    lead = (slice(None),) * axis
+    while size > 1:
+        half = size // 2
+        a, b = expr[lead + (slice(0, half),)], expr[lead + (slice(half, 2 * half),)]
+        positive = ctx.lookup(a - b, _positive_part)
+        pair = b + positive if integer_max else a - positive
+        if size % 2:
+            pair = np.concatenate((pair, expr[lead + (slice(2 * half, size),)]), axis=axis)
+        expr, size = pair, half + size % 2
+    return expr
+
+
+@register(aten.amax.default, aten.amin.default, validator=_extreme_reason)
+def amax_amin(ctx: LoweringContext, x, dims=(), keepdim=False):
+    """amax/amin over non-batch dims."""
+    return _reduce_extreme(ctx, x, dims, keepdim, largest=ctx.node.target is aten.amax.default)
+
+
+@register(aten.max.dim, aten.min.dim, validator=_extreme_reason)
+def max_min_dim(ctx: LoweringContext, x, dim, keepdim=False):
+    """torch.max(x, dim) / torch.min(x, dim): the values (indices are not computed in FHE)."""
+    return _reduce_extreme(ctx, x, dim, keepdim, largest=ctx.node.target is aten.max.dim), None

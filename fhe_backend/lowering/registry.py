@@ -93,7 +93,7 @@ def op_name(node: fx.Node) -> str:
 
 
 def _load_lowerings() -> None:
-    from . import activation, elementwise, linear, pool, quant, shape  # noqa: F401  (they register)
+    from . import activation, elementwise, embedding, linear, normalization, pool, quant, shape  # noqa: F401  (they register)
 
 
 # ---- helpers shared by validators -------------------------------------------------------

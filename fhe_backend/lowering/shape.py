@@ -1,4 +1,4 @@
-"""Data movement: reshape, permute, expand, cat, slice, select, getitem. All leveled.
+"""Data movement: reshape, permute, expand, cat, slice, select, index, pad, getitem. All leveled.
 
 Dim 0 is batch-major everywhere in a partition (its size is the batch times a constant, each
 sample's rows contiguous), so a circuit compiled for one sample runs any batch. Ops that move
@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .linear import pad_constant
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
@@ -149,7 +150,7 @@ def cat(ctx: LoweringContext, tensors, dim=0):
     values = [t if t.affine else ctx.materialize(t) for t in tensors]
     ndim = len(shape_of(values[0].expr))
     axis = dim % ndim
-    expr = np.concatenate([v.expr for v in values], axis=axis)
+    expr = np.concatenate(tuple(v.expr for v in values), axis=axis)
     first = values[0]
     if all(v.uniform and np.isclose(v.scale, first.scale) and np.isclose(v.zero_point, first.zero_point)
            for v in values):
@@ -162,10 +163,18 @@ def cat(ctx: LoweringContext, tensors, dim=0):
     return Encrypted(expr, per_position("scale"), per_position("zero_point"))
 
 
+# multi-output ops whose extra outputs (indices, saved statistics) are not computed in FHE
+FIRST_OUTPUT_ONLY = {aten.max_pool2d_with_indices.default: "max_pool2d indices",
+                     aten.max.dim: "torch.max indices", aten.min.dim: "torch.min indices",
+                     aten.native_layer_norm.default: "layer_norm mean/rstd",
+                     aten._native_batch_norm_legit_no_training.default: "batch_norm statistics"}
+
+
 def _getitem_reason(node: fx.Node) -> Optional[str]:
     source, index = node.args
-    if getattr(source, "target", None) == aten.max_pool2d_with_indices.default and index != 0:
-        return "max_pool2d indices are not computed in FHE"
+    what = FIRST_OUTPUT_ONLY.get(getattr(source, "target", None))
+    if what is not None and index != 0:
+        return f"{what} are not computed in FHE"
     return None
 
 
@@ -173,3 +182,44 @@ def _getitem_reason(node: fx.Node) -> Optional[str]:
 def getitem(ctx: LoweringContext, values, index):
     """Pick one result of a multi-output op."""
     return values[index]
+
+
+def _index_reason(node: fx.Node) -> Optional[str]:
+    indices = list(node.args[1])
+    if not indices or indices[0] is not None:
+        return "indexing dim 0 (the batch) with a tensor mixes samples; FHE runs one sample at a time"
+    if not all(i is None or is_constant(i) for i in indices):
+        return "indexing with an encrypted index tensor has no FHE lowering"
+    return None
+
+
+@register(aten.index.Tensor, validator=_index_reason)
+def index(ctx: LoweringContext, x, indices):
+    """x[:, idx, ...] with constant index tensors (gathers, e.g. nn.Unfold's im2col)."""
+    item = tuple(slice(None) if i is None else np.asarray(i, dtype=np.int64) for i in indices)
+    return move(ctx, x, lambda e: e[item])
+
+
+def _pad_reason(node: fx.Node) -> Optional[str]:
+    pads = list(node.args[1])
+    shape = meta_shape(node.args[0])
+    if shape is not None and len(pads) // 2 >= len(shape):
+        return f"{op_name(node)} pads dim 0 (the batch); FHE circuits run one sample at a time"
+    return None
+
+
+@register(aten.constant_pad_nd.default, validator=_pad_reason)
+def constant_pad(ctx: LoweringContext, x, pad, value=0.0):
+    """F.pad(x, pad, value=c): padding integers that decode exactly to c (per-position zero-point
+    when c is off the value's grid); negative pads crop."""
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]
+    if not x.uniform:
+        x = ctx.materialize(x)
+    exact = float(value) / float(x.scale) + float(x.zero_point)
+    padded_q = int(np.rint(exact))
+    expr = pad_constant(x.expr, pairs, padded_q)
+    if np.isclose(exact, padded_q):
+        return with_value(x, expr=expr)
+    padding = pad_constant(np.zeros((1, *shape_of(x.expr)[1:]), dtype=np.int64), pairs, 1)
+    zero_point = np.where(padding == 1, padded_q - float(value) / float(x.scale), x.zero_point)
+    return Encrypted(expr, x.scale, zero_point)
