@@ -1,0 +1,354 @@
+"""Deploy one FHE partition: developer artifacts, a client that holds the keys, a server.
+
+``FHEModelDev(path_dir, model).save()`` writes two files:
+
+* ``client.zip``: Concrete's client specification (``client.specs.json``), the quantizers that
+  turn floats into the circuit's integers and back (``serialized_processing.json``) and the
+  package versions (``versions.json``);
+* ``server.zip``: Concrete's own server archive (``circuit.server.save``), plus
+  ``versions.json`` and ``server_info.json`` (input shapes). It holds no key.
+
+``FHEModelClient`` generates the private and evaluation keys, quantizes, encrypts and
+serializes inputs, and decrypts/dequantizes results. ``FHEModelServer`` runs the circuit on
+serialized ciphertexts with serialized evaluation keys. Everything on the wire is Concrete's
+own serialization (``fhe.Value``, ``fhe.EvaluationKeys``) or JSON: nothing is unpickled.
+
+A circuit runs one sample (`FhePartition.rows_per_sample` rows of the batch-major dim 0): a
+single sample is serialized as ``bytes``, a batch as a list with one item per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import secrets
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from concrete import fhe
+
+from ..errors import FheBackendError
+from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
+
+CLIENT_ZIP = "client.zip"
+SERVER_ZIP = "server.zip"
+CLIENT_SPECS = "client.specs.json"
+PROCESSING = "serialized_processing.json"
+VERSIONS = "versions.json"
+SERVER_INFO = "server_info.json"
+
+# one sample of a circuit with one input/output is bytes; several inputs/outputs: a tuple
+SerializedSample = Union[bytes, Tuple[bytes, ...]]
+Serialized = Union[SerializedSample, List[SerializedSample]]
+
+
+class DeploymentError(FheBackendError):
+    """A deployment artifact is missing, malformed, or cannot serve the request."""
+
+
+class VersionMismatchError(DeploymentError):
+    """Artifacts were saved with package versions other than the running ones."""
+
+
+def package_versions() -> Dict[str, str]:
+    """The versions that must match between the saving and the loading side."""
+    from importlib.metadata import version
+
+    return {
+        "fhe_backend": version("fhe-backend"),
+        "concrete-python": version("concrete-python"),
+        "python": ".".join(platform.python_version_tuple()[:2]),
+    }
+
+
+def check_versions(saved: Dict[str, str], where: Union[str, Path]) -> None:
+    """Raise `VersionMismatchError` naming every package whose version differs."""
+    current = package_versions()
+    wrong = {name: (saved.get(name), current[name]) for name in current if saved.get(name) != current[name]}
+    if wrong:
+        details = ", ".join(f"{name}: saved {old!r}, running {new!r}" for name, (old, new) in wrong.items())
+        raise VersionMismatchError(
+            f"{where} was saved with other package versions ({details}); install the saved "
+            "versions or save the artifacts again with the running ones")
+
+
+@dataclass
+class ProcessingSpec:
+    """What the client needs around the circuit: quantizers, sample layout, output dtypes."""
+
+    input_quantizers: List[UniformQuantizer]
+    output_dequantizers: List[OutputDequantizer]
+    rows_per_sample: List[int]
+    input_shapes: List[Tuple[int, ...]]
+    output_dtypes: List[str] = field(default_factory=list)
+    module_path: str = ""
+
+    @classmethod
+    def from_partition(cls, partition: Any) -> "ProcessingSpec":
+        """The spec of a compiled `FhePartition`."""
+        from ..runtime import _output_nodes
+
+        program = partition.program
+        dtypes = []
+        for node in _output_nodes(partition.graph_module):
+            meta = node.meta.get("val")
+            dtypes.append(str(meta.dtype).replace("torch.", "") if isinstance(meta, torch.Tensor) else "float32")
+        return cls(list(program.input_quantizers), list(program.output_dequantizers),
+                   list(partition.rows_per_sample), [tuple(s) for s in partition.statistics["input_shape"]],
+                   dtypes, partition.module_path)
+
+    def to_json(self) -> str:
+        """JSON text (no pickle)."""
+        return json.dumps({
+            "input_quantizers": [q.to_dict() for q in self.input_quantizers],
+            "output_dequantizers": [d.to_dict() for d in self.output_dequantizers],
+            "rows_per_sample": self.rows_per_sample,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "output_dtypes": self.output_dtypes,
+            "module_path": self.module_path,
+        })
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes]) -> "ProcessingSpec":
+        """Inverse of `to_json`."""
+        data = json.loads(text)
+        return cls([UniformQuantizer.from_dict(q) for q in data["input_quantizers"]],
+                   [OutputDequantizer.from_dict(d) for d in data["output_dequantizers"]],
+                   [int(r) for r in data["rows_per_sample"]],
+                   [tuple(int(d) for d in s) for s in data["input_shapes"]],
+                   list(data.get("output_dtypes", [])), data.get("module_path", ""))
+
+    def split_samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
+        """Batch-major integer inputs -> one tuple of arrays per sample."""
+        rows = self.rows_per_sample
+        total = q_inputs[0].shape[0]
+        if total % rows[0]:
+            raise DeploymentError(f"the input has {total} rows, not a multiple of the {rows[0]} "
+                                  f"rows of one sample (sample shape {self.input_shapes[0]})")
+        return [tuple(q[i * r:(i + 1) * r] for q, r in zip(q_inputs, rows)) for i in range(total // rows[0])]
+
+    def to_torch(self, outputs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, ...]:
+        """Dequantized float arrays -> tensors of the recorded output dtypes."""
+        tensors = []
+        for index, value in enumerate(outputs):
+            dtype = getattr(torch, self.output_dtypes[index]) if index < len(self.output_dtypes) else torch.float32
+            tensor = torch.from_numpy(np.asarray(value))
+            tensors.append(tensor.to(dtype) if dtype.is_floating_point else tensor.round().to(dtype))
+        return tuple(tensors)
+
+
+def partition_of(model: Any):
+    """The one `FhePartition` to deploy: the partition itself, or the only one of a model."""
+    from ..backend import partitions
+    from ..runtime import FhePartition
+
+    if isinstance(model, FhePartition):
+        return model
+    for attribute in ("fhe_partition", "partition"):
+        candidate = getattr(model, attribute, None)
+        if isinstance(candidate, FhePartition):
+            return candidate
+    found = partitions(model)
+    if len(found) != 1:
+        raise DeploymentError(
+            f"FHEModelDev needs one FHE partition; {type(model).__name__} has {len(found)}. Pass "
+            "an FhePartition (fhe_backend.partitions(compiled_model)[i]) or a model compiled to "
+            "exactly one partition")
+    return found[0]
+
+
+class FHEModelDev:
+    """Save the client and server artifacts of one compiled FHE partition."""
+
+    def __init__(self, path_dir: Union[str, Path], model: Any = None):
+        self.path_dir = Path(path_dir)
+        self.model = model
+
+    def save(self, via_mlir: bool = False) -> None:
+        """Write client.zip and server.zip into `path_dir` (created; must not hold them yet).
+
+        via_mlir: save the circuit as MLIR, recompiled when the server loads it (portable
+        across machines and architectures).
+        """
+        partition = partition_of(self.model)
+        partition._require_compiled()
+        for name in (CLIENT_ZIP, SERVER_ZIP):
+            if (self.path_dir / name).exists():
+                raise DeploymentError(f"{self.path_dir / name} already exists: choose an empty folder "
+                                      "or delete the old artifacts")
+        self.path_dir.mkdir(parents=True, exist_ok=True)
+        circuit = partition.circuit
+        circuit.enable_fhe_execution()
+        processing = ProcessingSpec.from_partition(partition)
+        versions = json.dumps(package_versions())
+        circuit.server.save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
+        server_info = {"input_shapes": [list(s) for s in processing.input_shapes],
+                       "module_path": processing.module_path}
+        _append_to_zip(self.path_dir / SERVER_ZIP, {VERSIONS: versions, SERVER_INFO: json.dumps(server_info)})
+        with zipfile.ZipFile(self.path_dir / CLIENT_ZIP, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(CLIENT_SPECS, circuit.client.specs.serialize())
+            archive.writestr(PROCESSING, processing.to_json())
+            archive.writestr(VERSIONS, versions)
+
+
+def _append_to_zip(path: Path, members: Dict[str, str]) -> None:
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+
+
+def _read_zip(path: Path, names: Sequence[str]) -> Dict[str, bytes]:
+    if not path.is_file():
+        raise DeploymentError(f"{path} not found: save the artifacts with FHEModelDev(...).save() first")
+    with zipfile.ZipFile(path) as archive:
+        missing = [n for n in names if n not in archive.namelist()]
+        if missing:
+            raise DeploymentError(f"{path} lacks {missing}: it was not written by FHEModelDev")
+        return {name: archive.read(name) for name in names}
+
+
+class FHEModelClient:
+    """The client side: keys, quantize + encrypt + serialize, deserialize + decrypt + dequantize."""
+
+    def __init__(self, path_dir: Union[str, Path], key_dir: Optional[Union[str, Path]] = None):
+        self.path_dir = Path(path_dir)
+        self.key_dir = Path(key_dir) if key_dir is not None else None
+        files = _read_zip(self.path_dir / CLIENT_ZIP, [CLIENT_SPECS, PROCESSING, VERSIONS])
+        check_versions(json.loads(files[VERSIONS]), self.path_dir / CLIENT_ZIP)
+        self.specs_bytes = files[CLIENT_SPECS]
+        self.processing = ProcessingSpec.from_json(files[PROCESSING])
+        self.client = fhe.Client(fhe.ClientSpecs.deserialize(self.specs_bytes))
+
+    @property
+    def keys_path(self) -> Optional[Path]:
+        """Where the private keys of this circuit are kept (None: in memory only)."""
+        if self.key_dir is None:
+            return None
+        digest = hashlib.sha256(self.specs_bytes).hexdigest()[:16]
+        return self.key_dir / f"{digest}.keys"
+
+    def generate_private_and_evaluation_keys(self, force: bool = False) -> None:
+        """Generate fresh random keys (or load them from `key_dir`); `force` regenerates."""
+        path = self.keys_path
+        if not force and self.client.keys.are_generated:
+            return
+        if path is not None and path.exists() and not force:
+            self.client.keys.load(path)
+            return
+        self.client.keys.generate(force=True, secret_seed=secrets.randbits(128),
+                                  encryption_seed=secrets.randbits(128))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.unlink(missing_ok=True)
+            self.client.keys.save(temporary)
+            temporary.replace(path)
+
+    def get_serialized_evaluation_keys(self) -> bytes:
+        """The public evaluation keys to send to the server (generated on first use)."""
+        self.generate_private_and_evaluation_keys()
+        return self.client.evaluation_keys.serialize()
+
+    def quantize_encrypt_serialize(self, x: Any) -> Serialized:
+        """Float input(s) -> bytes for one sample, or a list of per-sample bytes for a batch."""
+        inputs = x if isinstance(x, tuple) else (x,)
+        q_inputs = tuple(q.quantize(_numpy(v)) for q, v in zip(self.processing.input_quantizers, inputs))
+        return self.encrypt_serialize_integers(q_inputs)
+
+    def encrypt_serialize_integers(self, q_inputs: Sequence[np.ndarray]) -> Serialized:
+        """Batch-major integer inputs -> serialized ciphertexts (see `quantize_encrypt_serialize`)."""
+        self.generate_private_and_evaluation_keys()
+        items = []
+        for sample in self.processing.split_samples(q_inputs):
+            encrypted = self.client.encrypt(*sample)
+            values = encrypted if isinstance(encrypted, tuple) else (encrypted,)
+            serialized = tuple(v.serialize() for v in values)
+            items.append(serialized[0] if len(serialized) == 1 else serialized)
+        return items[0] if len(items) == 1 else items
+
+    def deserialize_decrypt(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+        """Serialized result(s) -> integer array(s), samples concatenated along dim 0."""
+        items = y if isinstance(y, list) else [y]
+        per_sample = []
+        for item in items:
+            values = item if isinstance(item, tuple) else (item,)
+            decrypted = self.client.decrypt(*[fhe.Value.deserialize(v) for v in values])
+            per_sample.append(decrypted if isinstance(decrypted, tuple) else (decrypted,))
+        outputs = tuple(np.concatenate([np.asarray(p[i]) for p in per_sample]) for i in range(len(per_sample[0])))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def deserialize_decrypt_dequantize(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+        """Serialized result(s) -> float array(s)."""
+        decrypted = self.deserialize_decrypt(y)
+        outputs = decrypted if isinstance(decrypted, tuple) else (decrypted,)
+        floats = tuple(d.dequantize(o) for d, o in zip(self.processing.output_dequantizers, outputs))
+        return floats[0] if len(floats) == 1 else floats
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class FHEModelServer:
+    """The server side: runs the circuit on serialized ciphertexts; holds no private key."""
+
+    def __init__(self, path_dir: Union[str, Path]):
+        self.path_dir = Path(path_dir)
+        files = _read_zip(self.path_dir / SERVER_ZIP, [VERSIONS, SERVER_INFO, CLIENT_SPECS])
+        check_versions(json.loads(files[VERSIONS]), self.path_dir / SERVER_ZIP)
+        info = json.loads(files[SERVER_INFO])
+        self.input_shapes = [tuple(s) for s in info["input_shapes"]]
+        self.specs_bytes = files[CLIENT_SPECS]
+        self.server = fhe.Server.load(self.path_dir / SERVER_ZIP)
+
+    def expected_evaluation_key_bytes(self) -> Optional[int]:
+        """Byte size of this circuit's serialized key payloads (None when keys are compressed)."""
+        return evaluation_key_payload_bytes(json.loads(self.specs_bytes))
+
+    def run(self, serialized_encrypted_input: Serialized,
+            serialized_evaluation_keys: Union[bytes, fhe.EvaluationKeys]) -> Serialized:
+        """Run the circuit on each sample; returns the same layout (bytes, or list of bytes)."""
+        keys = serialized_evaluation_keys
+        if not isinstance(keys, fhe.EvaluationKeys):
+            keys = fhe.EvaluationKeys.deserialize(keys)
+        items = serialized_encrypted_input
+        results = [self._run_sample(item, keys) for item in (items if isinstance(items, list) else [items])]
+        return results if isinstance(items, list) else results[0]
+
+    def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
+        values = item if isinstance(item, tuple) else (item,)
+        values = [v if isinstance(v, fhe.Value) else fhe.Value.deserialize(v) for v in values]
+        result = self.server.run(*values, evaluation_keys=keys)
+        outputs = tuple(r.serialize() for r in (result if isinstance(result, tuple) else (result,)))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def evaluation_key_payload_bytes(specs: Dict[str, Any]) -> Optional[int]:
+    """Bytes of the uncompressed key payloads a keyset of these client specs serializes to.
+
+    Used to reject evaluation keys made for another circuit before running: keys whose
+    parameters differ from the circuit's abort the process inside Concrete.
+    """
+    keyset = specs["keyset"]
+    total = 0
+    for key in keyset.get("lweBootstrapKeys", []):
+        params = key["params"]
+        if key.get("compression", "none") != "none":
+            return None
+        glwe = params["glweDimension"] + 1
+        total += params["inputLweDimension"] * params["levelCount"] * glwe * glwe * params["polynomialSize"] * 8
+    for key in keyset.get("lweKeyswitchKeys", []):
+        params = key["params"]
+        if key.get("compression", "none") != "none":
+            return None
+        total += params["inputLweDimension"] * params["levelCount"] * (params["outputLweDimension"] + 1) * 8
+    if keyset.get("packingKeyswitchKeys"):
+        return None
+    return total
