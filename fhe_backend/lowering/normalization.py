@@ -28,7 +28,6 @@ import torch.fx as fx
 
 from ..quantization.calibration import NodeStats
 from ..quantization.program import Encrypted, LoweringContext, shape_of, with_value
-from ..settings import MAX_TLU_BIT_WIDTH
 from .elementwise import combine, multiply, observed_stats, reciprocal
 from .linear import _constant_array, _reduce, _reduce_extreme
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
@@ -36,11 +35,14 @@ from .registry import batch_dim_reason, is_constant, meta_shape, op_name, regist
 aten = torch.ops.aten
 
 INTERNAL_EXTRA_BITS = 2
+# operands of an encrypted multiplication: wider ones make products Concrete finds no
+# parameters for (NoParametersFound)
+MAX_INTERNAL_BITS = 6
 
 
 def internal_bits(ctx: LoweringContext) -> int:
     """Bit-width of the intermediate values of softmax/layer_norm (op_inputs + extra bits)."""
-    return min(ctx.settings.n_bits.op_inputs + INTERNAL_EXTRA_BITS, MAX_TLU_BIT_WIDTH)
+    return min(ctx.settings.n_bits.op_inputs + INTERNAL_EXTRA_BITS, MAX_INTERNAL_BITS)
 
 
 def scale_and_shift(value: Encrypted, gain: Any, offset: Any) -> Encrypted:
