@@ -19,7 +19,6 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -140,7 +139,7 @@ class RemoteModule(nn.Module):
 
     def compile(self, n_bits: Any = 8, rounding_threshold_bits: Any = None, p_error: Optional[float] = None,
                 configuration: Any = None) -> None:
-        """Compile the private module with the ``fhe`` backend on the recorded activations."""
+        """Compile the private module (one FHE partition of the backend) on the recorded activations."""
         if not self.calibration_data:
             raise NotCompiledError(f"remote module '{self.module_name}' received no input during "
                                    "calibration: is it used by the model's forward?")
@@ -150,23 +149,12 @@ class RemoteModule(nn.Module):
         inputset = torch.cat(self.calibration_data)
         self.calibration_data = []
         module = _prepared(self.private_module)
-        options = {"inputset": inputset, "n_bits": n_bits, "rounding_threshold_bits": rounding_threshold_bits,
-                   "p_error": p_error, "configuration": configuration, "fhe": "disable",
-                   "verbose": bool(self.verbose)}
-        graphs = _compile_graphs(module, inputset, options)
-        if not graphs or not graphs[-1].partitions:
-            raise DeploymentError(
-                f"remote module '{self.module_name}' has no operation the fhe backend supports; "
-                "choose a module with linear layers/activations (fhe-backend explain lists support)")
+        quantized = _compile_module(module, inputset, n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
+                                    p_error=p_error, configuration=configuration, verbose=bool(self.verbose))
         self.private_module = module
-        self.graph = graphs[-1]
-        self.partition = self.graph.partitions[0]
+        self.graph = quantized.graph
+        self.partition = quantized.partition
         self.input_shape = tuple(self.partition.statistics["input_shape"][0])
-        if len(self.graph.partitions) > 1 or self.graph.left_in_torch:
-            warnings.warn(f"remote module '{self.module_name}' is not one FHE partition "
-                          f"({len(self.graph.partitions)} partitions, left in torch: "
-                          f"{[str(n) for n in self.graph.left_in_torch]}); it runs locally but cannot "
-                          "be deployed to a server", stacklevel=3)
         self.fhe_local_mode = HybridFHEMode.DISABLE
 
     # ---- client side --------------------------------------------------------------------
@@ -291,29 +279,22 @@ class RemoteModule(nn.Module):
         return f"module_name={self.module_name!r}, mode={self.fhe_local_mode.value!r}"
 
 
-def _compile_graphs(module: nn.Module, inputset: torch.Tensor, options: Dict[str, Any]) -> List[Any]:
-    """torch.compile `module` with the fhe backend; the `CompiledGraph`s this capture made.
+def _compile_module(module: nn.Module, inputset: torch.Tensor, n_bits: Any, **options: Any):
+    """Compile a whole module into one FHE partition with the Concrete-ML-style API.
 
-    Taken from the backend's registry by position, not by id(module): ids of freed modules
-    are reused, so a lookup by id may return the graph of an older module.
+    Brevitas modules are compiled as QAT (their own quantizers), others at `n_bits`; every
+    operation must run in FHE (the server runs the whole module).
     """
-    from . import backend
+    from .compile import compile_brevitas_qat_model, compile_torch_model
+    from .qat import has_any_qnn_layers
 
-    created = backend._BY_ROOT.setdefault(None, [])
-    before = len(created)
-    compiled = torch.compile(module, backend="fhe", options=options)
-    with torch.no_grad():
-        compiled(inputset)
-    graphs = [ref() for ref in created[before:]]
-    return [g for g in graphs if g is not None]
+    if has_any_qnn_layers(module):
+        return compile_brevitas_qat_model(module, inputset, **options)
+    return compile_torch_model(module, inputset, n_bits=n_bits, **options)
 
 
 def _prepared(module: nn.Module) -> nn.Module:
-    """QAT modules get the backend's Brevitas support; GPT-2 Conv1D layers become Linear."""
-    from .qat import has_any_qnn_layers, prepare_qat_model
-
-    if has_any_qnn_layers(module):
-        return prepare_qat_model(module)
+    """GPT-2 ``Conv1D`` layers become ``nn.Linear`` (the same function, a standard layer)."""
     if any(is_conv1d(m) for m in module.modules()):
         module = convert_conv1d_to_linear(module)
     return module.eval()

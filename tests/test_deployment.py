@@ -1,0 +1,85 @@
+"""FHEModelDev / FHEModelClient / FHEModelServer in process, with real keys."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import fhe_backend
+from fhe_backend.deployment import (
+    DeploymentError,
+    FHEModelClient,
+    FHEModelDev,
+    FHEModelServer,
+    VersionMismatchError,
+)
+from tests.harness import compile_fhe
+
+
+@pytest.fixture(scope="module")
+def partition():
+    """A tiny circuit with table lookups (Linear -> ReLU -> Linear, 3 bits)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    compiled = compile_fhe(model, torch.randn(100, 4), n_bits=3, rounding_threshold_bits=3)
+    with torch.no_grad():
+        compiled(torch.randn(2, 4))
+    found = fhe_backend.partitions(compiled)
+    assert len(found) == 1 and found[0].statistics["pbs_count"] > 0
+    return found[0]
+
+
+@pytest.mark.parametrize("via_mlir", [False, True])
+def test_client_server_round_trip_equals_simulate(partition, tmp_path, via_mlir):
+    FHEModelDev(tmp_path / "artifacts", partition).save(via_mlir=via_mlir)
+    client = FHEModelClient(tmp_path / "artifacts", key_dir=tmp_path / "keys")
+    client.generate_private_and_evaluation_keys()
+    server = FHEModelServer(tmp_path / "artifacts")
+    keys = client.get_serialized_evaluation_keys()
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    batch = client.quantize_encrypt_serialize(x)
+    assert isinstance(batch, list) and len(batch) == 3
+    single = client.quantize_encrypt_serialize(x[:1])
+    assert isinstance(single, bytes)
+    expected = partition.run_integers(partition.program.quantize_inputs(torch.tensor(x)), "simulate")[0]
+    np.testing.assert_array_equal(client.deserialize_decrypt(server.run(batch, keys)), expected)
+    np.testing.assert_array_equal(client.deserialize_decrypt(server.run(single, keys)), expected[:1])
+    floats = client.deserialize_decrypt_dequantize(server.run(batch, keys))
+    np.testing.assert_allclose(floats, partition.program.dequantize_outputs(expected)[0])
+
+
+def test_keys_are_random_reused_from_key_dir_and_regenerated_on_force(partition, tmp_path):
+    FHEModelDev(tmp_path, partition).save()
+    first = FHEModelClient(tmp_path, key_dir=tmp_path / "keys")
+    keys = first.get_serialized_evaluation_keys()
+    assert FHEModelClient(tmp_path, key_dir=tmp_path / "keys").get_serialized_evaluation_keys() == keys
+    other = FHEModelClient(tmp_path)
+    assert other.get_serialized_evaluation_keys() != keys
+    first.generate_private_and_evaluation_keys(force=True)
+    assert first.get_serialized_evaluation_keys() != keys
+
+
+def test_versions_are_checked_and_artifacts_not_overwritten(partition, tmp_path):
+    FHEModelDev(tmp_path, partition).save()
+    with pytest.raises(DeploymentError, match="already exists"):
+        FHEModelDev(tmp_path, partition).save()
+    path = tmp_path / "client.zip"
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    versions = json.loads(members["versions.json"])
+    versions["concrete-python"] = "0.0.1"
+    members["versions.json"] = json.dumps(versions).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(VersionMismatchError, match="concrete-python"):
+        FHEModelClient(tmp_path)
+
+
+def test_model_with_several_partitions_is_rejected(tmp_path):
+    with pytest.raises(DeploymentError, match="one FHE partition"):
+        FHEModelDev(tmp_path, torch.nn.Linear(2, 2)).save()
