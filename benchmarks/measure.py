@@ -125,6 +125,13 @@ def max_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float((torch.as_tensor(output).float() - reference.float()).abs().max())
 
 
+def relative_error(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
+    """||values - references|| / ||references|| over all the tensors together (L2)."""
+    difference = torch.cat([(v - r).flatten() for v, r in zip(values, references)])
+    reference = torch.cat([r.flatten() for r in references])
+    return float(difference.norm() / reference.norm().clamp_min(1e-12))
+
+
 def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch.Tensor],
                    inputs: torch.Tensor, reference: torch.Tensor, score: Callable[[Any, slice], float],
                    partitions: Sequence[Any], config: BenchConfig, progress: Progress) -> None:
@@ -366,8 +373,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
             continue
         row[f"{mode}_loss"] = loss
         row[f"{mode}_error"] = abs(loss - float_loss)
-        row[f"{mode}_gradient_error"] = max(float((g - f).abs().max() / f.abs().max().clamp_min(1e-12))
-                                            for g, f in zip(gradients, float_gradients))
+        row[f"{mode}_gradient_error"] = relative_error(gradients, float_gradients)
         row[f"{mode}_step_seconds"] = seconds
         if mode == "execute":
             row["execute_seconds_per_sample"] = seconds / LORA_BATCH

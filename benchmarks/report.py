@@ -160,7 +160,7 @@ def markdown(rows: List[Dict[str, Any]], env: Dict[str, Any],
     lines += _table(rows, MAIN_COLUMNS)
     lora = [r for r in rows if r.get("metric") == "training-step loss" and r.get("status") == "ok"]
     if lora:
-        lines += ["", "LoRA training step (loss of the batch; gradient error relative to the float step):", ""]
+        lines += ["", "LoRA training step (loss of the batch; LoRA gradients' relative L2 error against the float step):", ""]
         lines += _table(lora, (("target", "target"), ("float loss", "float_loss"),
                                ("disable loss", "disable_loss"), ("simulate loss", "simulate_loss"),
                                ("simulate gradient error", "simulate_gradient_error"),
