@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from passes import PassManager
 
-from .errors import OptionError
+from .errors import FheBackendError, OptionError
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .quantization.calibration import batches
 from .runtime import FhePartition
@@ -37,6 +37,8 @@ DECOMPOSITIONS = core_aten_decompositions()
 
 # compiled graphs by id() of the module torch.compile wrapped, for partitions(compiled_model)
 _BY_ROOT: Dict[Optional[int], List["weakref.ref[CompiledGraph]"]] = {}
+# modes chosen with set_fhe_mode, applied to graphs compiled later for the same module
+_MODES: Dict[int, str] = {}
 
 
 class CompiledGraph(torch.nn.Module):
@@ -129,7 +131,34 @@ class CompiledGraph(torch.nn.Module):
 
 
 def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict] = None):
-    """The `torch.compile(backend="fhe", options=...)` entry point."""
+    """The `torch.compile(backend="fhe", options=...)` entry point.
+
+    The package's own errors reach the caller as they are (an `OptionError` is a `ValueError`),
+    not wrapped in dynamo's `BackendCompilerFailed`.
+    """
+    try:
+        return _capture(gm, example_inputs, options)
+    except FheBackendError as error:
+        raise _surfaced(error) from error.__cause__
+
+
+_SURFACED: Dict[type, type] = {}
+
+
+def _surfaced(error: FheBackendError) -> FheBackendError:
+    """The same error, of a subclass dynamo lets through unwrapped (its ShortenTraceback)."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    cls = type(error)
+    if cls not in _SURFACED:
+        _SURFACED[cls] = type(cls.__name__, (cls, ShortenTraceback), {
+            "__init__": Exception.__init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    surfaced = _SURFACED[cls](*error.args)
+    surfaced.first_useful_frame = None
+    return surfaced.with_traceback(error.__traceback__)
+
+
+def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict]):
     settings = FheSettings.from_options(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     own = list(dict(gm.named_parameters(remove_duplicate=False)).values()) + list(
@@ -144,6 +173,9 @@ def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         with unset_fake_temporarily():
             compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings,
                                           reuse_key=(root, id(options)))
+        if root in _MODES:
+            for partition_ in compiled.partitions:
+                partition_.mode = _MODES[root]
         _BY_ROOT.setdefault(root, []).append(weakref.ref(compiled))
         _BY_ROOT.setdefault(None, []).append(weakref.ref(compiled))
         logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
@@ -277,10 +309,20 @@ def partitions(model: Any) -> List[FhePartition]:
     """The FHE partitions of a compiled model (after its first call)."""
     if isinstance(model, torch.nn.Module) and fhe_partitions(model):
         return fhe_partitions(model)
-    return [p for graph in compiled_graphs(model) for p in graph.partitions if p.primary is None]
+    unique: List[FhePartition] = []
+    for graph in compiled_graphs(model):
+        for partition_ in graph.partitions:
+            partition_ = partition_.primary or partition_
+            if partition_ not in unique:
+                unique.append(partition_)
+    return unique
 
 
 def set_fhe_mode(model: Any, mode: Any) -> None:
-    """Switch every FHE partition of a compiled model to a mode (no recompilation)."""
+    """Switch every FHE partition of a compiled model to a mode (no recompilation).
+
+    The mode also applies to graphs dynamo compiles later for this model (new batch sizes).
+    """
     for partition_ in partitions(model):
         partition_.mode = mode
+    _MODES[id(getattr(model, "_orig_mod", model))] = getattr(mode, "value", mode)

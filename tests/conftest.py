@@ -25,5 +25,4 @@ def insecure_configuration():
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
-    torch._dynamo.reset()
     yield

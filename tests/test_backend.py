@@ -82,7 +82,7 @@ def _randomize_batch_norm(module: nn.Module) -> None:
 def test_operator_matches_torch_in_simulate(name, module, shape):
     _randomize_batch_norm(module)
     inputset = torch.randn(200, *shape)
-    assert_matches_torch(module, [torch.randn(7, *shape)], inputset, n_bits=7, steps=6)
+    assert_matches_torch(module, [torch.randn(7, *shape)], inputset, n_bits=7, steps=10)
 
 
 # ---- registration ---------------------------------------------------------------------------
