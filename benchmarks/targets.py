@@ -24,13 +24,28 @@ class Target:
     options: Dict[str, Any] = field(default_factory=dict)
     qat: bool = False
     comparable: bool = True  # whether compare_concrete_ml.py can rebuild it
+    concrete_ml_options: Any = None  # Concrete ML's options when they differ (None: `options`)
 
+    @property
+    def reference_options(self) -> Dict[str, Any]:
+        """The options Concrete ML compiles this target with in `--compare-python`."""
+        return self.options if self.concrete_ml_options is None else self.concrete_ml_options
+
+
+REFERENCE = {"n_bits": 6, "rounding_threshold_bits": 6}  # issue 9's Concrete ML configuration
+FAST_ROUNDING = {"n_bits": "auto", "method": "approximate"}
 
 TARGETS: List[Target] = [
     Target("mlp", "digits MLP 64-32-32-10, ReLU", "digits", "mlp",
            {"n_bits": 6, "rounding_threshold_bits": 6}),
     Target("cnn", "digits CNN conv(1->4,3x3,pad 1)-ReLU-avgpool 2-conv(4->8,3x3)-ReLU-linear(32->10)",
            "digits", "cnn", {"n_bits": 6, "rounding_threshold_bits": 6}),
+    Target("mlp_fast", "digits MLP, approximate rounding with per-lookup 'auto' precision "
+           "(vs Concrete ML at n_bits 6, rounding 6)", "digits", "mlp",
+           {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING}, concrete_ml_options=REFERENCE),
+    Target("cnn_fast", "digits CNN, approximate rounding with per-lookup 'auto' precision "
+           "(vs Concrete ML at n_bits 6, rounding 6)", "digits", "cnn",
+           {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING}, concrete_ml_options=REFERENCE),
     Target("qat", "Brevitas QATSimpleNet 3-bit, 64-30-30-10, on digits", "digits", "qat",
            {}, qat=True),
     Target("gpt2_mlp", "tiny GPT-2 (1 layer, n_embd 16), MLP block transformer.h.0.mlp in FHE (hybrid)",

@@ -167,7 +167,7 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
     constants = [t.detach() for t in own] + [x.detach() if isinstance(x, torch.Tensor) else x
                                             for x in example_inputs]
     start = time.perf_counter()
-    root = _root_module_id(gm)
+    root = _model_key([*own, *example_inputs])
 
     def compile_forward(aten_gm: fx.GraphModule, _fake_args):
         with unset_fake_temporarily():
@@ -244,6 +244,9 @@ _REUSABLE: Dict[Any, Dict[Any, "weakref.ref[FhePartition]"]] = {}
 
 
 def _share_equal_partitions(partitions: List[FhePartition], known: Dict[Any, Any]) -> None:
+    """Partitions equal to one of an earlier compilation share it (never within one graph:
+    equal subgraphs fed different data are quantized differently)."""
+    new = {}
     for partition_ in partitions:
         signature = partition_.signature()
         earlier = known.get(signature)
@@ -251,7 +254,8 @@ def _share_equal_partitions(partitions: List[FhePartition], known: Dict[Any, Any
         if earlier is not None:
             partition_.share(earlier)
         else:
-            known[signature] = weakref.ref(partition_)
+            new.setdefault(signature, weakref.ref(partition_))
+    known.update(new)
 
 
 def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:
@@ -285,24 +289,28 @@ def _progress(settings: FheSettings, message: str) -> None:
         print(f"[fhe_backend] {message}")
 
 
-def _root_module_id(gm: fx.GraphModule) -> Optional[int]:
-    """id() of the module torch.compile was called on, from dynamo's nn_module_stack."""
-    for node in gm.graph.nodes:
-        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
-            if re.fullmatch(r"L\['[^']*'\]", path):
-                try:
-                    return int(key)
-                except ValueError:
-                    return None
-    return None
+def _model_key(values: Sequence[Any]) -> Optional[int]:
+    """Identity of the compiled model: id() of its first parameter (None without parameters)."""
+    return next((id(v) for v in values if isinstance(v, torch.nn.Parameter)), None)
+
+
+def _keys_of(model: Any) -> List[Optional[int]]:
+    """The keys graphs of `model` are registered under (None: the graph compiled last)."""
+    target = getattr(model, "_orig_mod", model)
+    parameters = list(target.parameters()) if isinstance(target, torch.nn.Module) else []
+    return [id(p) for p in parameters] or [None]
 
 
 def compiled_graphs(model: Any) -> List[CompiledGraph]:
     """The graphs compiled for a torch.compile'd model (or module), oldest first."""
-    target = getattr(model, "_orig_mod", model)
-    refs = _BY_ROOT.get(id(target)) or (_BY_ROOT.get(None) or [])[-1:]
-    graphs = [ref() for ref in refs]
-    return [g for g in graphs if g is not None]
+    graphs: List[CompiledGraph] = []
+    for key in _keys_of(model):
+        refs = _BY_ROOT.get(key, [])
+        for ref in refs if key is not None else refs[-1:]:
+            graph = ref()
+            if graph is not None and graph not in graphs:
+                graphs.append(graph)
+    return graphs
 
 
 def partitions(model: Any) -> List[FhePartition]:
@@ -325,4 +333,5 @@ def set_fhe_mode(model: Any, mode: Any) -> None:
     """
     for partition_ in partitions(model):
         partition_.mode = mode
-    _MODES[id(getattr(model, "_orig_mod", model))] = getattr(mode, "value", mode)
+    for key in _keys_of(model)[:1]:
+        _MODES[key] = getattr(mode, "value", mode)

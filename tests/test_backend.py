@@ -82,7 +82,7 @@ def _randomize_batch_norm(module: nn.Module) -> None:
 def test_operator_matches_torch_in_simulate(name, module, shape):
     _randomize_batch_norm(module)
     inputset = torch.randn(200, *shape)
-    assert_matches_torch(module, [torch.randn(7, *shape)], inputset, n_bits=7, steps=10)
+    assert_matches_torch(module, [torch.randn(7, *shape)], inputset, n_bits=7, steps=12)
 
 
 # ---- registration ---------------------------------------------------------------------------
@@ -155,11 +155,11 @@ def small_compiled():
     compiled = torch.compile(model, backend="fhe", options={"inputset": torch.randn(300, 5), "n_bits": 6})
     with torch.no_grad():
         compiled(torch.randn(4, 5))
-    return model, compiled
+    return model, compiled, fhe_backend.partitions(compiled)  # kept alive across dynamo resets
 
 
 def test_any_batch_size_runs(small_compiled):
-    model, compiled = small_compiled
+    model, compiled, (partition,) = small_compiled
     for batch in (1, 3, 17):
         x = torch.randn(batch, 5)
         with torch.no_grad():
@@ -167,8 +167,7 @@ def test_any_batch_size_runs(small_compiled):
 
 
 def test_partitions_expose_mode_circuit_and_statistics(small_compiled):
-    model, compiled = small_compiled
-    (partition,) = fhe_backend.partitions(compiled)
+    model, compiled, (partition,) = small_compiled
     stats = partition.statistics
     for key in ("pbs_count", "max_bit_width", "max_tlu_bit_width", "complexity", "input_shape"):
         assert key in stats
@@ -178,9 +177,8 @@ def test_partitions_expose_mode_circuit_and_statistics(small_compiled):
 
 
 def test_modes_switch_without_recompiling(small_compiled):
-    model, compiled = small_compiled
+    model, compiled, (partition,) = small_compiled
     x = torch.randn(6, 5)
-    (partition,) = fhe_backend.partitions(compiled)
     circuit = partition.circuit
     with torch.no_grad():
         simulated = compiled(x)
@@ -209,8 +207,8 @@ def test_calibrates_on_first_call_without_inputset_and_warns():
 def test_tiny_circuit_execute_equals_simulate(insecure_configuration, tmp_path):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    compiled = compile_fhe(model, torch.randn(100, 3), n_bits=3, configuration=insecure_configuration,
-                           key_cache_dir=str(tmp_path))
+    compiled = compile_fhe(model, torch.randn(100, 3), n_bits=3, rounding_threshold_bits=4,
+                           configuration=insecure_configuration, key_cache_dir=str(tmp_path))
     x = torch.randn(3, 3)
     with torch.no_grad():
         simulated = compiled(x)
@@ -245,14 +243,13 @@ def test_digits_simulate_accuracy_within_two_points_of_float(digits, factory):
 
 def test_multiple_outputs_keep_their_structure():
     model = Lambda(lambda p, x: (F.relu(p["l"](x)), torch.sigmoid(x)), l=_linear(4, 3))
-    compiled = assert_matches_torch(model, [torch.randn(5, 4)], torch.randn(200, 4), n_bits=7, steps=6)
+    compiled = assert_matches_torch(model, [torch.randn(5, 4)], torch.randn(200, 4), n_bits=6, steps=10)
     with torch.no_grad():
         assert len(as_tuple(compiled(torch.randn(2, 4)))) == 2
 
 
 def test_quantized_program_is_integer_and_deterministic(small_compiled):
-    _, compiled = small_compiled
-    (partition,) = fhe_backend.partitions(compiled)
+    _, compiled, (partition,) = small_compiled
     q = partition.program.quantize_inputs(torch.randn(4, 5))
     out = partition.run_integers(q, "disable")
     assert all(np.issubdtype(np.asarray(o).dtype, np.integer) for o in out)
