@@ -68,7 +68,7 @@ def compile_with_concrete_ml(target: Target, model: torch.nn.Module, x_train: to
     from concrete.ml.torch.compile import compile_brevitas_qat_model, compile_torch_model
 
     compile_function = compile_brevitas_qat_model if target.qat else compile_torch_model
-    module, seconds = timed(lambda: compile_function(model, x_train.numpy(), **target.reference_options))
+    module, seconds = timed(lambda: compile_function(model, x_train.numpy(), **target.options))
     circuit = ConcreteMlCircuit(module, seconds)
     return circuit.run, [circuit]
 

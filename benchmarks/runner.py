@@ -92,7 +92,7 @@ def compare_with_concrete_ml(python: str, targets: List[Target], rows: List[Dict
                              config: BenchConfig):
     """Run compare_concrete_ml.py in the other environment; (rows by target, its versions)."""
     measured = {row["target"] for row in rows if row["status"] == "ok"}
-    jobs = [dict(name=t.name, kind=t.kind, model=t.model, options=t.options, qat=t.qat)
+    jobs = [dict(name=t.name, kind=t.kind, model=t.model, options=t.reference_options, qat=t.qat)
             for t in targets if t.comparable and t.name in measured]
     job_path, result_path = config.out / "concrete_ml_job.json", config.out / "concrete_ml_results.json"
     job_path.write_text(json.dumps({"targets": jobs, "models": str(config.out / "models"),
