@@ -384,3 +384,52 @@ def test_training_inputs_forms_and_helpers(tmp_path):
                if isinstance(t, torch.Tensor))
     copy.deepcopy(FheMatmul(torch.eye(2)))  # modules stay copyable
 
+
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlp_remote_training_step_through_the_fhe_server(tmp_path):
+    """fhe="remote": the frozen linears run on `fhe-backend serve` (loopback) with client keys."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    x, y = mlp_data()
+    trainer = mlp_trainer(tmp_path)
+    trainer.compile((x, y), n_bits=3)
+    written = trainer.save_server_artifacts(str(tmp_path / "models" / "lora_mlp"))
+    assert len(written) == 3
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fhe_backend.cli", "serve", str(tmp_path / "models"),
+                               "--port", str(port), "--keys-dir", str(tmp_path / "keys"), "--log-level", "warning"])
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        trainer.init_client(f"http://127.0.0.1:{port}", model_name="lora_mlp")
+        start = trainable_state(trainer)
+        trainer.train([(x[:8], y[:8])], num_epochs=1, fhe="remote")
+        remote = trainable_state(trainer)
+        with torch.no_grad():
+            for name, param in trainer.lora_training_module.inference_model.named_parameters():
+                if name in start:
+                    param.copy_(start[name])
+        trainer.train([(x[:8], y[:8])], num_epochs=2, fhe="simulate")
+        for name, value in trainable_state(trainer).items():
+            assert not torch.equal(value, start[name])
+            assert torch.equal(remote[name], value), name
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
