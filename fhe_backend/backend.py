@@ -21,6 +21,7 @@ import torch.fx as fx
 from functorch.compile import aot_module_simplified, make_boxed_func
 from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._pytree import tree_leaves
 
 from passes import PassManager
 
@@ -37,6 +38,10 @@ DECOMPOSITIONS = core_aten_decompositions()
 
 # compiled graphs by id() of the module torch.compile wrapped, for partitions(compiled_model)
 _BY_ROOT: Dict[Optional[int], List["weakref.ref[CompiledGraph]"]] = {}
+# calibration of a static graph: samples per call once the graph proved batch-agnostic
+CALIBRATION_CHUNK = 256
+PROBE_BATCHES = 4
+
 # modes chosen with set_fhe_mode, applied to graphs compiled later for the same module
 _MODES: Dict[int, str] = {}
 
@@ -92,6 +97,8 @@ class CompiledGraph(torch.nn.Module):
         """Re-batch the inputset to the traced batch size when the graph has static shapes.
 
         The last chunk is completed with samples from the start (they only repeat ranges).
+        When the graph runs unchanged on several traced batches at once (checked on a probe),
+        calibration takes chunks of CALIBRATION_CHUNK samples instead of one batch per call.
         """
         first = next((n.meta["val"] for n in self.user_inputs
                       if isinstance(n.meta.get("val"), torch.Tensor)), None)
@@ -100,9 +107,40 @@ class CompiledGraph(torch.nn.Module):
         size = first.shape[0]
         columns = [torch.cat(column) for column in zip(*inputset)]
         total = columns[0].shape[0]
+        probe = torch.arange(PROBE_BATCHES * size) % total
+        if total > size and self._batch_agnostic([c[probe] for c in columns], size):
+            size *= max(1, min(CALIBRATION_CHUNK, total) // size)
         cyclic = torch.arange(-(-total // size) * size) % total
         columns = [column[cyclic] for column in columns]
         return [tuple(c[i:i + size] for c in columns) for i in range(0, len(cyclic), size)]
+
+    def _batch_agnostic(self, probe: List[torch.Tensor], size: int) -> bool:
+        """True when the graph (in torch) gives on the probe as one batch what it gives batch by
+        batch of the traced `size`: no shape is baked in and no sample leaks into another."""
+        modes = [p.mode for p in self.partitions]
+        for partition_ in self.partitions:
+            partition_.mode = "torch"
+        try:
+            with torch.no_grad():
+                whole = self.split(*self._bind(probe))
+                pieces = [self.split(*self._bind([c[i:i + size] for c in probe]))
+                          for i in range(0, probe[0].shape[0], size)]
+        except Exception:  # noqa: BLE001 - any failure means: keep the traced batch size
+            return False
+        finally:
+            for partition_, mode in zip(self.partitions, modes):
+                partition_.mode = mode
+        outputs = [tree_leaves(piece) for piece in pieces]
+        for index, value in enumerate(tree_leaves(whole)):
+            if not isinstance(value, torch.Tensor):
+                continue
+            parts = [o[index] for o in outputs]
+            if not value.dim() or not all(isinstance(p, torch.Tensor) and p.dim() for p in parts):
+                return False
+            stacked = torch.cat(parts)
+            if stacked.shape != value.shape or not torch.allclose(stacked, value, rtol=1e-4, atol=1e-5):
+                return False
+        return True
 
     def _bind(self, tensors: Sequence[torch.Tensor]) -> List[Any]:
         """Arguments of the split graph for user tensors: symbolic sizes solved from shapes."""

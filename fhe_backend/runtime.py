@@ -30,7 +30,7 @@ from .settings import FHE_MODES, FheSettings
 logger = logging.getLogger("fhe_backend")
 
 RUN_MODES = FHE_MODES + ("remote",)
-MAX_COMPILE_INPUTSET = 1000
+COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
 
 
 class FhePartition(torch.nn.Module):
@@ -128,9 +128,7 @@ class FhePartition(torch.nn.Module):
         """
         start = time.perf_counter()
         samples = self._samples(q_inputs)
-        if len(samples) > MAX_COMPILE_INPUTSET:
-            picks = np.random.default_rng(0).choice(len(samples), MAX_COMPILE_INPUTSET, replace=False)
-            samples = [samples[i] for i in sorted(picks)]
+        samples = self._bounding_samples(q_inputs, samples)
         compiler = fhe.Compiler(self._traceable(), {
             f"x{i}": status for i, status in enumerate(self.encryption_status)})
         kwargs = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
@@ -145,6 +143,18 @@ class FhePartition(torch.nn.Module):
         self._keys_ready = False
         self.compile_seconds = time.perf_counter() - start
         self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+
+    def _bounding_samples(self, q_inputs: Sequence[np.ndarray], samples: List[Tuple[np.ndarray, ...]]
+                          ) -> List[Tuple[np.ndarray, ...]]:
+        """The samples Concrete measures its bounds on: every sample where the calibration met
+        the extreme input of a lookup or an output (so Concrete sizes them as the whole inputset
+        does), plus COMPILE_INPUTSET others drawn at random. Concrete evaluates its graph sample
+        by sample, so this subset is what keeps compilation fast on large inputsets."""
+        if len(samples) <= COMPILE_INPUTSET:
+            return samples
+        extremes = self.program.extreme_samples(q_inputs, len(samples))
+        drawn = np.random.default_rng(0).choice(len(samples), COMPILE_INPUTSET, replace=False)
+        return [samples[i] for i in sorted(extremes | {int(i) for i in drawn})]
 
     def _traceable(self):
         program, count = self.program, len(self.encryption_status)

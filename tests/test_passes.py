@@ -11,7 +11,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fhe_backend
 from fhe_backend.errors import PassError
 from fhe_backend.lowering.quant import FAKE_QUANT, fake_quant_spec
-from passes import DEFAULT_PASSES, PassManager, detect_fake_quant, fold_constants, remove_identities
+from passes import (DEFAULT_PASSES, PassManager, detect_fake_quant, fold_constants, free_batch_views,
+                    remove_identities)
 from tests.harness import compile_fhe
 
 aten = torch.ops.aten
@@ -27,7 +28,8 @@ def targets(graph_module: fx.GraphModule):
 
 
 def test_default_passes_order():
-    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, detect_fake_quant]
+    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, detect_fake_quant,
+                                    free_batch_views]
 
 
 def test_remove_identities_drops_copies_keeps_layout_clones():
@@ -179,3 +181,18 @@ def test_gpt2_conv1d_mlp_compiles_and_matches(gpt2_mlp):
                                     expect_partitions=1)
     graph = fhe_backend.partitions(compiled)[0].graph_module.graph
     assert [str(n.target) for n in graph.nodes].count("aten.addmm.default") == 2
+
+
+def test_free_batch_views_lets_batch_keeping_reshapes_follow_the_batch():
+    x = torch.randn(2, 4, 2, 2)
+    kept = aten_graph(lambda t: t.flatten(1) * 2, x)
+    merged = aten_graph(lambda t: t.reshape(8, 4) * 2, x)  # merges the batch into dim 0
+    for graph_module in (kept, merged):
+        free_batch_views(graph_module).recompile()
+    assert [list(n.args[1]) for n in kept.graph.nodes if n.target == aten.view.default] == [[-1, 16]]
+    assert [list(n.args[1]) for n in merged.graph.nodes if n.target == aten.view.default] == [[8, 4]]
+    torch.testing.assert_close(kept(x), x.flatten(1) * 2)
+    other = torch.randn(5, 4, 2, 2)
+    torch.testing.assert_close(kept(other), other.flatten(1) * 2)
+    with pytest.raises(RuntimeError):
+        merged(other)  # still only fits the traced batch

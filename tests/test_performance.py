@@ -79,3 +79,153 @@ def test_recompilation_for_a_new_batch_size_shares_the_circuit(mlp_and_data):
             assert compiled(inputset[:batch]).shape == (batch, 4)
     partitions = fhe_backend.partitions(compiled)
     assert len(partitions) == 1 and partitions[0].circuit is circuit
+
+
+def test_lookup_offset_centers_lopsided_ranges_only_when_it_saves_a_bit():
+    from fhe_backend.quantization.program import _lookup_offset
+    from fhe_backend.quantization.quantizers import bit_width
+
+    low, high = -9000, -100  # an all-negative accumulator: 15 bits as it is, 14 once centered
+    offset = _lookup_offset(low, high, lsbs=0)
+    assert bit_width(low + offset, high + offset) == bit_width(low, high) - 1
+    offset = _lookup_offset(low, high, lsbs=6)
+    assert high + offset + 2 ** 5 <= 2 ** 13 - 1  # rounding 6 bits away cannot carry past the top
+    assert low + offset >= -2 ** 13
+    assert _lookup_offset(-8000, 8000, lsbs=0) == 0  # already centered
+    assert _lookup_offset(0, 63, lsbs=0) == 0  # a full unsigned range: nothing to save
+    assert _lookup_offset(-21332, 10649, lsbs=0) == 0  # it would save a bit, but leave no margin
+
+
+@pytest.fixture(scope="module")
+def lopsided_model():
+    """A ReLU layer whose accumulators are all negative on [0, 1] inputs (the bias lifts them)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(-model[0].weight.abs())
+        model[0].bias.fill_(1.5)
+    return model, torch.rand(300, 16), torch.rand(40, 16)
+
+
+@pytest.mark.parametrize("rounding", [None, 5, {"n_bits": 5, "method": "approximate"}])
+def test_centered_lookups_keep_results(lopsided_model, rounding):
+    model, inputset, x = lopsided_model
+    compiled, partition = _compile(model, inputset, rounding)
+    program = partition.program
+    assert any(program.lookup_offsets.values())
+    for key, (low, high) in partition.lookup_ranges.items():  # the ranges the lookups see
+        assert bit_width_of(low, high) <= bit_width_of(*_raw_range(program, key, low, high))
+    with torch.no_grad():
+        expected, simulated = model(x), compiled(x)
+        fhe_backend.set_fhe_mode(compiled, "disable")
+        disabled = compiled(x)
+    torch.testing.assert_close(simulated, disabled, rtol=0, atol=1e-6)
+    steps = 4 if rounding is None or rounding == 5 else 8
+    assert float((simulated - expected).abs().max()) <= quantization_tolerance(expected, 5, steps)
+
+
+def bit_width_of(low, high):
+    from fhe_backend.quantization.quantizers import bit_width
+
+    return bit_width(low, high)
+
+
+def _raw_range(program, key, low, high):
+    offset = program.lookup_offsets.get(key, 0)
+    return low - offset, high - offset
+
+
+def test_auto_rounding_finds_the_lowest_shared_precision(mlp_and_data):
+    from fhe_backend.quantization.program import _as_tuple, _output_error
+    from fhe_backend.settings import AUTO_ROUNDING_TOLERANCE
+
+    model, inputset, _ = mlp_and_data
+    _, partition = _compile(model, inputset, {"n_bits": "auto", "method": "approximate"})
+    program = partition.program
+    chosen = dict(program.rounding_lsbs)
+    widths = {key: bit_width_of(low, high) for key, (low, high) in partition.lookup_ranges.items()}
+    kept = {key: widths[key] - chosen.get(key, 0) for key in widths}
+    q_inputs = program.quantize_inputs(inputset)
+    program.rounding_lsbs = {}
+    reference = program.dequantize_outputs(*_as_tuple(program(*q_inputs)))
+    spans = [max(float(r.max() - r.min()), 1e-9) for r in reference]
+
+    def error(lsbs):
+        program.rounding_lsbs = lsbs
+        return _output_error(program, q_inputs, reference, spans)
+
+    assert error(chosen) <= AUTO_ROUNDING_TOLERANCE
+    # one bit less for every lookup than the widest one keeps breaks the budget
+    narrower = max(kept.values()) - 1
+    assert error({key: max(width - narrower, 0) for key, width in widths.items()}) > AUTO_ROUNDING_TOLERANCE
+    program.rounding_lsbs = chosen
+
+
+class _FlattenCNN(nn.Module):
+    """conv -> ReLU -> flatten -> linear: AOTAutograd bakes the batch size into the flatten."""
+
+    def __init__(self, mix_batch: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+        self.mix_batch = mix_batch
+
+    def forward(self, x):
+        y = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return torch.cumsum(y, 0) if self.mix_batch else y  # a sum over samples: stays in torch
+
+
+def _calibrated(model, inputset, monkeypatch):
+    """(partition, number of calibration calls) of `model` compiled on a batch-of-one trace."""
+    from fhe_backend.runtime import FhePartition
+
+    calls = []
+    original = FhePartition.calibrate
+    monkeypatch.setattr(FhePartition, "calibrate", lambda self, *args: calls.append(1) or original(self, *args))
+    compiled = compile_fhe(model, inputset, n_bits=6, fhe="disable")
+    with torch.no_grad():
+        compiled(inputset[:1])
+    monkeypatch.setattr(FhePartition, "calibrate", original)
+    return fhe_backend.partitions(compiled)[0], len(calls)
+
+
+def test_static_graphs_calibrate_in_chunks_with_the_per_sample_ranges(monkeypatch):
+    import fhe_backend.backend as backend
+
+    torch.manual_seed(6)
+    model, inputset = _FlattenCNN().eval(), torch.rand(300, 1, 6, 6)
+    chunked, chunked_calls = _calibrated(model, inputset, monkeypatch)
+    monkeypatch.setattr(backend, "CALIBRATION_CHUNK", 1)
+    single, single_calls = _calibrated(model, inputset, monkeypatch)
+    assert chunked_calls == 2 and single_calls == 300  # 256 + 44 samples, or one by one
+    for name, stats in single.stats.items():
+        assert chunked.stats[name].low == pytest.approx(stats.low, abs=1e-6)
+        assert chunked.stats[name].high == pytest.approx(stats.high, abs=1e-6)
+    assert chunked.lookup_ranges == single.lookup_ranges
+
+
+def test_graphs_that_mix_samples_calibrate_one_batch_at_a_time(monkeypatch):
+    torch.manual_seed(6)
+    model, inputset = _FlattenCNN(mix_batch=True).eval(), torch.rand(60, 1, 6, 6)
+    with pytest.warns(UserWarning):
+        _, calls = _calibrated(model, inputset, monkeypatch)
+    assert calls == 60  # the probe saw that a batch of several samples changes the results
+
+
+def test_concrete_measures_bounds_on_the_extreme_samples(mlp_and_data, monkeypatch):
+    import fhe_backend.runtime as runtime
+
+    model, inputset, _ = mlp_and_data
+    monkeypatch.setattr(runtime, "COMPILE_INPUTSET", len(inputset))
+    _, everything = _compile(model, inputset, 6)
+    monkeypatch.setattr(runtime, "COMPILE_INPUTSET", 3)
+    compiled, subset = _compile(model, inputset, 6)
+
+    def typed_graph(partition):  # every node with its integer type (bit-width), no bounds
+        return partition.circuit.graph.format(show_bounds=False)
+
+    assert typed_graph(subset) == typed_graph(everything)
+    with torch.no_grad():
+        simulated = compiled(inputset)
+        fhe_backend.set_fhe_mode(compiled, "disable")
+        torch.testing.assert_close(simulated, compiled(inputset), rtol=0, atol=1e-6)

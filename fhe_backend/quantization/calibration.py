@@ -27,10 +27,11 @@ class NodeStats:
 def tensor_stats(value: torch.Tensor) -> NodeStats:
     """Statistics of one tensor."""
     integral = not value.is_floating_point()
-    flat = value.detach().to(torch.float64)
-    if flat.numel() == 0:
+    if value.numel() == 0:
         return NodeStats(0.0, 0.0, tuple(value.shape), integral)
-    return NodeStats(float(flat.min()), float(flat.max()), tuple(value.shape), integral)
+    low, high = torch.aminmax(value.detach().reshape(-1)) if value.dtype != torch.bool else (
+        value.min(), value.max())
+    return NodeStats(float(low), float(high), tuple(value.shape), integral)
 
 
 class StatsRecorder(fx.Interpreter):

@@ -31,6 +31,7 @@ from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
 FloatFn = Callable[[np.ndarray], torch.Tensor]
+CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
 
 
 @dataclass(eq=False)
@@ -120,12 +121,15 @@ class LoweringContext:
         """One table lookup, after rounding the input to `rounding_threshold_bits` if set."""
         key = f"{self.node.name}:{next(self._lookups)}"
         if self.program.recording is not None:
-            array = np.asarray(expr)
-            low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+            low, high = self.program.record_extremes(expr)
             old = self.program.recording.get(key)
             if old is not None:
                 low, high = min(low, old[0]), max(high, old[1])
             self.program.recording[key] = (low, high)
+        offset = self.program.lookup_offsets.get(key, 0)
+        if offset:  # a clear addition that centers the range: one bit less to round and look up
+            expr, inner = expr + offset, table
+            table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
         lsbs = self.program.rounding_lsbs.get(key, 0)
         if lsbs:
             exactness = (fhe.Exactness.APPROXIMATE
@@ -176,7 +180,10 @@ class IntegerProgram:
         self.encryption_status = tuple(encryption_status)
         self.constants: Dict[Any, Any] = {}
         self.rounding_lsbs: Dict[str, int] = {}
+        self.lookup_offsets: Dict[str, int] = {}
         self.recording: Optional[Dict[str, Tuple[int, int]]] = None
+        # where in the batch (row / rows) the calibration extremes of lookups and outputs lie
+        self.extreme_positions: set = set()
         self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
         self.input_quantizers = [
@@ -196,6 +203,26 @@ class IntegerProgram:
             # integer inputs (token ids, indices) are exact with scale 1
             return UniformQuantizer(1.0, 0, bit_width(stats.low, stats.high))
         return UniformQuantizer.from_range(stats.low, stats.high, self.settings.n_bits.model_inputs)
+
+    def record_extremes(self, expr: Any) -> Tuple[int, int]:
+        """(min, max) of a batch-major integer array; remembers where in the batch they lie."""
+        array = np.asarray(expr)
+        if not array.size:
+            return 0, 0
+        flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+        for row in (np.argmin(flat) // flat.shape[1], np.argmax(flat) // flat.shape[1]):
+            self.extreme_positions.add(float(row) / flat.shape[0])
+        return int(flat.min()), int(flat.max())
+
+    def extreme_samples(self, q_inputs: Sequence[np.ndarray], samples: int) -> set:
+        """Indices of the samples (of `samples` in the batch-major inputs) where a lookup input
+        or an output reaches its minimum or maximum."""
+        recording, self.recording, self.extreme_positions = self.recording, {}, set()
+        try:
+            self(*q_inputs)
+        finally:
+            self.recording = recording
+        return {min(int(position * samples), samples - 1) for position in self.extreme_positions}
 
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""
@@ -264,38 +291,65 @@ class IntegerProgram:
             if not value.affine:
                 value = ctx.materialize(value, self.settings.n_bits.model_outputs,
                                         self.stats[out_node.name])
+            if self.recording is not None:
+                self.record_extremes(value.expr)
             results.append(value.expr)
             dequantizers.append(OutputDequantizer(value.scale, value.zero_point))
         self.output_dequantizers = dequantizers
         return results[0] if len(results) == 1 else tuple(results)
 
     def _search_rounding(self, q_inputs: Sequence[np.ndarray], ranges: Dict[str, Tuple[int, int]]) -> None:
-        """rounding_threshold_bits="auto": for each lookup in graph order, keep the fewest bits
-        whose outputs stay within AUTO_ROUNDING_TOLERANCE of the unrounded program."""
+        """rounding_threshold_bits="auto": the fewest bits per lookup within the error budget.
+
+        The cost of a circuit is set by its widest lookups, so the search first finds the
+        lowest precision that every lookup can share, then lowers single lookups further in
+        graph order, each step kept only while the outputs stay within AUTO_ROUNDING_TOLERANCE
+        of the unrounded program on the calibration set.
+        """
         sample = list(q_inputs)
         reference = self.dequantize_outputs(*_as_tuple(self(*sample)))
         spans = [max(float(np.ptp(r)), 1e-9) for r in reference]
-        for key, (low, high) in ranges.items():
-            bits = bit_width(low, high)
-            for kept in range(AUTO_ROUNDING_MIN_BITS, bits):
-                self.rounding_lsbs[key] = bits - kept
-                if _output_error(self, sample, reference, spans) <= AUTO_ROUNDING_TOLERANCE:
-                    break
-            else:
-                self.rounding_lsbs.pop(key, None)
+        widths = {key: bit_width(low, high) for key, (low, high) in ranges.items()}
+
+        def within_budget(kept: Dict[str, int]) -> bool:
+            self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items()
+                                  if bits < widths[key]}
+            return _output_error(self, sample, reference, spans) <= AUTO_ROUNDING_TOLERANCE
+
+        widest = max(widths.values(), default=0)
+        shared = next((bits for bits in range(AUTO_ROUNDING_MIN_BITS, widest) if within_budget(
+            {key: min(bits, width) for key, width in widths.items()})), widest)
+        kept = {key: min(shared, width) for key, width in widths.items()}
+        for key in widths:
+            while kept[key] > AUTO_ROUNDING_MIN_BITS and within_budget({**kept, key: kept[key] - 1}):
+                kept[key] -= 1
+        within_budget(kept)
+
+    def _place_lookups(self, ranges: Dict[str, Tuple[int, int]]) -> None:
+        """Choose each lookup's clear offset from its raw range and its current rounding."""
+        self.lookup_offsets = {key: _lookup_offset(low, high, self.rounding_lsbs.get(key, 0))
+                               for key, (low, high) in ranges.items()}
+
+    def _placed(self, ranges: Dict[str, Tuple[int, int]]) -> Dict[str, Tuple[int, int]]:
+        """The ranges the lookups see once their offsets are added."""
+        return {key: (low + self.lookup_offsets[key], high + self.lookup_offsets[key])
+                for key, (low, high) in ranges.items()}
 
     def calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
 
-        Returns each lookup's integer input range.
+        Returns the integer input range of each lookup as it sees it (centered when that saves a bit).
         """
         self.rounding_lsbs = {}
         self.recording = {}
+        self.lookup_offsets = {}
         try:
             self(*q_inputs)
-            ranges = dict(self.recording)
+            raw_ranges = dict(self.recording)
         finally:
             self.recording = None
+        self._place_lookups(raw_ranges)
+        ranges = self._placed(raw_ranges)
         rounding = self.settings.rounding_threshold_bits
         if rounding is not None and rounding.auto:
             self._search_rounding(q_inputs, ranges)
@@ -303,6 +357,10 @@ class IntegerProgram:
             bits = bit_width(low, high)
             if rounding is not None and not rounding.auto and bits > rounding.n_bits:
                 self.rounding_lsbs[key] = bits - rounding.n_bits
+        self._place_lookups(raw_ranges)  # now with room for the rounding chosen
+        ranges = self._placed(raw_ranges)
+        for key, (low, high) in ranges.items():
+            bits = bit_width(low, high)
             effective = bits - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
                 node = key.split(":")[0]
@@ -313,6 +371,25 @@ class IntegerProgram:
                     f"(now {self.settings.n_bits})"
                 )
         return ranges
+
+
+def _lookup_offset(low: int, high: int, lsbs: int) -> int:
+    """The clear integer added before a lookup whose input spans [low, high] on the inputset.
+
+    Centering a lopsided range on 0 can save a bit of the lookup's input (e.g. [-20000, 3000]:
+    16 -> 15 bits), which halves the step of its rounding for free. It is done only when
+    CENTERING_MARGIN of the span still fits on both sides (inputs outside the calibration
+    range must not wrap around), with at least 2**(lsbs - 1) of room on top so that rounding
+    away `lsbs` bits never carries past the largest value. 0 when centering saves nothing.
+    """
+    middle, margin = (low + high) // 2, int(np.ceil(CENTERING_MARGIN * (high - low)))
+    bits = bit_width(low - middle - margin, high - middle + margin)
+    if bits >= bit_width(low, high):
+        return 0
+    top = 2 ** (bits - 1) - 1
+    slack = 2 ** bits - 1 - (high - low)
+    room = min(slack, max((slack + 1) // 2, 2 ** (lsbs - 1) if lsbs else 0))
+    return top - room - high
 
 
 def _output_error(program: "IntegerProgram", q_inputs, reference, spans) -> float:

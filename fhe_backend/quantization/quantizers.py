@@ -93,10 +93,15 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
     levels = max(1, 2 ** (n_bits - 1) - 1)
     if channel_axis is None:
         max_abs = np.max(np.abs(weights)) if weights.size else 0.0
+        scale = np.where(max_abs > 0, max_abs / levels, 1.0)
     else:
         axes = tuple(a for a in range(weights.ndim) if a != channel_axis % weights.ndim)
         max_abs = np.max(np.abs(weights), axis=axes, keepdims=True)
-    scale = np.where(max_abs > 0, max_abs / levels, 1.0)
+        norms = np.sqrt(np.sum(weights ** 2, axis=axes, keepdims=True))
+        tensor_scale = np.max(max_abs) / levels if weights.size and np.max(max_abs) > 0 else 1.0
+        norm_cap = np.max(norms) / tensor_scale if weights.size else 1.0
+        scale = np.maximum(max_abs / levels, norms / max(norm_cap, 1e-30))
+        scale = np.where(scale > 0, scale, 1.0)
     if np.all(weights == np.rint(weights)) and np.all(max_abs <= levels):
         return weights.astype(np.int64), np.ones_like(scale)  # already integers (QAT): exact
     q = np.clip(np.rint(weights / scale), -levels, levels).astype(np.int64)
