@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from .measure import MEASURES, BenchConfig, PeakMemory
 from .report import add_ratios, environment, write_all
-from .targets import Target, select
+from .targets import BY_NAME, Target, select
 
 COMPARE_SCRIPT = Path(__file__).with_name("compare_concrete_ml.py")
 
@@ -29,7 +29,7 @@ COMPARE_SCRIPT = Path(__file__).with_name("compare_concrete_ml.py")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `fhe-backend bench`."""
     parser.add_argument("--targets", default="",
-                        help="comma-separated target names (default: all): mlp,cnn,qat,gpt2_mlp,lora_step")
+                        help=f"comma-separated target names (default: all): {','.join(BY_NAME)}")
     parser.add_argument("--execute", action="store_true",
                         help="also generate keys and run encrypted samples (slow)")
     parser.add_argument("--samples", type=int, default=3,

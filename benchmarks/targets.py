@@ -48,6 +48,9 @@ TARGETS: List[Target] = [
            {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING}, concrete_ml_options=REFERENCE),
     Target("qat", "Brevitas QATSimpleNet 3-bit, 64-30-30-10, on digits", "digits", "qat",
            {}, qat=True),
+    Target("qat_fast", "Brevitas QATSimpleNet 3-bit, approximate rounding with per-lookup 'auto' "
+           "precision (vs Concrete ML's compile_brevitas_qat_model defaults)", "digits", "qat",
+           {"rounding_threshold_bits": FAST_ROUNDING}, qat=True, concrete_ml_options={}),
     Target("gpt2_mlp", "tiny GPT-2 (1 layer, n_embd 16), MLP block transformer.h.0.mlp in FHE (hybrid)",
            "gpt2_hybrid", "gpt2", {"n_bits": 6, "rounding_threshold_bits": 6}),
     Target("lora_step", "one LoRA training step on the tiny GPT-2, frozen linears in FHE",

