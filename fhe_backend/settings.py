@@ -19,6 +19,9 @@ MIN_RECOMMENDED_INPUTSET = 100
 AUTO = "auto"
 AUTO_ROUNDING_TOLERANCE = 0.01  # mean output error allowed by "auto", as a share of the output span
 AUTO_ROUNDING_MIN_BITS = 2
+# "auto" keeps lookups at most this wide: from 7 bits on, Concrete's keys and bootstraps grow
+# steeply (digits CNN: key generation 8 s with 6-bit lookups, 28-32 s once one is 7 bits)
+AUTO_ROUNDING_MAX_BITS = 6
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ around it is ONE lookup.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +26,8 @@ from torch.utils._pytree import tree_leaves
 from concrete import fhe
 
 from ..errors import BitWidthError, LoweringError
-from ..settings import (AUTO_ROUNDING_MIN_BITS, AUTO_ROUNDING_TOLERANCE, MAX_TLU_BIT_WIDTH,
+from ..settings import (AUTO_ROUNDING_MAX_BITS, AUTO_ROUNDING_MIN_BITS, AUTO_ROUNDING_TOLERANCE,
+                        MAX_TLU_BIT_WIDTH,
                         FheSettings)
 from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
@@ -302,28 +304,39 @@ class IntegerProgram:
         """rounding_threshold_bits="auto": the fewest bits per lookup within the error budget.
 
         The cost of a circuit is set by its widest lookups, so the search first finds the
-        lowest precision that every lookup can share, then lowers single lookups further in
-        graph order, each step kept only while the outputs stay within AUTO_ROUNDING_TOLERANCE
-        of the unrounded program on the calibration set.
+        lowest precision, up to AUTO_ROUNDING_MAX_BITS, that every lookup can share, then lowers
+        single lookups further in graph order, each step kept only while the outputs stay within
+        AUTO_ROUNDING_TOLERANCE of the unrounded program on the calibration set (or within the
+        error at the widest precision allowed, with a warning, when that is already above it).
         """
         sample = list(q_inputs)
         reference = self.dequantize_outputs(*_as_tuple(self(*sample)))
         spans = [max(float(np.ptp(r)), 1e-9) for r in reference]
         widths = {key: bit_width(low, high) for key, (low, high) in ranges.items()}
 
-        def within_budget(kept: Dict[str, int]) -> bool:
+        def error(kept: Dict[str, int]) -> float:
             self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items()
                                   if bits < widths[key]}
-            return _output_error(self, sample, reference, spans) <= AUTO_ROUNDING_TOLERANCE
+            return _output_error(self, sample, reference, spans)
 
-        widest = max(widths.values(), default=0)
-        shared = next((bits for bits in range(AUTO_ROUNDING_MIN_BITS, widest) if within_budget(
-            {key: min(bits, width) for key, width in widths.items()})), widest)
-        kept = {key: min(shared, width) for key, width in widths.items()}
+        def shared(bits: int) -> Dict[str, int]:
+            return {key: min(bits, width) for key, width in widths.items()}
+
+        widest = min(max(widths.values(), default=0), AUTO_ROUNDING_MAX_BITS)
+        precision = next((bits for bits in range(AUTO_ROUNDING_MIN_BITS, widest)
+                          if error(shared(bits)) <= AUTO_ROUNDING_TOLERANCE), widest)
+        kept = shared(precision)
+        budget = max(AUTO_ROUNDING_TOLERANCE, error(kept))
+        if budget > AUTO_ROUNDING_TOLERANCE:
+            warnings.warn(
+                f"fhe_backend: rounding_threshold_bits='auto' keeps lookups at most "
+                f"{AUTO_ROUNDING_MAX_BITS} bits wide; there the outputs are {budget:.1%} of their "
+                f"span off the unrounded program (budget {AUTO_ROUNDING_TOLERANCE:.0%}). Pass a "
+                "number of bits (e.g. 7 or 8) for more accuracy at a higher cost", stacklevel=2)
         for key in widths:
-            while kept[key] > AUTO_ROUNDING_MIN_BITS and within_budget({**kept, key: kept[key] - 1}):
+            while kept[key] > AUTO_ROUNDING_MIN_BITS and error({**kept, key: kept[key] - 1}) <= budget:
                 kept[key] -= 1
-        within_budget(kept)
+        error(kept)
 
     def _place_lookups(self, ranges: Dict[str, Tuple[int, int]]) -> None:
         """Choose each lookup's clear offset from its raw range and its current rounding."""
