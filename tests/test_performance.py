@@ -235,3 +235,16 @@ def test_concrete_measures_bounds_on_the_extreme_samples(mlp_and_data, monkeypat
         simulated = compiled(inputset)
         fhe_backend.set_fhe_mode(compiled, "disable")
         _assert_mostly_equal(simulated, compiled(inputset))  # an overflow would break many rows
+
+
+def test_auto_rounding_stays_within_six_bits_and_says_when_the_budget_needs_more(mlp_and_data, monkeypatch):
+    import fhe_backend.quantization.program as program_module
+
+    monkeypatch.setattr(program_module, "AUTO_ROUNDING_TOLERANCE", 1e-9)  # a budget no rounding meets
+    model, inputset, x = mlp_and_data
+    with pytest.warns(UserWarning, match="at most 6 bits"):
+        compiled, partition = _compile(model, inputset, "auto")
+    assert partition.statistics["max_tlu_bit_width"] == 6
+    with torch.no_grad():
+        expected = model(x)
+        assert _error(compiled, model, x) <= quantization_tolerance(expected, 6, steps=8)
