@@ -26,6 +26,7 @@ from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
 from .settings import FHE_MODES, FheSettings
+from .simulation import Simulator
 
 logger = logging.getLogger("fhe_backend")
 
@@ -55,6 +56,7 @@ class FhePartition(torch.nn.Module):
         self.remote_runner = None  # set by hybrid deployment: q_inputs -> q_outputs
         self._calibration_inputs: List[List[torch.Tensor]] = []
         self._keys_ready = False
+        self._simulator: Optional[Simulator] = None
         self.compile_seconds: Optional[float] = None
         self.keygen_seconds: Optional[float] = None
 
@@ -229,7 +231,9 @@ class FhePartition(torch.nn.Module):
             self.keygen()
             run = self.circuit.encrypt_run_decrypt
         else:
-            run = self.circuit.simulate
+            if self._simulator is None or self._simulator.circuit is not self.circuit:
+                self._simulator = Simulator(self.circuit)
+            run = self._simulator
         per_sample = [_as_tuple(run(*sample)) for sample in self._samples(q_inputs)]
         return tuple(np.concatenate(parts) for parts in zip(*per_sample))
 

@@ -248,3 +248,19 @@ def test_auto_rounding_stays_within_six_bits_and_says_when_the_budget_needs_more
     with torch.no_grad():
         expected = model(x)
         assert _error(compiled, model, x) <= quantization_tolerance(expected, 6, steps=8)
+
+
+def test_simulator_gives_what_concrete_simulate_gives(mlp_and_data):
+    import numpy as np
+
+    from fhe_backend.simulation import Simulator
+
+    model, inputset, x = mlp_and_data
+    _, partition = _compile(model, inputset, 6)  # exact rounding: equal but for rare bootstrap errors
+    simulator = Simulator(partition.circuit)
+    assert simulator._run.__name__ == "simulate"  # the set-up-once path, not the fallback
+    samples = partition._samples(partition.program.quantize_inputs(x))
+    fast = [simulator(*sample)[0] for sample in samples]
+    reference = [partition.circuit.simulate(*sample) for sample in samples]
+    assert all(f.dtype == np.int64 and f.shape == r.shape for f, r in zip(fast, reference))
+    assert sum(not np.array_equal(f, r) for f, r in zip(fast, reference)) <= 1
