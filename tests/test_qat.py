@@ -11,30 +11,12 @@ import torch.nn as nn
 
 import fhe_backend
 from fhe_backend.qat import has_any_qnn_layers, prepare_qat_model
+from benchmarks.models import qat_simple_net as QATSimpleNet  # the seed's network, 3-bit
 from tests.harness import compile_fhe, digits_split
 
 qnn = pytest.importorskip("brevitas.nn")
 
 N_FEAT, N_CLASSES, N_BITS = 64, 10, 3
-
-
-class QATSimpleNet(nn.Module):
-    """The seed's QATSimpleNet (3-bit weights and activations), on 8x8 digits."""
-
-    def __init__(self, n_hidden: int = 30, return_quant_tensor: bool = True):
-        super().__init__()
-        self.quant_inp = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
-        self.fc1 = qnn.QuantLinear(N_FEAT, n_hidden, True, weight_bit_width=N_BITS, bias_quant=None)
-        self.quant2 = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
-        self.fc2 = qnn.QuantLinear(n_hidden, n_hidden, True, weight_bit_width=N_BITS, bias_quant=None)
-        self.quant3 = qnn.QuantIdentity(bit_width=N_BITS, return_quant_tensor=return_quant_tensor)
-        self.fc3 = qnn.QuantLinear(n_hidden, N_CLASSES, True, weight_bit_width=N_BITS, bias_quant=None)
-
-    def forward(self, x):
-        x = self.quant_inp(x)
-        x = self.quant2(torch.relu(self.fc1(x)))
-        x = self.quant3(torch.relu(self.fc2(x)))
-        return self.fc3(x)
 
 
 class QATConvNet(nn.Module):
@@ -159,7 +141,7 @@ def test_return_quant_tensor_false_conv_relu_model(digits):
 
 
 def test_prepare_qat_model_keeps_eager_results():
-    model = QATSimpleNet(8)
+    model = QATSimpleNet(n_hidden=8)
     x = torch.rand(5, N_FEAT)
     with torch.no_grad():
         before = model.eval()(x)

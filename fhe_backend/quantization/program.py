@@ -184,8 +184,8 @@ class IntegerProgram:
         self.rounding_lsbs: Dict[str, int] = {}
         self.lookup_offsets: Dict[str, int] = {}
         self.recording: Optional[Dict[str, Tuple[int, int]]] = None
-        # where in the batch (row / rows) the calibration extremes of lookups and outputs lie
-        self.extreme_positions: set = set()
+        # while extreme_samples collects them: where in the batch (row / rows) extremes lie
+        self.extreme_positions: Optional[set] = None
         self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
         self.input_quantizers = [
@@ -207,14 +207,16 @@ class IntegerProgram:
         return UniformQuantizer.from_range(stats.low, stats.high, self.settings.n_bits.model_inputs)
 
     def record_extremes(self, expr: Any) -> Tuple[int, int]:
-        """(min, max) of a batch-major integer array; remembers where in the batch they lie."""
+        """(min, max) of a batch-major integer array; while `extreme_samples` runs, also where
+        in the batch they lie."""
         array = np.asarray(expr)
         if not array.size:
             return 0, 0
-        flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
-        for row in (np.argmin(flat) // flat.shape[1], np.argmax(flat) // flat.shape[1]):
-            self.extreme_positions.add(float(row) / flat.shape[0])
-        return int(flat.min()), int(flat.max())
+        if self.extreme_positions is not None:
+            flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+            for row in (np.argmin(flat) // flat.shape[1], np.argmax(flat) // flat.shape[1]):
+                self.extreme_positions.add(float(row) / flat.shape[0])
+        return int(array.min()), int(array.max())
 
     def extreme_samples(self, q_inputs: Sequence[np.ndarray], samples: int) -> set:
         """Indices of the samples (of `samples` in the batch-major inputs) where a lookup input
@@ -222,9 +224,10 @@ class IntegerProgram:
         recording, self.recording, self.extreme_positions = self.recording, {}, set()
         try:
             self(*q_inputs)
+            positions = self.extreme_positions
         finally:
-            self.recording = recording
-        return {min(int(position * samples), samples - 1) for position in self.extreme_positions}
+            self.recording, self.extreme_positions = recording, None
+        return {min(int(position * samples), samples - 1) for position in positions}
 
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""

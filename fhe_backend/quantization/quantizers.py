@@ -98,9 +98,10 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
         axes = tuple(a for a in range(weights.ndim) if a != channel_axis % weights.ndim)
         max_abs = np.max(np.abs(weights), axis=axes, keepdims=True)
         norms = np.sqrt(np.sum(weights ** 2, axis=axes, keepdims=True))
-        tensor_scale = np.max(max_abs) / levels if weights.size and np.max(max_abs) > 0 else 1.0
-        norm_cap = np.max(norms) / tensor_scale if weights.size else 1.0
-        scale = np.maximum(max_abs / levels, norms / max(norm_cap, 1e-30))
+        widest_norm = float(np.max(norms)) if weights.size else 0.0
+        # a channel's integer 2-norm stays within the widest one under one per-tensor scale
+        norm_scale = norms * (np.max(max_abs) / levels / widest_norm) if widest_norm > 0 else 0.0
+        scale = np.maximum(max_abs / levels, norm_scale)
         scale = np.where(scale > 0, scale, 1.0)
     if np.all(weights == np.rint(weights)) and np.all(max_abs <= levels):
         return weights.astype(np.int64), np.ones_like(scale)  # already integers (QAT): exact
