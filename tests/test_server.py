@@ -288,7 +288,23 @@ def test_client_raises_the_server_message(server):
         FheHttpClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff_seconds=0.01).list_models()
 
 
+def worker_pids(parent: int) -> set:
+    """Pids of the worker processes `fhe-backend serve` spawned (from /proc)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in command and b"resource_tracker" not in command:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
 def test_restarted_server_with_two_workers_serves_known_key_ids(deployed, server, fc_client):
+    """Two workers serve keys uploaded to an earlier server; a killed worker is replaced, and
+    SIGTERM to the process group stops everything even while the replacement still starts."""
     client, key_id = fc_client
     server.stop()
     port = free_port()
@@ -303,6 +319,15 @@ def test_restarted_server_with_two_workers_serves_known_key_ids(deployed, server
             sample = client.encrypt_serialize_integers(deployed["fc_q_inputs"][index])
             result = http.compute("FCSmall", "seq_0", "po_1_10_pc", key_id, [sample])
             np.testing.assert_array_equal(client.deserialize_decrypt(result), deployed["fc_q_outputs"][index])
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2
+        os.kill(min(workers), signal.SIGKILL)
+        deadline = time.time() + 30
+        while len(worker_pids(process.pid) - workers) < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        replaced = worker_pids(process.pid)
+        assert len(replaced) == 2 and len(replaced - workers) == 1, (workers, replaced)
+        time.sleep(2)  # the replacement still imports torch: uvicorn's supervisor hung on it for 300 s
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        assert process.wait(timeout=60) == 0

@@ -24,7 +24,7 @@ import secrets
 import threading
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -50,13 +50,12 @@ KEY_ID_PATTERN = r"^[A-Za-z0-9_\-]{32,64}$"
 DEFAULT_MAX_BODY_BYTES = 1 << 30
 DEFAULT_KEY_CACHE_SIZE = 8
 KEY_SIZE_SLACK_BYTES = 64 * 1024  # serialization framing around the key payloads
-CONFIG_ENVIRONMENT_VARIABLE = "FHE_BACKEND_SERVE_CONFIG"
-WORKER_STARTUP_SECONDS = 300  # a worker imports torch and concrete before it answers
+WORKER_STOP_SECONDS = 60  # a stopping worker finishes the requests it is running
 
 
 @dataclass
 class ServerConfig:
-    """Everything a worker needs; passed to worker processes as JSON in the environment."""
+    """Everything a worker needs (picklable: worker processes receive it as an argument)."""
 
     models_dir: str
     keys_dir: str
@@ -386,14 +385,6 @@ def _first_line(error: Exception) -> str:
     return " ".join(text.splitlines()[:3])[:500]
 
 
-def app_from_environment():
-    """uvicorn factory for worker processes: the config comes from the environment."""
-    data = os.environ.get(CONFIG_ENVIRONMENT_VARIABLE)
-    if not data:
-        raise RuntimeError(f"{CONFIG_ENVIRONMENT_VARIABLE} is not set: start the server with `fhe-backend serve`")
-    return create_app(ServerConfig(**json.loads(data)))
-
-
 # ---- the `fhe-backend serve` subcommand -------------------------------------------------
 
 
@@ -423,8 +414,93 @@ def run(args) -> int:
         return 2
     config = ServerConfig(str(models_dir.resolve()), str(Path(args.keys_dir).resolve()),
                           args.max_body_bytes, args.key_cache_size)
-    os.environ[CONFIG_ENVIRONMENT_VARIABLE] = json.dumps(asdict(config))
-    uvicorn.run("fhe_backend.deployment.server:app_from_environment", factory=True, host=args.host,
-                port=args.port, workers=max(1, args.workers), log_level=args.log_level,
-                timeout_worker_healthcheck=WORKER_STARTUP_SECONDS)
-    return 0
+    uvicorn_config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers <= 1:
+        uvicorn_config.app = create_app(config)
+        uvicorn.Server(uvicorn_config).run()
+        return 0
+    return WorkerSupervisor(config, uvicorn_config, args.workers).run()
+
+
+class WorkerSupervisor:
+    """Worker processes serving one listening socket; restarted when they die, stopped on a signal.
+
+    uvicorn's own supervisor pings its workers and waits for each answer up to its health-check
+    timeout; a worker that dies before answering (SIGTERM or Ctrl-C to the process group while it
+    still imports torch) kept it waiting that long. This one only watches exit codes.
+    """
+
+    def __init__(self, config: ServerConfig, uvicorn_config, workers: int):
+        self.config, self.uvicorn_config, self.workers = config, uvicorn_config, workers
+        self.stopping = False
+        self.processes: List[Any] = []
+
+    def run(self) -> int:
+        """Serve until SIGINT or SIGTERM; 1 when a worker could not start, else 0."""
+        import multiprocessing
+        import signal
+        import time
+
+        from uvicorn.config import STARTUP_FAILURE
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+        listener = self.uvicorn_config.bind_socket()
+        context = multiprocessing.get_context("spawn")
+        self.processes = [self._start(context, listener) for _ in range(self.workers)]
+        status = 0
+        while not self.stopping:
+            time.sleep(0.5)
+            for index, process in enumerate(self.processes):
+                if self.stopping or process.exitcode is None:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    logger.error("worker %d could not start (its error is above); stopping", process.pid)
+                    status, self.stopping = 1, True
+                else:
+                    logger.warning("worker %d exited with code %s; starting another", process.pid,
+                                   process.exitcode)
+                    self.processes[index] = self._start(context, listener)
+        self._stop_all()
+        listener.close()
+        return status
+
+    def _request_stop(self, *_signal) -> None:
+        self.stopping = True
+
+    def _start(self, context, listener):
+        process = context.Process(target=_serve_worker, args=(self.config, self.uvicorn_config, listener))
+        process.start()
+        return process
+
+    def _stop_all(self) -> None:
+        for process in self.processes:
+            if process.exitcode is None:
+                process.terminate()
+        for process in self.processes:
+            process.join(WORKER_STOP_SECONDS)
+            if process.exitcode is None:
+                logger.warning("worker %d did not stop in %d s; killing it", process.pid, WORKER_STOP_SECONDS)
+                process.kill()
+                process.join()
+
+
+def _serve_worker(config: ServerConfig, uvicorn_config, listener) -> None:
+    """One worker process: load the models, then serve the inherited socket until SIGTERM."""
+    import sys
+
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    uvicorn_config.configure_logging()
+    try:
+        uvicorn_config.app = create_app(config)
+    except KeyboardInterrupt:
+        return
+    except Exception:
+        logger.exception("worker %d could not load the models in %s", os.getpid(), config.models_dir)
+        sys.exit(STARTUP_FAILURE)
+    try:
+        uvicorn.Server(uvicorn_config).run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
