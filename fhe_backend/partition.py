@@ -19,7 +19,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .lowering.registry import op_name, unsupported_reason
+from .lowering.registry import ONE_SAMPLE_AT_A_TIME, mixes_samples, op_name, unsupported_reason
 from .runtime import FhePartition
 from .settings import FheSettings
 
@@ -107,11 +107,23 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
     target = {node: group for group in groups for node in group.nodes}
     left_in_torch: List[TorchNode] = []
     supported_by_group: Dict[str, List[fx.Node]] = {g.key: [] for g in groups}
+    whole_batch: set = set()  # values that are one for the whole batch, not one row per sample
     for node in graph_module.graph.nodes:
+        if node.op == "placeholder" and _is_scalar(node):
+            whole_batch.add(node)
         if not _is_compute(node):
             continue
         group = target.get(node)
-        reason = unsupported_reason(node) if group is not None else "not in a module marked for FHE"
+        reason = unsupported_reason(node)
+        inputs = [arg for arg in node.all_input_nodes if _is_tensor_arg(arg) and arg.op != "get_attr"]
+        batch_wide = [arg for arg in inputs if arg in whole_batch]
+        if mixes_samples(reason) or _is_scalar(node) or (inputs and len(batch_wide) == len(inputs)):
+            whole_batch.add(node)
+        if group is None:
+            reason = "not in a module marked for FHE"
+        elif reason is None and batch_wide:
+            reason = (f"its input '{batch_wide[0].name}' is one value for the whole batch (computed across "
+                      f"samples in torch); {ONE_SAMPLE_AT_A_TIME}")
         if reason is None:
             supported_by_group[group.key].append(node)
             continue
@@ -150,6 +162,12 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
         partitions.append(wrapper)
     fused.recompile()
     return fused, partitions, left_in_torch
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    """A 0-d tensor value: it has no batch dim, so no circuit can take a row of it per sample."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def _is_tensor_arg(arg) -> bool:

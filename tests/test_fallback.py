@@ -89,6 +89,8 @@ REJECTED_BY_VALIDATORS = {
     "reduction over the batch dim": (lambda x, y: x.relu().sum(dim=0, keepdim=True) + y, "dim 0"),
     "atan2 of two encrypted tensors": (lambda x, y: torch.atan2(x, y + 3), "independently encrypted"),
     "softmax over the batch dim": (lambda x, y: torch.softmax(x, dim=0) * y, "dim 0"),
+    "a 0-d value of the whole batch": (lambda x, y: torch.relu(y + x.sum(0).mean()), "whole batch"),
+    "a vector of the whole batch": (lambda x, y: torch.relu(y * 2 - x.sum(0)) * 0.5, "whole batch"),
 }
 
 

@@ -30,7 +30,7 @@ from ..quantization.calibration import NodeStats
 from ..quantization.program import Encrypted, LoweringContext, shape_of, with_value
 from .elementwise import combine, multiply, observed_stats, reciprocal
 from .linear import _constant_array, _reduce, _reduce_extreme
-from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
+from .registry import ONE_SAMPLE_AT_A_TIME, batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
 
@@ -89,7 +89,7 @@ def _layer_norm_reason(node: fx.Node) -> Optional[str]:
     shape = meta_shape(node.args[0])
     normalized = list(node.args[1])
     if shape is not None and len(normalized) >= len(shape):
-        return f"{op_name(node)} over dim 0 (the batch); FHE circuits run one sample at a time"
+        return f"{op_name(node)} over dim 0 (the batch); {ONE_SAMPLE_AT_A_TIME}"
     return _constants_reason(node, (2, 3))
 
 

@@ -112,6 +112,14 @@ def meta_shape(node: Any) -> Optional[Sequence[Any]]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+ONE_SAMPLE_AT_A_TIME = "FHE circuits run one sample at a time"
+
+
+def mixes_samples(reason: Optional[str]) -> bool:
+    """True when an unsupported-op reason says the op combines the samples of the batch."""
+    return bool(reason) and reason.endswith(ONE_SAMPLE_AT_A_TIME)
+
+
 def touches_batch_dim(dims: Any, ndim: Optional[int]) -> bool:
     """True when `dims` include dim 0, the batch-major dim every FHE value keeps apart."""
     if dims is None or ndim is None:
@@ -127,6 +135,5 @@ def batch_dim_reason(dims: Any, node: fx.Node, what: str = "dims") -> Optional[s
     source = node.all_input_nodes[0] if node.all_input_nodes else None
     shape = meta_shape(source) if source is not None else None
     if touches_batch_dim(dims, len(shape) if shape is not None else None):
-        return (f"{op_name(node)} with {what}={dims!r} acts on dim 0 (the batch); FHE circuits "
-                "run one sample at a time")
+        return f"{op_name(node)} with {what}={dims!r} acts on dim 0 (the batch); {ONE_SAMPLE_AT_A_TIME}"
     return None

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
 from .linear import pad_constant
-from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
+from .registry import ONE_SAMPLE_AT_A_TIME, batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
 
@@ -37,14 +37,14 @@ def _batch_major_reason(node: fx.Node) -> Optional[str]:
     if batch is None or shape is None:
         return None
     if not shape:
-        return f"{op_name(node)} to a scalar merges the batch"
+        return f"{op_name(node)} to a scalar merges the batch; {ONE_SAMPLE_AT_A_TIME}"
     try:
         ratio = Fraction(int(shape[0]), int(batch))
     except (TypeError, ValueError):
         ratio = _symbolic_ratio(shape[0], batch)
     if ratio is None or ratio.denominator != 1:
         return (f"{op_name(node)} to shape {tuple(shape)} mixes samples of the batch "
-                f"(batch size {batch}); FHE circuits run one sample at a time")
+                f"(batch size {batch}); {ONE_SAMPLE_AT_A_TIME}")
     return None
 
 
@@ -91,7 +91,7 @@ def _permute_reason(node: fx.Node) -> Optional[str]:
     shape = meta_shape(node.args[0])
     ndim = len(shape) if shape is not None else len(dims)
     if dims and dims[0] % max(ndim, 1) != 0:
-        return f"permute{tuple(dims)} moves the batch dim 0"
+        return f"permute{tuple(dims)} moves the batch dim 0; {ONE_SAMPLE_AT_A_TIME}"
     return None
 
 
@@ -105,7 +105,7 @@ def _expand_reason(node: fx.Node) -> Optional[str]:
     sizes = list(node.args[1])
     shape = meta_shape(node.args[0])
     if shape is not None and len(sizes) != len(shape):
-        return "expand that adds leading dims moves the batch dim"
+        return f"expand that adds leading dims moves the batch dim; {ONE_SAMPLE_AT_A_TIME}"
     return None
 
 
@@ -187,7 +187,7 @@ def getitem(ctx: LoweringContext, values, index):
 def _index_reason(node: fx.Node) -> Optional[str]:
     indices = list(node.args[1])
     if not indices or indices[0] is not None:
-        return "indexing dim 0 (the batch) with a tensor mixes samples; FHE runs one sample at a time"
+        return f"indexing dim 0 (the batch) with a tensor mixes samples; {ONE_SAMPLE_AT_A_TIME}"
     if not all(i is None or is_constant(i) for i in indices):
         return "indexing with an encrypted index tensor has no FHE lowering"
     return None
@@ -204,7 +204,7 @@ def _pad_reason(node: fx.Node) -> Optional[str]:
     pads = list(node.args[1])
     shape = meta_shape(node.args[0])
     if shape is not None and len(pads) // 2 >= len(shape):
-        return f"{op_name(node)} pads dim 0 (the batch); FHE circuits run one sample at a time"
+        return f"{op_name(node)} pads dim 0 (the batch); {ONE_SAMPLE_AT_A_TIME}"
     return None
 
 
