@@ -34,7 +34,10 @@ from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
 logger = logging.getLogger("fhe_backend")
 
 _CONSTANT_SOURCE = re.compile(r"\._(parameters|buffers)\[|\.(weight|bias)$")
-DECOMPOSITIONS = core_aten_decompositions()
+# _safe_softmax stays one node (its decomposition compares with -inf): the masked_softmax pass
+# and the softmax lowering take it whole
+DECOMPOSITIONS = {op: fn for op, fn in core_aten_decompositions().items()
+                  if op is not torch.ops.aten._safe_softmax.default}
 
 # compiled graphs by id() of the module torch.compile wrapped, for partitions(compiled_model)
 _BY_ROOT: Dict[Optional[int], List["weakref.ref[CompiledGraph]"]] = {}

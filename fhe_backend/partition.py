@@ -107,23 +107,23 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
     target = {node: group for group in groups for node in group.nodes}
     left_in_torch: List[TorchNode] = []
     supported_by_group: Dict[str, List[fx.Node]] = {g.key: [] for g in groups}
-    whole_batch: set = set()  # values that are one for the whole batch, not one row per sample
+    batch_dims: Dict[fx.Node, Optional[int]] = {}  # where each value keeps the batch (None: nowhere)
     for node in graph_module.graph.nodes:
-        if node.op == "placeholder" and _is_scalar(node):
-            whole_batch.add(node)
+        if node.op == "placeholder":
+            batch_dims[node] = None if _is_scalar(node) else 0
         if not _is_compute(node):
             continue
         group = target.get(node)
         reason = unsupported_reason(node)
         inputs = [arg for arg in node.all_input_nodes if _is_tensor_arg(arg) and arg.op != "get_attr"]
-        batch_wide = [arg for arg in inputs if arg in whole_batch]
-        if mixes_samples(reason) or _is_scalar(node) or (inputs and len(batch_wide) == len(inputs)):
-            whole_batch.add(node)
+        batch_dims[node] = _batch_dim(node, reason, [batch_dims.get(arg, 0) for arg in inputs])
+        moved = next((arg for arg in inputs if batch_dims.get(arg, 0) != 0), None)
         if group is None:
             reason = "not in a module marked for FHE"
-        elif reason is None and batch_wide:
-            reason = (f"its input '{batch_wide[0].name}' is one value for the whole batch (computed across "
-                      f"samples in torch); {ONE_SAMPLE_AT_A_TIME}")
+        elif reason is None and moved is not None:
+            where = ("is one value for the whole batch (computed across samples in torch)"
+                     if batch_dims[moved] is None else f"has the batch at dim {batch_dims[moved]}, not 0")
+            reason = f"its input '{moved.name}' {where}; {ONE_SAMPLE_AT_A_TIME}"
         if reason is None:
             supported_by_group[group.key].append(node)
             continue
@@ -162,6 +162,22 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
         partitions.append(wrapper)
     fused.recompile()
     return fused, partitions, left_in_torch
+
+
+def _batch_dim(node: fx.Node, reason: Optional[str], input_dims: List[Optional[int]]) -> Optional[int]:
+    """Where `node`'s value keeps the batch, from its inputs' (None: a value of the whole batch).
+
+    A permute moves the batch with its dims (attention's `permute(2, 0, 1, 3)` and back); a
+    value of the whole batch broadcast onto batch-major ones keeps their batch dim; an op that
+    acts across samples, a 0-d value, or inputs with the batch at different dims leave it nowhere.
+    """
+    if node.target is torch.ops.aten.permute.default and len(input_dims) == 1:
+        dims = [d % max(len(node.args[1]), 1) for d in node.args[1]]
+        return None if input_dims[0] is None or input_dims[0] not in dims else dims.index(input_dims[0])
+    kept = set(input_dims) - {None}
+    if mixes_samples(reason) or _is_scalar(node) or len(kept) > 1 or (input_dims and not kept):
+        return None
+    return kept.pop() if kept else 0
 
 
 def _is_scalar(node: fx.Node) -> bool:

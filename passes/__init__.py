@@ -15,12 +15,13 @@ from fhe_backend.errors import FheBackendError, PassError
 from .detect_fake_quant import detect_fake_quant
 from .fold_constants import fold_constants
 from .free_batch_views import free_batch_views
+from .masked_softmax import masked_softmax
 from .remove_identities import remove_identities
 
 GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-DEFAULT_PASSES: Sequence[GraphPass] = (remove_identities, fold_constants, detect_fake_quant,
-                                       free_batch_views)
+DEFAULT_PASSES: Sequence[GraphPass] = (remove_identities, fold_constants, masked_softmax,
+                                       detect_fake_quant, free_batch_views)
 
 
 class PassManager:
@@ -45,4 +46,4 @@ class PassManager:
 
 
 __all__ = ["DEFAULT_PASSES", "PassManager", "detect_fake_quant", "fold_constants",
-           "free_batch_views", "remove_identities"]
+           "free_batch_views", "masked_softmax", "remove_identities"]

@@ -14,7 +14,7 @@ from torch import nn
 
 import fhe_backend
 from fhe_backend.demo import DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
-from tests.harness import as_tuple, assert_matches_torch, compile_fhe
+from tests.harness import as_tuple, assert_matches_torch, compile_fhe, quantization_tolerance
 
 F = nn.functional
 
@@ -255,3 +255,21 @@ def test_quantized_program_is_integer_and_deterministic(small_compiled):
     out = partition.run_integers(q, "disable")
     assert all(np.issubdtype(np.asarray(o).dtype, np.integer) for o in out)
     assert all(np.array_equal(a, b) for a, b in zip(out, partition.run_integers(q, "disable")))
+
+
+def test_whole_gpt2_block_with_causal_attention_runs_in_fhe():
+    """A GPT-2 block (LayerNorm, causal SDPA attention, MLP) marked by name: the scores, the
+    masked softmax and both attention matmuls run in FHE; logits match eager torch."""
+    from benchmarks.models import tiny_gpt2, token_batches
+
+    model, tokens = tiny_gpt2(), token_batches()
+    compiled = torch.compile(model, backend="fhe", options={
+        "module_names": ["transformer.h.0"], "inputset": tokens, "n_bits": 8, "fhe": "disable",
+        "rounding_threshold_bits": {"n_bits": 8, "method": "approximate"}})
+    with torch.no_grad():
+        expected, actual = model(tokens[:4]).logits, compiled(tokens[:4]).logits
+    assert float((actual - expected).abs().max()) <= quantization_tolerance(expected, 8, steps=8)
+    assert bool((actual.argmax(-1) == expected.argmax(-1)).all())
+    in_fhe = {str(node.target) for partition in fhe_backend.partitions(compiled)
+              for node in partition.graph_module.graph.nodes}
+    assert {"aten.bmm.default", "aten.exp.default", "aten.amax.default"} <= in_fhe

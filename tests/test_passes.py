@@ -12,8 +12,8 @@ import fhe_backend
 from fhe_backend.errors import PassError
 from fhe_backend.lowering.quant import FAKE_QUANT, fake_quant_spec
 from passes import (DEFAULT_PASSES, PassManager, detect_fake_quant, fold_constants, free_batch_views,
-                    remove_identities)
-from tests.harness import compile_fhe
+                    masked_softmax, remove_identities)
+from tests.harness import assert_matches_torch, compile_fhe
 
 aten = torch.ops.aten
 
@@ -28,7 +28,7 @@ def targets(graph_module: fx.GraphModule):
 
 
 def test_default_passes_order():
-    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, detect_fake_quant,
+    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, masked_softmax, detect_fake_quant,
                                     free_batch_views]
 
 
@@ -196,3 +196,56 @@ def test_free_batch_views_lets_batch_keeping_reshapes_follow_the_batch():
     torch.testing.assert_close(kept(other), other.flatten(1) * 2)
     with pytest.raises(RuntimeError):
         merged(other)  # still only fits the traced batch
+
+
+class MaskedScores(torch.nn.Module):
+    """softmax(x + mask) with a constant causal mask (-inf above the diagonal, dtype-min in one
+    fully masked row), as attention computes it."""
+
+
+    def __init__(self, size: int = 4, safe: bool = False):
+        super().__init__()
+        mask = torch.full((size, size), float("-inf")).triu(1)
+        mask[-1] = torch.finfo(torch.float32).min
+        mask[0, 0] = 0.25  # a finite mask value is added to the scores
+        self.register_buffer("mask", mask)
+        self.softmax = torch.ops.aten._safe_softmax.default if safe else torch.softmax
+
+    def forward(self, x):
+        return self.softmax(x + self.mask, -1)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_masked_softmax_rewrites_infinite_masks_exactly(safe):
+    model = MaskedScores(safe=safe)
+    x = torch.randn(3, 2, 4, 4)
+    graph_module = make_fx(model, decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(x)
+    graph_module = masked_softmax(fold_constants(graph_module))
+    graph_module.recompile()
+    assert not {aten._softmax.default, aten._safe_softmax.default} & set(targets(graph_module))
+    expected = torch.softmax(x + model.mask, -1)  # the dtype-min row: 1/4 everywhere
+    torch.testing.assert_close(expected[..., -1, :], torch.full((3, 2, 4), 0.25))
+    result = graph_module(x)
+    assert torch.isfinite(result).all()
+    torch.testing.assert_close(result, expected)
+
+
+def test_masked_softmax_runs_in_fhe():
+    torch.manual_seed(0)
+    model = MaskedScores()
+    inputset = torch.randn(200, 2, 4, 4)
+    compiled = assert_matches_torch(model, [inputset[:4]], inputset, n_bits=6, steps=4, expect_partitions=1)
+    assert fhe_backend.partitions(compiled)[0].statistics["pbs_count"] > 0
+
+
+def test_masked_softmax_of_a_row_of_minus_infinity_gives_zeros():
+    mask = torch.zeros(3, 3)
+    mask[1] = float("-inf")
+    graph_module = make_fx(lambda x: torch.ops.aten._safe_softmax.default(x + mask, -1),
+                           decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(torch.randn(2, 3, 3))
+    graph_module = masked_softmax(fold_constants(graph_module))
+    graph_module.recompile()
+    x = torch.randn(2, 3, 3)
+    result = graph_module(x)
+    torch.testing.assert_close(result[:, 1], torch.zeros(2, 3))
+    torch.testing.assert_close(result[:, [0, 2]], torch.softmax(x[:, [0, 2]], -1))

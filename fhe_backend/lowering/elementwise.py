@@ -20,8 +20,7 @@ import torch.fx as fx
 from ..errors import LoweringError
 from ..quantization.calibration import NodeStats, tensor_stats
 from ..quantization.program import Encrypted, LoweringContext, is_encrypted, with_value, shape_of
-from .registry import (ONE_SAMPLE_AT_A_TIME, is_constant, is_pointwise, meta_shape, op_name, register,
-                       register_pointwise)
+from .registry import is_constant, is_pointwise, meta_shape, op_name, register, register_pointwise
 
 aten = torch.ops.aten
 
@@ -58,7 +57,7 @@ def pointwise_reason(node: fx.Node) -> Optional[str]:
         if shape is not None and out_shape is not None and len(shape) == len(out_shape) and shape \
                 and shape[0] != out_shape[0]:
             return (f"{op_name(node)} broadcasts an operand of shape {tuple(shape)} along dim 0 "
-                    f"(the batch); {ONE_SAMPLE_AT_A_TIME}")
+                    "(the batch): an encrypted value shared by every sample")
     if len({_root(a) for a in encrypted}) <= 1:
         return None
     if node.target in TWO_ENCRYPTED and len(node.args) == 2 and all(

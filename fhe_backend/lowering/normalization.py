@@ -140,9 +140,10 @@ def _shifted_exponent(ctx: LoweringContext, x, dim: int):
     return shifted, ctx.materialize(exponent, internal_bits(ctx), NodeStats(0.0, 1.0, ())), axis
 
 
-@register(aten._softmax.default, validator=_softmax_reason)
+@register(aten._softmax.default, aten._safe_softmax.default, validator=_softmax_reason)
 def softmax(ctx: LoweringContext, x, dim, half_to_float=False):
-    """Softmax over a non-batch dim (see the module docstring)."""
+    """Softmax over a non-batch dim (see the module docstring); _safe_softmax is the same on
+    finite inputs (masks with -inf are rewritten by the masked_softmax pass)."""
     _, exponent, axis = _shifted_exponent(ctx, x, dim)
     count = shape_of(exponent.expr)[axis]
     total = _reduce(ctx, exponent, [axis], True, mean=False)
