@@ -116,14 +116,16 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
         group = target.get(node)
         reason = unsupported_reason(node)
         inputs = [arg for arg in node.all_input_nodes if _is_tensor_arg(arg) and arg.op != "get_attr"]
-        batch_dims[node] = _batch_dim(node, reason, [batch_dims.get(arg, 0) for arg in inputs])
-        moved = next((arg for arg in inputs if batch_dims.get(arg, 0) != 0), None)
+        input_dims = [batch_dims.get(arg, 0) for arg in inputs]
+        batch_dims[node] = _batch_dim(node, reason, input_dims)
+        moved = next(((arg, dim) for arg, dim in zip(inputs, input_dims) if dim != 0), None)
         if group is None:
             reason = "not in a module marked for FHE"
         elif reason is None and moved is not None:
+            arg, dim = moved
             where = ("is one value for the whole batch (computed across samples in torch)"
-                     if batch_dims[moved] is None else f"has the batch at dim {batch_dims[moved]}, not 0")
-            reason = f"its input '{moved.name}' {where}; {ONE_SAMPLE_AT_A_TIME}"
+                     if dim is None else f"has the batch at dim {dim}, not 0")
+            reason = f"its input '{arg.name}' {where}; {ONE_SAMPLE_AT_A_TIME}"
         if reason is None:
             supported_by_group[group.key].append(node)
             continue

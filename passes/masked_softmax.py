@@ -12,9 +12,9 @@ positions become a constant 0/1 factor on the exponentials:
 Exact for every row with an unmasked position. A fully masked row gives what eager torch
 gives where that is a number: 1/n everywhere for a row of dtype-min (HF's mask value), zeros
 for a row of -inf (as `aten._safe_softmax`, scaled_dot_product_attention's softmax, does;
-plain softmax gives NaN there). Every op is one the
-lowerings already know (amax, exp, sum, div), so the scores stay encrypted from the query and
-key projections to the attention output.
+plain softmax gives NaN there). Every op is one the lowerings already know (amin, amax, exp,
+sum, div), so the scores stay encrypted from the query and key projections to the attention
+output.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from .fold_constants import _constant_value
+
 aten = torch.ops.aten
 SOFTMAXES = {aten._softmax.default, aten._safe_softmax.default}
 MASKED_BELOW = -1e30  # -inf and dtype-min (HF's mask value) count as masked
 
 
-def _constant(graph_module: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+def _float_constant(graph_module: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = graph_module
-    for part in node.target.split("."):
-        value = getattr(value, part)
+    value = _constant_value(graph_module, node)
     return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 
@@ -44,7 +44,7 @@ def _masked_scores(graph_module: fx.GraphModule, node: fx.Node) -> Optional[Tupl
     if not (isinstance(source, fx.Node) and source.target == aten.add.Tensor and len(source.args) == 2):
         return None
     for scores, mask in (source.args, reversed(source.args)):
-        value = _constant(graph_module, mask)
+        value = _float_constant(graph_module, mask)
         if value is not None and isinstance(scores, fx.Node) and bool((value <= MASKED_BELOW).any()):
             return scores, value
     return None

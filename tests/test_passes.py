@@ -202,7 +202,6 @@ class MaskedScores(torch.nn.Module):
     """softmax(x + mask) with a constant causal mask (-inf above the diagonal, dtype-min in one
     fully masked row), as attention computes it."""
 
-
     def __init__(self, size: int = 4, safe: bool = False):
         super().__init__()
         mask = torch.full((size, size), float("-inf")).triu(1)
