@@ -14,6 +14,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 from torch._dynamo import list_backends, register_backend  # noqa: E402
 
 from .backend import fhe_backend, partitions, set_fhe_mode  # noqa: E402
+from .exit_status import exit_now, keep_exit_status  # noqa: E402
 from .errors import (  # noqa: E402
     BitWidthError,
     FheBackendError,
@@ -31,6 +32,8 @@ from .settings import FheSettings  # noqa: E402
 
 __version__ = "0.1.0"
 
+keep_exit_status()
+
 if "fhe" not in list_backends(exclude_tags=()):
     register_backend(fhe_backend, name="fhe")
 
@@ -44,6 +47,7 @@ __all__ = [
     "OptionError",
     "PassError",
     "UnsupportedOpError",
+    "exit_now",
     "explain",
     "fhe_backend",
     "fhe_module",

@@ -1,7 +1,9 @@
 """The `fhe-backend` command: demo, serve, bench, explain.
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and
-`run(args) -> int`; only the chosen one is imported.
+`run(args) -> int`; only the chosen one is imported. The process exits with the subcommand's
+status (1 on an `FheBackendError`, printed as one line), also after Concrete ran a circuit
+(see `fhe_backend.exit_status`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import importlib
 import sys
 from typing import Optional, Sequence
+
+from .errors import FheBackendError
 
 SUBCOMMANDS = {
     "demo": ("fhe_backend.demo", "train small digits models, compile them with backend 'fhe', run one encrypted"),
@@ -33,7 +37,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"fhe-backend {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(argv[1:])) or 0)
+    arguments = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(arguments) or 0)
+    except FheBackendError as error:
+        print(f"fhe-backend {name}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

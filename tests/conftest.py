@@ -1,4 +1,9 @@
-"""Shared fixtures: a key cache for real-key tests (tests only: insecure) and seeded RNGs."""
+"""Shared fixtures: a key cache for real-key tests (tests only: insecure) and seeded RNGs.
+
+Importing `fhe_backend` here replaces concrete-python's exit callback (see
+`fhe_backend.exit_status`): without it, any test that simulates a circuit makes the pytest
+process exit 0 whatever the outcome, and CI could not fail.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ import warnings
 import pytest
 import torch
 
+import fhe_backend
+
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+fhe_backend.keep_exit_status()
 
 KEY_CACHE = os.path.join(os.path.dirname(__file__), "..", ".keys")
 

@@ -1,0 +1,54 @@
+"""Keep the interpreter's exit status when concrete-python is loaded.
+
+concrete-python (2.10, 2.11) registers an `atexit` callback that terminates its dataflow
+runtime; once a circuit has been simulated or run, that runtime calls C's ``exit(0)`` from
+inside the callback, so the process exits with status 0 whatever Python asked for
+(``sys.exit(3)``, an uncaught exception, a failing pytest run). Importing `fhe_backend`
+replaces that callback with one that terminates the dataflow runtime only when a circuit was
+compiled with ``dataflow_parallelize=True`` (the only case where it holds threads to stop).
+Without it, the runtime needs no shutdown and the exit status is the one Python chose.
+
+With ``dataflow_parallelize=True`` Concrete's shutdown still forces status 0: end such a
+script with `exit_now(status)`, which flushes the standard streams and exits with `status`
+without running the shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from concrete import compiler as _concrete_compiler
+
+_terminate_dataflow = _concrete_compiler._terminate_df_parallelization  # noqa: SLF001
+_dataflow_used = False
+
+
+def keep_exit_status() -> None:
+    """Replace concrete-python's exit callback with one that keeps the exit status (idempotent)."""
+    atexit.unregister(_terminate_dataflow)
+    atexit.unregister(_terminate_dataflow_if_used)
+    atexit.register(_terminate_dataflow_if_used)
+
+
+def note_configuration(configuration: object) -> None:
+    """Record that a circuit uses Concrete's dataflow runtime, which must be stopped at exit."""
+    global _dataflow_used  # noqa: PLW0603 - one flag for the process, like the runtime itself
+    if getattr(configuration, "dataflow_parallelize", False):
+        _dataflow_used = True
+
+
+def exit_now(status: int = 0) -> None:
+    """Flush stdout/stderr and end the process with `status`, skipping interpreter shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):  # closed or replaced stream: nothing to flush
+            continue
+    os._exit(status)
+
+
+def _terminate_dataflow_if_used() -> None:
+    if _dataflow_used:
+        _terminate_dataflow()
