@@ -22,6 +22,7 @@ import torch.fx as fx
 from concrete import fhe
 
 from .errors import NotCompiledError, OptionError
+from .exit_status import note_configuration
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
@@ -136,6 +137,7 @@ class FhePartition(torch.nn.Module):
         kwargs = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
         if self.settings.configuration is not None:
             kwargs["configuration"] = self.settings.configuration
+            note_configuration(self.settings.configuration)
         if self.settings.p_error is not None:
             kwargs["p_error"] = self.settings.p_error
         if self.settings.global_p_error is not None:
