@@ -4,8 +4,9 @@ Usage (the runner does this with ``fhe-backend bench --compare-python PATH``)::
 
     PATH benchmarks/compare_concrete_ml.py JOB.json RESULTS.json
 
-JOB.json names the targets, the folder with the weights trained by this project's run (and
-the data), and the execute settings. The figures are measured by the same functions as this
+JOB.json names the compilations (a target with Concrete ML's options: like for like with this
+project's row, or Concrete ML's defaults), the folder with the weights trained by this
+project's run (and the data), and the execute settings. The figures are measured by the same functions as this
 project's (`benchmarks.measure`), on the same weights and data; only the compiler differs:
 `concrete.ml.torch.compile.compile_torch_model` / `compile_brevitas_qat_model`. This script
 imports nothing from fhe_backend (that environment does not have it).
@@ -17,9 +18,10 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,6 +33,7 @@ from benchmarks.measure import (  # noqa: E402
     BenchConfig,
     PeakMemory,
     circuit_figures,
+    compile_options,
     evaluate_modes,
     measure_digits,
     timed,
@@ -44,6 +47,11 @@ class ConcreteMlCircuit:
     def __init__(self, quantized_module: Any, compile_seconds: float):
         self.module = quantized_module
         self.compile_seconds = compile_seconds
+
+    @property
+    def circuit(self) -> Any:
+        """The module's Concrete circuit."""
+        return self.module.fhe_circuit
 
     @property
     def statistics(self) -> Dict[str, Any]:
@@ -63,12 +71,12 @@ class ConcreteMlCircuit:
 
 
 def compile_with_concrete_ml(target: Target, model: torch.nn.Module, x_train: torch.Tensor,
-                             _first_input: torch.Tensor = None):
-    """Concrete ML's compile for a target: (run(mode, x), [circuit])."""
+                             _first_input: Optional[torch.Tensor], options: Dict[str, Any]):
+    """Concrete ML's compile for a target with `options`: (run(mode, x), [circuit])."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model, compile_torch_model
 
     compile_function = compile_brevitas_qat_model if target.qat else compile_torch_model
-    module, seconds = timed(lambda: compile_function(model, x_train.numpy(), **target.options))
+    module, seconds = timed(lambda: compile_function(model, x_train.numpy(), **options))
     circuit = ConcreteMlCircuit(module, seconds)
     return circuit.run, [circuit]
 
@@ -86,23 +94,29 @@ def measure_gpt2_block(target: Target, config: BenchConfig, progress, folder: Pa
     with torch.no_grad():
         reference = block(x)
     progress("compiling")
-    (run, circuits), compile_seconds = timed(lambda: compile_with_concrete_ml(target, block, x))
+    (run, circuits), compile_seconds = timed(
+        lambda: compile_with_concrete_ml(target, block, x, None, compile_options(target, config)))
     row: Dict[str, Any] = {"metric": "MLP block output error", "compile_seconds": compile_seconds,
                            "eval_samples": len(x), **circuit_figures(circuits)}
     evaluate_modes(row, run, x, reference, lambda outputs, rows: None, circuits, config, progress)
     return row
 
 
-def measure(job_target: Dict[str, Any], config: BenchConfig, folder: Path) -> Dict[str, Any]:
-    """One target's row, or its error."""
-    target = Target(description="", **job_target)
+def measure(job: Dict[str, Any], config: BenchConfig, folder: Path) -> Dict[str, Any]:
+    """One compilation's row, or its error."""
+    target = Target(name=job["name"], description="", kind=job["kind"], model=job["model"],
+                    options=job["options"], qat=job["qat"])
     start = time.perf_counter()
 
     def progress(step: str) -> None:
-        print(f"[concrete-ml {target.name}] {step} ({time.perf_counter() - start:.1f}s)",
+        print(f"[concrete-ml {job['key']}] {step} ({time.perf_counter() - start:.1f}s)",
               file=sys.stderr, flush=True)
 
-    row: Dict[str, Any] = {"target": target.name}
+    if job["role"] == "Concrete ML defaults":
+        config = replace(config, configuration=None)  # its own configuration too
+    row: Dict[str, Any] = {"target": target.name, "compiler": "Concrete ML",
+                           **{k: job[k] for k in ("key", "role", "options", "error_probability",
+                                                  "rounding")}}
     memory = PeakMemory()
     try:
         with memory:
@@ -129,7 +143,8 @@ def main(job_path: str, result_path: str) -> int:
     """Run the job's targets; write {environment, results} to `result_path`."""
     job = json.loads(Path(job_path).read_text())
     config = BenchConfig(execute=job["execute"], samples=job["samples"], eval_samples=job["eval_samples"],
-                         out=Path(job["models"]).parent)
+                         out=Path(job["models"]).parent, batch=job.get("batch", 0),
+                         configuration=job.get("configuration"))
     folder = Path(job["models"])
     environment = {"python": sys.version.split()[0]}
     for package in ("concrete-ml", "concrete-python", "torch", "brevitas", "numpy"):
@@ -137,9 +152,19 @@ def main(job_path: str, result_path: str) -> int:
             environment[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             environment[package] = None
-    import concrete.ml.torch.compile  # noqa: F401 - imported here, not inside the compile timing
-
-    rows = [measure(target, config, folder) for target in job["targets"]]
+    try:
+        import concrete.ml.torch.compile  # noqa: F401 - imported here, not inside the compile timing
+    except ImportError as error:
+        failure = (f"concrete-ml is not importable with {sys.executable} ({type(error).__name__}: "
+                   f"{error}): pass --compare-python the interpreter of an environment where "
+                   "`pip install concrete-ml==1.9.*` was run")
+        print(f"[concrete-ml] {failure}", file=sys.stderr, flush=True)
+        rows = [{"target": target["name"], "compiler": "Concrete ML", "status": "unavailable",
+                 "error": failure, **{k: target[k] for k in ("key", "role", "options",
+                                                             "error_probability", "rounding")}}
+                for target in job["targets"]]
+    else:
+        rows = [measure(target, config, folder) for target in job["targets"]]
     Path(result_path).write_text(json.dumps({"environment": environment, "results": rows}, indent=2))
     return 0
 

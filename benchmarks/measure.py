@@ -38,6 +38,30 @@ class BenchConfig:
     samples: int = 3  # encrypted samples timed with --execute (median reported)
     eval_samples: Optional[int] = None  # test samples scored in disable/simulate (None: all)
     out: Path = Path("bench-results")
+    batch: int = 0  # with execute: one encrypted batch of this many samples, timed with its CPU time
+    configuration: Optional[Dict[str, Any]] = None  # concrete.fhe.Configuration keyword arguments
+
+
+def concrete_configuration(kwargs: Dict[str, Any]) -> Any:
+    """A concrete.fhe.Configuration from JSON-able keyword arguments (both environments).
+
+    ``approximate_rounding_config`` may be a dict of `fhe.ApproximateRoundingConfig` fields;
+    enum options take their names (``"parameter_selection_strategy": "mono"``).
+    """
+    from concrete import fhe
+
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("approximate_rounding_config"), dict):
+        kwargs["approximate_rounding_config"] = fhe.ApproximateRoundingConfig(
+            **kwargs["approximate_rounding_config"])
+    return fhe.Configuration(**kwargs)
+
+
+def compile_options(target: Target, config: BenchConfig) -> Dict[str, Any]:
+    """The target's compile options, with --configuration as a concrete.fhe.Configuration."""
+    if not config.configuration:
+        return dict(target.options)
+    return {**target.options, "configuration": concrete_configuration(config.configuration)}
 
 
 # ---- generic helpers ------------------------------------------------------------------------
@@ -96,9 +120,22 @@ def timed(function: Callable[[], Any]) -> tuple:
 
 
 def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
-    """Cost of the circuits of a target: PBS and complexity summed, bit-widths maximised."""
+    """Cost of the circuits of a target: PBS, complexity and sizes summed, bit-widths maximised.
+
+    Sizes are Concrete's statistics per sample: `input_ciphertext_bytes` counts input
+    compression (`compress_input_ciphertexts`), the key sizes are uncompressed (the serialized
+    evaluation keys, measured with --execute, count `compress_evaluation_keys`).
+    """
     stats = [partition.statistics for partition in partitions]
-    return {
+    circuits = [partition.circuit for partition in partitions]
+    sizes = {figure: sum(int(getattr(circuit, f"size_of_{name}")) for circuit in circuits)
+             for figure, name in (("input_ciphertext_bytes", "inputs"),
+                                  ("output_ciphertext_bytes", "outputs"),
+                                  ("bootstrap_key_bytes", "bootstrap_keys"),
+                                  ("keyswitch_key_bytes", "keyswitch_keys"))}
+    return {**sizes,
+            "circuit_p_error": max((float(c.p_error) for c in circuits), default=None),
+            "circuit_global_p_error": max((float(c.global_p_error) for c in circuits), default=None),
         "partitions": len(stats),
         "pbs_count": sum(s["pbs_count"] for s in stats),
         "max_bit_width": max((s["max_bit_width"] for s in stats), default=0),
@@ -113,6 +150,19 @@ def keygen_seconds(partitions: Sequence[Any]) -> float:
     """Generate fresh keys for every partition; the total wall time."""
     _, seconds = timed(lambda: [partition.keygen(force=True) for partition in partitions])
     return seconds
+
+
+def evaluation_key_bytes(partitions: Sequence[Any]) -> int:
+    """Serialized size of the evaluation keys (what a client sends a server), after keygen."""
+    return sum(len(partition.circuit.keys.evaluation.serialize()) for partition in partitions)
+
+
+def timed_with_cpu(function: Callable[[], Any]) -> tuple:
+    """(result, wall seconds, CPU seconds of this process's threads) of calling `function`;
+    CPU / wall is how many cores the call kept busy."""
+    cpu, start = time.process_time(), time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start, time.process_time() - cpu
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -153,33 +203,43 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
         return
     progress("key generation")
     row["keygen_seconds"] = keygen_seconds(partitions)
-    times, outputs = [], []
+    row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
+    times, cpu_times, outputs = [], [], []
     for index in range(min(config.samples, len(inputs))):
         progress(f"execute sample {index + 1}/{config.samples}")
-        output, seconds = timed(lambda: run("execute", inputs[index:index + 1]))
+        output, seconds, cpu = timed_with_cpu(lambda: run("execute", inputs[index:index + 1]))
         times.append(seconds)
+        cpu_times.append(cpu)
         outputs.append(torch.as_tensor(output))
     executed = torch.cat(outputs)
     simulated = torch.as_tensor(run("simulate", inputs[:len(outputs)]))
     row["execute_samples"] = len(times)
     row["execute_seconds_per_sample"] = statistics.median(times)
     row["execute_seconds_all"] = times
+    row["execute_cores_busy"] = sum(cpu_times) / sum(times)
     row["execute_accuracy"] = score(executed, slice(0, len(outputs)))
     row["execute_max_difference_to_simulate"] = max_error(executed, simulated)
+    batch = min(config.batch, len(inputs))
+    if batch:
+        progress(f"execute one batch of {batch}")
+        _, seconds, cpu = timed_with_cpu(lambda: run("execute", inputs[:batch]))
+        row["execute_batch"] = batch
+        row["execute_batch_seconds_per_sample"] = seconds / batch
+        row["execute_batch_cores_busy"] = cpu / seconds
 
 
 # ---- digits classifiers ---------------------------------------------------------------------
 
 def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor,
-                   first_input: torch.Tensor):
-    """Compile a digits model; returns (run(mode, x) -> logits, partitions)."""
+                   first_input: torch.Tensor, options: Dict[str, Any]):
+    """Compile a digits model with `options`; returns (run(mode, x) -> logits, partitions)."""
     import fhe_backend
     from fhe_backend.backend import compiled_graphs
 
     if target.qat:
         from fhe_backend.compile import compile_brevitas_qat_model
 
-        module = compile_brevitas_qat_model(model, x_train, **target.options)
+        module = compile_brevitas_qat_model(model, x_train, **options)
 
         def run(mode: str, x: torch.Tensor) -> torch.Tensor:
             return torch.as_tensor(module.forward(x.numpy(), fhe=mode))
@@ -187,7 +247,7 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
         return run, [module.partition]
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="fhe",
-                             options={"inputset": x_train, "fhe": "disable", **target.options})
+                             options={"inputset": x_train, "fhe": "disable", **options})
     with torch.no_grad():
         compiled(first_input)
     partitions = fhe_backend.partitions(compiled)
@@ -216,7 +276,7 @@ def measure_digits(target: Target, config: BenchConfig, progress: Progress,
     """Train a digits classifier, compile it, score it in float/disable/simulate (execute).
 
     `trained` = (model, data) skips the training (the Concrete ML comparison loads the weights
-    trained here); `compiler(target, model, x_train, first_input) -> (run, partitions)`.
+    trained here); `compiler(target, model, x_train, first_input, options) -> (run, partitions)`.
     """
     row: Dict[str, Any] = {"metric": "accuracy"}
     if trained is None:
@@ -232,11 +292,12 @@ def measure_digits(target: Target, config: BenchConfig, progress: Progress,
     x_test = torch.from_numpy(transform(data["x_test"]))
     with torch.no_grad():
         reference = model(x_test)
-    row["float_accuracy"] = accuracy(reference, data["y_test"])
     row["eval_samples"] = len(x_test) if config.eval_samples is None else min(config.eval_samples, len(x_test))
+    # on the samples the other modes are scored on
+    row["float_accuracy"] = accuracy(reference[:row["eval_samples"]], data["y_test"][:row["eval_samples"]])
     progress("compiling")
     (run, partitions), row["compile_seconds"] = timed(
-        lambda: compiler(target, model, x_train, x_test[:1]))
+        lambda: compiler(target, model, x_train, x_test[:1], compile_options(target, config)))
     row["left_in_torch"] = getattr(run, "left_in_torch", [])
     row.update(circuit_figures(partitions))
 
@@ -286,7 +347,7 @@ def measure_gpt2_hybrid(target: Target, config: BenchConfig, progress: Progress)
     hybrid = HybridFHEModel(model, module_names=[GPT2_MLP])
 
     def compile_model() -> None:
-        hybrid.compile_model(tokens, **target.options)
+        hybrid.compile_model(tokens, **compile_options(target, config))
 
     _, row["compile_seconds"] = timed(compile_model)
     partitions = [remote.partition for remote in hybrid.remote_modules.values()]
@@ -341,7 +402,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
     trainer = LoraTrainer(model, optimizer, train_log_path=str(config.out / "lora.log"))
     progress("compiling")
     _, compile_seconds = timed(lambda: trainer.compile({"input_ids": tokens, "labels": tokens},
-                                                       **target.options))
+                                                       **compile_options(target, config)))
     partitions = list(trainer.partitions().values())
     row: Dict[str, Any] = {"metric": "training-step loss", "compile_seconds": compile_seconds,
                            "eval_samples": LORA_BATCH, **circuit_figures(partitions)}
@@ -367,6 +428,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
         if mode == "execute":
             progress("key generation")
             row["keygen_seconds"] = keygen_seconds(partitions)
+            row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
         progress(f"training step in {mode}")
         results[mode] = step(mode)
     float_loss, float_gradients, _ = results["torch"]

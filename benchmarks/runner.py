@@ -2,9 +2,12 @@
 
 Every target is built with fixed seeds, compiled with the `fhe` backend and measured (see
 `benchmarks.measure`); a target that fails is recorded with its error, the others still run.
-With ``--compare-python PATH`` the same targets (same weights, same data) also run through
+`--error-probability` runs every target at each error probability given. With
+``--compare-python PATH`` the same targets (same weights, same data) also run through
 Concrete ML's public API in the Python environment at PATH (`compare_concrete_ml.py`, a
-subprocess exchanging JSON files), and ratio columns are added.
+subprocess exchanging JSON files), like for like (the same error probability, its approximate
+rounding where ours rounds approximately or searches the precision) and with its defaults, and
+ratio columns against the like-for-like row are added.
 """
 
 from __future__ import annotations
@@ -17,11 +20,22 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .measure import MEASURES, BenchConfig, PeakMemory
-from .report import add_ratios, environment, write_all
-from .targets import BY_NAME, Target, select
+from .measure import MEASURES, BenchConfig, PeakMemory, concrete_configuration
+from .report import add_ratios, environment, load_average, write_all
+from .targets import (
+    BY_NAME,
+    CONCRETE_ML_DEFAULT_P_ERROR,
+    DEFAULTS_SUFFIX,
+    Target,
+    concrete_ml_like_for_like,
+    error_label,
+    format_probability,
+    parse_error,
+    rounding_label,
+    select,
+)
 
 COMPARE_SCRIPT = Path(__file__).with_name("compare_concrete_ml.py")
 
@@ -33,45 +47,113 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execute", action="store_true",
                         help="also generate keys and run encrypted samples (slow)")
     parser.add_argument("--samples", type=int, default=3,
-                        help="encrypted samples timed per target with --execute (median reported)")
+                        help="encrypted samples timed one by one per target with --execute (the median "
+                             "is reported)")
+    parser.add_argument("--batch", type=int, default=0, metavar="N",
+                        help="with --execute, also time one encrypted batch of N samples and the CPU "
+                             "time it used (does execute use every core?)")
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test samples scored in disable/simulate (default: the whole test split)")
+    parser.add_argument("--error-probability", default="default", metavar="SPEC,...",
+                        help="run every target at each error probability: p_error=2**-40 (per lookup), "
+                             "global_p_error=1e-5 (per inference), default (the target's own options); "
+                             "comma-separated")
+    parser.add_argument("--configuration", default=None, metavar="JSON",
+                        help="keyword arguments of concrete.fhe.Configuration for every compilation, on "
+                             "both sides, e.g. '{\"compress_evaluation_keys\": true}'; "
+                             "approximate_rounding_config takes a dict of fhe.ApproximateRoundingConfig's "
+                             "fields")
     parser.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     parser.add_argument("--compare-python", default=None, metavar="PATH",
                         help="python interpreter of an environment with concrete-ml installed: run the "
-                             "same targets through Concrete ML and add ratio columns")
+                             "same targets through Concrete ML (like for like, and with its defaults) "
+                             "and add ratio columns")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected targets; returns 0 when every target was measured."""
     if args.samples < 1:
         raise SystemExit("fhe-backend bench: --samples must be >= 1")
+    if args.batch < 0:
+        raise SystemExit("fhe-backend bench: --batch must be >= 0")
     targets = select(args.targets.split(","))
+    errors = [parse_error(spec) for spec in args.error_probability.split(",")]
+    # absolute: the Concrete ML process runs in the repository, not in the caller's folder
     config = BenchConfig(execute=args.execute, samples=args.samples, eval_samples=args.eval_samples,
-                         out=Path(args.out))
+                         out=Path(args.out).resolve(), batch=args.batch,
+                         configuration=parse_configuration(args.configuration))
     config.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     env["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    rows = [run_target(target, config, index, len(targets)) for index, target in enumerate(targets)]
+    variants = [(target.with_error(error), variant_key(target, error, len(errors) > 1))
+                for target in targets for error in errors]
+    rows = [run_target(target, config, index, len(variants), key)
+            for index, (target, key) in enumerate(variants)]
     reference, info = None, None
     if args.compare_python:
-        reference, info = compare_with_concrete_ml(args.compare_python, targets, rows, config)
+        reference, info = compare_with_concrete_ml(args.compare_python, variants, rows, config)
         add_ratios(rows, reference)
+    env["load_average_end"] = load_average()
     paths = write_all(config.out, rows, env, reference, info)
     _say(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
-def run_target(target: Target, config: BenchConfig, index: int, total: int) -> Dict[str, Any]:
+def parse_configuration(text: Optional[str]) -> Optional[Dict[str, Any]]:
+    """--configuration JSON -> keyword arguments of concrete.fhe.Configuration (checked here)."""
+    if not text:
+        return None
+    from fhe_backend.errors import OptionError
+
+    try:
+        kwargs = json.loads(text)
+    except ValueError as error:
+        raise OptionError(f"--configuration {text!r}: not JSON ({error}); expected an object of "
+                          "concrete.fhe.Configuration keyword arguments") from None
+    if not isinstance(kwargs, dict):
+        raise OptionError(f"--configuration {text!r}: expected a JSON object of "
+                          "concrete.fhe.Configuration keyword arguments")
+    try:
+        concrete_configuration(kwargs)
+    except (TypeError, ValueError, KeyError) as error:
+        raise OptionError(f"--configuration {text!r}: concrete.fhe.Configuration rejects it: "
+                          f"{error}") from None
+    return kwargs
+
+
+def variant_key(target: Target, error: Dict[str, float], several: bool) -> str:
+    """The row's name: the target's, with its error probability when several are run."""
+    if not several:
+        return target.name
+    if not error:
+        return f"{target.name}@default"
+    ((name, value),) = error.items()
+    return f"{target.name}@{name}={format_probability(value)}"
+
+
+def our_defaults() -> Dict[str, Any]:
+    """The backend's default error options (both None: concrete-python's default budget)."""
+    from fhe_backend.settings import FheSettings
+
+    defaults = FheSettings()
+    return {"p_error": defaults.p_error, "global_p_error": defaults.global_p_error}
+
+
+def run_target(target: Target, config: BenchConfig, index: int, total: int,
+               key: Optional[str] = None) -> Dict[str, Any]:
     """Measure one target; a failure becomes the row's status and error instead of a crash."""
     start = time.perf_counter()
+    key = key or target.name
 
     def progress(step: str) -> None:
-        _say(f"[{index + 1}/{total} {target.name}] {step} ({time.perf_counter() - start:.1f}s)")
+        _say(f"[{index + 1}/{total} {key}] {step} ({time.perf_counter() - start:.1f}s)")
 
     progress("start: " + target.description)
-    row: Dict[str, Any] = {"target": target.name, "description": target.description,
-                           "options": target.options}
+    row: Dict[str, Any] = {"target": target.name, "key": key, "description": target.description,
+                           "options": target.options, "compiler": "fhe_backend",
+                           "error_probability": error_label(target.options, our_defaults()),
+                           "rounding": rounding_label(target.options),
+                           "configuration": config.configuration}
     memory = PeakMemory()
     try:
         with memory:
@@ -88,32 +170,82 @@ def run_target(target: Target, config: BenchConfig, index: int, total: int) -> D
     return row
 
 
-def compare_with_concrete_ml(python: str, targets: List[Target], rows: List[Dict[str, Any]],
-                             config: BenchConfig):
-    """Run compare_concrete_ml.py in the other environment; (rows by target, its versions)."""
-    measured = {row["target"] for row in rows if row["status"] == "ok"}
-    jobs = [dict(name=t.name, kind=t.kind, model=t.model, options=t.reference_options, qat=t.qat)
-            for t in targets if t.comparable and t.name in measured]
+def concrete_ml_jobs(variants: List[Tuple[Target, str]], rows: List[Dict[str, Any]]
+                     ) -> List[Dict[str, Any]]:
+    """Concrete ML's compilations for the measured rows: like for like for each row, and one
+    "Concrete ML defaults" row per target (measured once when it is the same compilation)."""
+    measured = {row["key"] for row in rows if row["status"] == "ok"}
+    cml_defaults = {"p_error": CONCRETE_ML_DEFAULT_P_ERROR}
+    jobs: Dict[str, Dict[str, Any]] = {}
+    for target, key in variants:
+        if not target.comparable or key not in measured:
+            continue
+        like = concrete_ml_like_for_like(target.options, our_defaults())
+        jobs[key] = _job(target, key, like, "like for like", error_label(like))
+        default_key = target.name + DEFAULTS_SUFFIX
+        if default_key in jobs or any(default_key in job["aliases"] for job in jobs.values()):
+            continue
+        options = target.concrete_ml_defaults
+        if concrete_ml_like_for_like(options, cml_defaults) == like:
+            jobs[key]["aliases"].append(default_key)  # the same compilation: measured once
+            continue
+        jobs[default_key] = _job(target, default_key, options, "Concrete ML defaults",
+                                 error_label(options, cml_defaults, "Concrete ML default"))
+    return list(jobs.values())
+
+
+def _job(target: Target, key: str, options: Dict[str, Any], role: str, error: str) -> Dict[str, Any]:
+    return dict(key=key, name=target.name, kind=target.kind, model=target.model, qat=target.qat,
+                options=options, role=role, aliases=[], error_probability=error,
+                rounding=rounding_label(options))
+
+
+def compare_with_concrete_ml(python: str, variants: List[Tuple[Target, str]],
+                             rows: List[Dict[str, Any]], config: BenchConfig):
+    """Run compare_concrete_ml.py in the other environment; (rows by key, its versions)."""
+    jobs = concrete_ml_jobs(variants, rows)
     job_path, result_path = config.out / "concrete_ml_job.json", config.out / "concrete_ml_results.json"
     job_path.write_text(json.dumps({"targets": jobs, "models": str(config.out / "models"),
                                     "execute": config.execute, "samples": config.samples,
-                                    "eval_samples": config.eval_samples}, indent=2))
-    skipped = {t.name: {"target": t.name, "status": "not compared",
-                        "error": "no Concrete ML counterpart in compare_concrete_ml.py"}
-               for t in targets if not t.comparable}
-    _say(f"[concrete-ml] running {len(jobs)} target(s) with {python}")
+                                    "eval_samples": config.eval_samples, "batch": config.batch,
+                                    "configuration": config.configuration}, indent=2))
+    skipped = {key: {"target": t.name, "key": key, "status": "not compared",
+                     "error": "no Concrete ML counterpart in compare_concrete_ml.py"}
+               for t, key in variants if not t.comparable}
+    _say(f"[concrete-ml] running {len(jobs)} compilation(s) with {python}")
     repo_root = str(Path(__file__).resolve().parent.parent)
     try:
-        subprocess.run([python, str(COMPARE_SCRIPT), str(job_path), str(result_path)],
-                       check=True, cwd=repo_root)
+        result_path.unlink(missing_ok=True)  # never read a previous run's results
+        _run_echoing_stderr([python, str(COMPARE_SCRIPT), str(job_path), str(result_path)], repo_root)
         document = json.loads(result_path.read_text())
     except (OSError, subprocess.CalledProcessError, ValueError) as error:
         failure = f"{type(error).__name__}: {error}"
+        if getattr(error, "stderr", None):
+            failure += f"; its last output: {error.stderr}"
         _say(f"[concrete-ml] failed: {failure}")
-        return {**skipped, **{j["name"]: {"target": j["name"], "status": "error", "error": failure}
+        return {**skipped, **{j["key"]: {"target": j["name"], "key": j["key"], "role": j["role"],
+                                         "error_probability": j["error_probability"],
+                                         "rounding": j["rounding"], "status": "error", "error": failure}
                               for j in jobs}}, {"error": failure}
-    reference = {row["target"]: row for row in document["results"]}
+    reference = {}
+    for job, result in zip(jobs, document["results"]):
+        reference[job["key"]] = result
+        for alias in job["aliases"]:
+            reference[alias] = dict(result, key=alias, role="Concrete ML defaults", same_as=job["key"],
+                                    error_probability=f"{job['error_probability']} (Concrete ML default)")
     return {**skipped, **reference}, document.get("environment", {})
+
+
+def _run_echoing_stderr(command: List[str], cwd: str, keep: int = 5) -> None:
+    """Run `command`, echoing its stderr (its progress) as it comes; a failure raises
+    CalledProcessError with the last `keep` lines of that stderr."""
+    lines: List[str] = []
+    with subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            lines = (lines + [line.rstrip()])[-keep:]
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command, stderr=" | ".join(lines))
 
 
 def _say(message: str) -> None:
