@@ -331,7 +331,8 @@ def log_ticks(low: float, high: float, most: int = 8) -> List[float]:
         return [sub * 10.0 ** exponent for exponent in range(first, last + 1) if (exponent - first) % every == 0
                 for sub in subs if low <= sub * 10.0 ** exponent <= high]
 
-    for subs in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8), (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+    finest = (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9)  # 2+ ticks per factor 1.5
+    for subs in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8), finest):
         found = ticks(subs)
         if len(found) > most:
             every = 1
@@ -340,7 +341,9 @@ def log_ticks(low: float, high: float, most: int = 8) -> List[float]:
             return ticks((1,), every)
         if len(found) >= 2:
             return found
-    return [low, high]
+    from matplotlib.ticker import MaxNLocator  # a narrow range: round numbers inside it
+
+    return [float(t) for t in MaxNLocator(nbins=3).tick_values(low, high) if low <= t <= high]
 
 
 def tick_label(value: float) -> str:
