@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-import fhe_backend
+from .backend import partitions
 
 DEMO_OPTIONS = {"n_bits": 6, "rounding_threshold_bits": 6}
 
@@ -85,7 +85,7 @@ def compile_and_measure(name: str, model: torch.nn.Module, data) -> Tuple[object
     with torch.no_grad():
         compiled(x_test[:1])
     compile_seconds = time.perf_counter() - start
-    (partition,) = fhe_backend.partitions(compiled)
+    (partition,) = partitions(compiled)
     figures = {"model": name, "float_accuracy": accuracy(model, x_test, y_test),
                "simulate_accuracy": accuracy(compiled, x_test, y_test),
                "compile_seconds": compile_seconds, **partition.statistics}
@@ -94,7 +94,7 @@ def compile_and_measure(name: str, model: torch.nn.Module, data) -> Tuple[object
 
 def run_encrypted(compiled, sample: torch.Tensor) -> Dict:
     """One sample with real keys: keygen time, latency, and equality with simulate."""
-    (partition,) = fhe_backend.partitions(compiled)
+    (partition,) = partitions(compiled)
     with torch.no_grad():
         simulated = compiled(sample)
         start = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization.program import LoweringContext
+from .context import LoweringContext
 from .elementwise import fold
 from .registry import is_constant, op_name, register
 

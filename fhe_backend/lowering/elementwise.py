@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..errors import LoweringError
 from ..quantization.calibration import NodeStats, tensor_stats
-from ..quantization.program import Encrypted, LoweringContext, is_encrypted, with_value, shape_of
+from .context import Encrypted, LoweringContext, is_encrypted, shape_of, with_value
 from .registry import is_constant, is_pointwise, meta_shape, op_name, register, register_pointwise
 
 aten = torch.ops.aten
@@ -267,8 +267,7 @@ def _signed_product(ctx: LoweringContext, a: Any, b: Any) -> Any:
     simulation and execution), so a non-negative operand facing a signed one is shifted to a
     signed range first (by its minimum + 1, the smallest growth): a * b = (a - k) * b + k * b.
     """
-    count = getattr(ctx, "_products", 0)
-    ctx._products = count + 1
+    count = next(ctx.products)
     ranges = [observed_integers(ctx, f"product{count}:{side}", v) for side, v in (("a", a), ("b", b))]
     signed = [r.low < 0 for r in ranges]
     if signed[0] == signed[1]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..quantization.program import Encrypted, LoweringContext, shape_of
+from .context import Encrypted, LoweringContext, shape_of
 from .registry import is_constant, op_name, register
 
 aten = torch.ops.aten

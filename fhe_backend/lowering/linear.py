@@ -14,23 +14,18 @@ import torch
 import torch.fx as fx
 from concrete import fhe
 
-from ..quantization.program import Encrypted, LoweringContext, is_encrypted, shape_of
+from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of
 from ..quantization.quantizers import quantize_weights
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
 
 
-def _constant_array(value) -> np.ndarray:
-    return value.detach().to(torch.float64).numpy() if isinstance(value, torch.Tensor) else np.asarray(
-        value, dtype=np.float64)
-
-
 def _weights(ctx: LoweringContext, weight, channel_axis: int):
     """Integer weights and their scale (cached per node)."""
     per_channel = ctx.settings.per_channel_weights
     return ctx.cache(f"weights{channel_axis}", lambda: quantize_weights(
-        _constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None))
+        constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None))
 
 
 def matmul(ctx: LoweringContext, a, b) -> Encrypted:
@@ -52,7 +47,7 @@ def matmul(ctx: LoweringContext, a, b) -> Encrypted:
 def _with_bias(value: Encrypted, bias, beta: float = 1.0) -> Encrypted:
     if bias is None:
         return value
-    bias = _constant_array(bias) * beta
+    bias = constant_array(bias) * beta
     value.zero_point = value.zero_point - bias / value.scale
     return value
 
@@ -133,7 +128,7 @@ def convolution(ctx: LoweringContext, x, weight, bias, stride, padding, dilation
         acc = acc.reshape((*shape_of(acc)[:2], shape_of(acc)[3]))
     channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
     scale = x.scale * np.reshape(s_w, channel_shape)
-    bias = None if bias is None else _constant_array(bias).reshape(channel_shape)
+    bias = None if bias is None else constant_array(bias).reshape(channel_shape)
     return _with_bias(Encrypted(acc, scale, 0.0), bias)
 
 
@@ -142,7 +137,8 @@ def _reduce_reason(node: fx.Node) -> Optional[str]:
     return batch_dim_reason(dims, node)
 
 
-def _reduce(ctx: LoweringContext, x, dims, keepdim: bool, mean: bool):
+def reduce_sum(ctx: LoweringContext, x, dims, keepdim: bool, mean: bool):
+    """Sum (or mean when `mean`) of `x` over `dims`: leveled, the scale carries the count."""
     if not is_encrypted(x):
         return ctx.node.target(x, dims, keepdim)
     if not x.uniform:
@@ -158,13 +154,13 @@ def _reduce(ctx: LoweringContext, x, dims, keepdim: bool, mean: bool):
 @register(aten.sum.dim_IntList, validator=_reduce_reason)
 def sum_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
     """Sum over non-batch dims: leveled."""
-    return _reduce(ctx, x, dims, keepdim, mean=False)
+    return reduce_sum(ctx, x, dims, keepdim, mean=False)
 
 
 @register(aten.mean.dim, validator=_reduce_reason)
 def mean_dims(ctx: LoweringContext, x, dims, keepdim=False, dtype=None):
     """Mean over non-batch dims: a leveled sum with the scale divided."""
-    return _reduce(ctx, x, dims, keepdim, mean=True)
+    return reduce_sum(ctx, x, dims, keepdim, mean=True)
 
 
 def _extreme_reason(node: fx.Node) -> Optional[str]:
@@ -172,7 +168,7 @@ def _extreme_reason(node: fx.Node) -> Optional[str]:
     return batch_dim_reason(dims, node)
 
 
-def _reduce_extreme(ctx: LoweringContext, x, dims, keepdim: bool, largest: bool) -> Encrypted:
+def reduce_extreme(ctx: LoweringContext, x, dims, keepdim: bool, largest: bool) -> Encrypted:
     """max/min over non-batch dims on the integers (order-preserving for a uniform scale)."""
     if not x.uniform:
         x = ctx.materialize(x, stats=ctx.input_stats(0))
@@ -214,10 +210,10 @@ def _pairwise_extreme(ctx: LoweringContext, expr, axis: int, integer_max: bool):
 @register(aten.amax.default, aten.amin.default, validator=_extreme_reason)
 def amax_amin(ctx: LoweringContext, x, dims=(), keepdim=False):
     """amax/amin over non-batch dims."""
-    return _reduce_extreme(ctx, x, dims, keepdim, largest=ctx.node.target is aten.amax.default)
+    return reduce_extreme(ctx, x, dims, keepdim, largest=ctx.node.target is aten.amax.default)
 
 
 @register(aten.max.dim, aten.min.dim, validator=_extreme_reason)
 def max_min_dim(ctx: LoweringContext, x, dim, keepdim=False):
     """torch.max(x, dim) / torch.min(x, dim): the values (indices are not computed in FHE)."""
-    return _reduce_extreme(ctx, x, dim, keepdim, largest=ctx.node.target is aten.max.dim), None
+    return reduce_extreme(ctx, x, dim, keepdim, largest=ctx.node.target is aten.max.dim), None

@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 
 from ..quantization.calibration import NodeStats
-from ..quantization.program import Encrypted, LoweringContext, shape_of, with_value
+from .context import Encrypted, LoweringContext, constant_array, shape_of, with_value
 from .elementwise import combine, multiply, observed_stats, reciprocal
-from .linear import _constant_array, _reduce, _reduce_extreme
+from .linear import reduce_extreme, reduce_sum
 from .registry import ONE_SAMPLE_AT_A_TIME, batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
@@ -73,11 +73,11 @@ def _batch_norm_reason(node: fx.Node) -> Optional[str]:
 @register(aten._native_batch_norm_legit_no_training.default, validator=_batch_norm_reason)
 def batch_norm(ctx: LoweringContext, x, weight, bias, running_mean, running_var, momentum, eps):
     """BatchNorm1d/2d/3d in eval mode: a per-channel affine map (leveled)."""
-    mean, var = _constant_array(running_mean), _constant_array(running_var)
+    mean, var = constant_array(running_mean), constant_array(running_var)
     gain = 1.0 / np.sqrt(var + eps)
     if weight is not None:
-        gain = gain * _constant_array(weight)
-    offset = -mean * gain + (_constant_array(bias) if bias is not None else 0.0)
+        gain = gain * constant_array(weight)
+    offset = -mean * gain + (constant_array(bias) if bias is not None else 0.0)
     channel_shape = (-1,) + (1,) * (len(shape_of(x.expr)) - 2)
     return scale_and_shift(x, gain.reshape(channel_shape), offset.reshape(channel_shape)), None, None
 
@@ -107,7 +107,7 @@ def layer_norm(ctx: LoweringContext, x, normalized_shape, weight, bias, eps):
     centered = ctx.materialize(exact, bits, observed_stats(ctx, "centered", exact))
     square = with_value(centered, fn=lambda q, f=centered.value_fn(): f(q) ** 2)
     squares = ctx.materialize(square, bits, observed_stats(ctx, "square", square))
-    variance = _reduce(ctx, squares, axes, True, mean=True)
+    variance = reduce_sum(ctx, squares, axes, True, mean=True)
     variance_fn = variance.value_fn()
     inverse_std = Encrypted(variance.expr, fn=lambda q: torch.rsqrt(
         torch.clamp(variance_fn(q), min=0.0) + eps))
@@ -118,8 +118,8 @@ def layer_norm(ctx: LoweringContext, x, normalized_shape, weight, bias, eps):
     inverse_std = ctx.materialize(inverse_std, bits, observed_stats(ctx, "inverse_std", observed))
     normalized = multiply(ctx, centered, inverse_std)
     trailing = tuple(normalized_shape)
-    gain = _constant_array(weight).reshape(trailing) if weight is not None else np.ones(trailing)
-    offset = _constant_array(bias).reshape(trailing) if bias is not None else np.zeros(trailing)
+    gain = constant_array(weight).reshape(trailing) if weight is not None else np.ones(trailing)
+    offset = constant_array(bias).reshape(trailing) if bias is not None else np.zeros(trailing)
     return scale_and_shift(normalized, gain, offset), None, None
 
 
@@ -134,7 +134,7 @@ def _shifted_exponent(ctx: LoweringContext, x, dim: int):
     """(x - max(x) as an exact affine value, exp(x - max(x)) as fresh values in [0, 1], axis)."""
     x = ctx.as_linear_input(x)
     axis = dim % len(shape_of(x.expr))
-    peak = _reduce_extreme(ctx, x, [axis], True, largest=True)
+    peak = reduce_extreme(ctx, x, [axis], True, largest=True)
     shifted = Encrypted(x.expr - peak.expr, x.scale, 0.0)
     exponent = with_value(shifted, fn=lambda q, f=shifted.value_fn(): torch.exp(f(q)))
     return shifted, ctx.materialize(exponent, internal_bits(ctx), NodeStats(0.0, 1.0, ())), axis
@@ -146,7 +146,7 @@ def softmax(ctx: LoweringContext, x, dim, half_to_float=False):
     finite inputs (masks with -inf are rewritten by the masked_softmax pass)."""
     _, exponent, axis = _shifted_exponent(ctx, x, dim)
     count = shape_of(exponent.expr)[axis]
-    total = _reduce(ctx, exponent, [axis], True, mean=False)
+    total = reduce_sum(ctx, exponent, [axis], True, mean=False)
     inverse = ctx.materialize(reciprocal(ctx, total), internal_bits(ctx), NodeStats(1.0 / count, 1.0, ()))
     return multiply(ctx, exponent, inverse)
 
@@ -155,7 +155,7 @@ def softmax(ctx: LoweringContext, x, dim, half_to_float=False):
 def log_softmax(ctx: LoweringContext, x, dim, half_to_float=False):
     """LogSoftmax = (x - max) - log(sum(exp(x - max))): one more lookup, one subtraction."""
     shifted, exponent, axis = _shifted_exponent(ctx, x, dim)
-    total = _reduce(ctx, exponent, [axis], True, mean=False)
+    total = reduce_sum(ctx, exponent, [axis], True, mean=False)
     log_total = with_value(total, fn=lambda q, f=total.value_fn(): torch.log(torch.clamp(f(q), min=1e-12)))
     log_total = ctx.materialize(log_total, stats=observed_stats(ctx, "log_total", log_total))
     return combine(ctx, shifted, log_total, -1)
@@ -180,9 +180,9 @@ def vector_norm(ctx: LoweringContext, x, ord=2, dim=None, keepdim=False, dtype=N
         x.expr, fn=lambda q, f=x.value_fn(): f(q).abs(), positional=x.positional)
     if math.isinf(ord):
         magnitude = ctx.materialize(magnitude, stats=observed_stats(ctx, "magnitude", magnitude))
-        return _reduce_extreme(ctx, magnitude, dims, keepdim, largest=True)
+        return reduce_extreme(ctx, magnitude, dims, keepdim, largest=True)
     power = Encrypted(magnitude.expr, fn=lambda q, f=magnitude.value_fn(): f(q) ** ord,
                       positional=magnitude.positional)
     powers = ctx.materialize(power, stats=observed_stats(ctx, "power", power))
-    total = _reduce(ctx, powers, dims, keepdim, mean=False)
+    total = reduce_sum(ctx, powers, dims, keepdim, mean=False)
     return with_value(total, fn=lambda q, f=total.value_fn(): torch.clamp(f(q), min=0.0) ** (1.0 / ord))

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from concrete import fhe
 
-from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .context import Encrypted, LoweringContext, shape_of, with_value
 from .linear import pad_trailing
 from .registry import register
 

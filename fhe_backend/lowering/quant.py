@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..quantization.program import Encrypted, LoweringContext, is_encrypted
+from .context import Encrypted, LoweringContext, is_encrypted
 from ..quantization.quantizers import UniformQuantizer
+from .elementwise import fold
 from .registry import is_constant, op_name, register
 
 
@@ -118,16 +119,6 @@ def fake_quant_spec(node: fx.Node, values: Optional[tuple] = None) -> Optional[F
     return FakeQuantSpec(scale, zero_point, int(qmin), int(qmax))
 
 
-def input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
-    """The quantizer of a partition input read only by per-tensor fake-quants with one spec."""
-    specs = {fake_quant_spec(user) for user in placeholder.users}
-    if len(specs) != 1 or None in specs:
-        return None
-    if any(user.args[0] is not placeholder for user in placeholder.users):
-        return None
-    return specs.pop().input_quantizer()
-
-
 def _reason(node: fx.Node) -> Optional[str]:
     if not (is_constant(node.args[1]) and is_constant(node.args[2])):
         return f"{op_name(node)} with an encrypted scale or zero-point has no FHE lowering"
@@ -165,6 +156,4 @@ def lower_fake_quant(ctx: LoweringContext, x, scale, zero_point, qmin, qmax):
 
 def _lookup_with_tensors(ctx: LoweringContext, x, scale, zero_point, qmin, qmax) -> Encrypted:
     """Per-channel fake-quant: one lookup to the dequantized value, requantized by calibration."""
-    from .elementwise import fold
-
     return ctx.materialize(fold(ctx, (x, scale, zero_point, qmin, qmax), {}))

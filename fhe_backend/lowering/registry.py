@@ -57,7 +57,6 @@ def is_pointwise(target: Any) -> bool:
 
 
 def _find(node: fx.Node) -> Optional[Lowering]:
-    _load_lowerings()
     if node.target in LOWERINGS:
         return LOWERINGS[node.target]
     if is_pointwise(node.target) and _POINTWISE:
@@ -90,10 +89,6 @@ def op_name(node: fx.Node) -> str:
         return "getitem"
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
         target, "__name__", str(target))
-
-
-def _load_lowerings() -> None:
-    from . import activation, elementwise, embedding, linear, normalization, pool, quant, shape  # noqa: F401  (they register)
 
 
 # ---- helpers shared by validators -------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..quantization.program import Encrypted, LoweringContext, with_value, shape_of
+from .context import Encrypted, LoweringContext, shape_of, with_value
 from .linear import pad_constant
 from .registry import ONE_SAMPLE_AT_A_TIME, batch_dim_reason, is_constant, meta_shape, op_name, register
 

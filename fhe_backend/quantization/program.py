@@ -4,171 +4,42 @@ Interpreting a partition's ATen graph with the registered lowerings yields a num
 integer inputs. The same function runs in three ways: on numpy arrays (``disable`` mode and the
 integer calibration that sizes rounding), and traced by ``concrete.fhe.Compiler`` into a circuit.
 
-Every encrypted value is an `Encrypted`: an integer expression plus how to read it as a float,
-either affine (``scale * (q - zero_point)``, usable by linear operations without any table
-lookup) or through a pending element-wise function ``fn(q)``. Element-wise operations only
-compose ``fn``; a table lookup happens when a linear operation needs its input affine again
-(`LoweringContext.materialize`), so a whole chain of element-wise ops with the requantization
-around it is ONE lookup.
+Values and the context the lowerings see are in `fhe_backend.lowering.context`; which
+lowering runs for a node comes from `fhe_backend.lowering.registry`.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
-from concrete import fhe
 
 from ..errors import BitWidthError, LoweringError
 from ..settings import (AUTO_ROUNDING_MAX_BITS, AUTO_ROUNDING_MIN_BITS, AUTO_ROUNDING_TOLERANCE,
                         MAX_TLU_BIT_WIDTH,
                         FheSettings)
+from ..lowering.context import Encrypted, LoweringContext, is_encrypted
+from ..lowering.quant import fake_quant_spec
+from ..lowering.registry import lowering_for
 from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
-FloatFn = Callable[[np.ndarray], torch.Tensor]
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
 
 
-@dataclass(eq=False)
-class Encrypted:
-    """An encrypted integer tensor `expr` and its float meaning.
-
-    fn is None: float = scale * (expr - zero_point) (scale/zero_point may be per-position arrays).
-    fn set: float = fn(expr) element-wise; `positional` when fn depends on the element's position.
-    fresh: expr is a small quantized value (op_inputs bits), safe to feed a linear operation.
-    """
-
-    expr: Any
-    scale: Any = 1.0
-    zero_point: Any = 0.0
-    fn: Optional[FloatFn] = None
-    fresh: bool = False
-    positional: bool = False
-
-    def value_fn(self) -> FloatFn:
-        """The float value as a function of the integer (for building table lookups)."""
-        if self.fn is not None:
-            return self.fn
-        scale, zero_point = self.scale, self.zero_point
-        return lambda q: torch.from_numpy((np.asarray(q, dtype=np.float64) - zero_point) * scale)
-
-    @property
-    def affine(self) -> bool:
-        """True when no element-wise function is pending."""
-        return self.fn is None
-
-    @property
-    def uniform(self) -> bool:
-        """True when one scale and one zero-point hold for every element."""
-        return self.affine and np.ndim(self.scale) == 0 and np.ndim(self.zero_point) == 0
-
-    @property
-    def centered(self):
-        """expr - zero_point as integers (requires an integer zero-point)."""
-        zero_point = np.rint(self.zero_point).astype(np.int64)
-        return self.expr - zero_point if np.any(zero_point) else self.expr
-
-
-def shape_of(value: Any) -> Tuple[int, ...]:
-    """Shape of a numpy array, a concrete tracer or a constant."""
-    shape = getattr(value, "shape", None)
-    return tuple(shape) if shape is not None else tuple(np.shape(value))
-
-
-def is_encrypted(value: Any) -> bool:
-    """True for values that depend on the circuit's inputs."""
-    return isinstance(value, Encrypted)
-
-
-class LoweringContext:
-    """What a lowering sees: the node, its calibration statistics, settings and helpers."""
-
-    def __init__(self, program: "IntegerProgram", node: fx.Node):
-        self.program = program
-        self.node = node
-        self.settings = program.settings
-        self._lookups = itertools.count()
-
-    @property
-    def stats(self) -> NodeStats:
-        """Calibration statistics of this node's output."""
-        return self.program.stats[self.node.name]
-
-    def input_stats(self, index: int = 0) -> NodeStats:
-        """Calibration statistics of the node's index-th tensor argument."""
-        return self.program.stats[self.node.all_input_nodes[index].name]
-
-    def out_shape(self, like: Any, input_index: int = 0) -> Tuple[int, ...]:
-        """This node's output shape at run time: the batch-major dim 0 follows `like`'s."""
-        recorded_out = self.stats.shape
-        recorded_in = self.input_stats(input_index).shape
-        dim0 = shape_of(like)[0] * recorded_out[0] // recorded_in[0]
-        return (dim0, *recorded_out[1:])
-
-    def cache(self, key: str, build: Callable[[], Any]) -> Any:
-        """Memoize constants derived from the graph (quantized weights) across runs."""
-        full_key = (self.node.name, key)
-        if full_key not in self.program.constants:
-            self.program.constants[full_key] = build()
-        return self.program.constants[full_key]
-
-    def lookup(self, expr: Any, table: Callable[[np.ndarray], np.ndarray]) -> Any:
-        """One table lookup, after rounding the input to `rounding_threshold_bits` if set."""
-        key = f"{self.node.name}:{next(self._lookups)}"
-        if self.program.recording is not None:
-            low, high = self.program.record_extremes(expr)
-            old = self.program.recording.get(key)
-            if old is not None:
-                low, high = min(low, old[0]), max(high, old[1])
-            self.program.recording[key] = (low, high)
-        offset = self.program.lookup_offsets.get(key, 0)
-        if offset:  # a clear addition that centers the range: one bit less to round and look up
-            expr, inner = expr + offset, table
-            table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
-        lsbs = self.program.rounding_lsbs.get(key, 0)
-        if lsbs:
-            exactness = (fhe.Exactness.APPROXIMATE
-                         if self.settings.rounding_threshold_bits.method == "approximate"
-                         else fhe.Exactness.EXACT)
-            expr = fhe.round_bit_pattern(expr, lsbs_to_remove=lsbs, exactness=exactness)
-        return fhe.univariate(table)(expr)
-
-    def materialize(self, value: Any, n_bits: Optional[int] = None,
-                    stats: Optional[NodeStats] = None) -> Encrypted:
-        """Requantize `value` to a fresh `n_bits` (default op_inputs) value: one table lookup.
-
-        The output range comes from `stats` (default: this node's calibration statistics).
-        """
-        if not is_encrypted(value):
-            raise LoweringError(f"node '{self.node.name}': cannot requantize a clear constant")
-        if n_bits is None:
-            n_bits = self.settings.n_bits.op_inputs
-        stats = stats or self.program.value_stats(value, self)
-        quantizer = UniformQuantizer.from_range(stats.low, stats.high, n_bits)
-        float_fn = value.value_fn()
-        table = lambda q: quantizer.quantize(float_fn(q).numpy())  # noqa: E731
-        expr = self.lookup(value.expr, table)
-        return Encrypted(expr, quantizer.scale, quantizer.zero_point, fresh=True)
-
-    def as_linear_input(self, value: Any, stats: Optional[NodeStats] = None) -> Encrypted:
-        """A fresh, uniformly scaled value with an integer zero-point (materialized if needed)."""
-        if (value.fresh and value.uniform
-                and float(value.zero_point) == float(np.rint(value.zero_point))):
-            return value
-        return self.materialize(value, stats=stats)
-
-    def rescale(self, value: Encrypted, scale: Any) -> Encrypted:
-        """value expressed on `scale` with zero-point 0: one table lookup (round(v / scale))."""
-        float_fn = value.value_fn()
-        table = lambda q: np.rint(float_fn(q).numpy() / scale).astype(np.int64)  # noqa: E731
-        return Encrypted(self.lookup(value.expr, table), scale, 0.0)
+def qat_input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
+    """The quantizer of a partition input read only by per-tensor fake-quants with one spec
+    (quantization-aware training: the model's own input quantizer), else None."""
+    specs = {fake_quant_spec(user) for user in placeholder.users}
+    if len(specs) != 1 or None in specs:
+        return None
+    if any(user.args[0] is not placeholder for user in placeholder.users):
+        return None
+    return specs.pop().input_quantizer()
 
 
 class IntegerProgram:
@@ -195,9 +66,7 @@ class IntegerProgram:
         self._value_stats: Dict[int, NodeStats] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
-        from ..lowering.quant import input_quantizer
-
-        qat_quantizer = input_quantizer(node)  # QAT: the model's own input quantizer
+        qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
         if qat_quantizer is not None:
             return qat_quantizer
         stats = self.stats[node.name]
@@ -266,8 +135,6 @@ class IntegerProgram:
         return value
 
     def _call(self, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
-        from ..lowering.registry import lowering_for
-
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         ctx = LoweringContext(self, node)
@@ -443,8 +310,3 @@ def _source_hint(node: fx.Node) -> str:
     lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
     location = [line for line in lines if line.startswith("File ")]
     return f" ({location[-1]})" if location else ""
-
-
-def with_value(value: Encrypted, **changes: Any) -> Encrypted:
-    """A copy of `value` with some fields changed (same integer expression)."""
-    return replace(value, **changes)
