@@ -146,10 +146,11 @@ def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
     }
 
 
-def keygen_seconds(partitions: Sequence[Any]) -> float:
-    """Generate fresh keys for every partition; the total wall time."""
-    _, seconds = timed(lambda: [partition.keygen(force=True) for partition in partitions])
-    return seconds
+def keygen_times(row: Dict[str, Any], partitions: Sequence[Any]) -> None:
+    """Generate fresh keys for every partition: wall and CPU seconds, serialized key size."""
+    _, row["keygen_seconds"], row["keygen_cpu_seconds"] = timed_with_cpu(
+        lambda: [partition.keygen(force=True) for partition in partitions])
+    row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
 
 
 def evaluation_key_bytes(partitions: Sequence[Any]) -> int:
@@ -202,8 +203,7 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
     if not config.execute:
         return
     progress("key generation")
-    row["keygen_seconds"] = keygen_seconds(partitions)
-    row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
+    keygen_times(row, partitions)
     times, cpu_times, outputs = [], [], []
     for index in range(min(config.samples, len(inputs))):
         progress(f"execute sample {index + 1}/{config.samples}")
@@ -216,6 +216,7 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
     row["execute_samples"] = len(times)
     row["execute_seconds_per_sample"] = statistics.median(times)
     row["execute_seconds_all"] = times
+    row["execute_cpu_seconds_per_sample"] = statistics.median(cpu_times)  # robust to load
     row["execute_cores_busy"] = sum(cpu_times) / sum(times)
     row["execute_accuracy"] = score(executed, slice(0, len(outputs)))
     row["execute_max_difference_to_simulate"] = max_error(executed, simulated)
@@ -427,8 +428,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
     for mode in modes:
         if mode == "execute":
             progress("key generation")
-            row["keygen_seconds"] = keygen_seconds(partitions)
-            row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
+            keygen_times(row, partitions)
         progress(f"training step in {mode}")
         results[mode] = step(mode)
     float_loss, float_gradients, _ = results["torch"]

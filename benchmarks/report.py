@@ -28,7 +28,9 @@ RATIOS = (
     ("pbs_ratio", "pbs_count", "PBS"),
     ("compile_ratio", "compile_seconds", "compile s"),
     ("keygen_ratio", "keygen_seconds", "keygen s"),
+    ("keygen_cpu_ratio", "keygen_cpu_seconds", "keygen CPU s"),
     ("execute_ratio", "execute_seconds_per_sample", "execute s/sample"),
+    ("execute_cpu_ratio", "execute_cpu_seconds_per_sample", "execute CPU s/sample"),
     ("evaluation_keys_ratio", "evaluation_key_serialized_bytes", "eval keys"),
     ("input_ciphertext_ratio", "input_ciphertext_bytes", "input ct"),
     ("simulate_throughput_ratio", "simulate_samples_per_second", "simulate samples/s"),
@@ -47,7 +49,8 @@ COMPARISON_COLUMNS = (
     ("target", "key"), ("compiler", "who"), *SETTING_COLUMNS, ("simulate", "simulate_accuracy"),
     ("PBS", "pbs_count"), ("max TLU bits", "max_tlu_bit_width"), ("complexity", "complexity"),
     ("compile s", "compile_seconds"), ("keygen s", "keygen_seconds"),
-    ("execute s/sample", "execute_seconds_per_sample"), ("input ct B", "input_ciphertext_bytes"),
+    ("execute s/sample", "execute_seconds_per_sample"),
+    ("execute CPU s/sample", "execute_cpu_seconds_per_sample"), ("input ct B", "input_ciphertext_bytes"),
     ("eval keys MiB", "evaluation_keys_mib"), ("status", "status"),
 )
 
@@ -224,7 +227,8 @@ def timing_notes(rows: List[Dict[str, Any]], env: Dict[str, Any],
              f"- **Machine load.** Times are wall-clock seconds on {machine['cpu_count']} cores "
              f"({machine['processor']}) with {load}. A load above the number of cores means other "
              "processes competed for them: times then vary by tens of percent between runs. "
-             "Compare ratios from the same run, not times across runs."]
+             "Compare ratios from the same run, not times across runs; CPU seconds (this process's "
+             "threads) depend less on the load than wall-clock seconds."]
     everything = rows + list((reference or {}).values())
     counts = sorted({r["execute_samples"] for r in everything if r.get("execute_samples")})
     config = env.get("config", {})

@@ -253,7 +253,7 @@ def _say(message: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m benchmarks.runner ...` (same as `fhe-backend bench ...`)."""
+    """`python -m fhe_backend.benchmarks.runner ...` (same as `fhe-backend bench ...`)."""
     parser = argparse.ArgumentParser(prog="fhe-backend bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
