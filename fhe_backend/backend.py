@@ -23,9 +23,8 @@ from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
-from passes import PassManager
-
 from .errors import FheBackendError, OptionError
+from .passes import PassManager
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .quantization.calibration import batches
 from .runtime import FhePartition

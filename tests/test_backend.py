@@ -260,7 +260,7 @@ def test_quantized_program_is_integer_and_deterministic(small_compiled):
 def test_whole_gpt2_block_with_causal_attention_runs_in_fhe():
     """A GPT-2 block (LayerNorm, causal SDPA attention, MLP) marked by name: the scores, the
     masked softmax and both attention matmuls run in FHE; logits match eager torch."""
-    from benchmarks.models import tiny_gpt2, token_batches
+    from fhe_backend.benchmarks.models import tiny_gpt2, token_batches
 
     model, tokens = tiny_gpt2(), token_batches()
     compiled = torch.compile(model, backend="fhe", options={

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import fhe_backend
-from benchmarks.measure import BenchConfig, circuit_figures, compile_options, evaluate_modes
-from benchmarks.report import add_ratios, build_figure, log_ticks, markdown, tick_label
-from benchmarks.runner import concrete_ml_jobs, parse_configuration
-from benchmarks.targets import (
+from fhe_backend.benchmarks.measure import BenchConfig, circuit_figures, compile_options, evaluate_modes
+from fhe_backend.benchmarks.report import add_ratios, build_figure, log_ticks, markdown, tick_label
+from fhe_backend.benchmarks.runner import concrete_ml_jobs, parse_configuration
+from fhe_backend.benchmarks.targets import (
     BY_NAME,
     TARGETS,
     Target,

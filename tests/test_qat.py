@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fhe_backend
 from fhe_backend.qat import has_any_qnn_layers, prepare_qat_model
-from benchmarks.models import qat_simple_net as QATSimpleNet  # the seed's network, 3-bit
+from fhe_backend.benchmarks.models import qat_simple_net as QATSimpleNet  # the seed's network, 3-bit
 from tests.harness import compile_fhe, digits_split
 
 qnn = pytest.importorskip("brevitas.nn")
