@@ -1,24 +1,31 @@
 """HTTP client of the FHE model server (``fhe-backend serve``).
 
-Timeouts on every request, a retry on connection errors (a restarting server or a load
-balancer switching machines), and errors raised with the server's own message. A batch is
-one ``compute`` request carrying one ciphertext list per sample.
+Timeouts on every request (connect, send, read), retries only where they cannot repeat work
+the server did (see `FheHttpClient`), an optional API key, and errors raised with the server's
+own message. A batch is one ``compute`` request carrying one ciphertext list per sample.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import random
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from .fhe_client_server import CLIENT_ZIP, DeploymentError, SerializedSample
 
 DEFAULT_TIMEOUT = (10.0, 600.0)  # (connect, read) seconds: FHE computations can take minutes
+DEFAULT_WRITE_TIMEOUT = 120.0  # seconds one piece of a request body may take to be sent
+MAX_BACKOFF_SECONDS = 60.0
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+API_KEY_ENVIRONMENT = "FHE_BACKEND_API_KEY"
 
 
 class RemoteServerError(DeploymentError):
@@ -48,14 +55,29 @@ def decode_sample(strings: Sequence[str], field: str) -> Tuple[bytes, ...]:
 
 
 class FheHttpClient:
-    """Talks to one FHE model server: list, download client specs, upload keys, compute."""
+    """Talks to one FHE model server: list, download client specs, upload keys, compute.
+
+    api_key: sent as ``Authorization: Bearer <api_key>`` (default: the ``FHE_BACKEND_API_KEY``
+    environment variable; servers started with ``--api-keys-file`` require one).
+    timeout: (connect, read) seconds; the read timeout covers the server's computation.
+    write_timeout: seconds one piece of a request body may take to be sent (requests applies
+    the connect timeout there otherwise: a busy server reading a 170 MB key upload slowly made
+    uploads fail and be re-sent).
+    retries / backoff_seconds: GET and DELETE requests are retried on connection errors and
+    timeouts; POST requests (key uploads, computations) only when the server never received
+    them (connection refused or not established) or answered 503 (busy, nothing done). Waits
+    grow exponentially with jitter, and follow the server's ``Retry-After``.
+    """
 
     def __init__(self, base_url: str, timeout: Tuple[float, float] = DEFAULT_TIMEOUT,
-                 retries: int = 2, backoff_seconds: float = 0.5):
+                 retries: int = 2, backoff_seconds: float = 0.5, api_key: Optional[str] = None,
+                 write_timeout: float = DEFAULT_WRITE_TIMEOUT):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.write_timeout = write_timeout
         self.retries = retries
         self.backoff_seconds = backoff_seconds
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENVIRONMENT)
         self.session = requests.Session()
 
     def __getstate__(self) -> dict:
@@ -68,6 +90,10 @@ class FheHttpClient:
         self.session = requests.Session()
 
     # ---- endpoints ----------------------------------------------------------------------
+
+    def health(self) -> dict:
+        """The server's ``GET /health`` answer (raises `RemoteServerError` when it is not ready)."""
+        return self._json("GET", "/health")
 
     def list_models(self) -> List[str]:
         """Names of the served models."""
@@ -96,6 +122,10 @@ class FheHttpClient:
         return self._json("POST", _shape_url(model_name, module_name, input_shape) + "/keys",
                           data=evaluation_keys, headers={"Content-Type": "application/octet-stream"})["key_id"]
 
+    def delete_evaluation_keys(self, model_name: str, module_name: str, input_shape: str, key_id: str) -> None:
+        """Ask the server to forget uploaded keys."""
+        self._request("DELETE", _shape_url(model_name, module_name, input_shape) + f"/keys/{_q(key_id)}")
+
     def compute(self, model_name: str, module_name: str, input_shape: str, key_id: str,
                 samples: Sequence[SerializedSample]) -> List[SerializedSample]:
         """Run the module on a batch of encrypted samples in ONE request."""
@@ -111,18 +141,35 @@ class FheHttpClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.base_url + path
+        idempotent = method in IDEMPOTENT_METHODS
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        has_body = kwargs.get("data") is not None or kwargs.get("json") is not None
+        # urllib3 sends the body under the connect timeout: give sending its own (longer) one
+        timeout = (max(self.timeout[0], self.write_timeout), self.timeout[1]) if has_body else self.timeout
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             try:
-                response = self.session.request(method, url, timeout=self.timeout, **kwargs)
-                break
-            except requests.ConnectionError as error:
-                if attempt == self.retries:
-                    raise RemoteServerError(
-                        f"{method} {url}: cannot reach the FHE server after {attempt + 1} attempts "
-                        f"({error}); check server_remote_address and that `fhe-backend serve` runs") from error
-                time.sleep(self.backoff_seconds * 2**attempt)
+                response = self.session.request(method, url, timeout=timeout, headers=headers, **kwargs)
             except requests.Timeout as error:
-                raise RemoteServerError(f"{method} {url}: no answer within {self.timeout} s ({error})") from error
+                if last or not (idempotent or isinstance(error, requests.ConnectTimeout)):
+                    raise RemoteServerError(f"{method} {url}: no answer within {timeout} s ({error})"
+                                            + ("" if idempotent else "; not retried: the server may have "
+                                               "received the request")) from error
+                self._wait(attempt, None)
+                continue
+            except requests.ConnectionError as error:
+                if last or not (idempotent or _never_sent(error)):
+                    raise RemoteServerError(
+                        f"{method} {url}: cannot reach the FHE server after {attempt + 1} attempt(s) "
+                        f"({error}); check server_remote_address and that `fhe-backend serve` runs") from error
+                self._wait(attempt, None)
+                continue
+            if response.status_code == 503 and not last:
+                self._wait(attempt, response.headers.get("Retry-After"))
+                continue
+            break
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
@@ -131,6 +178,19 @@ class FheHttpClient:
             raise RemoteServerError(f"{method} {url}: HTTP {response.status_code}: {detail}",
                                     response.status_code, detail)
         return response
+
+    def _wait(self, attempt: int, retry_after: Optional[str]) -> None:
+        """Exponential backoff with jitter; the server's Retry-After (seconds) when it sent one."""
+        delay = self.backoff_seconds * 2 ** attempt * random.uniform(0.5, 1.5)
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = max(delay, float(retry_after))
+        time.sleep(min(delay, MAX_BACKOFF_SECONDS))
+
+
+def _never_sent(error: requests.ConnectionError) -> bool:
+    """Whether a connection error happened before any byte of the request reached the server."""
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
 
 
 def _q(name: str) -> str:

@@ -5,63 +5,121 @@ MODELS_DIR holds ``<model>/<module>/<input shape>/{client.zip, server.zip}`` as 
 
 * ``GET /models``, ``GET /models/{model}/modules``, ``GET /models/{model}/modules/{module}/shapes``
 * ``GET .../shapes/{shape}/client``: the module's client.zip (client specs and quantizers)
-* ``POST .../shapes/{shape}/keys``: serialized evaluation keys (raw body) -> ``{"key_id"}``
+* ``POST .../shapes/{shape}/keys``: serialized evaluation keys (raw body) -> ``{"key_id", "expires"}``
+* ``DELETE .../shapes/{shape}/keys/{key_id}``: forget uploaded keys
 * ``POST .../shapes/{shape}/compute``: ``{"key_id", "inputs": [[base64, ...] per sample]}``
-* ``GET /health``; the OpenAPI schema at ``/openapi.json`` (docs at ``/docs``)
+* ``GET /health``: 200 when keys can be stored and computations run, else 503 saying why;
+  the OpenAPI schema at ``/openapi.json`` (docs at ``/docs``)
 
-Keys are written to ``--keys-dir`` under an unguessable id and cached in memory (LRU, bounded),
-so every worker process, a restarted server, or another machine sharing the folder serves them.
-Bad requests get 4xx answers naming the field; nothing received is unpickled.
+This application is the single source of endpoints, validation and limits, whatever runs it
+(uvicorn here). Every limit is a field of `ServerSettings` with a safe default and a
+``fhe-backend serve`` flag. Keys go through a `KeyStore` (`fhe_backend.deployment.keystore`);
+every key and ciphertext is checked against the circuit's client specification before
+Concrete reads it (`fhe_backend.deployment.wire`); computations run in supervised child
+processes (`fhe_backend.deployment.compute`), so a native crash fails one request and
+quarantines the keys it used. Nothing received is unpickled.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
 import json
 import logging
 import os
 import re
-import secrets
-import threading
+import time
 import zipfile
-from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Path as PathParam, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from .compute import ComputeCrashed, ComputeError, ComputePool
 from .fhe_client_server import (
     CLIENT_SPECS,
     CLIENT_ZIP,
     SERVER_INFO,
     SERVER_ZIP,
-    FHEModelServer,
-    evaluation_key_payload_bytes,
+    VERSIONS,
+    VersionMismatchError,
+    check_versions,
 )
+from .keystore import (
+    KEY_ID_PATTERN,
+    FolderKeyStore,
+    KeyQuota,
+    KeyRecord,
+    KeyStore,
+    KeyStoreUnavailable,
+    QuarantinedKey,
+    QuotaExceeded,
+    UnknownKey,
+    new_key_id,
+)
+from .wire import WireFormatError, check_ciphertext, check_evaluation_keys
 
 logger = logging.getLogger("fhe_backend.server")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
-KEY_ID_PATTERN = r"^[A-Za-z0-9_\-]{32,64}$"
-DEFAULT_MAX_BODY_BYTES = 1 << 30
-DEFAULT_KEY_CACHE_SIZE = 8
-KEY_SIZE_SLACK_BYTES = 64 * 1024  # serialization framing around the key payloads
 WORKER_STOP_SECONDS = 60  # a stopping worker finishes the requests it is running
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+MIN_API_KEY_CHARS = 16
+
+GiB = 1 << 30
 
 
-@dataclass
-class ServerConfig:
-    """Everything a worker needs (picklable: worker processes receive it as an argument)."""
+def _limit(default: Any, help_text: str):
+    """A `ServerSettings` field that is also a ``fhe-backend serve`` flag."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a server worker needs: folders, limits and authentication (picklable).
+
+    Every field but the folders is a ``fhe-backend serve --flag`` (underscores become dashes)
+    with the default shown; ``None`` means unlimited where a field allows it.
+    """
 
     models_dir: str
     keys_dir: str
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    key_cache_size: int = DEFAULT_KEY_CACHE_SIZE
+    max_body_bytes: int = _limit(GiB, "largest request body, bytes (evaluation keys are the largest)")
+    body_idle_timeout_seconds: float = _limit(
+        30.0, "longest wait for the next piece of a request body; slower clients get 408")
+    body_timeout_seconds: float = _limit(600.0, "longest time to receive a whole request body (408 after)")
+    max_samples_per_request: int = _limit(64, "encrypted samples in one compute request (413 above)")
+    max_concurrent_computes: int = _limit(
+        2, "computations running at once per worker, each in its own child process (503 + Retry-After above)")
+    retry_after_seconds: int = _limit(5, "Retry-After of a 503 answered when every compute process is busy")
+    key_cache_size: int = _limit(8, "deserialized evaluation keys kept in memory per compute process")
+    key_cache_bytes: int = _limit(2 * GiB, "bytes of evaluation keys kept in memory per compute process")
+    max_keys_per_model: Optional[int] = _limit(256, "stored key sets per model (429 above; DELETE or expiry frees)")
+    max_key_bytes_per_model: Optional[int] = _limit(64 * GiB, "bytes of stored keys per model (429 above)")
+    key_ttl_seconds: Optional[float] = _limit(86400.0, "stored keys expire this long after upload")
+    api_keys_file: Optional[str] = _limit(
+        None, "file of API keys (one per line, at least 16 characters): every request but /health must send "
+              "'Authorization: Bearer <key>', and keys uploaded with one API key serve only that API key")
+    max_connections: int = _limit(512, "open connections per worker (uvicorn's limit_concurrency; 503 above)")
 
+    def quota(self) -> KeyQuota:
+        """The per-model key quota."""
+        return KeyQuota(self.max_keys_per_model, self.max_key_bytes_per_model)
+
+
+ServerConfig = ServerSettings  # the earlier name
+
+
+# ---- errors answered with 4xx/5xx -------------------------------------------------------------
 
 class NotFound(Exception):
     """A requested model/module/shape/key does not exist (answered with 404)."""
@@ -71,24 +129,40 @@ class BadRequest(Exception):
     """A request field is malformed (answered with 400); the message names the field."""
 
 
+class HttpError(Exception):
+    """An error with its own status code and headers."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request was being read or computed."""
+
+
+# ---- models ----------------------------------------------------------------------------------
+
 @dataclass
 class ModuleEntry:
-    """One servable (model, module, input shape): its folder and what is known without loading."""
+    """One servable (model, module, input shape): its folder and its client specification."""
 
     path: Path
     input_shapes: List[List[int]]
-    key_payload_bytes: Optional[int]
-    input_count: int
+    specs: Dict[str, Any]
+
+    @property
+    def gates(self) -> List[Dict[str, Any]]:
+        """The circuit's input descriptions (one per ciphertext of a sample)."""
+        return self.specs["circuits"][0]["inputs"]
 
 
 class ModelRegistry:
-    """The models found in MODELS_DIR; circuits are loaded on first use, once per process."""
+    """The models found in MODELS_DIR (their client specifications are read at start-up)."""
 
     def __init__(self, models_dir: Path):
         self.models_dir = models_dir
         self.entries: Dict[str, Dict[str, Dict[str, ModuleEntry]]] = {}
-        self._servers: Dict[Path, FHEModelServer] = {}
-        self._lock = threading.Lock()
         self.scan()
 
     def scan(self) -> None:
@@ -102,7 +176,7 @@ class ModelRegistry:
                 continue
             try:
                 entry = _index_entry(shape_dir)
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, VersionMismatchError) as error:
                 logger.warning("skipping %s: %s", shape_dir, error)
                 continue
             entries.setdefault(model, {}).setdefault(module, {})[shape] = entry
@@ -133,73 +207,141 @@ class ModelRegistry:
                            f"known shapes: {sorted(shapes)}")
         return shapes[shape]
 
-    def server(self, entry: ModuleEntry) -> FHEModelServer:
-        """The loaded circuit of an entry (loaded once per process)."""
-        with self._lock:
-            if entry.path not in self._servers:
-                self._servers[entry.path] = FHEModelServer(entry.path)
-            return self._servers[entry.path]
-
 
 def _index_entry(shape_dir: Path) -> ModuleEntry:
     with zipfile.ZipFile(shape_dir / SERVER_ZIP) as archive:
         info = json.loads(archive.read(SERVER_INFO))
         specs = json.loads(archive.read(CLIENT_SPECS))
+        check_versions(json.loads(archive.read(VERSIONS)), shape_dir / SERVER_ZIP)
     if not (shape_dir / CLIENT_ZIP).is_file():
         raise ValueError(f"{CLIENT_ZIP} missing")
-    inputs = specs["circuits"][0]["inputs"]
-    return ModuleEntry(shape_dir, info["input_shapes"], evaluation_key_payload_bytes(specs), len(inputs))
+    return ModuleEntry(shape_dir, info["input_shapes"], specs)
 
 
-class KeyStore:
-    """Evaluation keys on disk under unguessable ids, with a bounded in-memory LRU cache."""
+# ---- authentication ----------------------------------------------------------------------------
 
-    def __init__(self, keys_dir: Path, cache_size: int):
-        self.keys_dir = keys_dir
-        self.keys_dir.mkdir(parents=True, exist_ok=True)
-        self.cache_size = max(1, cache_size)
-        self._cache: "OrderedDict[str, Tuple[Any, dict]]" = OrderedDict()
-        self._lock = threading.Lock()
+def load_api_keys(path: str) -> FrozenSet[str]:
+    """SHA-256 digests of the API keys of `path` (one per line; blank lines and ``#`` comments skipped).
 
-    def add(self, serialized: bytes, keys: Any, owner: dict) -> str:
-        """Persist keys (atomically) for `owner` ({model, module, input_shape}); returns the id."""
-        key_id = secrets.token_urlsafe(32)
-        data_path, meta_path = self._paths(key_id)
-        temporary = data_path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_bytes(serialized)
-        temporary.replace(data_path)
-        meta_path.write_text(json.dumps(owner))
-        self._remember(key_id, keys, owner)
-        return key_id
+    Raises `ValueError` naming the file and line when it cannot be used.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--api-keys-file {path}: cannot read it ({error})") from error
+    digests = set()
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < MIN_API_KEY_CHARS or not token.isprintable() or " " in token:
+            raise ValueError(f"--api-keys-file {path} line {number}: an API key must be at least "
+                             f"{MIN_API_KEY_CHARS} printable characters without spaces "
+                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        digests.add(_digest(token))
+    if not digests:
+        raise ValueError(f"--api-keys-file {path}: no API key in it (one per line)")
+    return frozenset(digests)
 
-    def get(self, key_id: str) -> Tuple[Any, dict]:
-        """(EvaluationKeys, owner) of an id; `NotFound` when no such keys were uploaded."""
-        from concrete import fhe
 
-        with self._lock:
-            if key_id in self._cache:
-                self._cache.move_to_end(key_id)
-                return self._cache[key_id]
-        data_path, meta_path = self._paths(key_id)
-        if not (data_path.is_file() and meta_path.is_file()):
-            raise NotFound(f"unknown key_id '{key_id}': upload evaluation keys first (POST .../keys)")
-        owner = json.loads(meta_path.read_text())
-        keys = fhe.EvaluationKeys.deserialize(data_path.read_bytes())
-        self._remember(key_id, keys, owner)
-        return keys, owner
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
-    def _remember(self, key_id: str, keys: Any, owner: dict) -> None:
-        with self._lock:
-            self._cache[key_id] = (keys, owner)
-            self._cache.move_to_end(key_id)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
 
-    def _paths(self, key_id: str) -> Tuple[Path, Path]:
-        if not re.match(KEY_ID_PATTERN, key_id):  # ids become file names: never a path
-            raise NotFound(f"unknown key_id '{key_id}'")
-        return self.keys_dir / f"{key_id}.evk", self.keys_dir / f"{key_id}.json"
+def _caller(scope: Dict[str, Any], api_keys: Optional[FrozenSet[str]]) -> Tuple[bool, Optional[str]]:
+    """(allowed, digest of the caller's API key) for a request scope."""
+    if api_keys is None:
+        return True, None
+    header = dict(scope.get("headers") or []).get(b"authorization", b"")
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False, None
+    digest = _digest(token.strip())
+    matched = False
+    for known in api_keys:  # compare with every key: the time taken does not depend on which matched
+        matched |= hmac.compare_digest(known, digest)
+    return matched, digest if matched else None
 
+
+# ---- the HTTP guard: framing, body size, authentication ---------------------------------------
+
+class RequestGuard:
+    """ASGI middleware run before routing: refuses what must never reach an endpoint.
+
+    * ``Content-Length`` together with ``Transfer-Encoding``, several ``Content-Length`` headers,
+      or a malformed one -> 400 (request smuggling behind proxies);
+    * a declared body over ``max_body_bytes`` -> 413;
+    * without a valid bearer API key (when the server has API keys) -> 401.
+    """
+
+    def __init__(self, app, settings: ServerSettings, api_keys: Optional[FrozenSet[str]]):
+        self.app, self.settings, self.api_keys = app, settings, api_keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = [(name.lower(), value) for name, value in scope.get("headers") or []]
+        lengths = [value for name, value in headers if name == b"content-length"]
+        chunked = any(name == b"transfer-encoding" for name, _ in headers)
+        problem = None
+        if lengths and chunked:
+            problem = (400, "both Content-Length and Transfer-Encoding: send one of them")
+        elif len(lengths) > 1:
+            problem = (400, "several Content-Length headers: send one")
+        elif lengths and not lengths[0].isdigit():
+            problem = (400, "Content-Length is not a number")
+        elif lengths and int(lengths[0]) > self.settings.max_body_bytes:
+            problem = (413, _too_large_message(self.settings.max_body_bytes))
+        elif scope["path"] not in OPEN_PATHS:
+            allowed, digest = _caller(scope, self.api_keys)
+            if not allowed:
+                problem = (401, "missing or unknown API key: send 'Authorization: Bearer <API key>' "
+                                "(the server was started with --api-keys-file)")
+            scope.setdefault("state", {})["api_key_digest"] = digest
+        if problem is None:
+            return await self.app(scope, receive, send)
+        status, message = problem
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        response = JSONResponse(status_code=status, content={"detail": message}, headers=headers)
+        if status != 401:
+            response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _too_large_message(limit: int) -> str:
+    return f"request body over the server's limit of {limit} bytes (--max-body-bytes)"
+
+
+async def read_body(request: Request, settings: ServerSettings) -> bytes:
+    """The whole request body, within the size limit and the read timeouts (413, 408).
+
+    Raises `ClientDisconnected` when the client goes away first.
+    """
+    chunks, size = [], 0
+    deadline = time.monotonic() + settings.body_timeout_seconds
+    while True:
+        wait = min(settings.body_idle_timeout_seconds, deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            message = await asyncio.wait_for(request.receive(), wait)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"the request body did not arrive in time ({size} bytes received; the server "
+                                 f"waits {settings.body_idle_timeout_seconds:g} s for each piece and "
+                                 f"{settings.body_timeout_seconds:g} s in all: --body-idle-timeout-seconds, "
+                                 "--body-timeout-seconds)", {"Connection": "close"}) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected(f"after {size} bytes of the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > settings.max_body_bytes:
+            raise HttpError(413, _too_large_message(settings.max_body_bytes), {"Connection": "close"})
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+# ---- the application ---------------------------------------------------------------------------
 
 class ComputeRequest(BaseModel):
     """Encrypted samples of one batch and the id of the keys they were encrypted for."""
@@ -208,50 +350,69 @@ class ComputeRequest(BaseModel):
     inputs: List[List[str]] = Field(min_length=1, description="per sample: base64 ciphertext per circuit input")
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    """The FastAPI application serving the models of `config.models_dir`."""
-    registry = ModelRegistry(Path(config.models_dir))
-    keystore = KeyStore(Path(config.keys_dir), config.key_cache_size)
-    app = FastAPI(title="fhe_backend model server",
+def _validation_errors(errors: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Validation errors without the offending input (it may not even be JSON-encodable)."""
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors]
+
+
+def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) -> FastAPI:
+    """The FastAPI application serving the models of `settings.models_dir`.
+
+    keystore: where keys live (default: a `FolderKeyStore` of `settings.keys_dir`). Raises
+    `KeyStoreUnavailable` when keys cannot be stored and `ValueError` for an unusable API-keys file.
+    """
+    registry = ModelRegistry(Path(settings.models_dir))
+    keystore = keystore if keystore is not None else FolderKeyStore(Path(settings.keys_dir))
+    keystore.check()
+    api_keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file else None
+    pool = ComputePool(settings.max_concurrent_computes, settings.key_cache_size, settings.key_cache_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await run_in_threadpool(pool.stop)  # the compute processes end with the worker
+
+    app = FastAPI(title="fhe_backend model server", lifespan=lifespan,
                   description="Runs the remote modules of hybrid FHE models on encrypted inputs.")
-    app.state.registry, app.state.keystore, app.state.config = registry, keystore, config
+    app.state.registry, app.state.keystore, app.state.settings, app.state.pool = registry, keystore, settings, pool
+    app.add_middleware(RequestGuard, settings=settings, api_keys=api_keys)
 
     model_param = PathParam(pattern=NAME_PATTERN)
     module_param = PathParam(pattern=NAME_PATTERN)
     shape_param = PathParam(pattern=NAME_PATTERN)
 
-    @app.exception_handler(NotFound)
-    async def not_found(_request: Request, error: NotFound):
-        return JSONResponse(status_code=404, content={"detail": str(error)})
+    def answer(status: int, message: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"detail": message}, headers=headers)
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_request: Request, error: BadRequest):
-        return JSONResponse(status_code=400, content={"detail": str(error)})
+    handlers = {NotFound: 404, UnknownKey: 404, BadRequest: 400, QuarantinedKey: 400, QuotaExceeded: 429,
+                KeyStoreUnavailable: 503}
+    for error_type, status in handlers.items():
+        app.add_exception_handler(error_type, lambda _r, error, status=status: answer(status, str(error)))
 
-    @app.middleware("http")
-    async def reject_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return _too_large(config.max_body_bytes)
-        return await call_next(request)
+    @app.exception_handler(HttpError)
+    async def http_error(_request: Request, error: HttpError):
+        return answer(error.status, str(error), error.headers)
 
-    async def read_body(request: Request) -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise _BodyTooLarge()
-            chunks.append(chunk)
-        return b"".join(chunks)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": _validation_errors(error.errors())})
 
-    @app.exception_handler(_BodyTooLarge)
-    async def body_too_large(_request: Request, _error: Exception):
-        return _too_large(config.max_body_bytes)
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, error: ClientDisconnected):
+        logger.info("client %s disconnected during %s %s (%s)", _client(request), request.method,
+                    request.url.path, error)
+        return Response(status_code=499)  # nobody reads it: the connection is gone
 
     @app.get("/health")
-    def health() -> Dict[str, str]:
-        """Liveness probe (for load balancers)."""
-        return {"status": "ok"}
+    def health() -> JSONResponse:
+        """Readiness for load balancers: 200 when keys can be stored, else 503 saying why."""
+        try:
+            keystore.check()
+        except KeyStoreUnavailable as error:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "detail": str(error)})
+        return JSONResponse({"status": "ok", "keys": "writable", "models": len(registry.models()),
+                             "compute": pool.stats()})
 
     @app.get("/models")
     def list_models() -> Dict[str, List[str]]:
@@ -282,13 +443,37 @@ def create_app(config: ServerConfig) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_keys(request: Request, model_name: str = model_param, module_name: str = module_param,
-                          input_shape: str = shape_param) -> Dict[str, str]:
-        """Store serialized evaluation keys (raw body); returns an unguessable key id."""
+                          input_shape: str = shape_param) -> Dict[str, Any]:
+        """Store serialized evaluation keys (raw body) checked against the circuit; returns their id."""
         entry = registry.entry(model_name, module_name, input_shape)
-        body = await read_body(request)
-        owner = {"model": model_name, "module": module_name, "input_shape": input_shape}
-        key_id = await run_in_threadpool(_store_keys, keystore, entry, body, owner)
-        return {"key_id": key_id}
+        body = await read_body(request, settings)
+        if not body:
+            raise BadRequest("evaluation_keys: empty request body; send the bytes of "
+                             "FHEModelClient.get_serialized_evaluation_keys()")
+        try:
+            await run_in_threadpool(check_evaluation_keys, body, entry.specs)
+        except WireFormatError as error:
+            raise BadRequest(f"{error} (module '{module_name}', input shape {input_shape}: download its client "
+                             f"specification from .../shapes/{input_shape}/client)") from None
+        now = time.time()
+        expires = now + settings.key_ttl_seconds if settings.key_ttl_seconds else None
+        record = KeyRecord(new_key_id(), model_name, module_name, input_shape, len(body), now, expires,
+                           _api_key(request))
+        await run_in_threadpool(keystore.expire, now)
+        await run_in_threadpool(keystore.add, record, body, settings.quota())
+        return {"key_id": record.key_id, "expires": expires}
+
+    @app.delete("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/keys/{key_id}",
+                status_code=204)
+    async def delete_keys(request: Request, key_id: str, model_name: str = model_param,
+                          module_name: str = module_param, input_shape: str = shape_param) -> Response:
+        """Forget uploaded evaluation keys (only the API key that uploaded them may)."""
+        registry.entry(model_name, module_name, input_shape)
+        record = await run_in_threadpool(_owned_record, keystore, key_id, request, model_name, module_name,
+                                         input_shape, True)
+        await run_in_threadpool(keystore.delete, record.key_id)
+        pool.forget(record.key_id)
+        return Response(status_code=204)
 
     @app.post("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/compute",
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -297,99 +482,122 @@ def create_app(config: ServerConfig) -> FastAPI:
                       input_shape: str = shape_param) -> Dict[str, List[List[str]]]:
         """Run the module on each encrypted sample with the uploaded keys."""
         entry = registry.entry(model_name, module_name, input_shape)
-        body = await read_body(request)
+        body = await read_body(request, settings)
         try:
             payload = ComputeRequest.model_validate_json(body)
         except ValidationError as error:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False, include_context=False)])
-        owner = {"model": model_name, "module": module_name, "input_shape": input_shape}
-        outputs = await run_in_threadpool(_compute, registry, keystore, entry, payload.key_id,
-                                          payload.inputs, owner)
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors(
+                include_url=False, include_context=False, include_input=False)]) from None
+        if len(payload.inputs) > settings.max_samples_per_request:
+            raise HttpError(413, f"inputs: {len(payload.inputs)} samples, the server's limit is "
+                                 f"{settings.max_samples_per_request} per request (--max-samples-per-request): "
+                                 "split the batch")
+        record = await run_in_threadpool(_owned_record, keystore, payload.key_id, request, model_name,
+                                         module_name, input_shape, False)
+        samples = await run_in_threadpool(_decode_samples, entry, payload.inputs)
+        process = pool.try_acquire()
+        if process is None:
+            raise HttpError(503, f"all {pool.size} computations of this worker are busy "
+                                 "(--max-concurrent-computes): retry later",
+                            {"Retry-After": str(settings.retry_after_seconds)})
+        try:
+            outputs = []
+            for index, sample in enumerate(samples):
+                if await request.is_disconnected():
+                    raise ClientDisconnected(f"compute stopped after {index} of {len(samples)} samples")
+                outputs.append(await run_in_threadpool(_run_sample, process, keystore, pool, entry, record,
+                                                       sample, index))
+        finally:
+            pool.release(process)
         return {"outputs": outputs}
 
     return app
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(status_code=413, content={
-        "detail": f"request body over the server's limit of {limit} bytes (--max-body-bytes)"})
+def _api_key(request: Request) -> Optional[str]:
+    return request.scope.get("state", {}).get("api_key_digest")
 
 
-def _store_keys(keystore: KeyStore, entry: ModuleEntry, body: bytes, owner: dict) -> str:
-    from concrete import fhe
-
-    if not body:
-        raise BadRequest("evaluation_keys: empty request body; send the bytes of "
-                         "FHEModelClient.get_serialized_evaluation_keys()")
-    expected = entry.key_payload_bytes
-    if expected is not None and not expected <= len(body) <= expected + KEY_SIZE_SLACK_BYTES:
-        raise BadRequest(
-            f"evaluation_keys: {len(body)} bytes do not fit this circuit's key set (~{expected} bytes): "
-            f"they were made for another circuit; download this module's client.zip "
-            f"(.../shapes/{owner['input_shape']}/client) and generate keys from it")
+def _owned_record(keystore: KeyStore, key_id: str, request: Request, model: str, module: str, shape: str,
+                  quarantined_ok: bool) -> KeyRecord:
+    """The record of `key_id`, checked to belong to the caller and to this module and shape."""
     try:
-        keys = fhe.EvaluationKeys.deserialize(body)
-    except RuntimeError as error:
-        raise BadRequest(f"evaluation_keys: not serialized Concrete evaluation keys ({_first_line(error)})")
-    return keystore.add(body, keys, owner)
-
-
-def _compute(registry: ModelRegistry, keystore: KeyStore, entry: ModuleEntry, key_id: str,
-             inputs: List[List[str]], owner: dict) -> List[List[str]]:
-    from concrete import fhe
-
-    from .http_client import decode_sample, encode_sample
-
-    try:
-        keys, key_owner = keystore.get(key_id)
-    except RuntimeError as error:
-        raise BadRequest(f"key_id: the stored keys cannot be read ({_first_line(error)})")
-    if key_owner != owner:
-        raise BadRequest(f"key_id: these keys were uploaded for {key_owner}, not {owner}; "
+        record = keystore.record(key_id)
+    except QuarantinedKey as error:
+        if not quarantined_ok:
+            raise
+        record = error.record
+    if record.owner is not None and not hmac.compare_digest(record.owner, _api_key(request) or ""):
+        raise HttpError(403, f"key_id '{key_id}' was uploaded with another API key: upload keys with yours")
+    target = {"model": model, "module": module, "input_shape": shape}
+    if record.target() != target:
+        raise BadRequest(f"key_id: these keys were uploaded for {record.target()}, not {target}; "
                          "upload keys for this module and input shape")
+    return record
+
+
+def _decode_samples(entry: ModuleEntry, inputs: List[List[str]]) -> List[Tuple[bytes, ...]]:
+    """Base64 -> bytes, each ciphertext checked against the circuit's input (400 naming the field)."""
     samples = []
     for index, strings in enumerate(inputs):
-        field = f"inputs[{index}]"
-        if len(strings) != entry.input_count:
-            raise BadRequest(f"{field}: {len(strings)} ciphertext(s) but the circuit takes {entry.input_count}")
-        try:
-            raw = decode_sample(strings, field)
-        except ValueError as error:
-            raise BadRequest(str(error))
+        field_name = f"inputs[{index}]"
+        if len(strings) != len(entry.gates):
+            raise BadRequest(f"{field_name}: {len(strings)} ciphertext(s) but the circuit takes {len(entry.gates)}")
         values = []
-        for position, value in enumerate(raw):
+        for position, (text, gate) in enumerate(zip(strings, entry.gates)):
             try:
-                values.append(fhe.Value.deserialize(value))
-            except RuntimeError as error:
-                raise BadRequest(f"{field}[{position}]: not a serialized Concrete ciphertext ({_first_line(error)})")
+                value = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise BadRequest(f"{field_name}[{position}] is not valid base64: {error}") from None
+            try:
+                check_ciphertext(value, gate, f"{field_name}[{position}]")
+            except WireFormatError as error:
+                raise BadRequest(f"{error} (input shape {entry.input_shapes})") from None
+            values.append(value)
         samples.append(tuple(values))
-    server = registry.server(entry)
-    outputs = []
-    for index, sample in enumerate(samples):
-        try:
-            result = server.run(sample, keys)
-        except (RuntimeError, ValueError) as error:
-            raise BadRequest(f"inputs[{index}]: the ciphertext does not fit module '{owner['module']}' "
-                             f"input shape {entry.input_shapes} ({_first_line(error)})")
-        outputs.append(encode_sample(result))
-    return outputs
+    return samples
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return " ".join(text.splitlines()[:3])[:500]
+def _run_sample(process, keystore: KeyStore, pool: ComputePool, entry: ModuleEntry, record: KeyRecord,
+                sample: Tuple[bytes, ...], index: int) -> List[str]:
+    """One sample in the compute process; crashes and key errors quarantine the keys."""
+    try:
+        result = process.run(entry.path, record.key_id, lambda: keystore.data(record.key_id), sample)
+    except ComputeCrashed as crash:
+        reason = f"a computation with them crashed ({crash}) on {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        _quarantine(keystore, pool, record, reason)
+        raise BadRequest(f"inputs[{index}]: computation failed: {crash} with key_id '{record.key_id}'; the keys "
+                         "are quarantined: generate fresh keys from this module's client.zip and upload them") from None
+    except ComputeError as error:
+        if error.kind == "keys":
+            _quarantine(keystore, pool, record, f"Concrete cannot read them ({error})")
+            raise BadRequest(f"key_id: the stored keys cannot be read ({error}); they are quarantined: "
+                             "upload fresh keys") from None
+        if error.kind == "inputs":
+            raise BadRequest(f"inputs[{index}]: the ciphertext does not fit module '{record.module}' "
+                             f"input shape {entry.input_shapes} ({error})") from None
+        raise HttpError(500, f"computation failed on the server ({error}); see the server log") from None
+    return [base64.b64encode(value).decode("ascii") for value in result]
+
+
+def _quarantine(keystore: KeyStore, pool: ComputePool, record: KeyRecord, reason: str) -> None:
+    logger.error("quarantining key_id %s... (%s): %s", record.key_id[:8], record.target(), reason)
+    pool.forget(record.key_id)
+    try:
+        keystore.quarantine(record.key_id, reason)
+    except (OSError, KeyStoreUnavailable) as error:
+        logger.error("could not quarantine key_id %s...: %s", record.key_id[:8], error)
 
 
 # ---- the `fhe-backend serve` subcommand -------------------------------------------------
 
 
 def add_arguments(parser) -> None:
-    """Options of `fhe-backend serve`."""
+    """Options of `fhe-backend serve` (every `ServerSettings` limit is a flag)."""
     parser.add_argument("models_dir", metavar="MODELS_DIR",
                         help="folder of <model>/<module>/<input shape>/{client,server}.zip")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -397,11 +605,42 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keys-dir", required=True,
                         help="where uploaded evaluation keys are stored; share it between workers and machines")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"largest accepted request body, bytes (default {DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--key-cache-size", type=int, default=DEFAULT_KEY_CACHE_SIZE,
-                        help=f"evaluation keys kept in memory per worker (default {DEFAULT_KEY_CACHE_SIZE})")
+    for setting in fields(ServerSettings):
+        if "help" not in setting.metadata:
+            continue
+        kind = {"int": int, "float": float, "Optional[int]": _optional(int),
+                "Optional[float]": _optional(float)}.get(str(setting.type), str)
+        parser.add_argument("--" + setting.name.replace("_", "-"), type=kind, default=setting.default,
+                            help=f"{setting.metadata['help']} (default {setting.default})"
+                                 + ("; 'none' for no limit" if "Optional" in str(setting.type)
+                                    and setting.default is not None else ""))
+    parser.add_argument("--ssl-keyfile", help="TLS private key (PEM): serve HTTPS directly with uvicorn")
+    parser.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), with --ssl-keyfile")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "0", "off") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def settings_from_args(args) -> ServerSettings:
+    """The `ServerSettings` of parsed `fhe-backend serve` arguments."""
+    limits = {s.name: getattr(args, s.name) for s in fields(ServerSettings) if "help" in s.metadata}
+    return ServerSettings(str(Path(args.models_dir).resolve()), str(Path(args.keys_dir).resolve()), **limits)
+
+
+def startup_problem(settings: ServerSettings) -> Optional[str]:
+    """Why the server cannot start (keys folder not writable, bad API-keys file), or None."""
+    try:
+        FolderKeyStore(Path(settings.keys_dir)).check()
+        if settings.api_keys_file:
+            load_api_keys(settings.api_keys_file)
+    except (KeyStoreUnavailable, ValueError) as error:
+        return str(error)
+    return None
 
 
 def run(args) -> int:
@@ -412,14 +651,22 @@ def run(args) -> int:
     if not models_dir.is_dir():
         print(f"fhe-backend serve: MODELS_DIR {models_dir} is not a folder")
         return 2
-    config = ServerConfig(str(models_dir.resolve()), str(Path(args.keys_dir).resolve()),
-                          args.max_body_bytes, args.key_cache_size)
-    uvicorn_config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level)
+    settings = settings_from_args(args)
+    problem = startup_problem(settings)
+    if problem:
+        print(f"fhe-backend serve: {problem}")
+        return 1
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        print("fhe-backend serve: --ssl-keyfile and --ssl-certfile go together")
+        return 2
+    uvicorn_config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level,
+                                    limit_concurrency=settings.max_connections, ssl_keyfile=args.ssl_keyfile,
+                                    ssl_certfile=args.ssl_certfile)
     if args.workers <= 1:
-        uvicorn_config.app = create_app(config)
+        uvicorn_config.app = create_app(settings)
         uvicorn.Server(uvicorn_config).run()
         return 0
-    return WorkerSupervisor(config, uvicorn_config, args.workers).run()
+    return WorkerSupervisor(settings, uvicorn_config, args.workers).run()
 
 
 class WorkerSupervisor:
@@ -430,8 +677,8 @@ class WorkerSupervisor:
     still imports torch) kept it waiting that long. This one only watches exit codes.
     """
 
-    def __init__(self, config: ServerConfig, uvicorn_config, workers: int):
-        self.config, self.uvicorn_config, self.workers = config, uvicorn_config, workers
+    def __init__(self, settings: ServerSettings, uvicorn_config, workers: int):
+        self.settings, self.uvicorn_config, self.workers = settings, uvicorn_config, workers
         self.stopping = False
         self.processes: List[Any] = []
 
@@ -439,7 +686,6 @@ class WorkerSupervisor:
         """Serve until SIGINT or SIGTERM; 1 when a worker could not start, else 0."""
         import multiprocessing
         import signal
-        import time
 
         from uvicorn.config import STARTUP_FAILURE
 
@@ -469,7 +715,7 @@ class WorkerSupervisor:
         self.stopping = True
 
     def _start(self, context, listener):
-        process = context.Process(target=_serve_worker, args=(self.config, self.uvicorn_config, listener))
+        process = context.Process(target=_serve_worker, args=(self.settings, self.uvicorn_config, listener))
         process.start()
         return process
 
@@ -485,7 +731,7 @@ class WorkerSupervisor:
                 process.join()
 
 
-def _serve_worker(config: ServerConfig, uvicorn_config, listener) -> None:
+def _serve_worker(settings: ServerSettings, uvicorn_config, listener) -> None:
     """One worker process: load the models, then serve the inherited socket until SIGTERM."""
     import sys
 
@@ -494,13 +740,17 @@ def _serve_worker(config: ServerConfig, uvicorn_config, listener) -> None:
 
     uvicorn_config.configure_logging()
     try:
-        uvicorn_config.app = create_app(config)
+        uvicorn_config.app = create_app(settings)
     except KeyboardInterrupt:
         return
     except Exception:
-        logger.exception("worker %d could not load the models in %s", os.getpid(), config.models_dir)
+        logger.exception("worker %d could not load the models in %s", os.getpid(), settings.models_dir)
         sys.exit(STARTUP_FAILURE)
     try:
         uvicorn.Server(uvicorn_config).run(sockets=[listener])
     except KeyboardInterrupt:
         pass
+
+
+__all__ = ["ServerSettings", "ServerConfig", "create_app", "ModelRegistry", "RequestGuard", "load_api_keys",
+           "add_arguments", "run"]

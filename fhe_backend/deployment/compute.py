@@ -1,0 +1,235 @@
+"""Computations in supervised child processes, so that a native crash costs one request.
+
+Concrete runs circuits in native code; input it does not expect (keys whose parameters differ
+from the circuit's, say) can abort the whole process (SIGSEGV, SIGABRT, a Rust panic). The
+server checks keys and ciphertexts before use (`fhe_backend.deployment.wire`), and runs every
+computation in a `ComputeProcess`, a child of the worker: when the child dies, the request
+that was running fails with `ComputeCrashed`, the worker lives on and starts a new child.
+
+A `ComputePool` holds at most `size` children, one computation each at a time: the pool size
+is the worker's limit of concurrent computations (`try_acquire` returns None when all are
+busy; the server answers 503 with ``Retry-After``). Each child keeps the circuits it loaded and
+a cache of deserialized evaluation keys bounded in count and bytes; the parent decides what
+the child caches, so `cached_keys()` reports it without asking the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger("fhe_backend.server")
+
+SERVER_ZIP = "server.zip"
+
+
+class ComputeError(Exception):
+    """A computation failed inside Concrete with an error (not a crash); `kind` says whose input."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # "keys": the evaluation keys; "inputs": the ciphertexts; "circuit": the server's
+
+
+class ComputeCrashed(Exception):
+    """The child process died during a computation (`exitcode` as multiprocessing reports it)."""
+
+    def __init__(self, exitcode: Optional[int]):
+        described = (f"signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+                     and -exitcode in signal.Signals._value2member_map_ else f"exit code {exitcode}")
+        super().__init__(f"the computation process died ({described})")
+        self.exitcode = exitcode
+
+
+def _context():
+    """A forkserver context with the package preloaded (children start in milliseconds)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fhe_backend.deployment.compute"])
+    return context
+
+
+class ComputeProcess:
+    """One child process running circuits; calls are serialized (one computation at a time)."""
+
+    def __init__(self, cache_keys: int, cache_bytes: int):
+        self.cache_keys, self.cache_bytes = max(1, cache_keys), max(0, cache_bytes)
+        self.cached: "OrderedDict[str, int]" = OrderedDict()  # key id -> serialized bytes, LRU order
+        self.process = None
+        self.connection = None
+        self._evictions: List[str] = []  # forgotten keys the child still holds
+        self._lock = threading.Lock()  # `forget` comes from other threads than `run`
+
+    def start(self) -> None:
+        """Start (or restart) the child."""
+        context = _context()
+        parent_end, child_end = context.Pipe()
+        self.process = context.Process(target=_child_main, args=(child_end,), daemon=True,
+                                       name="fhe-backend-compute")
+        self.process.start()
+        child_end.close()
+        self.connection = parent_end
+        self.cached.clear()
+        self._evictions = []
+
+    def run(self, circuit_dir: Path, key_id: str, load_keys: Callable[[], bytes],
+            sample: Sequence[bytes]) -> Tuple[bytes, ...]:
+        """Run one sample; `load_keys` is called only when the child does not hold the keys.
+
+        Raises `ComputeError` for an error Concrete reported, `ComputeCrashed` when the child
+        died (it is restarted before this returns).
+        """
+        if self.process is None or not self.process.is_alive():
+            self.start()
+        data, evict = None, []
+        with self._lock:
+            cached = key_id in self.cached
+            if cached:
+                self.cached.move_to_end(key_id)
+            evict, self._evictions = self._evictions, []
+        if not cached:
+            data = load_keys()
+            with self._lock:
+                evict += self._make_room(len(data))
+        try:
+            self.connection.send(("run", str(circuit_dir), key_id, data, evict, tuple(sample)))
+            reply = self.connection.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self.process.join(10)
+            crashed = ComputeCrashed(self.process.exitcode)
+            logger.error("compute process %d: %s; starting another", self.process.pid, crashed)
+            self.start()
+            raise crashed from None
+        if data is not None and reply[:2] != ("error", "keys"):
+            with self._lock:
+                self.cached[key_id] = len(data)  # the child holds them now
+        if reply[0] == "error":
+            raise ComputeError(reply[1], reply[2])
+        return reply[1]
+
+    def forget(self, key_id: str) -> None:
+        """Drop keys from the child's cache at its next call (deleted or quarantined keys)."""
+        with self._lock:
+            self.cached.pop(key_id, None)
+            self._evictions.append(key_id)
+
+    def _make_room(self, size: int) -> List[str]:
+        evict = []
+        while self.cached and (len(self.cached) + 1 > self.cache_keys
+                               or sum(self.cached.values()) + size > self.cache_bytes):
+            evict.append(self.cached.popitem(last=False)[0])
+        return evict
+
+    def stop(self) -> None:
+        """Stop the child (it exits when its pipe closes; killed after 5 s)."""
+        if self.process is None:
+            return
+        self.connection.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class ComputePool:
+    """At most `size` compute processes of one worker, started on first use."""
+
+    def __init__(self, size: int, cache_keys: int, cache_bytes: int):
+        self.size = max(1, size)
+        self._idle: List[ComputeProcess] = []
+        self._busy = 0
+        self._all: List[ComputeProcess] = []
+        self._lock = threading.Lock()
+        self._cache = (cache_keys, cache_bytes)
+
+    def try_acquire(self) -> Optional[ComputeProcess]:
+        """An idle process (started when needed), or None when `size` computations run already."""
+        with self._lock:
+            if self._idle:
+                process = self._idle.pop()
+            elif len(self._all) < self.size:
+                process = ComputeProcess(*self._cache)
+                self._all.append(process)
+            else:
+                return None
+            self._busy += 1
+            return process
+
+    def release(self, process: ComputeProcess) -> None:
+        """Return a process taken with `try_acquire`."""
+        with self._lock:
+            self._busy -= 1
+            self._idle.append(process)
+
+    def forget(self, key_id: str) -> None:
+        """Make every process drop `key_id` from its cache."""
+        with self._lock:
+            for process in self._all:
+                if key_id in process.cached:
+                    process.forget(key_id)
+
+    def stats(self) -> Dict[str, int]:
+        """Busy computations and the keys cached in the children (for ``GET /health``)."""
+        with self._lock:
+            return {"max_concurrent_computes": self.size, "running_computes": self._busy,
+                    "cached_keys": sum(len(p.cached) for p in self._all),
+                    "cached_key_bytes": sum(sum(p.cached.values()) for p in self._all)}
+
+    def stop(self) -> None:
+        """Stop every child."""
+        with self._lock:
+            for process in self._all:
+                process.stop()
+
+
+def _child_main(connection) -> None:
+    """The child: load circuits and keys, run samples, until the parent closes the pipe."""
+    from concrete import fhe
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which closes the pipe
+    servers: Dict[str, object] = {}
+    keys: Dict[str, object] = {}
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        _, circuit_dir, key_id, data, evict, sample = message
+        for old in evict:
+            keys.pop(old, None)
+        try:
+            if data is not None:
+                keys[key_id] = fhe.EvaluationKeys.deserialize(data)
+                del data
+            elif key_id not in keys:
+                connection.send(("error", "circuit", "internal: keys expected in the compute cache are missing"))
+                continue
+        except (RuntimeError, ValueError) as error:
+            connection.send(("error", "keys", _first_line(error)))
+            continue
+        try:
+            if circuit_dir not in servers:
+                servers[circuit_dir] = fhe.Server.load(Path(circuit_dir) / SERVER_ZIP)
+        except (RuntimeError, ValueError, OSError) as error:
+            connection.send(("error", "circuit", _first_line(error)))
+            continue
+        try:
+            values = [fhe.Value.deserialize(value) for value in sample]
+            result = servers[circuit_dir].run(*values, evaluation_keys=keys[key_id])
+        except (RuntimeError, ValueError) as error:
+            connection.send(("error", "inputs", _first_line(error)))
+            continue
+        results = result if isinstance(result, tuple) else (result,)
+        connection.send(("ok", tuple(r.serialize() for r in results)))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return " ".join(text.splitlines()[:3])[:500]
+
+
+__all__ = ["ComputePool", "ComputeProcess", "ComputeError", "ComputeCrashed"]
