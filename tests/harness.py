@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import fhe_backend
+from fhe_backend.settings import DEFAULT_MODEL_BITS
 
 
 def as_tuple(value: Any) -> Tuple[Any, ...]:
@@ -25,8 +26,19 @@ def compile_fhe(model: torch.nn.Module, inputset: Any, **options: Any):
     return torch.compile(model, backend="fhe", options={"inputset": inputset, **options})
 
 
+# issue 13: a tolerance against eager torch wider than this share of the output span would let
+# a constant output pass; `quantization_tolerance` refuses to build one
+MAX_SHARE_OF_SPAN = 0.15
+
+
 def quantization_tolerance(reference: torch.Tensor, n_bits: int, steps: float = 4.0) -> float:
-    """`steps` quantization steps of the reference output's range at `n_bits`."""
+    """`steps` quantization steps of the reference output's range at `n_bits`, at most
+    MAX_SHARE_OF_SPAN of that range (a wider request is an error in the test)."""
+    share = steps / (2**n_bits - 1)
+    assert share <= MAX_SHARE_OF_SPAN, (
+        f"a tolerance of {steps} steps at n_bits={n_bits} is {share:.0%} of the output span, over "
+        f"{MAX_SHARE_OF_SPAN:.0%}: a constant output could pass; compare on quantization-grid "
+        "inputs, with more bits, or with fhe='disable' exactly")
     span = float(reference.max() - reference.min()) if reference.numel() else 0.0
     return steps * max(span, 1e-6) / (2**n_bits - 1)
 
@@ -48,7 +60,8 @@ def assert_matches_torch(model: torch.nn.Module, inputs: Sequence[torch.Tensor],
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected):
         assert got.shape == want.shape, (got.shape, want.shape)
-        tolerance = quantization_tolerance(want.float(), n_bits, steps)
+        # steps of the output quantizer: an int n_bits gives outputs max(5, n_bits) bits
+        tolerance = quantization_tolerance(want.float(), max(DEFAULT_MODEL_BITS, n_bits), steps)
         error = float((got.float() - want.float()).abs().max())
         assert error <= tolerance, f"max error {error:.4g} > tolerance {tolerance:.4g}"
     partitions = fhe_backend.partitions(compiled)

@@ -198,7 +198,8 @@ def test_clear_input(insecure_configuration):
     expected = _eager(model, x, y)
     simulated = quantized.forward(x, y, fhe="simulate")
     assert np.abs(simulated - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 3, steps=6)
+        torch.from_numpy(expected), 3, steps=1)
+    np.testing.assert_array_equal(simulated, quantized.forward(x, y, fhe="disable"))
     with pytest.raises(OptionError, match="inputs_encryption_status"):
         compile_torch_model(model, inputset, n_bits=3, inputs_encryption_status=["encrypted"])
     with pytest.raises(OptionError, match="inputs_encryption_status"):
@@ -256,7 +257,7 @@ def test_build_quantized_module_is_not_compiled_until_compile():
     clear = quantized.forward(x_test)
     expected = _eager(model, x_test)
     assert np.abs(clear - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 4, steps=8)
+        torch.from_numpy(expected), 4, steps=2)
     with pytest.raises(NotCompiledError, match="compile"):
         quantized.fhe_circuit  # noqa: B018
     with pytest.raises(NotCompiledError):
@@ -282,7 +283,8 @@ def test_onnx_model_compiles_like_torch():
     expected = _eager(model, x_test)
     simulated = quantized.forward(x_test, fhe="simulate")
     assert np.abs(simulated - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 4, steps=8)
+        torch.from_numpy(expected), 4, steps=2)
+    np.testing.assert_array_equal(simulated, quantized.forward(x_test, fhe="disable"))
 
 
 def test_show_mlir_verbose_and_artifacts(tmp_path, capsys):

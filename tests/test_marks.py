@@ -68,7 +68,7 @@ def _run(model: nn.Module, inputs: torch.Tensor, **options):
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, n_bits: int = N_BITS):
-    tolerance = quantization_tolerance(expected, n_bits, steps=6)
+    tolerance = quantization_tolerance(expected, n_bits, steps=4.5 if n_bits >= 5 else 2)
     assert float((actual - expected).abs().max()) <= tolerance
 
 

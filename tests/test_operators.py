@@ -195,7 +195,7 @@ LAYERS = {
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_with_constant_weights(name):
     factory, shape = LAYERS[name]
-    check(factory(), [shape], n_bits=5, steps=5)
+    check(factory(), [shape], n_bits=5, steps=4.5)
 
 
 # ---- encrypted with encrypted ---------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_attention_scores_batch_times_heads():
         k = k.reshape(k.shape[0], 3, 2, 2).transpose(1, 2)
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1)
 
-    check(Lambda(scores), [(3, 4), (3, 4)], n_bits=4, steps=6)
+    check(Lambda(scores), [(3, 4), (3, 4)], n_bits=5, steps=4.5)  # at 4 bits softmax errs 18% of its span
 
 
 # ---- embedding, norms, layer norm, softmax ----------------------------------------------------
@@ -250,8 +250,8 @@ NORMALIZATIONS = {
     "vector_norm_l1_keepdim": (
         lambda: Lambda(lambda x: torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True)), 4),
     "vector_norm_inf": (lambda: Lambda(lambda x: torch.linalg.vector_norm(x, ord=float("inf"), dim=-1)), 4),
-    "LayerNorm": (lambda: nn.LayerNorm(4), 8),
-    "LayerNorm_no_affine": (lambda: nn.LayerNorm(4, elementwise_affine=False), 8),
+    "LayerNorm": (lambda: nn.LayerNorm(4), 4.5),
+    "LayerNorm_no_affine": (lambda: nn.LayerNorm(4, elementwise_affine=False), 4.5),
     "Softmax": (lambda: nn.Softmax(dim=-1), 4),
     "softmax_dim1": (lambda: Lambda(lambda x: torch.softmax(x, dim=1)), 4),
     "LogSoftmax": (lambda: nn.LogSoftmax(dim=-1), 4),
@@ -275,7 +275,7 @@ def test_several_inputs_and_outputs_with_branches_and_residual():
         branch = torch.sigmoid(b) * 2 - hidden.mean(dim=-1, keepdim=True)
         return hidden, branch
 
-    compiled = check(Lambda(forward, linear), [(4,), (4,)], n_bits=5, steps=6)
+    compiled = check(Lambda(forward, linear), [(4,), (4,)], n_bits=5, steps=4.5)
     assert len(fhe_backend.partitions(compiled)) == 1
 
 
@@ -287,7 +287,7 @@ def test_python_loop_unrolled_by_dynamo():
             x = torch.tanh(layer(x)) + x
         return x
 
-    check(Lambda(forward, *layers), [(3,)], n_bits=5, steps=8)
+    check(Lambda(forward, *layers), [(3,)], n_bits=5, steps=4.5)
 
 
 @pytest.mark.parametrize("name", ["add", "mul"])
@@ -315,4 +315,4 @@ def test_execute_equals_simulate(name, insecure_configuration):
     executed = compiled(*inputs)
     assert torch.equal(simulated, executed)
     expected = Lambda(BINARY[name])(*inputs)
-    assert float((executed - expected).abs().max()) <= quantization_tolerance(expected, 3)
+    assert float((executed - expected).abs().max()) <= quantization_tolerance(expected, 5)  # 5-bit outputs

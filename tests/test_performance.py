@@ -39,7 +39,7 @@ def test_approximate_rounding_is_one_lookup_per_activation(mlp_and_data):
     assert exact_partition.statistics["pbs_count"] > activations  # exact rounding costs extra bootstraps
     assert approximate_partition.statistics["complexity"] < exact_partition.statistics["complexity"]
     with torch.no_grad():
-        tolerance = quantization_tolerance(model(x), 5, steps=8)
+        tolerance = quantization_tolerance(model(x), 5, steps=4.5)
     assert _error(approximate, model, x) <= tolerance
 
 
@@ -120,7 +120,7 @@ def test_centered_lookups_keep_results(lopsided_model, rounding):
         fhe_backend.set_fhe_mode(compiled, "disable")
         disabled = compiled(x)
     _assert_mostly_equal(simulated, disabled)
-    steps = 4 if rounding is None or rounding == 5 else 8
+    steps = 4 if rounding is None or rounding == 5 else 4.5
     assert float((simulated - expected).abs().max()) <= quantization_tolerance(expected, 5, steps)
 
 
