@@ -157,7 +157,25 @@ def measure_simulator_speed() -> None:
               f"({quantized.statistics['pbs_count']} lookups)")
 
 
-MEASUREMENTS = {"norm-accuracy": measure_norm_accuracy, "simulator-speed": measure_simulator_speed}
+def measure_gpt2_block() -> None:
+    """docs/operators.md: a whole tiny GPT-2 block marked by name at n_bits=5, rounding 5, in
+    simulate: PBS per partition, max logit error and top-1 agreement with eager torch."""
+    from benchmarks.models import tiny_gpt2, token_batches
+
+    model, tokens = tiny_gpt2(), token_batches()
+    compiled = torch.compile(model, backend="fhe", options={
+        "module_names": ["transformer.h.0"], "inputset": tokens, "n_bits": 5,
+        "rounding_threshold_bits": 5, "fhe": "simulate"})
+    with torch.no_grad():
+        expected, actual = model(tokens[:4]).logits, compiled(tokens[:4]).logits
+    pbs = [p.statistics["pbs_count"] for p in fhe_backend.partitions(compiled)]
+    agreement = float((actual.argmax(-1) == expected.argmax(-1)).float().mean())
+    print(f"PBS per partition {pbs}, max error {float((actual - expected).abs().max()):.3g} of a "
+          f"{float(expected.max() - expected.min()):.3g} logit span, top-1 agreement {agreement:.2f}")
+
+
+MEASUREMENTS = {"norm-accuracy": measure_norm_accuracy, "simulator-speed": measure_simulator_speed,
+                "gpt2-block": measure_gpt2_block}
 
 
 if __name__ == "__main__":
