@@ -26,7 +26,7 @@ import torch
 
 from fhe_backend import cli
 from fhe_backend.deployment import FHEModelClient
-from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError
+from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError, ignore_sigpipe
 from fhe_backend.deployment.keystore import FolderKeyStore, KeyQuota, KeyRecord, new_key_id
 from fhe_backend.deployment.server import ServerSettings, create_app
 from fhe_backend.hybrid_model import HybridFHEModel
@@ -100,6 +100,15 @@ def artifacts(tmp_path_factory):
     refs["lookup_out"] = [partition.run_integers(q, "disable")[0] for q in refs["lookup_in"]]
     lookup.save_and_clear_private_info(refs["models"] / "FCSmallPBS")
     return refs
+
+
+@pytest.fixture(autouse=True)
+def _no_sigpipe_abort():
+    """Concrete's runtime aborts the process on SIGPIPE once it ran here (clients encrypt in
+    this process, servers run in its threads): restore Python's SIG_IGN."""
+    ignore_sigpipe()
+    yield
+    ignore_sigpipe()
 
 
 def settings(artifacts, keys_dir, **limits) -> ServerSettings:
@@ -249,3 +258,189 @@ def test_native_crash_costs_one_request_and_quarantines_the_key(artifacts, looku
         assert answer.status_code == 400 and "quarantined" in answer.text
     finally:
         restarted.stop()
+
+
+# ---- 2. no 500 for bad input: the malformed-request battery ---------------------------------
+
+def raw_request(port: int, data: bytes, timeout: float = 30.0) -> int:
+    """Send raw bytes; the status code of the answer (0 when the server closed without one)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    parts = answer.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifacts):
+    """(name, callable returning the status code): at least 100 malformed requests."""
+    key_id = upload(server.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()["key_id"]
+    sample = leveled_client.encrypt_serialize_integers(artifacts["leveled_in"][0])
+    good = b64(sample)
+    other_sample = b64(lookup_client.encrypt_serialize_integers(artifacts["lookup_in"][0]))
+    base = server.shape_url(LEVELED)
+    cases = []
+
+    def http(name, method, url, **kwargs):
+        cases.append((name, lambda: requests.request(method, url, timeout=TIMEOUT, **kwargs).status_code))
+
+    def compute_body(name, body: bytes, content_type="application/json"):
+        http(f"compute body {name}", "POST", base + "/compute", data=body, headers={"Content-Type": content_type})
+
+    def compute_json(name, payload):
+        compute_body(name, json.dumps(payload).encode())
+
+    valid = json.dumps({"key_id": key_id, "inputs": [[good]]})
+    # bodies that gave 500 before: non-finite numbers, invalid UTF-8, UTF-16
+    compute_body("1e999", b"1e999")
+    compute_body("-1e999", b"-1e999")
+    compute_body("NaN key_id", b'{"key_id": NaN, "inputs": [["AAAA"]]}')
+    compute_body("Infinity key_id", b'{"key_id": Infinity, "inputs": [["AAAA"]]}')
+    compute_body("NaN input", ('{"key_id": "%s", "inputs": [[NaN]]}' % key_id).encode())
+    compute_body("1e999 input", ('{"key_id": "%s", "inputs": [[1e999]]}' % key_id).encode())
+    compute_body("invalid utf-8", b'{"key_id": "\xff\xfe\xfd", "inputs": [["\xc3\x28"]]}')
+    compute_body("invalid utf-8 only", b"\xff\xfe\xfd\xfc")
+    compute_body("utf-16 with BOM", valid.encode("utf-16"))
+    compute_body("utf-16-le", valid.encode("utf-16-le"))
+    compute_body("utf-32", valid.encode("utf-32"))
+    compute_body("lone surrogate", b'{"key_id": "\\ud800", "inputs": [["AAAA"]]}')
+    compute_body("nul bytes", b"\0" * 64)
+    compute_body("truncated json", valid.encode()[:-3])
+    compute_body("not json", b"{not json")
+    compute_body("deep nesting", b"[" * 100000 + b"]" * 100000)
+    compute_body("deep nesting in inputs", ('{"key_id": "%s", "inputs": ' % key_id).encode() + b"[" * 50000)
+    compute_body("huge integer", b"9" * 100000)
+    compute_body("huge exponent", b'{"key_id": 1e99999999999, "inputs": []}')
+    compute_body("empty", b"")
+    compute_body("whitespace", b"   \n\t ")
+    for literal in (b"null", b"[]", b'""', b"0", b"true", b"{}", b'"text"', b"[{}]"):
+        compute_body(f"literal {literal!r}", literal)
+    compute_body("text/plain garbage", b"hello", content_type="text/plain")
+    compute_body("form encoded", b"key_id=x&inputs=y", content_type="application/x-www-form-urlencoded")
+    for bad_id in (1, None, ["x"], {"a": 1}, "", "short", "../../etc/passwd", "A" * 65, "é" * 40,
+                   "A" * 42 + "/", "A" * 43 + "\n", "%2e%2e%2f" * 5):
+        compute_json(f"key_id {bad_id!r:.30}", {"key_id": bad_id, "inputs": [[good]]})
+    compute_json("unknown key_id", {"key_id": "A" * 43, "inputs": [[good]]})
+    compute_json("missing key_id", {"inputs": [[good]]})
+    compute_json("missing inputs", {"key_id": key_id})
+    compute_json("duplicate fields", {"key_id": key_id, "inputs": []} | {})
+    compute_body("duplicate keys both bad", b'{"key_id": 1, "key_id": 2, "inputs": []}')
+    for name, inputs in (("string", "x"), ("number", 1), ("null", None), ("empty", []), ("empty sample", [[]]),
+                         ("int ciphertext", [[1]]), ("null ciphertext", [[None]]), ("nested", [[[good]]]),
+                         ("not base64", [["***"]]), ("empty string", [[""]]), ("base64 junk", [[b64(b"junk")]]),
+                         ("base64 padding", [["AAA"]]), ("base64 with spaces", [["AA AA"]]),
+                         ("truncated ciphertext", [[b64(sample[:-8])]]), ("half ciphertext", [[b64(sample[: len(sample) // 2])]]),
+                         ("trailing bytes", [[b64(sample + b"\0" * 8)]]), ("one trailing byte", [[b64(sample + b"x")]]),
+                         ("two ciphertexts", [[good, good]]), ("other circuit", [[other_sample]]),
+                         ("keys as ciphertext", [[b64(leveled_client.get_serialized_evaluation_keys())]]),
+                         ("random bytes", [[b64(bytes(range(256)) * 4)]]), ("too many samples", [[good]] * 9),
+                         ("mixed samples", [[good], ["***"]]), ("dict sample", [{"a": good}])):
+        compute_json(f"inputs {name}", {"key_id": key_id, "inputs": inputs})
+    header = bytearray(sample)
+    struct.pack_into("<I", header, 0, 100000)  # 100001 segments declared
+    compute_json("ciphertext with huge segment table", {"key_id": key_id, "inputs": [[b64(bytes(header))]]})
+    oversized = bytearray(sample)
+    struct.pack_into("<I", oversized, 4, 1 << 30)  # first segment larger than the message
+    compute_json("ciphertext with oversized segment", {"key_id": key_id, "inputs": [[b64(bytes(oversized))]]})
+    # keys uploaded for another module used here
+    other_key = upload(server.url, LOOKUP, lookup_keys).json()["key_id"]
+    compute_json("keys of another module", {"key_id": other_key, "inputs": [[good]]})
+
+    # keys endpoint
+    def keys_body(name, body, target=LEVELED):
+        http(f"keys {name}", "POST", server.shape_url(target) + "/keys", data=body,
+             headers={"Content-Type": "application/octet-stream"})
+
+    leveled_keys = leveled_client.get_serialized_evaluation_keys()
+    keys_body("empty", b"")
+    keys_body("garbage", b"garbage" * 100)
+    for length in (1, 7, 8, 16, 63, 1000):
+        keys_body(f"zeros {length}", b"\0" * length)
+    keys_body("random", bytes(range(256)) * 16)
+    keys_body("json", valid.encode())
+    keys_body("trailing bytes", leveled_keys + b"\0" * 8)
+    keys_body("one trailing byte", leveled_keys + b"x")
+    keys_body("truncated", leveled_keys[:-8])
+    keys_body("ciphertext as keys", sample)
+    keys_body("leveled keys for the lookup circuit", leveled_keys, LOOKUP)
+    for cut in (8, 16, 100, 4096, len(lookup_keys) // 2):
+        keys_body(f"lookup keys cut at {cut}", lookup_keys[:cut], LOOKUP)
+    keys_body("lookup keys with trailing bytes", lookup_keys + b"\0" * 8, LOOKUP)
+    for name, data in crafted_keys(lookup_keys, lookup_specs(artifacts)).items():
+        keys_body(f"crafted {name}", data, LOOKUP)
+    segments = bytearray(leveled_keys)
+    struct.pack_into("<I", segments, 0, 0xFFFFFFFF)
+    keys_body("segment count overflow", bytes(segments))
+    far_loop = struct.pack("<II", 0, 1) + struct.pack("<Q", 2)  # root: a far pointer to itself
+    keys_body("far pointer loop", far_loop)
+    struct_out = struct.pack("<II", 0, 1) + struct.pack("<Q", (0x7FFFF << 2) | (3 << 48))  # root past the end
+    keys_body("root outside the message", struct_out)
+
+    # names, methods, key ids in paths
+    for bad in ("..", ".hidden", "%2e%2e%2f%2e%2e%2fetc", "a%2Fb", "x" * 200, "%00", "%C3%BC", "a%20b", "-x"):
+        http(f"model name {bad:.20}", "GET", f"{server.url}/models/{bad}/modules")
+        http(f"shape name {bad:.20}", "POST", f"{server.url}/models/FCSmall/modules/seq_0/shapes/{bad}/keys",
+             data=leveled_keys)
+    http("unknown model", "GET", server.url + "/models/nope/modules")
+    http("unknown module", "GET", server.url + "/models/FCSmall/modules/nope/shapes")
+    http("unknown shape client", "GET", server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/client")
+    http("unknown shape compute", "POST", server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/compute",
+         data=valid)
+    for method, url in (("PUT", "/models"), ("PATCH", "/models/FCSmall/modules"), ("POST", "/health"),
+                        ("GET", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/compute"),
+                        ("PUT", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys")):
+        http(f"method {method} {url}", method, server.url + url)
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "short", "A" * 43, "A" * 200, "%00" * 40):
+        http(f"delete key {bad:.20}", "DELETE", f"{base}/keys/{bad}")
+    http("unknown path", "GET", server.url + "/nothing/here")
+
+    # framing (raw sockets): request smuggling, bad lengths, bad HTTP
+    path = "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/compute"
+
+    def raw(name, data: bytes):
+        cases.append((f"raw {name}", lambda: raw_request(server.port, data)))
+
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    raw("content-length and transfer-encoding",
+        (head + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode())
+    raw("transfer-encoding and content-length",
+        (head + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n").encode())
+    raw("two content-lengths", (head + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x").encode())
+    raw("content-length not a number", (head + "Content-Length: abc\r\n\r\n{}").encode())
+    raw("negative content-length", (head + "Content-Length: -1\r\n\r\n{}").encode())
+    raw("content-length over the limit", (head + f"Content-Length: {(1 << 30) + 1}\r\n\r\n").encode())
+    raw("bad chunk size", (head + "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n").encode())
+    raw("gzip transfer-encoding", (head + "Transfer-Encoding: gzip\r\n\r\n{}").encode())
+    raw("no host", f"POST {path} HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+    raw("garbage request line", b"GARBAGE\r\n\r\n")
+    raw("header without colon", (head + "NoColonHere\r\nContent-Length: 2\r\n\r\n{}").encode())
+    raw("huge header", (head + "X-Big: " + "a" * 70000 + "\r\nContent-Length: 2\r\n\r\n{}").encode())
+    raw("body bigger than content-length", (head + "Content-Length: 2\r\n\r\n{}garbage-after").encode())
+    return cases
+
+
+def test_malformed_request_battery_gets_only_4xx(artifacts, server, leveled_client, lookup_client, lookup_keys):
+    """At least 100 malformed requests: every one is answered 4xx (never 5xx, never silence)."""
+    cases = malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifacts)
+    assert len(cases) >= 100, len(cases)
+    results = {name: run() for name, run in cases}
+    wrong = {name: status for name, status in results.items() if not 400 <= status < 500}
+    assert not wrong, wrong
+    # the ones the issue lists, with the status a client can act on
+    assert results["raw content-length and transfer-encoding"] == 400
+    assert results["compute body 1e999"] == 422 and results["compute body NaN key_id"] == 422
+    assert results["compute body utf-16 with BOM"] == 422 and results["compute body invalid utf-8"] == 422
+    assert results["compute body inputs trailing bytes"] == 400 and results["keys trailing bytes"] == 400
+    assert results["compute body inputs too many samples"] == 413
+    assert results["raw content-length over the limit"] == 413
+    # still serving
+    sample = leveled_client.encrypt_serialize_integers(artifacts["leveled_in"][1])
+    key_id = upload(server.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()["key_id"]
+    answer = compute(server.url, LEVELED, key_id, [sample])
+    assert answer.status_code == 200
+    result = base64.b64decode(answer.json()["outputs"][0][0])
+    np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result), artifacts["leveled_out"][1])

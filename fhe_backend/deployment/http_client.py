@@ -11,6 +11,8 @@ import base64
 import binascii
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -35,6 +37,20 @@ class RemoteServerError(DeploymentError):
         super().__init__(message)
         self.status_code = status_code
         self.detail = detail
+
+
+def ignore_sigpipe() -> None:
+    """Let writes to a closed socket raise `BrokenPipeError` instead of killing the process.
+
+    Python ignores SIGPIPE, but Concrete's runtime (HPX) installs its own handler the first
+    time it runs, which aborts the process on a broken pipe: a server closing the connection
+    early (a 413 during a key upload, say) killed the client. From the main thread this
+    restores Python's disposition for the process; from another thread it blocks SIGPIPE there.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    else:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
 
 
 def encode_sample(item: SerializedSample) -> List[str]:
@@ -141,6 +157,7 @@ class FheHttpClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.base_url + path
+        ignore_sigpipe()
         idempotent = method in IDEMPOTENT_METHODS
         headers = dict(kwargs.pop("headers", None) or {})
         if self.api_key:

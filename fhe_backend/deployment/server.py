@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import zipfile
 from contextlib import asynccontextmanager
@@ -54,6 +55,7 @@ from .fhe_client_server import (
     VersionMismatchError,
     check_versions,
 )
+from .http_client import ignore_sigpipe
 from .keystore import (
     KEY_ID_PATTERN,
     FolderKeyStore,
@@ -362,6 +364,8 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
     keystore: where keys live (default: a `FolderKeyStore` of `settings.keys_dir`). Raises
     `KeyStoreUnavailable` when keys cannot be stored and `ValueError` for an unusable API-keys file.
     """
+    if threading.current_thread() is threading.main_thread():
+        ignore_sigpipe()  # a client closing its connection must not kill the worker
     registry = ModelRegistry(Path(settings.models_dir))
     keystore = keystore if keystore is not None else FolderKeyStore(Path(settings.keys_dir))
     keystore.check()
