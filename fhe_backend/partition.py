@@ -19,7 +19,8 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .lowering.registry import ONE_SAMPLE_AT_A_TIME, mixes_samples, op_name, unsupported_reason
+from .lowering.batch import BATCH_MAJOR, BatchAt, Layout, MixesSamples, batch_layout
+from .lowering.registry import ONE_SAMPLE_AT_A_TIME, op_name, unsupported_reason
 from .runtime import FhePartition
 from .settings import FheSettings
 
@@ -35,6 +36,7 @@ class TorchNode:
     module: str
     reason: str
     source: str = ""
+    node: Optional[fx.Node] = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         where = f" in module '{self.module}'" if self.module else ""
@@ -103,51 +105,42 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
 
     Returns the split graph module, its partitions (in graph order) and the compute nodes left
     in torch with their reasons. Unsupported target nodes warn (or raise with require_full_fhe).
+    Where each value keeps the batch comes from the ops' batch rules (`lowering.batch`); a
+    partition's inputs and outputs must hold it batch-major on dim 0.
     """
     target = {node: group for group in groups for node in group.nodes}
     left_in_torch: List[TorchNode] = []
     supported_by_group: Dict[str, List[fx.Node]] = {g.key: [] for g in groups}
-    batch_dims: Dict[fx.Node, Optional[int]] = {}  # where each value keeps the batch (None: nowhere)
+    layouts = batch_layouts(graph_module)
     for node in graph_module.graph.nodes:
-        if node.op == "placeholder":
-            batch_dims[node] = None if _is_scalar(node) else 0
         if not _is_compute(node):
             continue
         group = target.get(node)
-        reason = unsupported_reason(node)
-        inputs = [arg for arg in node.all_input_nodes if _is_tensor_arg(arg) and arg.op != "get_attr"]
-        input_dims = [batch_dims.get(arg, 0) for arg in inputs]
-        batch_dims[node] = _batch_dim(node, reason, input_dims)
-        moved = next(((arg, dim) for arg, dim in zip(inputs, input_dims) if dim != 0), None)
-        if group is None:
-            reason = "not in a module marked for FHE"
-        elif reason is None and moved is not None:
-            arg, dim = moved
-            where = ("is one value for the whole batch (computed across samples in torch)"
-                     if dim is None else f"has the batch at dim {dim}, not 0")
-            reason = f"its input '{arg.name}' {where}; {ONE_SAMPLE_AT_A_TIME}"
+        reason = "not in a module marked for FHE" if group is None else _reason(node, layouts)
         if reason is None:
             supported_by_group[group.key].append(node)
-            continue
-        record = TorchNode(node.name, op_name(node), module_path(node), reason, source_line(node))
-        left_in_torch.append(record)
-        if group is not None:
-            if group.settings.require_full_fhe:
-                raise UnsupportedOpError(f"cannot run in FHE: {record}. Rewrite this op, or drop "
-                                         "require_full_fhe to run it in torch")
-            warnings.warn(f"fhe_backend: running in torch instead of FHE: {record}", stacklevel=2)
-
-    proposals: List[Tuple[TargetGroup, Dict[fx.Node, None]]] = []
-    for group in groups:
-        nodes = supported_by_group[group.key]
-        if not nodes:
-            continue
-        partitioner = CapabilityBasedPartitioner(graph_module, _InTarget(nodes),
-                                                 allows_single_node_partition=True)
-        for proposal in partitioner.propose_partitions():
-            proposals.append((group, dict.fromkeys(proposal.nodes)))
+        else:
+            left_in_torch.append(_left(node, reason))
+    while True:
+        proposals = _proposals(graph_module, groups, supported_by_group)
+        misplaced = _misplaced_batch(graph_module, proposals, layouts)
+        if not misplaced:
+            break
+        for node, reason in misplaced.items():
+            group = target[node]
+            supported_by_group[group.key].remove(node)
+            left_in_torch.append(_left(node, reason))
     order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
-    proposals.sort(key=lambda item: min(order[n] for n in item[1]))
+    left_in_torch.sort(key=lambda record: order.get(record.node, 0))
+    for records in _grouped([r for r in left_in_torch if target.get(r.node) is not None]):
+        record = records[0]
+        if target[record.node].settings.require_full_fhe:
+            raise UnsupportedOpError(f"cannot run in FHE: {record}. Rewrite this op, or drop "
+                                     "require_full_fhe to run it in torch")
+        more = f" (and {len(records) - 1} more ops of '{record.module}' for the same reason)" \
+            if len(records) > 1 else ""
+        warnings.warn(f"fhe_backend: running in torch instead of FHE: {record}{more}. "
+                      f"{clear_values_note(record.node)}", stacklevel=2)
     for _, nodes in proposals:
         _own_constants(graph_module, nodes)
     fused = fuse_by_partitions(graph_module, [nodes for _, nodes in proposals],
@@ -166,20 +159,122 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
     return fused, partitions, left_in_torch
 
 
-def _batch_dim(node: fx.Node, reason: Optional[str], input_dims: List[Optional[int]]) -> Optional[int]:
-    """Where `node`'s value keeps the batch, from its inputs' (None: a value of the whole batch).
+def _grouped(records: List[TorchNode]) -> List[List[TorchNode]]:
+    """Records of one module left in torch for one reason, together (one warning each)."""
+    groups: Dict[Tuple[str, str], List[TorchNode]] = {}
+    for record in records:
+        groups.setdefault((record.module, record.reason), []).append(record)
+    return list(groups.values())
 
-    A permute moves the batch with its dims (attention's `permute(2, 0, 1, 3)` and back); a
-    value of the whole batch broadcast onto batch-major ones keeps their batch dim; an op that
-    acts across samples, a 0-d value, or inputs with the batch at different dims leave it nowhere.
+
+def clear_values_note(node: fx.Node) -> str:
+    """What leaves the encrypted domain when `node` runs in torch (the privacy cost)."""
+    inputs = [arg.name for arg in node.all_input_nodes if arg.op != "get_attr"]
+    read = f"the values it reads ({', '.join(repr(n) for n in inputs)})" if inputs else "its inputs"
+    return (f"Privacy: the activations are in the clear at this point: {read} are decrypted (or "
+            f"never encrypted) for this op, and its output '{node.name}' is plaintext until it "
+            "enters an FHE partition again; not only slower")
+
+
+def batch_layouts(graph_module: fx.GraphModule) -> Dict[fx.Node, Optional[Layout]]:
+    """Where each value of the graph keeps the batch (`BatchAt`), or why it holds none
+    (`MixesSamples`); None for clear constants (weights, values computed from them only).
+
+    Tensor inputs hold the batch batch-major on dim 0; 0-d inputs are one value for the whole
+    batch. The layout is also stored in each node's `meta["fhe_batch"]` for the lowerings.
     """
-    if node.target is torch.ops.aten.permute.default and len(input_dims) == 1:
-        dims = [d % max(len(node.args[1]), 1) for d in node.args[1]]
-        return None if input_dims[0] is None or input_dims[0] not in dims else dims.index(input_dims[0])
-    kept = set(input_dims) - {None}
-    if mixes_samples(reason) or _is_scalar(node) or len(kept) > 1 or (input_dims and not kept):
-        return None
-    return kept.pop() if kept else 0
+    layouts: Dict[fx.Node, Optional[Layout]] = {}
+    for node in graph_module.graph.nodes:
+        node.meta.pop("fhe_batch", None)
+        if node.op == "placeholder":
+            layouts[node] = (MixesSamples("is a 0-d input, one value for the whole batch")
+                             if _is_scalar(node) else BATCH_MAJOR if _is_tensor_arg(node) else None)
+        elif node.op == "call_function":
+            layouts[node] = _layout(node, layouts)
+        else:
+            layouts[node] = None
+        if isinstance(layouts[node], BatchAt):
+            node.meta["fhe_batch"] = layouts[node]
+    return layouts
+
+
+def _layout(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional[Layout]:
+    """A node's layout from its inputs'. Values of the whole batch (computed across samples in
+    torch) broadcast onto per-sample ones like constants: the result keeps the batch."""
+    inputs = {arg: layouts.get(arg) for arg in node.all_input_nodes}
+    batched = {arg: layout for arg, layout in inputs.items() if isinstance(layout, BatchAt)}
+    whole = next((arg for arg, layout in inputs.items() if isinstance(layout, MixesSamples)), None)
+    if not batched:
+        return None if whole is None else MixesSamples(f"reads '{whole.name}', one value for the whole batch")
+    if _is_scalar(node):
+        return MixesSamples("gives a 0-d value, which has no batch dim")
+    return batch_layout(node, batched)
+
+
+def _recurrent_module(node: fx.Node) -> str:
+    """The path of the recurrent layer (nn.RNN / nn.GRU / nn.LSTM) the node comes from, or ''."""
+    for path, cls in module_paths(node):
+        name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
+        if isinstance(cls, type) and issubclass(cls, torch.nn.RNNBase) or name.endswith(
+                ("torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.GRU", "torch.nn.modules.rnn.LSTM")):
+            return path or "(model)"
+    return ""
+
+
+def _reason(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional[str]:
+    """Why a target node cannot run in FHE (None when it can)."""
+    recurrent = _recurrent_module(node)
+    if recurrent:
+        return (f"part of the recurrent layer '{recurrent}' (captured with "
+                "torch._dynamo.config.allow_rnn): its time steps stay in torch")
+    for arg in node.all_input_nodes:
+        layout = layouts.get(arg)
+        if isinstance(layout, MixesSamples):
+            return (f"its input '{arg.name}' is one value for the whole batch (computed across "
+                    f"samples in torch); {ONE_SAMPLE_AT_A_TIME}")
+    layout = layouts.get(node)
+    if isinstance(layout, MixesSamples):
+        return layout.reason(node)
+    return unsupported_reason(node)
+
+
+def _left(node: fx.Node, reason: str) -> TorchNode:
+    return TorchNode(node.name, op_name(node), module_path(node), reason, source_line(node), node=node)
+
+
+def _proposals(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
+               supported_by_group: Dict[str, List[fx.Node]]) -> List[Tuple[TargetGroup, Dict[fx.Node, None]]]:
+    proposals: List[Tuple[TargetGroup, Dict[fx.Node, None]]] = []
+    for group in groups:
+        nodes = supported_by_group[group.key]
+        if not nodes:
+            continue
+        partitioner = CapabilityBasedPartitioner(graph_module, _InTarget(nodes),
+                                                 allows_single_node_partition=True)
+        for proposal in partitioner.propose_partitions():
+            proposals.append((group, dict.fromkeys(proposal.nodes)))
+    order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+    proposals.sort(key=lambda item: min(order[n] for n in item[1]))
+    return proposals
+
+
+def _misplaced_batch(graph_module: fx.GraphModule, proposals, layouts) -> Dict[fx.Node, str]:
+    """Nodes on a partition's boundary whose value does not hold the batch batch-major on dim 0
+    (the runtime splits partition inputs and outputs into samples along it)."""
+    misplaced: Dict[fx.Node, str] = {}
+    for _, nodes in proposals:
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                layout = layouts.get(arg)
+                if arg not in nodes and isinstance(layout, BatchAt) and not layout.major:
+                    misplaced[node] = (f"its input '{arg.name}' comes from torch with the batch at "
+                                       f"{layout}; a partition's inputs need it batch-major on dim 0")
+            layout = layouts.get(node)
+            if (isinstance(layout, BatchAt) and not layout.major
+                    and any(user not in nodes for user in node.users)):
+                misplaced[node] = (f"its value, with the batch at {layout}, would leave the FHE "
+                                   "partition; a partition's outputs need it batch-major on dim 0")
+    return misplaced
 
 
 def _is_scalar(node: fx.Node) -> bool:

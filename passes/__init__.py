@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from fhe_backend.errors import FheBackendError, PassError
 
+from .decompose_fused import decompose_fused
 from .detect_fake_quant import detect_fake_quant
 from .fold_constants import fold_constants
 from .free_batch_views import free_batch_views
@@ -20,8 +21,8 @@ from .remove_identities import remove_identities
 
 GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-DEFAULT_PASSES: Sequence[GraphPass] = (remove_identities, fold_constants, masked_softmax,
-                                       detect_fake_quant, free_batch_views)
+DEFAULT_PASSES: Sequence[GraphPass] = (decompose_fused, remove_identities, fold_constants,
+                                       masked_softmax, detect_fake_quant, free_batch_views)
 
 
 class PassManager:
@@ -45,5 +46,5 @@ class PassManager:
         return graph_module
 
 
-__all__ = ["DEFAULT_PASSES", "PassManager", "detect_fake_quant", "fold_constants",
+__all__ = ["DEFAULT_PASSES", "PassManager", "decompose_fused", "detect_fake_quant", "fold_constants",
            "free_batch_views", "masked_softmax", "remove_identities"]

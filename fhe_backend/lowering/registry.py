@@ -64,6 +64,11 @@ def _find(node: fx.Node) -> Optional[Lowering]:
     return None
 
 
+def has_lowering(node: fx.Node) -> bool:
+    """True when a lowering is registered for the node's op (validators aside)."""
+    return _find(node) is not None
+
+
 def lowering_for(node: fx.Node) -> Lowering:
     """The lowering of a supported node; raises LoweringError otherwise."""
     lowering = _find(node)
@@ -110,25 +115,29 @@ def meta_shape(node: Any) -> Optional[Sequence[Any]]:
 ONE_SAMPLE_AT_A_TIME = "FHE circuits run one sample at a time"
 
 
-def mixes_samples(reason: Optional[str]) -> bool:
-    """True when an unsupported-op reason says the op combines the samples of the batch."""
-    return bool(reason) and reason.endswith(ONE_SAMPLE_AT_A_TIME)
+def batch_dim_of(node: Any) -> int:
+    """The dim where `node`'s value keeps the batch, as the partitioner's batch rules placed it
+    (`meta["fhe_batch"]`, see `lowering.batch`); dim 0 before they ran."""
+    layout = node.meta.get("fhe_batch") if isinstance(node, fx.Node) else None
+    return getattr(layout, "dim", 0)
 
 
-def touches_batch_dim(dims: Any, ndim: Optional[int]) -> bool:
-    """True when `dims` include dim 0, the batch-major dim every FHE value keeps apart."""
+def touches_batch_dim(dims: Any, ndim: Optional[int], batch_dim: int = 0) -> bool:
+    """True when `dims` include `batch_dim` (None or [] means every dim)."""
     if dims is None or ndim is None:
         return dims is None
     dims = [dims] if isinstance(dims, int) else list(dims)
     if not dims:
         return True
-    return any(d % max(ndim, 1) == 0 for d in dims)
+    return any(d % max(ndim, 1) == batch_dim for d in dims)
 
 
 def batch_dim_reason(dims: Any, node: fx.Node, what: str = "dims") -> Optional[str]:
-    """Reason string when an op acts across samples (on dim 0), else None."""
+    """Reason string when an op acts across samples (on its input's batch dim), else None."""
     source = node.all_input_nodes[0] if node.all_input_nodes else None
     shape = meta_shape(source) if source is not None else None
-    if touches_batch_dim(dims, len(shape) if shape is not None else None):
-        return f"{op_name(node)} with {what}={dims!r} acts on dim 0 (the batch); {ONE_SAMPLE_AT_A_TIME}"
+    batch_dim = batch_dim_of(source)
+    if touches_batch_dim(dims, len(shape) if shape is not None else None, batch_dim):
+        return (f"{op_name(node)} with {what}={dims!r} acts on dim {batch_dim} (the batch); "
+                f"{ONE_SAMPLE_AT_A_TIME}")
     return None

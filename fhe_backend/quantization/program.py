@@ -100,7 +100,8 @@ class IntegerProgram:
 
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""
-        return self._value_stats.get(id(value), ctx.stats)
+        stats = self._value_stats.get(id(value))
+        return stats if stats is not None else ctx.stats
 
     def quantize_inputs(self, *inputs: Any) -> Tuple[np.ndarray, ...]:
         """Float tensors/arrays -> the integer inputs of the program."""
