@@ -444,3 +444,329 @@ def test_malformed_request_battery_gets_only_4xx(artifacts, server, leveled_clie
     assert answer.status_code == 200
     result = base64.b64decode(answer.json()["outputs"][0][0])
     np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result), artifacts["leveled_out"][1])
+
+
+# ---- 2. keys folder: checked at start-up, reported by /health, atomic metadata ---------------
+
+def test_unwritable_keys_folder_stops_start_up_with_exit_1(artifacts, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    status = cli.main(["serve", str(artifacts["models"]), "--keys-dir", str(blocker / "keys")])
+    out = capsys.readouterr().out
+    assert status == 1 and "keys folder" in out and "not writable" in out and "--keys-dir" in out, out
+
+
+def test_health_reports_keys_that_cannot_be_stored_and_uploads_get_503(artifacts, leveled_client, tmp_path):
+    keys_dir = tmp_path / "keys"
+    running = ThreadServer(settings(artifacts, keys_dir))
+    try:
+        health = requests.get(running.url + "/health", timeout=TIMEOUT)
+        assert health.status_code == 200 and health.json()["keys"] == "writable"
+        key_id = upload(running.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()["key_id"]
+        assert stored_files(keys_dir) == sorted([f"{key_id}.evk", f"{key_id}.json"]), "no temporary file left"
+        record = json.loads((keys_dir / f"{key_id}.json").read_text())
+        assert record["key_id"] == key_id and record["model"] == "FCSmall" and record["size"] > 0
+        import shutil
+
+        shutil.rmtree(keys_dir)
+        keys_dir.write_text("the keys folder was replaced by a file")
+        health = requests.get(running.url + "/health", timeout=TIMEOUT)
+        assert health.status_code == 503 and "not writable" in health.json()["detail"]
+        answer = upload(running.url, LEVELED, leveled_client.get_serialized_evaluation_keys())
+        assert answer.status_code == 503 and "keys" in answer.json()["detail"], answer.text
+        keys_dir.unlink()
+        assert requests.get(running.url + "/health", timeout=TIMEOUT).status_code == 200  # recreated
+    finally:
+        running.stop()
+
+
+# ---- 3. limits ----------------------------------------------------------------------------
+
+def test_key_quota_expiry_and_delete(artifacts, leveled_client, tmp_path):
+    running = ThreadServer(settings(artifacts, tmp_path / "keys", max_keys_per_model=2, key_ttl_seconds=2.0))
+    keys = leveled_client.get_serialized_evaluation_keys()
+    sample = leveled_client.encrypt_serialize_integers(artifacts["leveled_in"][0])
+    try:
+        first, second = (upload(running.url, LEVELED, keys).json()["key_id"] for _ in range(2))
+        refused = upload(running.url, LEVELED, keys)
+        assert refused.status_code == 429 and "--max-keys-per-model" in refused.text
+        base = running.shape_url(LEVELED)
+        assert requests.delete(f"{base}/keys/{first}", timeout=TIMEOUT).status_code == 204
+        assert compute(running.url, LEVELED, first, [sample]).status_code == 404
+        assert requests.delete(f"{base}/keys/{first}", timeout=TIMEOUT).status_code == 404
+        third = upload(running.url, LEVELED, keys).json()["key_id"]
+        assert compute(running.url, LEVELED, third, [sample]).status_code == 200
+        time.sleep(2.2)
+        expired = compute(running.url, LEVELED, second, [sample])
+        assert expired.status_code == 404 and "expired" in expired.text
+        assert upload(running.url, LEVELED, keys).status_code == 200  # expired keys no longer count
+        assert len([name for name in stored_files(tmp_path / "keys") if name.endswith(".evk")]) == 1
+    finally:
+        running.stop()
+    running = ThreadServer(settings(artifacts, tmp_path / "keys2", max_key_bytes_per_model=len(keys) + 10))
+    try:
+        assert upload(running.url, LEVELED, keys).status_code == 200
+        refused = upload(running.url, LEVELED, keys)
+        assert refused.status_code == 429 and "--max-key-bytes-per-model" in refused.text
+    finally:
+        running.stop()
+
+
+def test_samples_per_request_limit(artifacts, server, leveled_client):
+    key_id = upload(server.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()["key_id"]
+    samples = [leveled_client.encrypt_serialize_integers(q) for q in artifacts["leveled_in"]] * 2
+    assert len(samples) == 8
+    assert compute(server.url, LEVELED, key_id, samples).status_code == 200
+    refused = compute(server.url, LEVELED, key_id, samples + samples[:1])
+    assert refused.status_code == 413 and "--max-samples-per-request" in refused.text
+
+
+def test_slow_bodies_time_out_and_their_connections_close(artifacts, tmp_path):
+    """`Content-Length: 100000000` followed by 10 bytes, and a body trickling in: 408, closed."""
+    running = ThreadServer(settings(artifacts, tmp_path / "keys", body_idle_timeout_seconds=1.0,
+                                    body_timeout_seconds=3.0))
+    path = "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys"
+    try:
+        sockets = []
+        started = time.time()
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=20)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".encode()
+                         + b"0123456789")
+            sockets.append(sock)
+        for sock in sockets:
+            answer = b""
+            while True:  # read until the server closes the connection
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            sock.close()
+        assert time.time() - started < 15
+        trickle = socket.create_connection(("127.0.0.1", running.port), timeout=20)
+        trickle.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode())
+        started, answer = time.time(), b""
+        trickle.setblocking(False)
+        while not answer and time.time() - started < 15:
+            try:
+                trickle.sendall(b"x")
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                pass
+            time.sleep(0.3)
+            try:
+                answer = trickle.recv(4096)
+            except BlockingIOError:
+                pass
+        trickle.close()
+        assert answer.startswith(b"HTTP/1.1 408") and 2.5 < time.time() - started < 10, answer[:100]
+    finally:
+        running.stop()
+
+
+def test_busy_worker_answers_503_with_retry_after_and_client_retries(artifacts, lookup_client, lookup_keys,
+                                                                      tmp_path):
+    running = ThreadServer(settings(artifacts, tmp_path / "keys", max_concurrent_computes=1,
+                                    retry_after_seconds=1))
+    try:
+        key_id = upload(running.url, LOOKUP, lookup_keys).json()["key_id"]
+        samples = [lookup_client.encrypt_serialize_integers(q) for q in artifacts["lookup_in"]]
+        with ThreadPoolExecutor(1) as pool:
+            long_one = pool.submit(compute, running.url, LOOKUP, key_id, samples * 2)
+            deadline = time.time() + 60
+            while requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]["running_computes"] == 0:
+                assert time.time() < deadline
+                time.sleep(0.05)
+            busy = compute(running.url, LOOKUP, key_id, samples[:1])
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1", busy.text
+            # the client follows Retry-After and succeeds once the first computation is done
+            patient = FheHttpClient(running.url, retries=30, backoff_seconds=0.2)
+            result = patient.compute(*LOOKUP, key_id, samples[:1])
+            assert long_one.result().status_code == 200
+        np.testing.assert_array_equal(lookup_client.deserialize_decrypt(result), artifacts["lookup_out"][0])
+    finally:
+        running.stop()
+
+
+def test_compute_stops_when_the_client_disconnects(artifacts, lookup_client, lookup_keys, tmp_path):
+    running = ThreadServer(settings(artifacts, tmp_path / "keys", max_concurrent_computes=1))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("fhe_backend.server").addHandler(handler)
+    logging.getLogger("fhe_backend.server").setLevel(logging.INFO)
+    try:
+        key_id = upload(running.url, LOOKUP, lookup_keys).json()["key_id"]
+        sample = lookup_client.encrypt_serialize_integers(artifacts["lookup_in"][0])
+        started = time.time()
+        assert compute(running.url, LOOKUP, key_id, [sample]).status_code == 200  # loads the keys
+        started = time.time()
+        assert compute(running.url, LOOKUP, key_id, [sample]).status_code == 200
+        one_sample = time.time() - started
+        body = json.dumps({"key_id": key_id, "inputs": [[b64(sample)]] * 8}).encode()
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=30)
+        sock.sendall(b"POST /models/FCSmallPBS/modules/seq/shapes/po_1_4_pc/compute HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        health = running.url + "/health"
+        while requests.get(health, timeout=TIMEOUT).json()["compute"]["running_computes"] == 0:
+            time.sleep(0.02)
+        sock.close()
+        closed = time.time()
+        while requests.get(health, timeout=TIMEOUT).json()["compute"]["running_computes"] == 1:
+            time.sleep(0.05)
+        freed = time.time() - closed
+        assert freed < 2 * one_sample + 1.0 < 8 * one_sample, (freed, one_sample)
+        assert any("disconnected during POST" in m and "compute stopped" in m for m in messages), messages
+    finally:
+        logging.getLogger("fhe_backend.server").removeHandler(handler)
+        logging.getLogger("fhe_backend.server").setLevel(logging.NOTSET)
+        running.stop()
+
+
+def test_key_cache_is_bounded_in_count_and_bytes(artifacts, leveled_client, tmp_path):
+    keys = leveled_client.get_serialized_evaluation_keys()
+    samples = [leveled_client.encrypt_serialize_integers(q) for q in artifacts["leveled_in"][:3]]
+    for limits, bound in (({"key_cache_size": 2}, 2), ({"key_cache_bytes": len(keys) + 1}, 1)):
+        running = ThreadServer(settings(artifacts, tmp_path / f"keys{bound}", max_concurrent_computes=1, **limits))
+        try:
+            for index in range(3):
+                key_id = upload(running.url, LEVELED, keys).json()["key_id"]
+                answer = compute(running.url, LEVELED, key_id, [samples[index]])
+                result = base64.b64decode(answer.json()["outputs"][0][0])
+                np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result),
+                                              artifacts["leveled_out"][index])
+                stats = requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]
+                assert stats["cached_keys"] == min(index + 1, bound), (limits, stats)
+                assert stats["cached_key_bytes"] == len(keys) * min(index + 1, bound)
+        finally:
+            running.stop()
+
+
+# ---- 4. authentication ------------------------------------------------------------------------
+
+def test_api_keys_required_and_key_ids_bound_to_their_uploader(artifacts, leveled_client, tmp_path):
+    alice, bob = "alice-" + "a" * 32, "bob-" + "b" * 32
+    api_keys = tmp_path / "api_keys"
+    api_keys.write_text(f"# one API key per line\n{alice}\n\n{bob}\n")
+    running = ThreadServer(settings(artifacts, tmp_path / "keys", api_keys_file=str(api_keys)))
+    keys = leveled_client.get_serialized_evaluation_keys()
+    sample = leveled_client.encrypt_serialize_integers(artifacts["leveled_in"][2])
+    as_alice, as_bob = ({"Authorization": f"Bearer {token}"} for token in (alice, bob))
+    try:
+        assert requests.get(running.url + "/health", timeout=TIMEOUT).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": alice},
+                        {"Authorization": "Basic " + b64(alice.encode())}):
+            denied = requests.get(running.url + "/models", headers=headers, timeout=TIMEOUT)
+            assert denied.status_code == 401 and denied.headers["WWW-Authenticate"] == "Bearer"
+            assert upload(running.url, LEVELED, keys, headers=headers).status_code == 401
+        assert requests.get(running.url + "/models", headers=as_bob, timeout=TIMEOUT).json()["models"]
+        key_id = upload(running.url, LEVELED, keys, headers=as_alice).json()["key_id"]
+        stolen = compute(running.url, LEVELED, key_id, [sample], headers=as_bob)
+        assert stolen.status_code == 403 and "another API key" in stolen.text
+        base = running.shape_url(LEVELED)
+        assert requests.delete(f"{base}/keys/{key_id}", headers=as_bob, timeout=TIMEOUT).status_code == 403
+        http = FheHttpClient(running.url, api_key=alice)
+        result = http.compute(*LEVELED, key_id, [sample])
+        np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result), artifacts["leveled_out"][2])
+        http.delete_evaluation_keys(*LEVELED, key_id)
+        with pytest.raises(RemoteServerError) as raised:
+            http.compute(*LEVELED, key_id, [sample])
+        assert raised.value.status_code == 404
+    finally:
+        running.stop()
+    weak = tmp_path / "weak"
+    weak.write_text("short\n")
+    assert cli.main(["serve", str(artifacts["models"]), "--keys-dir", str(tmp_path / "k"),
+                     "--api-keys-file", str(weak)]) == 1
+
+
+# ---- 5. the client under failures -------------------------------------------------------------
+
+class SilentServer:
+    """A TCP server that reads requests and closes without answering (or never reads: `read=False`)."""
+
+    def __init__(self, read: bool = True):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections, self.read, self.open = 0, read, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.read:
+                connection.recv(65536)
+                connection.close()
+            else:
+                self.open.append(connection)
+
+    def close(self):
+        self.listener.close()
+        for connection in self.open:
+            connection.close()
+
+
+def test_client_retries_only_requests_the_server_never_processed():
+    silent = SilentServer()
+    try:
+        client = FheHttpClient(silent.url, retries=2, backoff_seconds=0.01)
+        with pytest.raises(RemoteServerError):
+            client.list_models()
+        assert silent.connections == 3, "a GET is retried"
+        before = silent.connections
+        with pytest.raises(RemoteServerError):
+            client.upload_evaluation_keys(*LEVELED, b"k" * 1000)
+        assert silent.connections - before == 1, "an upload the server received is not re-sent"
+    finally:
+        silent.close()
+    refused = FheHttpClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff_seconds=0.01)
+    started = time.time()
+    with pytest.raises(RemoteServerError, match="after 3 attempt"):
+        refused.upload_evaluation_keys(*LEVELED, b"k" * 1000)  # never sent: retried
+    assert time.time() - started < 5
+
+
+def test_client_upload_has_its_own_write_timeout():
+    """A server that never reads: the upload fails after the write timeout, once, not at 10 s connect."""
+    stuck = SilentServer(read=False)
+    try:
+        client = FheHttpClient(stuck.url, timeout=(0.5, 600.0), write_timeout=3.0, retries=2, backoff_seconds=0.01)
+        started = time.time()
+        with pytest.raises(RemoteServerError, match="not retried"):
+            client.upload_evaluation_keys(*LEVELED, b"k" * (64 << 20))
+        elapsed = time.time() - started
+        assert 2.5 < elapsed < 30 and stuck.connections == 1, (elapsed, stuck.connections)
+    finally:
+        stuck.close()
+
+
+def test_upload_disconnect_is_one_log_line(artifacts, server):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("fhe_backend.server", "uvicorn.error", "uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    loggers[0].setLevel(logging.INFO)
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 1000000\r\n\r\n" + b"k" * 5000)
+            time.sleep(0.2)
+            sock.close()
+        deadline = time.time() + 10
+        while len([r for r in records if "disconnected" in r.getMessage()]) < 5 and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        loggers[0].setLevel(logging.NOTSET)
+    lines = [r for r in records if "disconnected during POST" in r.getMessage()]
+    assert len(lines) == 5, [r.getMessage() for r in records]
+    assert not [r for r in records if r.exc_info], "no traceback for a client that went away"
+    assert requests.get(server.url + "/health", timeout=TIMEOUT).status_code == 200

@@ -169,18 +169,22 @@ class FheHttpClient:
             last = attempt == self.retries
             try:
                 response = self.session.request(method, url, timeout=timeout, headers=headers, **kwargs)
-            except requests.Timeout as error:
-                if last or not (idempotent or isinstance(error, requests.ConnectTimeout)):
-                    raise RemoteServerError(f"{method} {url}: no answer within {timeout} s ({error})"
-                                            + ("" if idempotent else "; not retried: the server may have "
-                                               "received the request")) from error
+            except requests.ConnectionError as error:  # includes timeouts while connecting or sending
+                retry = idempotent or _never_sent(error)
+                if last or not retry:
+                    what = ("no answer within {} s".format(timeout) if isinstance(error, requests.Timeout)
+                            else "cannot reach the FHE server")
+                    raise RemoteServerError(
+                        f"{method} {url}: {what} after {attempt + 1} attempt(s) ({error})"
+                        + ("" if retry else "; not retried: the server may have received the request")
+                        + "; check server_remote_address and that `fhe-backend serve` runs") from error
                 self._wait(attempt, None)
                 continue
-            except requests.ConnectionError as error:
-                if last or not (idempotent or _never_sent(error)):
-                    raise RemoteServerError(
-                        f"{method} {url}: cannot reach the FHE server after {attempt + 1} attempt(s) "
-                        f"({error}); check server_remote_address and that `fhe-backend serve` runs") from error
+            except requests.Timeout as error:  # read timeout: the server had the whole request
+                if last or not idempotent:
+                    raise RemoteServerError(f"{method} {url}: no answer within {timeout[1]} s ({error})"
+                                            + ("" if idempotent else "; not retried: the server may have "
+                                               "received the request")) from error
                 self._wait(attempt, None)
                 continue
             if response.status_code == 503 and not last:

@@ -175,7 +175,10 @@ class FolderKeyStore(KeyStore):
                 _write_atomically(data_path, data)
                 _write_atomically(meta_path, json.dumps(asdict(record)).encode())
         except OSError as error:
-            data_path.unlink(missing_ok=True)
+            try:
+                data_path.unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder itself is gone
             raise KeyStoreUnavailable(f"cannot store keys in {self.folder} ({error.strerror or error}): "
                                       "check the keys folder (permissions, free space)") from error
 

@@ -623,6 +623,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
 
+def _configure_logging(level: str) -> None:
+    """The server's own lines (disconnects, quarantines) at uvicorn's --log-level."""
+    server_logger = logging.getLogger("fhe_backend")
+    server_logger.setLevel(level.upper())
+    if not server_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     fhe_backend: %(message)s"))
+        server_logger.addHandler(handler)
+
+
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "0", "off") else kind(text)
@@ -656,6 +666,7 @@ def run(args) -> int:
         print(f"fhe-backend serve: MODELS_DIR {models_dir} is not a folder")
         return 2
     settings = settings_from_args(args)
+    _configure_logging(args.log_level)
     problem = startup_problem(settings)
     if problem:
         print(f"fhe-backend serve: {problem}")
@@ -743,6 +754,7 @@ def _serve_worker(settings: ServerSettings, uvicorn_config, listener) -> None:
     from uvicorn.config import STARTUP_FAILURE
 
     uvicorn_config.configure_logging()
+    _configure_logging(uvicorn_config.log_level if isinstance(uvicorn_config.log_level, str) else "info")
     try:
         uvicorn_config.app = create_app(settings)
     except KeyboardInterrupt:

@@ -128,6 +128,8 @@ def _affine(ctx: LoweringContext, args: tuple, kwargs: dict) -> Optional[Encrypt
     if float(kwargs.get("alpha", 1)) != 1:
         return None
     c = _numpy_constant(c)
+    if np.ndim(c) and np.all(c == np.ravel(c)[0]):
+        c = float(np.ravel(c)[0])  # a constant filled with one value (full_like) acts as a scalar
     if op in ADD:
         return with_value(x, zero_point=x.zero_point - c / x.scale, fresh=False)
     if op in SUB:

@@ -57,12 +57,23 @@ def _max_reason(node: fx.Node) -> Optional[str]:
     return None
 
 
+def _max_commutes(x: Encrypted) -> bool:
+    """True when max over a window of the integers is the integer of the max of the floats."""
+    if not x.affine or not np.all(np.asarray(x.scale) > 0):
+        return False
+    if x.uniform:
+        return True
+    return all(all(d == 1 for i, d in enumerate(np.shape(a)) if i != 1)
+               for a in (x.scale, x.zero_point))
+
+
 @register(aten.max_pool2d_with_indices.default, validator=_max_reason)
 def max_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, dilation=1,
                ceil_mode=False):
-    """Max pooling on the integers (monotone for a positive uniform scale)."""
-    if not (x.uniform and np.all(np.asarray(x.scale) > 0)):
-        x = ctx.materialize(x)
+    """Max pooling on the integers: monotone for a positive scale that is uniform or varies only
+    by channel (a convolution's per-channel weights); any other value is requantized first."""
+    if not _max_commutes(x):
+        x = ctx.materialize(x, stats=ctx.input_stats(0))
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
     expr = fhe.maxpool(x.expr, kernel_shape=tuple(kernel), strides=tuple(stride),

@@ -124,7 +124,32 @@ def _index(ndim: int, dim: int, item: Any) -> tuple:
     return (slice(None),) * (dim % ndim) + (item,)
 
 
-@register(aten.slice.Tensor, validator=_dim_arg_reason)
+def _slice_reason(node: fx.Node) -> Optional[str]:
+    if _is_full_slice(node):
+        return None  # x[:, ...] keeps every sample: a no-op on the batch-major dim 0
+    return _dim_arg_reason(node)
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    """True for a slice that keeps every position of its dim (start 0, step 1, end past it)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim = args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    start = args[2] if len(node.args) > 2 else node.kwargs.get("start")
+    end = args[3] if len(node.args) > 3 else node.kwargs.get("end")
+    step = args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+    shape = meta_shape(node.args[0])
+    if shape is None or start not in (None, 0) or step not in (None, 1):
+        return False
+    size = shape[dim % len(shape)] if shape else None
+    if end is None:
+        return True
+    try:
+        return bool(end >= size)
+    except Exception:  # noqa: BLE001 - symbolic sizes that cannot be compared
+        return end >= 2 ** 62
+
+
+@register(aten.slice.Tensor, validator=_slice_reason)
 def slice_tensor(ctx: LoweringContext, x, dim=0, start=None, end=None, step=1):
     """Slicing along a non-batch dim."""
     return move(ctx, x, lambda e: e[_index(len(shape_of(e)), dim, slice(start, end, step))])
@@ -161,6 +186,32 @@ def cat(ctx: LoweringContext, tensors, dim=0):
         return np.concatenate(parts, axis=axis)
 
     return Encrypted(expr, per_position("scale"), per_position("zero_point"))
+
+
+def _split_reason(node: fx.Node) -> Optional[str]:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return batch_dim_reason(dim, node, "dim")
+
+
+@register(aten.split_with_sizes.default, aten.split.Tensor, validator=_split_reason)
+def split(ctx: LoweringContext, x, split_size_or_sizes, dim=0):
+    """torch.split / torch.chunk along a non-batch dim: one slice per piece (leveled)."""
+    size = shape_of(x.expr)[dim % len(shape_of(x.expr))]
+    if isinstance(split_size_or_sizes, int):
+        sizes = [min(split_size_or_sizes, size - start)
+                 for start in range(0, size, max(split_size_or_sizes, 1))]
+    else:
+        sizes = [int(s) for s in split_size_or_sizes]
+    starts = np.cumsum([0] + sizes[:-1])
+    return [slice_tensor(ctx, x, dim, int(start), int(start) + length)
+            for start, length in zip(starts, sizes)]
+
+
+@register(aten.full_like.default)
+def full_like(ctx: LoweringContext, x, fill_value, **kwargs):
+    """torch.zeros_like / ones_like / full_like of an encrypted value: a clear constant shaped like
+    one sample (it broadcasts over the batch), whatever the encrypted values are."""
+    return torch.full((1, *shape_of(x.expr)[1:]), float(fill_value), dtype=torch.float64)
 
 
 # multi-output ops whose extra outputs (indices, saved statistics) are not computed in FHE
