@@ -15,7 +15,10 @@ available separately, and the Concrete circuit as ``fhe_circuit``.
 
 from __future__ import annotations
 
+import base64
 import inspect
+import io
+import json
 import math
 import warnings
 from pathlib import Path
@@ -38,6 +41,9 @@ OPSET_VERSION_FOR_ONNX_EXPORT = 14
 DEFAULT_QAT_IO_BITS = 8
 QUANTIZED_MODULE_MODES = ("disable", "simulate", "execute")
 EXPORT_EXAMPLE_BATCH = 2
+SUPPORTED_DEVICES = ("cpu", "cuda")
+ROUNDING_BITS_RANGE = (2, 8)  # Concrete ML's accepted rounding_threshold_bits
+SERIALIZATION_FORMAT = "fhe_backend.QuantizedModule/1"
 
 ArrayOrTensor = Union[torch.Tensor, np.ndarray]
 InputSet = Union[ArrayOrTensor, Tuple[ArrayOrTensor, ...]]
@@ -84,6 +90,7 @@ class QuantizedModule:
         self.aten_code = aten_code
         self.input_order = _partition_input_order(graph, self.partition)
         self.output_order = _partition_output_order(graph, self.partition)
+        self.source: Optional[Dict[str, Any]] = None  # what `dump` saves (set by _build)
 
     # -- quantizers --------------------------------------------------------------------------
 
@@ -141,8 +148,12 @@ class QuantizedModule:
     def compile(self, inputs: InputSet, configuration: Any = None, artifacts: Any = None,
                 show_mlir: bool = False, p_error: Optional[float] = None,
                 global_p_error: Optional[float] = None, verbose: bool = False,
-                inputs_encryption_status: Optional[Sequence[str]] = None):
-        """Compile the integer program into a Concrete circuit on a float inputset; returns it."""
+                inputs_encryption_status: Optional[Sequence[str]] = None, device: str = "cpu"):
+        """Compile the integer program into a Concrete circuit on a float inputset; returns it.
+
+        `device` is where the circuit runs: "cpu", or "cuda" with a GPU build of concrete-python.
+        """
+        configuration = _device_configuration(configuration, device)
         settings = self.partition.settings.replace(
             configuration=_configuration(configuration, verbose), show_mlir=show_mlir,
             p_error=p_error, global_p_error=global_p_error, verbose=verbose)
@@ -190,9 +201,20 @@ class QuantizedModule:
         floats = [d.dequantize(q) for d, q in zip(self.output_dequantizers, q_y)]
         return _single_or_tuple(floats)
 
-    def forward(self, *x: ArrayOrTensor, fhe: Any = "disable"):
-        """Float inputs -> float outputs: quantize, run in the `fhe` mode, dequantize."""
+    def forward(self, *x: ArrayOrTensor, fhe: Any = "disable", debug: bool = False):
+        """Float inputs -> float outputs: quantize, run in the `fhe` mode, dequantize.
+
+        debug=True (mode "disable" only, as in Concrete ML) returns ``(outputs, values)`` where
+        `values` maps each operation of the integer program ('module path/node') to
+        ``{"output": its float value}`` (what its integers decode to), for comparing
+        intermediate values with torch.
+        """
         q_x = _as_tuple(self.quantize_input(*x))
+        if debug and _mode(fhe) == "disable":
+            values: Dict[str, Dict[Any, np.ndarray]] = {}
+            with _recording_values(self, values):
+                q_y = _as_tuple(self.quantized_forward(*q_x, fhe="disable"))
+            return self.post_processing(self.dequantize_output(*q_y)), values
         q_y = _as_tuple(self.quantized_forward(*q_x, fhe=fhe))
         return self.post_processing(self.dequantize_output(*q_y))
 
@@ -212,13 +234,18 @@ class QuantizedModule:
 
     # -- reports -----------------------------------------------------------------------------
 
-    def bitwidth_and_range_report(self) -> Dict[str, Dict[str, Any]]:
-        """Per table lookup: {name: {"range": (low, high), "bitwidth": bits, ...}}.
+    def bitwidth_and_range_report(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        """Per table lookup: {name: {"range": (low, high), "bitwidth": bits, ...}}; None until
+        the module is compiled (as in Concrete ML; `lookup_report` works before).
 
         The range is the integer range of the lookup's input over the calibration set;
         "bitwidth" is the precision the lookup runs at (after rounding), "accumulator_bitwidth"
         the precision before rounding. Names are 'module path/node' of the ATen graph.
         """
+        return self.lookup_report() if self.is_compiled else None
+
+    def lookup_report(self) -> Dict[str, Dict[str, Any]]:
+        """`bitwidth_and_range_report` computed from the calibration, compiled or not."""
         nodes = {node.name: node for node in self.partition.graph_module.graph.nodes}
         report = {}
         for key, (low, high) in self.partition.lookup_ranges.items():
@@ -243,7 +270,7 @@ class QuantizedModule:
                                                         self.inputs_encryption_status)):
             lines.append(f"  input {index} ({status}): {quantizer}")
         lines.append("table lookups:")
-        for name, entry in self.bitwidth_and_range_report().items():
+        for name, entry in self.lookup_report().items():
             lines.append(f"  {name}: {entry}")
         lines.append("outputs:")
         for index, dequantizer in enumerate(self.output_dequantizers):
@@ -258,6 +285,51 @@ class QuantizedModule:
         entry.textual_representations_of_graphs["aten"] = [str(self.partition.graph_module.graph)]
         entry.textual_representations_of_graphs["quantized_program"] = [self.describe_program()]
 
+    # -- serialization (Concrete ML's dump/dumps/load/loads) ---------------------------------
+
+    def dump_dict(self) -> Dict[str, Any]:
+        """The module as a JSON-compatible dict: the model and inputset it was built from, and
+        its quantization options (no circuit, no key). Loading rebuilds the same quantized
+        program (calibration is deterministic): it runs ``fhe="disable"`` with identical
+        results; call ``compile(inputset)`` on it for the other modes."""
+        if self.source is None:
+            raise OptionError("this QuantizedModule was not built by fhe_backend.compile "
+                              "(build_quantized_module / compile_*_model): nothing to dump")
+        buffer = io.BytesIO()
+        torch.save(self.source, buffer)
+        return {"format": SERIALIZATION_FORMAT, "was_compiled": self.is_compiled,
+                "source": base64.b64encode(buffer.getvalue()).decode("ascii")}
+
+    @staticmethod
+    def load_dict(metadata: Dict[str, Any]) -> "QuantizedModule":
+        """Inverse of `dump_dict` (the data must come from a trusted source: it holds pickles)."""
+        if not isinstance(metadata, dict) or metadata.get("format") != SERIALIZATION_FORMAT:
+            raise OptionError(f"not a serialized QuantizedModule (expected format "
+                              f"{SERIALIZATION_FORMAT!r}); write it with QuantizedModule.dump(s)")
+        source = torch.load(io.BytesIO(base64.b64decode(metadata["source"])), weights_only=False)
+        settings = _settings(n_bits=source["n_bits"],
+                             rounding_threshold_bits=source["rounding_threshold_bits"])
+        return _build(source["model"], source["inputset"], settings, source["reduce_sum_copy"],
+                      source["import_qat"])
+
+    def dumps(self) -> str:
+        """The module as a JSON string (see `dump_dict`)."""
+        return json.dumps(self.dump_dict())
+
+    def dump(self, file: Any) -> None:
+        """Write `dumps()` to an open text file."""
+        file.write(self.dumps())
+
+    @staticmethod
+    def loads(text: str) -> "QuantizedModule":
+        """A module from `dumps()`'s string."""
+        return QuantizedModule.load_dict(json.loads(text))
+
+    @staticmethod
+    def load(file: Any) -> "QuantizedModule":
+        """A module from a text file written by `dump`."""
+        return QuantizedModule.loads(file.read())
+
     def __repr__(self) -> str:
         state = "compiled" if self.is_compiled else "quantized, not compiled"
         return (f"QuantizedModule({len(self.input_order)} input(s), {len(self.output_order)} "
@@ -270,15 +342,19 @@ class QuantizedModule:
 def build_quantized_module(model: Any, torch_inputset: InputSet, import_qat: bool = False,
                            n_bits: Union[int, Dict[str, int]] = 8,
                            rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
-                           reduce_sum_copy: bool = False) -> QuantizedModule:
+                           reduce_sum_copy: bool = False, keep_onnx: Optional[bool] = True,
+                           device: str = "cpu") -> QuantizedModule:
     """Capture and quantize a torch or ONNX model on the inputset, without compiling a circuit.
 
     The result runs with ``fhe="disable"``; call ``.compile(inputset)`` for the other modes.
-    `import_qat` is accepted for compatibility (QAT layers are detected either way);
-    `reduce_sum_copy` has no effect (sums are leveled operations here).
+    `import_qat=True` requires quantizers in the model (Brevitas layers or round/clamp
+    fake-quantizers); `reduce_sum_copy` and `keep_onnx` have no effect (sums are leveled
+    operations here, and no ONNX graph is made); `device` is checked as in Concrete ML.
     """
+    _check_device(device)
+    _check_rounding(rounding_threshold_bits)
     settings = _settings(n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits)
-    return _build(model, torch_inputset, settings, reduce_sum_copy)
+    return _build(model, torch_inputset, settings, reduce_sum_copy, import_qat)
 
 
 def compile_torch_model(torch_model: torch.nn.Module, torch_inputset: InputSet,
@@ -288,26 +364,26 @@ def compile_torch_model(torch_model: torch.nn.Module, torch_inputset: InputSet,
                         p_error: Optional[float] = None, global_p_error: Optional[float] = None,
                         verbose: bool = False,
                         inputs_encryption_status: Optional[Sequence[str]] = None,
-                        reduce_sum_copy: bool = False) -> QuantizedModule:
+                        reduce_sum_copy: bool = False, device: str = "cpu") -> QuantizedModule:
     """Quantize a torch model on the inputset and compile it into one FHE circuit.
 
-    Parameters mean what they mean in Concrete ML (see the README section "Coming from
-    Concrete ML"); every operator of the model must have an FHE lowering.
+    Parameters mean what they mean in Concrete ML (see docs/concrete-ml.md); every operator of
+    the model must have an FHE lowering.
     """
     if not isinstance(torch_model, torch.nn.Module):
         raise OptionError(f"compile_torch_model expects a torch.nn.Module, got "
                           f"{type(torch_model).__name__}; use compile_onnx_model for ONNX models")
     if not import_qat and _has_brevitas_layers(torch_model):
-        raise OptionError(
-            f"{type(torch_model).__name__} contains Brevitas quantized layers: compile it with "
-            "compile_brevitas_qat_model(model, inputset), or pass import_qat=True to "
+        raise ModelTypeError(
+            f"{type(torch_model).__name__} contains Brevitas quantized layers: it must be imported "
+            "using compile_brevitas_qat_model(model, inputset), or pass import_qat=True to "
             "compile_torch_model")
     return _compile(torch_model, torch_inputset, configuration=configuration, artifacts=artifacts,
                     show_mlir=show_mlir, n_bits=n_bits,
                     rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
                     global_p_error=global_p_error, verbose=verbose,
                     inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy)
+                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=import_qat)
 
 
 def compile_onnx_model(onnx_model: Any, torch_inputset: InputSet, import_qat: bool = False,
@@ -317,18 +393,18 @@ def compile_onnx_model(onnx_model: Any, torch_inputset: InputSet, import_qat: bo
                        p_error: Optional[float] = None, global_p_error: Optional[float] = None,
                        verbose: bool = False,
                        inputs_encryption_status: Optional[Sequence[str]] = None,
-                       reduce_sum_copy: bool = False) -> QuantizedModule:
+                       reduce_sum_copy: bool = False, device: str = "cpu") -> QuantizedModule:
     """Compile an `onnx.ModelProto`: it is converted to torch (`OnnxModule`) and compiled as such.
 
-    QAT graphs (their round/clip fake-quantizers) are detected by the backend's graph passes,
-    so `import_qat` needs no special handling.
+    QAT graphs (their round/clip fake-quantizers) are detected by the backend's graph passes;
+    with `import_qat=True` they must be found.
     """
     return _compile(OnnxModule(onnx_model), torch_inputset, configuration=configuration,
                     artifacts=artifacts, show_mlir=show_mlir, n_bits=n_bits,
                     rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
                     global_p_error=global_p_error, verbose=verbose,
                     inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy)
+                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=import_qat)
 
 
 def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: InputSet,
@@ -341,7 +417,8 @@ def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: Inp
                                output_onnx_file: Union[None, Path, str] = None,
                                verbose: bool = False,
                                inputs_encryption_status: Optional[Sequence[str]] = None,
-                               reduce_sum_copy: bool = False) -> QuantizedModule:
+                               reduce_sum_copy: bool = False,
+                               device: str = "cpu") -> QuantizedModule:
     """Compile a trained Brevitas QAT model with its own scales, zero-points and bit-widths.
 
     `n_bits` only sets the quantizers Brevitas does not define (model inputs/outputs, default
@@ -349,10 +426,11 @@ def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: Inp
     `output_onnx_file`, when given, receives a QONNX export of the model (Brevitas' exporter).
     """
     if not isinstance(torch_model, torch.nn.Module) or not _has_brevitas_layers(torch_model):
-        raise OptionError(
+        raise ModelTypeError(
             f"compile_brevitas_qat_model was given {type(torch_model).__name__}, which has no "
-            "Brevitas quantized layers (brevitas.nn.QuantLinear, QuantIdentity, ...): compile a "
-            "floating-point torch model with compile_torch_model(model, inputset, n_bits=...)")
+            "Brevitas quantized layers, consider using compile_torch_model instead "
+            "(compile_torch_model(model, inputset, n_bits=...) quantizes a float model; Brevitas "
+            "layers are brevitas.nn.QuantLinear, QuantIdentity, ...)")
     if output_onnx_file is not None:
         _export_qonnx(torch_model, torch_inputset, Path(output_onnx_file))
     return _compile(torch_model, torch_inputset, configuration=configuration,
@@ -360,34 +438,37 @@ def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: Inp
                     rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
                     global_p_error=global_p_error, verbose=verbose,
                     inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy)
+                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=False)
 
 
 def _compile(model: torch.nn.Module, inputset: InputSet, *, configuration: Any, artifacts: Any,
              show_mlir: bool, n_bits: Any, rounding_threshold_bits: Any, p_error: Any,
              global_p_error: Any, verbose: bool, inputs_encryption_status: Any,
-             reduce_sum_copy: bool) -> QuantizedModule:
+             reduce_sum_copy: bool, device: str, import_qat: bool) -> QuantizedModule:
     """Build the quantized module, then compile its circuit with the compilation options."""
     _check_artifacts(artifacts)
+    _check_device(device)
+    _check_rounding(rounding_threshold_bits)
     settings = _settings(n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
                          p_error=p_error, global_p_error=global_p_error,
                          inputs_encryption_status=inputs_encryption_status, verbose=verbose)
-    quantized = _build(model, inputset, settings, reduce_sum_copy)
+    quantized = _build(model, inputset, settings, reduce_sum_copy, import_qat)
     quantized.compile(inputset, configuration=configuration, artifacts=artifacts,
                       show_mlir=show_mlir, p_error=p_error, global_p_error=global_p_error,
-                      verbose=verbose)
+                      verbose=verbose, device=device)
     if verbose:
         print(f"[fhe_backend] compiled: {quantized.statistics}")
     return quantized
 
 
 def _build(model: Any, inputset: InputSet, settings: FheSettings,
-           reduce_sum_copy: bool) -> QuantizedModule:
+           reduce_sum_copy: bool, import_qat: bool = False) -> QuantizedModule:
     """Capture (torch.export), run the backend pipeline, calibrate and quantize; no circuit."""
     if not isinstance(reduce_sum_copy, bool):
         raise OptionError(f"reduce_sum_copy = {reduce_sum_copy!r}: expected a bool")
     if not isinstance(model, torch.nn.Module):
         model = OnnxModule(model)
+    original = _snapshot(model)
     if _has_brevitas_layers(model):
         from .qat import prepare_qat_model
 
@@ -410,10 +491,18 @@ def _build(model: Any, inputset: InputSet, settings: FheSettings,
         raise UnsupportedOpError(f"{type(model).__name__} has no operator that depends on its "
                                  "inputs: there is nothing to run in FHE")
     quantized = QuantizedModule(graph, aten_code)
+    if import_qat and not _has_quantizers(quantized):
+        raise OptionError(
+            "Error occurred during quantization aware training (QAT) import: import_qat=True but "
+            f"{type(model).__name__} has no quantizer (no Brevitas layer, no round/clamp "
+            "fake-quantizer reached the graph), so its values cannot be read as quantized. Add "
+            "a quantizer before each linear layer (e.g. brevitas.nn.QuantIdentity), or compile "
+            "it post-training with import_qat=False and n_bits=...")
     graph.calibrate(inputset, compile_circuits=False)
+    quantized.source = _source(original, inputset, settings, reduce_sum_copy, import_qat)
     if settings.verbose:
         print(f"[fhe_backend] quantized {type(model).__name__}: "
-              f"{len(quantized.bitwidth_and_range_report())} table lookup(s)")
+              f"{len(quantized.lookup_report())} table lookup(s)")
     return quantized
 
 
@@ -530,9 +619,16 @@ def _qat_n_bits(n_bits: Union[None, int, Dict[str, int]]) -> Dict[str, int]:
     if n_bits is None:
         return full
     if isinstance(n_bits, dict):
+        unknown = set(n_bits) - {"model_inputs", "model_outputs", "op_inputs", "op_weights"}
+        if unknown:
+            raise ModelTypeError(
+                f"n_bits = {n_bits!r}: for a Brevitas model n_bits should only contain the "
+                "following keys: 'model_inputs', 'model_outputs' (Brevitas sets the others); "
+                f"unknown: {sorted(unknown)}")
         return {**full, **n_bits}
     if isinstance(n_bits, int) and not isinstance(n_bits, bool):
-        return {key: n_bits for key in full}
+        # as in Concrete ML, an int sets only what Brevitas leaves open: the model's inputs/outputs
+        return {**full, "model_inputs": n_bits, "model_outputs": n_bits}
     raise OptionError(f"n_bits = {n_bits!r}: for a Brevitas model expected None, an int, or a dict "
                       "with 'model_inputs' / 'model_outputs'")
 
@@ -561,6 +657,156 @@ def _mode(fhe: Any) -> str:
     if mode not in QUANTIZED_MODULE_MODES:
         raise OptionError(f"fhe = {fhe!r}: allowed modes are {QUANTIZED_MODULE_MODES}")
     return mode
+
+
+def _snapshot(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model as compiled (later training must not change what `dump` saves)."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied is saved as it is at dump time
+        return model
+
+
+def _source(model: torch.nn.Module, inputset: InputSet, settings: FheSettings,
+            reduce_sum_copy: bool, import_qat: bool) -> Dict[str, Any]:
+    """What rebuilds a QuantizedModule: model, inputset (as tensors) and quantization options."""
+    columns = [torch.cat(column) for column in zip(*batches(inputset))]
+    return {"model": model, "inputset": tuple(columns) if len(columns) > 1 else columns[0],
+            "n_bits": settings.n_bits, "rounding_threshold_bits": settings.rounding_threshold_bits,
+            "reduce_sum_copy": reduce_sum_copy, "import_qat": import_qat}
+
+
+def _has_quantizers(quantized: QuantizedModule) -> bool:
+    """True when the captured graph holds QAT fake-quantizers (Brevitas' or detected ones)."""
+    from .lowering.quant import FAKE_QUANT
+
+    return any(node.target == FAKE_QUANT for node in quantized.partition.graph_module.graph.nodes)
+
+
+def _check_device(device: Any) -> bool:
+    """Concrete ML's `device` check: 'cpu' or 'cuda'; True when the circuit targets a GPU."""
+    if device not in SUPPORTED_DEVICES:
+        raise OptionError(f"device = {device!r}: model compilation targets given through the "
+                          f"`device` argument can be one of {list(SUPPORTED_DEVICES)}")
+    if device == "cpu":
+        return False
+    from concrete.compiler import check_gpu_available, check_gpu_enabled
+
+    if not (check_gpu_enabled() and check_gpu_available()):
+        raise OptionError("device = 'cuda': the installed concrete-python has no CUDA support or "
+                          "no GPU is visible; install the GPU build of concrete-python (from "
+                          "Zama's GPU package index) on a machine with an NVIDIA GPU, or use "
+                          "device='cpu'")
+    return True
+
+
+def _device_configuration(configuration: Any, device: str) -> Any:
+    """The user's Configuration, with Concrete's GPU backend switched on for device='cuda'."""
+    if not _check_device(device):
+        return configuration
+    from concrete import fhe
+
+    return (configuration or fhe.Configuration()).fork(use_gpu=True)
+
+
+def _check_rounding(rounding_threshold_bits: Any) -> None:
+    """Concrete ML's validation of `rounding_threshold_bits` (its error types and ranges), with
+    ``"auto"`` (or ``{"n_bits": "auto"}``) accepted as this project's addition."""
+    value = rounding_threshold_bits
+    if value is None or value == "auto":
+        return
+    if isinstance(value, dict):
+        unknown = set(value) - {"n_bits", "method"}
+        if unknown:
+            raise RoundingKeyError(
+                f"rounding_threshold_bits = {value!r}: Invalid keys in rounding_threshold_bits. "
+                "Allowed keys are ['method', 'n_bits'].")
+        method = value.get("method", "EXACT")
+        name = str(getattr(method, "name", method)).upper()
+        if name not in ("EXACT", "APPROXIMATE"):
+            raise OptionError(f"rounding_threshold_bits method: {name} is not a valid method. "
+                              "Must be one of EXACT, APPROXIMATE.")
+        n_bits = value.get("n_bits")
+        if n_bits == "auto":
+            return
+        if isinstance(n_bits, bool) or not isinstance(n_bits, int):
+            raise OptionError(f"rounding_threshold_bits = {value!r}: n_bits must be an integer "
+                              "(or 'auto').")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        n_bits = value
+    else:
+        raise OptionError(f"rounding_threshold_bits = {value!r}: Invalid type for "
+                          "rounding_threshold_bits. Must be int or dict (or 'auto').")
+    low, high = ROUNDING_BITS_RANGE
+    if not low <= n_bits <= high:
+        raise OptionError(f"rounding_threshold_bits n_bits = {n_bits}: n_bits_rounding must be "
+                          f"between {low} and {high} inclusive (lookups narrower than {low} bits "
+                          "lose the sign, wider than 8 cost more than they gain; use 'auto' to "
+                          "let the calibration choose)")
+
+
+class ModelTypeError(OptionError, AssertionError):
+    """A compile function was given a model or option of the wrong kind (Concrete ML raises
+    AssertionError here, so both `except OptionError` and `except AssertionError` catch it)."""
+
+
+class RoundingKeyError(OptionError, KeyError):
+    """`rounding_threshold_bits` has keys other than 'n_bits' and 'method'."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class _ValueRecorder:
+    """Context manager: while the integer program runs, record each operation's float value."""
+
+    def __init__(self, quantized: QuantizedModule, values: Dict[str, Dict[Any, np.ndarray]]):
+        self.program = quantized.program
+        self.values = values
+
+    def __enter__(self) -> None:
+        from .quantization.program import is_encrypted
+
+        original = self.program._call
+
+        def recording_call(node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
+            result = original(node, env)
+            if is_encrypted(result):
+                where = module_path(node)
+                name = f"{where}/{node.name}" if where else node.name
+                floats = result.value_fn()(result.expr)
+                self.values[name] = {"output": np.asarray(floats, dtype=np.float64)}
+            return result
+
+        self.program._call = recording_call
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.program._call  # back to the class's method
+
+
+_recording_values = _ValueRecorder
+
+
+def dumps(quantized_module: QuantizedModule) -> str:
+    """`QuantizedModule.dumps` as a function (Concrete ML's serialization entry point)."""
+    return quantized_module.dumps()
+
+
+def dump(quantized_module: QuantizedModule, file: Any) -> None:
+    """`QuantizedModule.dump` as a function."""
+    quantized_module.dump(file)
+
+
+def loads(text: str) -> QuantizedModule:
+    """A QuantizedModule from `dumps`' string."""
+    return QuantizedModule.loads(text)
+
+
+def load(file: Any) -> QuantizedModule:
+    """A QuantizedModule from a file written by `dump`."""
+    return QuantizedModule.load(file)
 
 
 def _has_brevitas_layers(model: Any) -> bool:
@@ -872,5 +1118,9 @@ __all__ = [
     "compile_onnx_model",
     "compile_torch_model",
     "convert_torch_tensor_or_numpy_array_to_numpy_array",
+    "dump",
+    "dumps",
     "has_any_qnn_layers",
+    "load",
+    "loads",
 ]

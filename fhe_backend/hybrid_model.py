@@ -67,16 +67,39 @@ class HybridFHEMode(enum.Enum):
 
 
 def tuple_to_underscore_str(tup: Tuple) -> str:
-    """(1, 8) -> 'po_1_8_pc' (a shape as a file and URL name)."""
-    return "po_" + "_".join(str(int(d)) for d in tup) + "_pc"
+    """A shape (tuples may nest) as a file and URL name: (1, 8) -> 'po_1_8_pc',
+    (1, (2, 3)) -> 'po_1_po_2_3_pc_pc'."""
+    parts = [tuple_to_underscore_str(item) if isinstance(item, tuple) else str(int(item))
+             for item in tup]
+    return "_".join(["po", *parts, "pc"]) if parts else "po__pc"
 
 
-def underscore_str_to_tuple(text: str) -> Tuple[int, ...]:
-    """Inverse of `tuple_to_underscore_str`: 'po_1_8_pc' -> (1, 8)."""
-    match = re.fullmatch(r"po_((?:\d+_)*\d+)?_pc", text)
-    if match is None:
+def underscore_str_to_tuple(text: str) -> Tuple:
+    """Inverse of `tuple_to_underscore_str`: 'po_1_8_pc' -> (1, 8); nested tuples included."""
+    tokens = [token for token in str(text).split("_") if token]
+    if not tokens or not all(t in ("po", "pc") or t.isdigit() for t in tokens):
         raise ValueError(f"{text!r} is not a shape string like 'po_1_8_pc' (tuple_to_underscore_str)")
-    return tuple(int(d) for d in match.group(1).split("_")) if match.group(1) else ()
+
+    def parse(position: int) -> Tuple[Tuple, int]:
+        items: List[Any] = []
+        while position < len(tokens):
+            token = tokens[position]
+            if token == "pc":
+                return tuple(items), position + 1
+            if token == "po":
+                item, position = parse(position + 1)
+                items.append(item)
+            else:
+                items.append(int(token))
+                position += 1
+        raise ValueError(f"{text!r}: unbalanced 'po_' / '_pc' in a shape string")
+
+    if tokens[0] != "po":
+        raise ValueError(f"{text!r} is not a shape string like 'po_1_8_pc' (tuple_to_underscore_str)")
+    result, end = parse(1)
+    if end != len(tokens):
+        raise ValueError(f"{text!r}: text after the closing '_pc' of a shape string")
+    return result
 
 
 def module_dir_name(module_name: str) -> str:
@@ -104,13 +127,14 @@ class RemoteModule(nn.Module):
         """Attributes that never leave the process (compiled graph, keys, HTTP session)."""
         self.graph: Any = None  # fhe_backend.backend.CompiledGraph of the private module
         self.partition: Any = None  # its FhePartition
+        self.private_q_module: Any = None  # the fhe_backend.compile.QuantizedModule around both
         self.clients: Dict[str, FHEModelClient] = {}  # per input-shape string
         self.key_ids: Dict[str, str] = {}
         self.http: Any = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for name in ("graph", "partition", "clients", "key_ids", "http"):
+        for name in ("graph", "partition", "private_q_module", "clients", "key_ids", "http"):
             state.pop(name, None)
         state["calibration_data"] = []
         return state
@@ -138,7 +162,7 @@ class RemoteModule(nn.Module):
     # ---- compilation --------------------------------------------------------------------
 
     def compile(self, n_bits: Any = 8, rounding_threshold_bits: Any = None, p_error: Optional[float] = None,
-                configuration: Any = None) -> None:
+                configuration: Any = None, device: str = "cpu") -> None:
         """Compile the private module (one FHE partition of the backend) on the recorded activations."""
         if not self.calibration_data:
             raise NotCompiledError(f"remote module '{self.module_name}' received no input during "
@@ -150,8 +174,10 @@ class RemoteModule(nn.Module):
         self.calibration_data = []
         module = _prepared(self.private_module)
         quantized = _compile_module(module, inputset, n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
-                                    p_error=p_error, configuration=configuration, verbose=bool(self.verbose))
+                                    p_error=p_error, configuration=configuration, verbose=bool(self.verbose),
+                                    device=device)
         self.private_module = module
+        self.private_q_module = quantized
         self.graph = quantized.graph
         self.partition = quantized.partition
         self.input_shape = tuple(self.partition.statistics["input_shape"][0])
@@ -197,6 +223,10 @@ class RemoteModule(nn.Module):
         """Run the module on the FHE server: quantize, encrypt, send, decrypt, dequantize."""
         if self.partition is not None:
             return self._run_partition(x, HybridFHEMode.REMOTE)
+        if not self.clients:
+            raise DeploymentError(f"remote module '{self.module_name}': mode 'remote' needs the "
+                                  "server's client specs and keys: call hybrid_model.init_client() "
+                                  "first")
         client, _ = self._client_for(tuple(x.shape))
         processing = client.processing
         q_inputs = tuple(q.quantize(x.detach().cpu().double().numpy()) for q in processing.input_quantizers)
@@ -218,20 +248,40 @@ class RemoteModule(nn.Module):
     # ---- running ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run in `fhe_local_mode` (see `HybridFHEMode`)."""
+        """Run in `fhe_local_mode` (see `HybridFHEMode`).
+
+        Every mode but torch and calibrate runs the compiled circuit (or the server): a module
+        that was never compiled here raises instead of running its float weights. An input
+        without the batch dim (one sample, e.g. ``torch.randn(dim)``) runs as a batch of one.
+        """
         mode = self.fhe_local_mode
         if mode == HybridFHEMode.CALIBRATE:
             self.calibration_data.append(x.detach())
             return self._private(x)
-        if mode == HybridFHEMode.TORCH or (mode == HybridFHEMode.DISABLE and self.partition is None
-                                             and self.private_module is not None):
+        if mode == HybridFHEMode.TORCH:
             return self._private(x)
-        if mode == HybridFHEMode.REMOTE:
-            return self.remote_call(x)
-        if self.partition is None:
-            raise NotCompiledError(f"remote module '{self.module_name}': mode {mode.value} needs "
-                                   "HybridFHEModel.compile_model(x) first")
-        return self._run_partition(x, mode)
+        if mode != HybridFHEMode.REMOTE and self.partition is None:
+            where = ("its weights were cleared: use mode 'remote' after init_client()"
+                     if self.private_module is None else
+                     "call HybridFHEModel.compile_model(x) first, or use mode 'torch' for the float "
+                     "module")
+            raise NotCompiledError(f"remote module '{self.module_name}' is not compiled here, so mode "
+                                   f"'{mode.value}' cannot run its FHE circuit: {where}")
+        single = self._is_single_sample(x)
+        if single:
+            x = x.unsqueeze(0)
+        y = self.remote_call(x) if mode == HybridFHEMode.REMOTE else self._run_partition(x, mode)
+        return _unbatched(y) if single else y
+
+    def _is_single_sample(self, x: torch.Tensor) -> bool:
+        """True when `x` lacks the batch dim of the circuit's input (one fewer dim)."""
+        if self.input_shape is not None:
+            dims = len(self.input_shape)
+        elif self.clients:
+            dims = len(next(iter(self.clients.values())).processing.input_shapes[0])
+        else:
+            return False
+        return x.dim() == dims - 1
 
     def _private(self, x: torch.Tensor) -> torch.Tensor:
         if self.private_module is None:
@@ -249,7 +299,7 @@ class RemoteModule(nn.Module):
 
     # ---- saving -------------------------------------------------------------------------
 
-    def save_artifacts(self, path: Path, via_mlir: bool = False) -> Path:
+    def save_artifacts(self, path: Path, via_mlir: bool = True) -> Path:
         """Write client.zip/server.zip to ``path/<input shape>/``; returns that folder."""
         if self.partition is None:
             raise NotCompiledError(f"remote module '{self.module_name}' is not compiled: call compile_model first")
@@ -277,6 +327,13 @@ class RemoteModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"module_name={self.module_name!r}, mode={self.fhe_local_mode.value!r}"
+
+
+def _unbatched(outputs: Any) -> Any:
+    """Drop the batch dim added to a single sample (from every output)."""
+    if isinstance(outputs, tuple):
+        return tuple(o.squeeze(0) for o in outputs)
+    return outputs.squeeze(0)
 
 
 def _compile_module(module: nn.Module, inputset: torch.Tensor, n_bits: Any, **options: Any):
@@ -317,7 +374,8 @@ class HybridFHEModel:
     def __init__(self, model: nn.Module, module_names: Union[str, List[str]], server_remote_address: Optional[str] = None,
                  model_name: str = "model", verbose: int = 0):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"HybridFHEModel needs an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"The model must be a PyTorch or Brevitas model: HybridFHEModel needs an "
+                            f"nn.Module, got {type(model).__name__}")
         if isinstance(module_names, str):
             module_names = [module_names]
         if not isinstance(module_names, (list, tuple)) or not all(isinstance(n, str) for n in module_names):
@@ -329,8 +387,20 @@ class HybridFHEModel:
         self.module_names = [resolve_module_name(model, name) for name in module_names]
         self.remote_modules: Dict[str, RemoteModule] = {}
         self.saved_path: Optional[Path] = None
+        self.configuration: Any = None
         for name in self.module_names:
             self.remote_modules[name] = self._wrap(name)
+
+    @property
+    def private_modules(self) -> Dict[str, Optional[nn.Module]]:
+        """The float module of each remote module (None once cleared), by name."""
+        return {name: remote.private_module for name, remote in self.remote_modules.items()}
+
+    @property
+    def private_q_modules(self) -> Dict[str, Any]:
+        """The compiled `QuantizedModule` of each remote module, by name (after compile_model)."""
+        return {name: remote.private_q_module for name, remote in self.remote_modules.items()
+                if remote.private_q_module is not None}
 
     def _wrap(self, name: str) -> RemoteModule:
         parent_name, _, attribute = name.rpartition(".")
@@ -347,8 +417,20 @@ class HybridFHEModel:
     # ---- compile and run ----------------------------------------------------------------
 
     def compile_model(self, x: Any, n_bits: Any = 8, rounding_threshold_bits: Any = None,
-                      p_error: Optional[float] = None, configuration: Any = None) -> None:
-        """Run the model once on `x` (calibration) and compile every remote module to FHE."""
+                      p_error: Optional[float] = None, device: str = "cpu", configuration: Any = None,
+                      use_dynamic_quantization: bool = False) -> None:
+        """Run the model once on `x` (calibration) and compile every remote module to FHE.
+
+        Arguments follow Concrete ML's. `device` is 'cpu' or 'cuda' (GPU build of
+        concrete-python). `use_dynamic_quantization=True` needs Concrete ML's GLWE linear-layer
+        backend, which does not exist here: it raises, as Concrete ML does without that backend.
+        """
+        if use_dynamic_quantization:
+            raise OptionError("use_dynamic_quantization=True: Dynamic quantization requires GLWE "
+                              "backend (Concrete ML's concrete-ml-extensions), which fhe_backend "
+                              "does not have; remote layers use static quantization calibrated on "
+                              "x: pass use_dynamic_quantization=False")
+        self.configuration = configuration
         self.set_fhe_mode(HybridFHEMode.CALIBRATE)
         try:
             with torch.no_grad():
@@ -357,11 +439,17 @@ class HybridFHEModel:
             self.set_fhe_mode(HybridFHEMode.TORCH)
             raise
         for remote in self.remote_modules.values():
-            remote.compile(n_bits, rounding_threshold_bits, p_error, configuration)
+            remote.compile(n_bits, rounding_threshold_bits, p_error, configuration, device)
 
-    def forward(self, x: Any, fhe: Union[str, HybridFHEMode] = "disable") -> Any:
-        """Run the model with every remote module in mode `fhe`."""
-        self.set_fhe_mode(fhe)
+    def forward(self, x: Any, fhe: Union[None, str, HybridFHEMode] = None) -> Any:
+        """Run the model; with `fhe` given, every remote module runs in that mode first.
+
+        Without `fhe` each remote module keeps its own `fhe_local_mode` (after compile_model:
+        'disable'; after save_and_clear_private_info, or set by hand as in the deployment
+        guide: 'remote').
+        """
+        if fhe is not None:
+            self.set_fhe_mode(fhe)
         with torch.no_grad():
             return _call(self.model, x)
 
@@ -382,7 +470,7 @@ class HybridFHEModel:
 
     # ---- save, clear, publish -----------------------------------------------------------
 
-    def save_and_clear_private_info(self, path: Union[str, Path], via_mlir: bool = False) -> None:
+    def save_and_clear_private_info(self, path: Union[str, Path], via_mlir: bool = True) -> None:
         """Save the server artifacts of each remote module and the client model without them.
 
         Writes ``path/<module>/<input shape>/{client.zip, server.zip}`` (serve `path`'s parent
@@ -471,7 +559,8 @@ def resolve_module_name(model: nn.Module, name: str) -> str:
     attribute = _attribute(model, name)
     if attribute is not None and not isinstance(attribute, nn.Module):
         raise TypeError(f"{name!r} is a {type(attribute).__name__}, not an nn.Module: choose a submodule")
-    raise ValueError(f"no submodule named {name!r}; valid names: {[k for k in modules if k]}")
+    raise ValueError(f"No module found for name {name}: no submodule named {name!r}; valid names: "
+                     f"{[k for k in modules if k]}")
 
 
 def _attribute(model: nn.Module, name: str) -> Any:

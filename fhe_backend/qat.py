@@ -21,6 +21,7 @@ graph by the `detect_fake_quant` graph pass instead.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Tuple
 
 import torch
@@ -146,18 +147,39 @@ def _plain(x: Any) -> torch.Tensor:
     return getattr(x, "value", x) if not isinstance(x, torch.Tensor) else x
 
 
-def _activation_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
+def _activation_forward(layer: torch.nn.Module, x: Any) -> Any:
     """Traceable eval forward of QuantIdentity, QuantReLU, ... (QuantNonLinearActLayer)."""
     x = _fake_quantized(layer, "input_quant", _plain(x))
     fused = layer.act_quant.fused_activation_quant_proxy
     if fused is None:
-        return x
+        return _as_returned(layer, "input_quant", x)
     x = fused.activation_impl(x)
-    return _fake_quantized(layer, "act_quant", x)
+    return _as_returned(layer, "act_quant", _fake_quantized(layer, "act_quant", x))
 
 
-def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
+def _as_returned(layer: torch.nn.Module, attribute: str, y: torch.Tensor,
+                 accumulator_scale: Any = None) -> Any:
+    """What the layer returns: with ``return_quant_tensor=True`` a Brevitas QuantTensor around
+    the fake-quantized values (so user code reading ``.value``, ``.scale`` ... still runs while
+    the graph is captured), else the tensor itself. A weight layer without an output quantizer
+    returns its accumulator (scale `accumulator_scale`, zero-point 0, 32 bits as a bound)."""
+    if not getattr(layer, "return_quant_tensor", False):
+        return y
+    from brevitas.quant_tensor import IntQuantTensor
+
+    proxy = getattr(layer, attribute, None)
+    if proxy is not None and getattr(proxy, "is_quant_enabled", False):
+        scale, zero_point, qmin, qmax = _constant(layer, attribute, _quantizer_spec, proxy)
+        bits, signed = float(round(math.log2(qmax - qmin + 1.0))), qmin < 0
+    else:
+        scale = accumulator_scale if accumulator_scale is not None else torch.ones(())
+        zero_point, bits, signed = torch.zeros(()), 32.0, True
+    return IntQuantTensor(y, scale, zero_point, torch.full((), bits), signed, False)
+
+
+def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> Any:
     """Traceable eval forward of QuantLinear, QuantConv1d, QuantConv2d."""
+    input_scale = getattr(x, "scale", None) if not isinstance(x, torch.Tensor) else None
     x = _fake_quantized(layer, "input_quant", _plain(x))
     weights, scale = _constant(layer, "weights", _integer_weights, layer)
     if isinstance(layer, torch.nn.Linear):
@@ -167,7 +189,9 @@ def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> torch.Tensor:
     y = y * scale
     if layer.bias is not None:
         y = y + layer.bias.reshape(_channel_shape(layer))
-    return _fake_quantized(layer, "output_quant", y)
+    accumulator_scale = input_scale * scale if input_scale is not None else None
+    return _as_returned(layer, "output_quant", _fake_quantized(layer, "output_quant", y),
+                        accumulator_scale)
 
 
 def _traceable(layer: torch.nn.Module) -> bool:

@@ -162,8 +162,8 @@ def test_dict_n_bits_sets_each_quantizer():
     assert as_int.input_quantizers[0].n_bits == 3
     # 3-bit activations and weights: accumulators are much smaller than at 7 bits
     wide = build_quantized_module(model, inputset, n_bits=7)
-    assert (max(e["bitwidth"] for e in as_int.bitwidth_and_range_report().values())
-            < max(e["bitwidth"] for e in wide.bitwidth_and_range_report().values()))
+    assert (max(e["bitwidth"] for e in as_int.lookup_report().values())
+            < max(e["bitwidth"] for e in wide.lookup_report().values()))
     with pytest.raises(OptionError, match="missing mandatory keys"):
         build_quantized_module(model, inputset, n_bits={"op_inputs": 3})
 

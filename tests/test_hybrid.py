@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import zipfile
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -52,11 +54,16 @@ def test_shape_strings_round_trip():
 
 
 def test_modes_before_compile():
-    hybrid = HybridFHEModel(FCSmall(4), "seq.0")
+    model = FCSmall(4)
+    hybrid = HybridFHEModel(model, "seq.0")
     x = torch.randn(3, 4)
-    assert hybrid(x).shape == (3, 4)  # disable before compiling: plain torch
-    with pytest.raises(NotCompiledError):
-        hybrid(x, fhe="simulate")
+    with torch.no_grad():
+        assert torch.equal(hybrid(x), model(x))  # a new remote module runs its torch module
+    for mode in ("disable", "simulate", "execute"):  # never the float layer in place of FHE
+        with pytest.raises(NotCompiledError, match="not compiled here"):
+            hybrid(x, fhe=mode)
+    with pytest.raises(DeploymentError, match="init_client"):
+        hybrid(x, fhe="remote")
     with pytest.raises(OptionError):
         hybrid.set_fhe_mode("fast")
     assert HybridFHEMode.parse("EXECUTE") is HybridFHEMode.EXECUTE
@@ -143,3 +150,98 @@ def test_save_clears_private_info_and_packages_for_hub(tmp_path, insecure_config
     assert (hub / "seq_0" / "po_1_6_pc" / "server.zip").is_file()
     with pytest.raises(DeploymentError, match="failed"):
         hybrid.publish_to_hub(repo_id="nobody/fhe-backend-test", token="hf_invalid")
+
+
+@pytest.fixture(scope="module")
+def seed_deployment(tmp_path_factory):
+    """The guide "Hybrid model deployment" end to end: compile FCSmall's seq.0, save it
+    (via_mlir by default), serve the folder with a real server on loopback."""
+    from fhe_backend.deployment.server import ServerConfig
+    from tests.test_server import ThreadServer
+
+    torch.manual_seed(3)
+    root = tmp_path_factory.mktemp("seed_hybrid")
+    model = FCSmall(10)
+    float_model = FCSmall(10)
+    float_model.load_state_dict(model.state_dict())
+    hybrid = HybridFHEModel(model, ["seq_0"], model_name="FCSmall")
+    hybrid.compile_model(torch.randn(100, 10), n_bits=4)
+    x = torch.randn((10,))
+    simulated = hybrid(x.unsqueeze(0), fhe="simulate")[0]
+    hybrid.save_and_clear_private_info(root / "models" / "FCSmall")
+    server = ThreadServer(ServerConfig(str(root / "models"), str(root / "keys")))
+    yield {"model": model, "float_model": float_model.eval(), "x": x, "simulated": simulated,
+           "url": server.url, "root": root}
+    server.stop()
+
+
+def _computes(hybrid):
+    calls = []
+    for remote in hybrid.remote_modules.values():
+        remote.http.session.hooks["response"].append(
+            lambda response, *args, **kwargs: calls.append(response.url)
+            if response.url.endswith("/compute") else None)
+    return calls
+
+
+def test_seed_client_flow_reaches_the_server(seed_deployment):
+    # the guide's client: the cleared model, a server address, REMOTE set on each module, then
+    # forward(x) without `fhe` on a 1-D input
+    deployment = seed_deployment
+    hybrid = HybridFHEModel(deployment["model"], "seq_0", server_remote_address=deployment["url"],
+                            model_name="FCSmall", verbose=False)
+    hybrid.init_client(path_to_clients=deployment["root"] / "clients")
+    for module in hybrid.remote_modules.values():
+        module.fhe_local_mode = HybridFHEMode.REMOTE
+    calls = _computes(hybrid)
+    out = hybrid.forward(deployment["x"])
+    assert out.shape == (10,) and len(calls) == 1
+    assert torch.allclose(out, deployment["simulated"], atol=1e-6)
+
+
+def test_uncompiled_client_model_uses_the_server_not_float(seed_deployment):
+    # a client that builds the model afresh (float weights present, never compiled)
+    deployment = seed_deployment
+    model = FCSmall(10)
+    model.load_state_dict(deployment["float_model"].state_dict())
+    hybrid = HybridFHEModel(model, "seq_0", server_remote_address=deployment["url"],
+                            model_name="FCSmall")
+    with pytest.raises(NotCompiledError, match="not compiled here"):
+        hybrid(deployment["x"], fhe="disable")  # no silent float run of the private layer
+    hybrid.init_client()
+    hybrid.set_fhe_mode(HybridFHEMode.REMOTE)
+    calls = _computes(hybrid)
+    out = hybrid(deployment["x"])
+    assert len(calls) == 1
+    assert torch.allclose(out, deployment["simulated"], atol=1e-6)
+    with torch.no_grad():
+        float_out = deployment["float_model"](deployment["x"])
+    assert not torch.allclose(out, float_out, atol=1e-6)  # the circuit's result, not torch's
+
+
+def test_forward_without_fhe_keeps_each_module_mode(compiled_fc):
+    hybrid, reference = compiled_fc
+    x = torch.randn(4, 10)
+    hybrid.set_fhe_mode("simulate")
+    simulated = hybrid(x)
+    assert hybrid.remote_modules["seq.0"].fhe_local_mode is HybridFHEMode.SIMULATE
+    hybrid.remote_modules["seq.0"].fhe_local_mode = HybridFHEMode.TORCH
+    assert torch.allclose(hybrid(x), reference(x))
+    assert torch.equal(hybrid(x, fhe="disable"), simulated)
+    assert hybrid(x[0]).shape == (10,)  # one sample without its batch dim
+    assert torch.equal(hybrid(x[0]), simulated[0])
+
+
+def test_compile_model_arguments_and_private_q_modules():
+    torch.manual_seed(4)
+    hybrid = HybridFHEModel(FCSmall(4), "seq.0")
+    with pytest.raises(OptionError, match="Dynamic quantization requires GLWE backend"):
+        hybrid.compile_model(torch.randn(50, 4), use_dynamic_quantization=True)
+    hybrid.compile_model(torch.randn(50, 4), 4, None, None, "cpu", None, False)
+    quantized = hybrid.private_q_modules["seq.0"]
+    x = torch.randn(3, 4)
+    hybrid.set_fhe_mode("disable")
+    with torch.no_grad():
+        remote_output = hybrid.remote_modules["seq.0"](x).numpy()
+    np.testing.assert_allclose(quantized.forward(x.numpy(), fhe="disable"), remote_output, atol=1e-6)
+    assert isinstance(hybrid.private_modules["seq.0"], torch.nn.Linear)

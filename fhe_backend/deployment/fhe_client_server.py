@@ -41,6 +41,7 @@ CLIENT_SPECS = "client.specs.json"
 PROCESSING = "serialized_processing.json"
 VERSIONS = "versions.json"
 SERVER_INFO = "server_info.json"
+DEPLOYMENT_MODES = ("inference", "training")  # Concrete ML's DeploymentMode values
 
 # one sample of a circuit with one input/output is bytes; several inputs/outputs: a tuple
 SerializedSample = Union[bytes, Tuple[bytes, ...]]
@@ -169,12 +170,22 @@ class FHEModelDev:
         self.path_dir = Path(path_dir)
         self.model = model
 
-    def save(self, via_mlir: bool = False) -> None:
+    def save(self, mode: Any = "inference", via_mlir: bool = True) -> None:
         """Write client.zip and server.zip into `path_dir` (created; must not hold them yet).
 
-        via_mlir: save the circuit as MLIR, recompiled when the server loads it (portable
-        across machines and architectures).
+        mode: Concrete ML's deployment mode; only "inference" exists here (Concrete ML's
+        "training" mode saves the training circuit of its built-in SGD models, which this
+        project does not have: it raises). via_mlir (default True, as in Concrete ML): save
+        the circuit as MLIR, recompiled when the server loads it (portable across machines).
         """
+        mode_name = str(getattr(mode, "value", mode)).lower()
+        if mode_name not in DEPLOYMENT_MODES:
+            raise DeploymentError(f"FHEModelDev.save(mode={mode!r}): Mode must be either "
+                                  "'inference' or 'training'")
+        if mode_name == "training":
+            raise DeploymentError("FHEModelDev.save(mode='training'): Training FHE circuit does not "
+                                  "exist: fhe_backend deploys inference circuits (LoRA training "
+                                  "runs through HybridFHEModel / LoraTrainer instead)")
         partition = partition_of(self.model)
         partition._require_compiled()
         for name in (CLIENT_ZIP, SERVER_ZIP):
@@ -218,6 +229,10 @@ class FHEModelClient:
     def __init__(self, path_dir: Union[str, Path], key_dir: Optional[Union[str, Path]] = None):
         self.path_dir = Path(path_dir)
         self.key_dir = Path(key_dir) if key_dir is not None else None
+        self.load()
+
+    def load(self) -> None:
+        """(Re)load client.zip: Concrete's client specs and the quantizers."""
         files = _read_zip(self.path_dir / CLIENT_ZIP, [CLIENT_SPECS, PROCESSING, VERSIONS])
         check_versions(json.loads(files[VERSIONS]), self.path_dir / CLIENT_ZIP)
         self.specs_bytes = files[CLIENT_SPECS]
@@ -249,8 +264,13 @@ class FHEModelClient:
             self.client.keys.save(temporary)
             temporary.replace(path)
 
-    def get_serialized_evaluation_keys(self) -> bytes:
-        """The public evaluation keys to send to the server (generated on first use)."""
+    def get_serialized_evaluation_keys(self, include_tfhers_key: bool = False) -> bytes:
+        """The public evaluation keys to send to the server (generated on first use).
+
+        include_tfhers_key: Concrete ML adds a TFHE-rs public key for models whose ciphertexts
+        are in TFHE-rs format; circuits here use Concrete's format only, so, as in Concrete ML
+        for such models, only the evaluation keys are returned.
+        """
         self.generate_private_and_evaluation_keys()
         return self.client.evaluation_keys.serialize()
 
@@ -301,6 +321,10 @@ class FHEModelServer:
 
     def __init__(self, path_dir: Union[str, Path]):
         self.path_dir = Path(path_dir)
+        self.load()
+
+    def load(self) -> None:
+        """(Re)load server.zip: the circuit, its input shapes and client specs."""
         files = _read_zip(self.path_dir / SERVER_ZIP, [VERSIONS, SERVER_INFO, CLIENT_SPECS])
         check_versions(json.loads(files[VERSIONS]), self.path_dir / SERVER_ZIP)
         info = json.loads(files[SERVER_INFO])
