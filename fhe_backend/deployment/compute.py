@@ -6,6 +6,10 @@ server checks keys and ciphertexts before use (`fhe_backend.deployment.wire`), a
 computation in a `ComputeProcess`, a child of the worker: when the child dies, the request
 that was running fails with `ComputeCrashed`, the worker lives on and starts a new child.
 
+The child is a plain Python process running this file as a script (``python -I compute.py FD``):
+it imports Concrete only (not torch nor this package), talks over a socket pair with
+`multiprocessing.connection`, and exits when the worker closes its end.
+
 A `ComputePool` holds at most `size` children, one computation each at a time: the pool size
 is the worker's limit of concurrent computations (`try_acquire` returns None when all are
 busy; the server answers 503 with ``Retry-After``). Each child keeps the circuits it loaded and
@@ -16,10 +20,13 @@ the child caches, so `cached_keys()` reports it without asking the child.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,20 +44,13 @@ class ComputeError(Exception):
 
 
 class ComputeCrashed(Exception):
-    """The child process died during a computation (`exitcode` as multiprocessing reports it)."""
+    """The child process died during a computation (`exitcode`: negative for a signal)."""
 
     def __init__(self, exitcode: Optional[int]):
         described = (f"signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
                      and -exitcode in signal.Signals._value2member_map_ else f"exit code {exitcode}")
         super().__init__(f"the computation process died ({described})")
         self.exitcode = exitcode
-
-
-def _context():
-    """A forkserver context with the package preloaded (children start in milliseconds)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fhe_backend.deployment.compute"])
-    return context
 
 
 class ComputeProcess:
@@ -66,15 +66,18 @@ class ComputeProcess:
 
     def start(self) -> None:
         """Start (or restart) the child."""
-        context = _context()
-        parent_end, child_end = context.Pipe()
-        self.process = context.Process(target=_child_main, args=(child_end,), daemon=True,
-                                       name="fhe-backend-compute")
-        self.process.start()
-        child_end.close()
-        self.connection = parent_end
-        self.cached.clear()
-        self._evictions = []
+        parent_end, child_end = socket.socketpair()
+        with child_end:
+            self.process = subprocess.Popen([sys.executable, "-I", __file__, str(child_end.fileno())],
+                                            pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+        self.connection = Connection(parent_end.detach())
+        with self._lock:
+            self.cached.clear()
+            self._evictions = []
+
+    def alive(self) -> bool:
+        """Whether the child runs."""
+        return self.process is not None and self.process.poll() is None
 
     def run(self, circuit_dir: Path, key_id: str, load_keys: Callable[[], bytes],
             sample: Sequence[bytes]) -> Tuple[bytes, ...]:
@@ -83,7 +86,7 @@ class ComputeProcess:
         Raises `ComputeError` for an error Concrete reported, `ComputeCrashed` when the child
         died (it is restarted before this returns).
         """
-        if self.process is None or not self.process.is_alive():
+        if not self.alive():
             self.start()
         data, evict = None, []
         with self._lock:
@@ -98,9 +101,13 @@ class ComputeProcess:
         try:
             self.connection.send(("run", str(circuit_dir), key_id, data, evict, tuple(sample)))
             reply = self.connection.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            self.process.join(10)
-            crashed = ComputeCrashed(self.process.exitcode)
+        except (EOFError, OSError):
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            crashed = ComputeCrashed(self.process.returncode)
             logger.error("compute process %d: %s; starting another", self.process.pid, crashed)
             self.start()
             raise crashed from None
@@ -124,15 +131,26 @@ class ComputeProcess:
             evict.append(self.cached.popitem(last=False)[0])
         return evict
 
+    def evict_now(self) -> None:
+        """Send pending evictions to an idle child at once (no reply expected)."""
+        with self._lock:
+            evict, self._evictions = self._evictions, []
+        if evict and self.alive():
+            try:
+                self.connection.send(("evict", evict))
+            except OSError:
+                pass  # the child is gone; the next run restarts it
+
     def stop(self) -> None:
-        """Stop the child (it exits when its pipe closes; killed after 5 s)."""
+        """Stop the child (it exits when its end of the connection closes; killed after 5 s)."""
         if self.process is None:
             return
         self.connection.close()
-        self.process.join(5)
-        if self.process.is_alive():
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.join()
+            self.process.wait()
 
 
 class ComputePool:
@@ -165,12 +183,23 @@ class ComputePool:
             self._busy -= 1
             self._idle.append(process)
 
+    def start(self) -> None:
+        """Start every process now (they import Concrete in the background), not at the first request."""
+        with self._lock:
+            while len(self._all) < self.size:
+                process = ComputeProcess(*self._cache)
+                process.start()
+                self._all.append(process)
+                self._idle.append(process)
+
     def forget(self, key_id: str) -> None:
-        """Make every process drop `key_id` from its cache."""
+        """Make every process drop `key_id` from its cache (idle ones at once)."""
         with self._lock:
             for process in self._all:
                 if key_id in process.cached:
                     process.forget(key_id)
+                    if process in self._idle:
+                        process.evict_now()
 
     def stats(self) -> Dict[str, int]:
         """Busy computations and the keys cached in the children (for ``GET /health``)."""
@@ -191,6 +220,7 @@ def _child_main(connection) -> None:
     from concrete import fhe
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which closes the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     servers: Dict[str, object] = {}
     keys: Dict[str, object] = {}
     while True:
@@ -198,6 +228,10 @@ def _child_main(connection) -> None:
             message = connection.recv()
         except (EOFError, OSError):
             return
+        if message[0] == "evict":
+            for old in message[1]:
+                keys.pop(old, None)
+            continue
         _, circuit_dir, key_id, data, evict, sample = message
         for old in evict:
             keys.pop(old, None)
@@ -233,3 +267,6 @@ def _first_line(error: Exception) -> str:
 
 
 __all__ = ["ComputePool", "ComputeProcess", "ComputeError", "ComputeCrashed"]
+
+if __name__ == "__main__":  # the child: python -I compute.py FD
+    _child_main(Connection(int(sys.argv[1])))

@@ -374,6 +374,7 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        await run_in_threadpool(pool.start)
         yield
         await run_in_threadpool(pool.stop)  # the compute processes end with the worker
 
