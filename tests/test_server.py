@@ -124,7 +124,8 @@ def deployed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(deployed):
     """A real uvicorn server on a free loopback port (stopped at the end of the module)."""
-    running = ThreadServer(ServerConfig(str(deployed["models"]), str(deployed["keys"]), max_body_bytes=512 << 20))
+    running = ThreadServer(ServerConfig(str(deployed["models"]), str(deployed["keys"]), max_body_bytes=512 << 20,
+                                        retry_after_seconds=1))
     yield running
     running.stop()
 

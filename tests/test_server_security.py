@@ -770,3 +770,25 @@ def test_upload_disconnect_is_one_log_line(artifacts, server):
     assert len(lines) == 5, [r.getMessage() for r in records]
     assert not [r for r in records if r.exc_info], "no traceback for a client that went away"
     assert requests.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_every_limit_is_a_documented_flag():
+    """Each `ServerSettings` limit has a `fhe-backend serve` flag and a row in docs/security.md."""
+    import argparse
+    from dataclasses import fields
+
+    from fhe_backend.deployment import server as server_module
+
+    parser = argparse.ArgumentParser()
+    server_module.add_arguments(parser)
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    limits = [f.name for f in fields(ServerSettings) if "help" in f.metadata]
+    assert len(limits) >= 12
+    for name in limits:
+        flag = "--" + name.replace("_", "-")
+        assert f"`{flag}`" in documented, flag
+        assert parser.parse_args(["models", "--keys-dir", "k"]).__dict__[name] == getattr(
+            ServerSettings("m", "k"), name)
+    parsed = server_module.settings_from_args(parser.parse_args(
+        ["models", "--keys-dir", "k", "--max-keys-per-model", "none", "--key-ttl-seconds", "60"]))
+    assert parsed.max_keys_per_model is None and parsed.key_ttl_seconds == 60.0

@@ -339,8 +339,14 @@ class FHEModelServer:
     def run(self, serialized_encrypted_input: Serialized,
             serialized_evaluation_keys: Union[bytes, fhe.EvaluationKeys]) -> Serialized:
         """Run the circuit on each sample; returns the same layout (bytes, or list of bytes)."""
+        from .wire import WireFormatError, check_evaluation_keys
+
         keys = serialized_evaluation_keys
         if not isinstance(keys, fhe.EvaluationKeys):
+            try:  # parameters other than the circuit's abort the process inside Concrete
+                check_evaluation_keys(keys, json.loads(self.specs_bytes))
+            except WireFormatError as error:
+                raise DeploymentError(str(error)) from None
             keys = fhe.EvaluationKeys.deserialize(keys)
         items = serialized_encrypted_input
         results = [self._run_sample(item, keys) for item in (items if isinstance(items, list) else [items])]
@@ -348,10 +354,21 @@ class FHEModelServer:
 
     def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
         values = item if isinstance(item, tuple) else (item,)
-        values = [v if isinstance(v, fhe.Value) else fhe.Value.deserialize(v) for v in values]
+        values = [v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values)]
         result = self.server.run(*values, evaluation_keys=keys)
         outputs = tuple(r.serialize() for r in (result if isinstance(result, tuple) else (result,)))
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _checked_value(self, data: bytes, position: int) -> fhe.Value:
+        """A serialized ciphertext checked against circuit input `position`, then deserialized."""
+        from .wire import WireFormatError, check_ciphertext
+
+        try:
+            check_ciphertext(data, json.loads(self.specs_bytes)["circuits"][0]["inputs"][position],
+                             f"input {position}")
+        except (WireFormatError, IndexError) as error:
+            raise DeploymentError(f"{self.path_dir}: {error}") from None
+        return fhe.Value.deserialize(data)
 
 
 def evaluation_key_payload_bytes(specs: Dict[str, Any]) -> Optional[int]:
@@ -360,19 +377,6 @@ def evaluation_key_payload_bytes(specs: Dict[str, Any]) -> Optional[int]:
     Used to reject evaluation keys made for another circuit before running: keys whose
     parameters differ from the circuit's abort the process inside Concrete.
     """
-    keyset = specs["keyset"]
-    total = 0
-    for key in keyset.get("lweBootstrapKeys", []):
-        params = key["params"]
-        if key.get("compression", "none") != "none":
-            return None
-        glwe = params["glweDimension"] + 1
-        total += params["inputLweDimension"] * params["levelCount"] * glwe * glwe * params["polynomialSize"] * 8
-    for key in keyset.get("lweKeyswitchKeys", []):
-        params = key["params"]
-        if key.get("compression", "none") != "none":
-            return None
-        total += params["inputLweDimension"] * params["levelCount"] * (params["outputLweDimension"] + 1) * 8
-    if keyset.get("packingKeyswitchKeys"):
-        return None
-    return total
+    from .wire import evaluation_key_bytes
+
+    return evaluation_key_bytes(specs)
