@@ -57,9 +57,11 @@ class ConcreteMlCircuit:
     def statistics(self) -> Dict[str, Any]:
         """pbs_count, max_bit_width and complexity of the Concrete circuit."""
         circuit = self.module.fhe_circuit
-        return {"pbs_count": int(circuit.programmable_bootstrap_count),
-                "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
-                "complexity": float(circuit.complexity)}
+        return {
+            "pbs_count": int(circuit.programmable_bootstrap_count),
+            "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+            "complexity": float(circuit.complexity),
+        }
 
     def keygen(self, force: bool = False) -> None:
         """Generate the circuit's keys."""
@@ -70,8 +72,13 @@ class ConcreteMlCircuit:
         return torch.as_tensor(np.asarray(self.module.forward(x.numpy(), fhe=mode)))
 
 
-def compile_with_concrete_ml(target: Target, model: torch.nn.Module, x_train: torch.Tensor,
-                             _first_input: Optional[torch.Tensor], options: Dict[str, Any]):
+def compile_with_concrete_ml(
+    target: Target,
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    _first_input: Optional[torch.Tensor],
+    options: Dict[str, Any],
+):
     """Concrete ML's compile for a target with `options`: (run(mode, x), [circuit])."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model, compile_torch_model
 
@@ -95,28 +102,44 @@ def measure_gpt2_block(target: Target, config: BenchConfig, progress, folder: Pa
         reference = block(x)
     progress("compiling")
     (run, circuits), compile_seconds = timed(
-        lambda: compile_with_concrete_ml(target, block, x, None, compile_options(target, config)))
-    row: Dict[str, Any] = {"metric": "MLP block output error", "compile_seconds": compile_seconds,
-                           "eval_samples": len(x), **circuit_figures(circuits)}
+        lambda: compile_with_concrete_ml(target, block, x, None, compile_options(target, config))
+    )
+    row: Dict[str, Any] = {
+        "metric": "MLP block output error",
+        "compile_seconds": compile_seconds,
+        "eval_samples": len(x),
+        **circuit_figures(circuits),
+    }
     evaluate_modes(row, run, x, reference, lambda outputs, rows: None, circuits, config, progress)
     return row
 
 
 def measure(job: Dict[str, Any], config: BenchConfig, folder: Path) -> Dict[str, Any]:
     """One compilation's row, or its error."""
-    target = Target(name=job["name"], description="", kind=job["kind"], model=job["model"],
-                    options=job["options"], qat=job["qat"])
+    target = Target(
+        name=job["name"],
+        description="",
+        kind=job["kind"],
+        model=job["model"],
+        options=job["options"],
+        qat=job["qat"],
+    )
     start = time.perf_counter()
 
     def progress(step: str) -> None:
-        print(f"[concrete-ml {job['key']}] {step} ({time.perf_counter() - start:.1f}s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[concrete-ml {job['key']}] {step} ({time.perf_counter() - start:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     if job["role"] == "Concrete ML defaults":
         config = replace(config, configuration=None)  # its own configuration too
-    row: Dict[str, Any] = {"target": target.name, "compiler": "Concrete ML",
-                           **{k: job[k] for k in ("key", "role", "options", "error_probability",
-                                                  "rounding")}}
+    row: Dict[str, Any] = {
+        "target": target.name,
+        "compiler": "Concrete ML",
+        **{k: job[k] for k in ("key", "role", "options", "error_probability", "rounding")},
+    }
     memory = PeakMemory()
     try:
         with memory:
@@ -124,16 +147,24 @@ def measure(job: Dict[str, Any], config: BenchConfig, folder: Path) -> Dict[str,
                 model = models.DIGITS_MODELS[target.model][0]()
                 model.load_state_dict(torch.load(folder / f"{target.name}.pt"))
                 data = dict(np.load(folder / "digits.npz"))
-                row.update(measure_digits(target, config, progress, trained=(model.eval(), data),
-                                          compiler=compile_with_concrete_ml))
+                row.update(
+                    measure_digits(
+                        target,
+                        config,
+                        progress,
+                        trained=(model.eval(), data),
+                        compiler=compile_with_concrete_ml,
+                    )
+                )
             elif target.kind == "gpt2_hybrid":
                 row.update(measure_gpt2_block(target, config, progress, folder))
             else:
                 raise NotImplementedError(f"no Concrete ML counterpart for kind {target.kind!r}")
         row["status"] = "ok"
     except Exception as error:  # noqa: BLE001 - a failing target is a result
-        row.update(status="error", error=f"{type(error).__name__}: {error}",
-                   traceback=traceback.format_exc(limit=8))
+        row.update(
+            status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8)
+        )
     row["peak_memory_mb"] = memory.peak_mb
     progress(f"done: {row['status']}")
     return row
@@ -142,9 +173,14 @@ def measure(job: Dict[str, Any], config: BenchConfig, folder: Path) -> Dict[str,
 def main(job_path: str, result_path: str) -> int:
     """Run the job's targets; write {environment, results} to `result_path`."""
     job = json.loads(Path(job_path).read_text())
-    config = BenchConfig(execute=job["execute"], samples=job["samples"], eval_samples=job["eval_samples"],
-                         out=Path(job["models"]).parent, batch=job.get("batch", 0),
-                         configuration=job.get("configuration"))
+    config = BenchConfig(
+        execute=job["execute"],
+        samples=job["samples"],
+        eval_samples=job["eval_samples"],
+        out=Path(job["models"]).parent,
+        batch=job.get("batch", 0),
+        configuration=job.get("configuration"),
+    )
     folder = Path(job["models"])
     environment = {"python": sys.version.split()[0]}
     for package in ("concrete-ml", "concrete-python", "torch", "brevitas", "numpy"):
@@ -155,14 +191,22 @@ def main(job_path: str, result_path: str) -> int:
     try:
         import concrete.ml.torch.compile  # noqa: F401 - imported here, not inside the compile timing
     except ImportError as error:
-        failure = (f"concrete-ml is not importable with {sys.executable} ({type(error).__name__}: "
-                   f"{error}): pass --compare-python the interpreter of an environment where "
-                   "`pip install concrete-ml==1.9.*` was run")
+        failure = (
+            f"concrete-ml is not importable with {sys.executable} ({type(error).__name__}: "
+            f"{error}): pass --compare-python the interpreter of an environment where "
+            "`pip install concrete-ml==1.9.*` was run"
+        )
         print(f"[concrete-ml] {failure}", file=sys.stderr, flush=True)
-        rows = [{"target": target["name"], "compiler": "Concrete ML", "status": "unavailable",
-                 "error": failure, **{k: target[k] for k in ("key", "role", "options",
-                                                             "error_probability", "rounding")}}
-                for target in job["targets"]]
+        rows = [
+            {
+                "target": target["name"],
+                "compiler": "Concrete ML",
+                "status": "unavailable",
+                "error": failure,
+                **{k: target[k] for k in ("key", "role", "options", "error_probability", "rounding")},
+            }
+            for target in job["targets"]
+        ]
     else:
         rows = [measure(target, config, folder) for target in job["targets"]]
     Path(result_path).write_text(json.dumps({"environment": environment, "results": rows}, indent=2))

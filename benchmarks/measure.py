@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import resource
 import statistics
 import threading
@@ -53,7 +54,8 @@ def concrete_configuration(kwargs: Dict[str, Any]) -> Any:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get("approximate_rounding_config"), dict):
         kwargs["approximate_rounding_config"] = fhe.ApproximateRoundingConfig(
-            **kwargs["approximate_rounding_config"])
+            **kwargs["approximate_rounding_config"]
+        )
     return fhe.Configuration(**kwargs)
 
 
@@ -65,6 +67,7 @@ def compile_options(target: Target, config: BenchConfig) -> Dict[str, Any]:
 
 
 # ---- generic helpers ------------------------------------------------------------------------
+
 
 class PeakMemory:
     """Peak resident memory (MiB) of this process while the block runs, sampled every 10 ms."""
@@ -128,19 +131,25 @@ def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
     """
     stats = [partition.statistics for partition in partitions]
     circuits = [partition.circuit for partition in partitions]
-    sizes = {figure: sum(int(getattr(circuit, f"size_of_{name}")) for circuit in circuits)
-             for figure, name in (("input_ciphertext_bytes", "inputs"),
-                                  ("output_ciphertext_bytes", "outputs"),
-                                  ("bootstrap_key_bytes", "bootstrap_keys"),
-                                  ("keyswitch_key_bytes", "keyswitch_keys"))}
-    return {**sizes,
-            "circuit_p_error": max((float(c.p_error) for c in circuits), default=None),
-            "circuit_global_p_error": max((float(c.global_p_error) for c in circuits), default=None),
+    sizes = {
+        figure: sum(int(getattr(circuit, f"size_of_{name}")) for circuit in circuits)
+        for figure, name in (
+            ("input_ciphertext_bytes", "inputs"),
+            ("output_ciphertext_bytes", "outputs"),
+            ("bootstrap_key_bytes", "bootstrap_keys"),
+            ("keyswitch_key_bytes", "keyswitch_keys"),
+        )
+    }
+    return {
+        **sizes,
+        "circuit_p_error": max((float(c.p_error) for c in circuits), default=None),
+        "circuit_global_p_error": max((float(c.global_p_error) for c in circuits), default=None),
         "partitions": len(stats),
         "pbs_count": sum(s["pbs_count"] for s in stats),
         "max_bit_width": max((s["max_bit_width"] for s in stats), default=0),
-        "max_tlu_bit_width": max((s["max_tlu_bit_width"] for s in stats if "max_tlu_bit_width" in s),
-                                 default=None),
+        "max_tlu_bit_width": max(
+            (s["max_tlu_bit_width"] for s in stats if "max_tlu_bit_width" in s), default=None
+        ),
         "complexity": float(sum(s["complexity"] for s in stats)),
         "circuit_compile_seconds": sum(p.compile_seconds or 0.0 for p in partitions),
     }
@@ -149,7 +158,8 @@ def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
 def keygen_times(row: Dict[str, Any], partitions: Sequence[Any]) -> None:
     """Generate fresh keys for every partition: wall and CPU seconds, serialized key size."""
     _, row["keygen_seconds"], row["keygen_cpu_seconds"] = timed_with_cpu(
-        lambda: [partition.keygen(force=True) for partition in partitions])
+        lambda: [partition.keygen(force=True) for partition in partitions]
+    )
     row["evaluation_key_serialized_bytes"] = evaluation_key_bytes(partitions)
 
 
@@ -183,9 +193,16 @@ def relative_error(values: Sequence[torch.Tensor], references: Sequence[torch.Te
     return float(difference.norm() / reference.norm().clamp_min(1e-12))
 
 
-def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch.Tensor],
-                   inputs: torch.Tensor, reference: torch.Tensor, score: Callable[[Any, slice], float],
-                   partitions: Sequence[Any], config: BenchConfig, progress: Progress) -> None:
+def evaluate_modes(
+    row: Dict[str, Any],
+    run: Callable[[str, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    score: Callable[[Any, slice], float],
+    partitions: Sequence[Any],
+    config: BenchConfig,
+    progress: Progress,
+) -> None:
     """Score disable and simulate on the evaluation inputs (and execute on a few samples).
 
     `run(mode, inputs)` returns the model outputs; `score(outputs, rows)` the accuracy of the
@@ -196,7 +213,7 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
     for mode in ("disable", "simulate"):
         progress(f"{mode} on {count} samples")
         run(mode, inputs[:2])  # warm-up: first calls (dynamo recompiling for batches) are not throughput
-        outputs, seconds = timed(lambda: run(mode, inputs[rows]))
+        outputs, seconds = timed(functools.partial(run, mode, inputs[rows]))
         row[f"{mode}_accuracy"] = score(outputs, rows)
         row[f"{mode}_error"] = max_error(outputs, reference[rows])
         row[f"{mode}_samples_per_second"] = count / seconds
@@ -207,12 +224,12 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
     times, cpu_times, outputs = [], [], []
     for index in range(min(config.samples, len(inputs))):
         progress(f"execute sample {index + 1}/{config.samples}")
-        output, seconds, cpu = timed_with_cpu(lambda: run("execute", inputs[index:index + 1]))
+        output, seconds, cpu = timed_with_cpu(functools.partial(run, "execute", inputs[index : index + 1]))
         times.append(seconds)
         cpu_times.append(cpu)
         outputs.append(torch.as_tensor(output))
     executed = torch.cat(outputs)
-    simulated = torch.as_tensor(run("simulate", inputs[:len(outputs)]))
+    simulated = torch.as_tensor(run("simulate", inputs[: len(outputs)]))
     row["execute_samples"] = len(times)
     row["execute_seconds_per_sample"] = statistics.median(times)
     row["execute_seconds_all"] = times
@@ -231,8 +248,14 @@ def evaluate_modes(row: Dict[str, Any], run: Callable[[str, torch.Tensor], torch
 
 # ---- digits classifiers ---------------------------------------------------------------------
 
-def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor,
-                   first_input: torch.Tensor, options: Dict[str, Any]):
+
+def compile_digits(
+    target: Target,
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    first_input: torch.Tensor,
+    options: Dict[str, Any],
+):
     """Compile a digits model with `options`; returns (run(mode, x) -> logits, partitions)."""
     import fhe_backend
     from fhe_backend.backend import compiled_graphs
@@ -242,13 +265,12 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
 
         module = compile_brevitas_qat_model(model, x_train, **options)
 
-        def run(mode: str, x: torch.Tensor) -> torch.Tensor:
+        def run_qat(mode: str, x: torch.Tensor) -> torch.Tensor:
             return torch.as_tensor(module.forward(x.numpy(), fhe=mode))
 
-        return run, [module.partition]
+        return run_qat, [module.partition]
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="fhe",
-                             options={"inputset": x_train, "fhe": "disable", **options})
+    compiled = torch.compile(model, backend="fhe", options={"inputset": x_train, "fhe": "disable", **options})
     with torch.no_grad():
         compiled(first_input)
     partitions = fhe_backend.partitions(compiled)
@@ -268,12 +290,17 @@ def compile_digits(target: Target, model: torch.nn.Module, x_train: torch.Tensor
                 return output
         raise RuntimeError(f"benchmark target {target.name}: could not run every partition in {mode}")
 
-    run.left_in_torch = left_in_torch  # operators that did not run in FHE, recorded in the row
+    run.left_in_torch = left_in_torch  # type: ignore[attr-defined]  # operators that did not run in FHE, recorded in the row
     return run, partitions
 
 
-def measure_digits(target: Target, config: BenchConfig, progress: Progress,
-                   trained: Optional[tuple] = None, compiler: Callable = compile_digits) -> Dict[str, Any]:
+def measure_digits(
+    target: Target,
+    config: BenchConfig,
+    progress: Progress,
+    trained: Optional[tuple] = None,
+    compiler: Callable = compile_digits,
+) -> Dict[str, Any]:
     """Train a digits classifier, compile it, score it in float/disable/simulate (execute).
 
     `trained` = (model, data) skips the training (the Concrete ML comparison loads the weights
@@ -293,12 +320,15 @@ def measure_digits(target: Target, config: BenchConfig, progress: Progress,
     x_test = torch.from_numpy(transform(data["x_test"]))
     with torch.no_grad():
         reference = model(x_test)
-    row["eval_samples"] = len(x_test) if config.eval_samples is None else min(config.eval_samples, len(x_test))
+    row["eval_samples"] = (
+        len(x_test) if config.eval_samples is None else min(config.eval_samples, len(x_test))
+    )
     # on the samples the other modes are scored on
-    row["float_accuracy"] = accuracy(reference[:row["eval_samples"]], data["y_test"][:row["eval_samples"]])
+    row["float_accuracy"] = accuracy(reference[: row["eval_samples"]], data["y_test"][: row["eval_samples"]])
     progress("compiling")
     (run, partitions), row["compile_seconds"] = timed(
-        lambda: compiler(target, model, x_train, x_test[:1], compile_options(target, config)))
+        lambda: compiler(target, model, x_train, x_test[:1], compile_options(target, config))
+    )
     row["left_in_torch"] = getattr(run, "left_in_torch", [])
     row.update(circuit_figures(partitions))
 
@@ -309,8 +339,9 @@ def measure_digits(target: Target, config: BenchConfig, progress: Progress,
     return row
 
 
-def _save_for_comparison(config: BenchConfig, target: Target, model: torch.nn.Module,
-                         data: Dict[str, np.ndarray]) -> None:
+def _save_for_comparison(
+    config: BenchConfig, target: Target, model: torch.nn.Module, data: Dict[str, np.ndarray]
+) -> None:
     """Write the trained weights and the data where compare_concrete_ml.py reads them."""
     folder = config.out / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -320,11 +351,13 @@ def _save_for_comparison(config: BenchConfig, target: Target, model: torch.nn.Mo
 
 # ---- tiny GPT-2: MLP block in hybrid mode ---------------------------------------------------
 
+
 def gpt2_block_inputs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The hidden states entering the MLP block (for the Concrete ML comparison)."""
     captured: List[torch.Tensor] = []
     handle = model.get_submodule(GPT2_MLP).register_forward_hook(
-        lambda _module, args, _output: captured.append(args[0].detach()))
+        lambda _module, args, _output: captured.append(args[0].detach())
+    )
     try:
         with torch.no_grad():
             model(tokens)
@@ -342,8 +375,11 @@ def measure_gpt2_hybrid(target: Target, config: BenchConfig, progress: Progress)
     with torch.no_grad():
         reference = model(tokens).logits
     _save_gpt2_block(config, target, model, tokens)
-    row: Dict[str, Any] = {"metric": "top-1 agreement with float", "float_accuracy": 1.0,
-                           "eval_samples": len(tokens)}
+    row: Dict[str, Any] = {
+        "metric": "top-1 agreement with float",
+        "float_accuracy": 1.0,
+        "eval_samples": len(tokens),
+    }
     progress("compiling")
     hybrid = HybridFHEModel(model, module_names=[GPT2_MLP])
 
@@ -365,12 +401,17 @@ def measure_gpt2_hybrid(target: Target, config: BenchConfig, progress: Progress)
     return row
 
 
-def _save_gpt2_block(config: BenchConfig, target: Target, model: torch.nn.Module,
-                     tokens: torch.Tensor) -> None:
+def _save_gpt2_block(
+    config: BenchConfig, target: Target, model: torch.nn.Module, tokens: torch.Tensor
+) -> None:
     """The MLP block as plain linears (Conv1D transposed) and its inputs, for Concrete ML."""
     block = model.get_submodule(GPT2_MLP)
-    state = {"fc1.weight": block.c_fc.weight.detach().T.contiguous(), "fc1.bias": block.c_fc.bias.detach(),
-             "fc2.weight": block.c_proj.weight.detach().T.contiguous(), "fc2.bias": block.c_proj.bias.detach()}
+    state = {
+        "fc1.weight": block.c_fc.weight.detach().T.contiguous(),
+        "fc1.bias": block.c_fc.bias.detach(),
+        "fc2.weight": block.c_proj.weight.detach().T.contiguous(),
+        "fc2.bias": block.c_proj.bias.detach(),
+    }
     folder = config.out / "models"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / f"{target.name}.pt")
@@ -378,6 +419,7 @@ def _save_gpt2_block(config: BenchConfig, target: Target, model: torch.nn.Module
 
 
 # ---- one LoRA training step -----------------------------------------------------------------
+
 
 def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dict[str, Any]:
     """One LoRA step (forward, backward, optimizer) on the tiny GPT-2 in each mode.
@@ -392,21 +434,36 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(models.tiny_gpt2(), peft.LoraConfig(
-            r=4, target_modules=LORA_TARGET_MODULES, fan_in_fan_out=True, task_type="CAUSAL_LM",
-            init_lora_weights=False))  # B random, not zero: every LoRA gradient is measured
+        model = peft.get_peft_model(
+            models.tiny_gpt2(),
+            peft.LoraConfig(
+                r=4,
+                target_modules=LORA_TARGET_MODULES,
+                fan_in_fan_out=True,
+                task_type="CAUSAL_LM",
+                init_lora_weights=False,
+            ),
+        )  # B random, not zero: every LoRA gradient is measured
     tokens = models.token_batches()
-    batch = {"input_ids": tokens[:LORA_BATCH], "attention_mask": torch.ones_like(tokens[:LORA_BATCH]),
-             "labels": tokens[:LORA_BATCH]}
+    batch = {
+        "input_ids": tokens[:LORA_BATCH],
+        "attention_mask": torch.ones_like(tokens[:LORA_BATCH]),
+        "labels": tokens[:LORA_BATCH],
+    }
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     trainer = LoraTrainer(model, optimizer, train_log_path=str(config.out / "lora.log"))
     progress("compiling")
-    _, compile_seconds = timed(lambda: trainer.compile({"input_ids": tokens, "labels": tokens},
-                                                       **compile_options(target, config)))
+    _, compile_seconds = timed(
+        lambda: trainer.compile({"input_ids": tokens, "labels": tokens}, **compile_options(target, config))
+    )
     partitions = list(trainer.partitions().values())
-    row: Dict[str, Any] = {"metric": "training-step loss", "compile_seconds": compile_seconds,
-                           "eval_samples": LORA_BATCH, **circuit_figures(partitions)}
+    row: Dict[str, Any] = {
+        "metric": "training-step loss",
+        "compile_seconds": compile_seconds,
+        "eval_samples": LORA_BATCH,
+        **circuit_figures(partitions),
+    }
     initial = copy.deepcopy([p.detach().clone() for p in trainable])
     optimizer_state = copy.deepcopy(optimizer.state_dict())
 

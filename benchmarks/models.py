@@ -33,8 +33,9 @@ def digits_data(seed: int = SEED) -> Dict[str, np.ndarray]:
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=TEST_FRACTION, random_state=seed)
-    return dict(x_train=x_train, x_test=x_test, y_train=y_train.astype(np.int64),
-                y_test=y_test.astype(np.int64))
+    return dict(
+        x_train=x_train, x_test=x_test, y_train=y_train.astype(np.int64), y_test=y_test.astype(np.int64)
+    )
 
 
 class DigitsMLP(nn.Module):
@@ -68,8 +69,9 @@ class DigitsCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def qat_simple_net(n_features: int = 64, n_hidden: int = QAT_HIDDEN, n_classes: int = 10,
-                   n_bits: int = QAT_BITS) -> nn.Module:
+def qat_simple_net(
+    n_features: int = 64, n_hidden: int = QAT_HIDDEN, n_classes: int = 10, n_bits: int = QAT_BITS
+) -> nn.Module:
     """The seed's Brevitas `QATSimpleNet` (3-bit weights and activations), sized for digits."""
     import brevitas.nn as qnn
 
@@ -121,8 +123,9 @@ DIGITS_MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[np.ndarray], n
 }
 
 
-def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = TRAIN_EPOCHS,
-                     seed: int = SEED) -> nn.Module:
+def train_classifier(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = TRAIN_EPOCHS, seed: int = SEED
+) -> nn.Module:
     """Adam on cross-entropy with a fixed seed; returns the model in eval mode."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -132,7 +135,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(order), BATCH_SIZE):
-            batch = order[start:start + BATCH_SIZE]
+            batch = order[start : start + BATCH_SIZE]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
             loss.backward()
@@ -157,8 +160,9 @@ def tiny_gpt2(seed: int = SEED) -> nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def token_batches(seed: int = SEED, sequences: int = GPT2_SEQUENCES,
-                  length: int = GPT2_SEQUENCE_LENGTH) -> torch.Tensor:
+def token_batches(
+    seed: int = SEED, sequences: int = GPT2_SEQUENCES, length: int = GPT2_SEQUENCE_LENGTH
+) -> torch.Tensor:
     """Random token ids (sequences x length) from a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, TINY_GPT2["vocab_size"], (sequences, length), generator=generator)

@@ -42,32 +42,58 @@ COMPARE_SCRIPT = Path(__file__).with_name("compare_concrete_ml.py")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `fhe-backend bench`."""
-    parser.add_argument("--targets", default="",
-                        help=f"comma-separated target names (default: all): {','.join(BY_NAME)}")
-    parser.add_argument("--execute", action="store_true",
-                        help="also generate keys and run encrypted samples (slow)")
-    parser.add_argument("--samples", type=int, default=3,
-                        help="encrypted samples timed one by one per target with --execute (the median "
-                             "is reported)")
-    parser.add_argument("--batch", type=int, default=0, metavar="N",
-                        help="with --execute, also time one encrypted batch of N samples and the CPU "
-                             "time it used (does execute use every core?)")
-    parser.add_argument("--eval-samples", type=int, default=None,
-                        help="test samples scored in disable/simulate (default: the whole test split)")
-    parser.add_argument("--error-probability", default="default", metavar="SPEC,...",
-                        help="run every target at each error probability: p_error=2**-40 (per lookup), "
-                             "global_p_error=1e-5 (per inference), default (the target's own options); "
-                             "comma-separated")
-    parser.add_argument("--configuration", default=None, metavar="JSON",
-                        help="keyword arguments of concrete.fhe.Configuration for every compilation, on "
-                             "both sides, e.g. '{\"compress_evaluation_keys\": true}'; "
-                             "approximate_rounding_config takes a dict of fhe.ApproximateRoundingConfig's "
-                             "fields")
+    parser.add_argument(
+        "--targets", default="", help=f"comma-separated target names (default: all): {','.join(BY_NAME)}"
+    )
+    parser.add_argument(
+        "--execute", action="store_true", help="also generate keys and run encrypted samples (slow)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        help="encrypted samples timed one by one per target with --execute (the median is reported)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --execute, also time one encrypted batch of N samples and the CPU "
+        "time it used (does execute use every core?)",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="test samples scored in disable/simulate (default: the whole test split)",
+    )
+    parser.add_argument(
+        "--error-probability",
+        default="default",
+        metavar="SPEC,...",
+        help="run every target at each error probability: p_error=2**-40 (per lookup), "
+        "global_p_error=1e-5 (per inference), default (the target's own options); "
+        "comma-separated",
+    )
+    parser.add_argument(
+        "--configuration",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of concrete.fhe.Configuration for every compilation, on "
+        "both sides, e.g. '{\"compress_evaluation_keys\": true}'; "
+        "approximate_rounding_config takes a dict of fhe.ApproximateRoundingConfig's "
+        "fields",
+    )
     parser.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
-    parser.add_argument("--compare-python", default=None, metavar="PATH",
-                        help="python interpreter of an environment with concrete-ml installed: run the "
-                             "same targets through Concrete ML (like for like, and with its defaults) "
-                             "and add ratio columns")
+    parser.add_argument(
+        "--compare-python",
+        default=None,
+        metavar="PATH",
+        help="python interpreter of an environment with concrete-ml installed: run the "
+        "same targets through Concrete ML (like for like, and with its defaults) "
+        "and add ratio columns",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,16 +105,25 @@ def run(args: argparse.Namespace) -> int:
     targets = select(args.targets.split(","))
     errors = [parse_error(spec) for spec in args.error_probability.split(",")]
     # absolute: the Concrete ML process runs in the repository, not in the caller's folder
-    config = BenchConfig(execute=args.execute, samples=args.samples, eval_samples=args.eval_samples,
-                         out=Path(args.out).resolve(), batch=args.batch,
-                         configuration=parse_configuration(args.configuration))
+    config = BenchConfig(
+        execute=args.execute,
+        samples=args.samples,
+        eval_samples=args.eval_samples,
+        out=Path(args.out).resolve(),
+        batch=args.batch,
+        configuration=parse_configuration(args.configuration),
+    )
     config.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     env["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    variants = [(target.with_error(error), variant_key(target, error, len(errors) > 1))
-                for target in targets for error in errors]
-    rows = [run_target(target, config, index, len(variants), key)
-            for index, (target, key) in enumerate(variants)]
+    variants = [
+        (target.with_error(error), variant_key(target, error, len(errors) > 1))
+        for target in targets
+        for error in errors
+    ]
+    rows = [
+        run_target(target, config, index, len(variants), key) for index, (target, key) in enumerate(variants)
+    ]
     reference, info = None, None
     if args.compare_python:
         reference, info = compare_with_concrete_ml(args.compare_python, variants, rows, config)
@@ -108,16 +143,21 @@ def parse_configuration(text: Optional[str]) -> Optional[Dict[str, Any]]:
     try:
         kwargs = json.loads(text)
     except ValueError as error:
-        raise OptionError(f"--configuration {text!r}: not JSON ({error}); expected an object of "
-                          "concrete.fhe.Configuration keyword arguments") from None
+        raise OptionError(
+            f"--configuration {text!r}: not JSON ({error}); expected an object of "
+            "concrete.fhe.Configuration keyword arguments"
+        ) from None
     if not isinstance(kwargs, dict):
-        raise OptionError(f"--configuration {text!r}: expected a JSON object of "
-                          "concrete.fhe.Configuration keyword arguments")
+        raise OptionError(
+            f"--configuration {text!r}: expected a JSON object of "
+            "concrete.fhe.Configuration keyword arguments"
+        )
     try:
         concrete_configuration(kwargs)
     except (TypeError, ValueError, KeyError) as error:
-        raise OptionError(f"--configuration {text!r}: concrete.fhe.Configuration rejects it: "
-                          f"{error}") from None
+        raise OptionError(
+            f"--configuration {text!r}: concrete.fhe.Configuration rejects it: {error}"
+        ) from None
     return kwargs
 
 
@@ -139,8 +179,9 @@ def our_defaults() -> Dict[str, Any]:
     return {"p_error": defaults.p_error, "global_p_error": defaults.global_p_error}
 
 
-def run_target(target: Target, config: BenchConfig, index: int, total: int,
-               key: Optional[str] = None) -> Dict[str, Any]:
+def run_target(
+    target: Target, config: BenchConfig, index: int, total: int, key: Optional[str] = None
+) -> Dict[str, Any]:
     """Measure one target; a failure becomes the row's status and error instead of a crash."""
     start = time.perf_counter()
     key = key or target.name
@@ -149,11 +190,16 @@ def run_target(target: Target, config: BenchConfig, index: int, total: int,
         _say(f"[{index + 1}/{total} {key}] {step} ({time.perf_counter() - start:.1f}s)")
 
     progress("start: " + target.description)
-    row: Dict[str, Any] = {"target": target.name, "key": key, "description": target.description,
-                           "options": target.options, "compiler": "fhe_backend",
-                           "error_probability": error_label(target.options, our_defaults()),
-                           "rounding": rounding_label(target.options),
-                           "configuration": config.configuration}
+    row: Dict[str, Any] = {
+        "target": target.name,
+        "key": key,
+        "description": target.description,
+        "options": target.options,
+        "compiler": "fhe_backend",
+        "error_probability": error_label(target.options, our_defaults()),
+        "rounding": rounding_label(target.options),
+        "configuration": config.configuration,
+    }
     memory = PeakMemory()
     try:
         with memory:
@@ -162,16 +208,16 @@ def run_target(target: Target, config: BenchConfig, index: int, total: int,
     except ImportError as error:
         row.update(status="unavailable", error=f"{type(error).__name__}: {error}")
     except Exception as error:  # noqa: BLE001 - a failing target is a result, not a crash
-        row.update(status="error", error=f"{type(error).__name__}: {error}",
-                   traceback=traceback.format_exc(limit=8))
+        row.update(
+            status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8)
+        )
     row["peak_memory_mb"] = memory.peak_mb
     row["total_seconds"] = time.perf_counter() - start
     progress(f"done: {row['status']}" + (f" ({row.get('error')})" if row["status"] != "ok" else ""))
     return row
 
 
-def concrete_ml_jobs(variants: List[Tuple[Target, str]], rows: List[Dict[str, Any]]
-                     ) -> List[Dict[str, Any]]:
+def concrete_ml_jobs(variants: List[Tuple[Target, str]], rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Concrete ML's compilations for the measured rows: like for like for each row, and one
     "Concrete ML defaults" row per target (measured once when it is the same compilation)."""
     measured = {row["key"] for row in rows if row["status"] == "ok"}
@@ -189,29 +235,61 @@ def concrete_ml_jobs(variants: List[Tuple[Target, str]], rows: List[Dict[str, An
         if concrete_ml_like_for_like(options, cml_defaults) == like:
             jobs[key]["aliases"].append(default_key)  # the same compilation: measured once
             continue
-        jobs[default_key] = _job(target, default_key, options, "Concrete ML defaults",
-                                 error_label(options, cml_defaults, "Concrete ML default"))
+        jobs[default_key] = _job(
+            target,
+            default_key,
+            options,
+            "Concrete ML defaults",
+            error_label(options, cml_defaults, "Concrete ML default"),
+        )
     return list(jobs.values())
 
 
 def _job(target: Target, key: str, options: Dict[str, Any], role: str, error: str) -> Dict[str, Any]:
-    return dict(key=key, name=target.name, kind=target.kind, model=target.model, qat=target.qat,
-                options=options, role=role, aliases=[], error_probability=error,
-                rounding=rounding_label(options))
+    return dict(
+        key=key,
+        name=target.name,
+        kind=target.kind,
+        model=target.model,
+        qat=target.qat,
+        options=options,
+        role=role,
+        aliases=[],
+        error_probability=error,
+        rounding=rounding_label(options),
+    )
 
 
-def compare_with_concrete_ml(python: str, variants: List[Tuple[Target, str]],
-                             rows: List[Dict[str, Any]], config: BenchConfig):
+def compare_with_concrete_ml(
+    python: str, variants: List[Tuple[Target, str]], rows: List[Dict[str, Any]], config: BenchConfig
+):
     """Run compare_concrete_ml.py in the other environment; (rows by key, its versions)."""
     jobs = concrete_ml_jobs(variants, rows)
     job_path, result_path = config.out / "concrete_ml_job.json", config.out / "concrete_ml_results.json"
-    job_path.write_text(json.dumps({"targets": jobs, "models": str(config.out / "models"),
-                                    "execute": config.execute, "samples": config.samples,
-                                    "eval_samples": config.eval_samples, "batch": config.batch,
-                                    "configuration": config.configuration}, indent=2))
-    skipped = {key: {"target": t.name, "key": key, "status": "not compared",
-                     "error": "no Concrete ML counterpart in compare_concrete_ml.py"}
-               for t, key in variants if not t.comparable}
+    job_path.write_text(
+        json.dumps(
+            {
+                "targets": jobs,
+                "models": str(config.out / "models"),
+                "execute": config.execute,
+                "samples": config.samples,
+                "eval_samples": config.eval_samples,
+                "batch": config.batch,
+                "configuration": config.configuration,
+            },
+            indent=2,
+        )
+    )
+    skipped = {
+        key: {
+            "target": t.name,
+            "key": key,
+            "status": "not compared",
+            "error": "no Concrete ML counterpart in compare_concrete_ml.py",
+        }
+        for t, key in variants
+        if not t.comparable
+    }
     _say(f"[concrete-ml] running {len(jobs)} compilation(s) with {python}")
     repo_root = str(Path(__file__).resolve().parent.parent)
     try:
@@ -220,19 +298,35 @@ def compare_with_concrete_ml(python: str, variants: List[Tuple[Target, str]],
         document = json.loads(result_path.read_text())
     except (OSError, subprocess.CalledProcessError, ValueError) as error:
         failure = f"{type(error).__name__}: {error}"
-        if getattr(error, "stderr", None):
+        if isinstance(error, subprocess.CalledProcessError) and error.stderr:
             failure += f"; its last output: {error.stderr}"
         _say(f"[concrete-ml] failed: {failure}")
-        return {**skipped, **{j["key"]: {"target": j["name"], "key": j["key"], "role": j["role"],
-                                         "error_probability": j["error_probability"],
-                                         "rounding": j["rounding"], "status": "error", "error": failure}
-                              for j in jobs}}, {"error": failure}
+        return {
+            **skipped,
+            **{
+                j["key"]: {
+                    "target": j["name"],
+                    "key": j["key"],
+                    "role": j["role"],
+                    "error_probability": j["error_probability"],
+                    "rounding": j["rounding"],
+                    "status": "error",
+                    "error": failure,
+                }
+                for j in jobs
+            },
+        }, {"error": failure}
     reference = {}
     for job, result in zip(jobs, document["results"]):
         reference[job["key"]] = result
         for alias in job["aliases"]:
-            reference[alias] = dict(result, key=alias, role="Concrete ML defaults", same_as=job["key"],
-                                    error_probability=f"{job['error_probability']} (Concrete ML default)")
+            reference[alias] = dict(
+                result,
+                key=alias,
+                role="Concrete ML defaults",
+                same_as=job["key"],
+                error_probability=f"{job['error_probability']} (Concrete ML default)",
+            )
     return {**skipped, **reference}, document.get("environment", {})
 
 

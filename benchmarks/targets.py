@@ -50,32 +50,67 @@ REFERENCE = {"n_bits": 6, "rounding_threshold_bits": 6}  # issue 9's Concrete ML
 FAST_ROUNDING = {"n_bits": "auto", "method": "approximate"}
 ERROR_OPTIONS = ("p_error", "global_p_error")
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
-CONCRETE_ML_DEFAULT_P_ERROR = 2.0 ** -40  # Concrete ML's per-lookup default
+CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
 # Concrete ML 1.9 has no "auto" precision: like for like, it rounds to the widest lookup
 # "auto" may choose (ours never goes above 6 bits), with its approximate method
 CONCRETE_ML_AUTO_ROUNDING_BITS = 6
 
 TARGETS: List[Target] = [
-    Target("mlp", "digits MLP 64-32-32-10, ReLU", "digits", "mlp",
-           {"n_bits": 6, "rounding_threshold_bits": 6}),
-    Target("cnn", "digits CNN conv(1->4,3x3,pad 1)-ReLU-avgpool 2-conv(4->8,3x3)-ReLU-linear(32->10)",
-           "digits", "cnn", {"n_bits": 6, "rounding_threshold_bits": 6}),
-    Target("mlp_fast", "digits MLP, approximate rounding with per-lookup 'auto' precision "
-           "(vs Concrete ML at n_bits 6, rounding 6)", "digits", "mlp",
-           {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING}, concrete_ml_options=REFERENCE),
-    Target("cnn_fast", "digits CNN, approximate rounding with per-lookup 'auto' precision "
-           "(vs Concrete ML at n_bits 6, rounding 6)", "digits", "cnn",
-           {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING}, concrete_ml_options=REFERENCE),
-    Target("qat", "Brevitas QATSimpleNet 3-bit, 64-30-30-10, on digits", "digits", "qat",
-           {}, qat=True),
-    Target("qat_fast", "Brevitas QATSimpleNet 3-bit, approximate rounding with per-lookup 'auto' "
-           "precision (vs Concrete ML's compile_brevitas_qat_model defaults)", "digits", "qat",
-           {"rounding_threshold_bits": FAST_ROUNDING}, qat=True, concrete_ml_options={}),
-    Target("gpt2_mlp", "tiny GPT-2 (1 layer, n_embd 16), MLP block transformer.h.0.mlp in FHE (hybrid)",
-           "gpt2_hybrid", "gpt2", {"n_bits": 6, "rounding_threshold_bits": 6}),
-    Target("lora_step", "one LoRA training step on the tiny GPT-2, frozen linears in FHE",
-           "lora", "gpt2", {"n_bits": 8}, comparable=False),
+    Target(
+        "mlp", "digits MLP 64-32-32-10, ReLU", "digits", "mlp", {"n_bits": 6, "rounding_threshold_bits": 6}
+    ),
+    Target(
+        "cnn",
+        "digits CNN conv(1->4,3x3,pad 1)-ReLU-avgpool 2-conv(4->8,3x3)-ReLU-linear(32->10)",
+        "digits",
+        "cnn",
+        {"n_bits": 6, "rounding_threshold_bits": 6},
+    ),
+    Target(
+        "mlp_fast",
+        "digits MLP, approximate rounding with per-lookup 'auto' precision "
+        "(vs Concrete ML at n_bits 6, rounding 6)",
+        "digits",
+        "mlp",
+        {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING},
+        concrete_ml_options=REFERENCE,
+    ),
+    Target(
+        "cnn_fast",
+        "digits CNN, approximate rounding with per-lookup 'auto' precision "
+        "(vs Concrete ML at n_bits 6, rounding 6)",
+        "digits",
+        "cnn",
+        {"n_bits": 6, "rounding_threshold_bits": FAST_ROUNDING},
+        concrete_ml_options=REFERENCE,
+    ),
+    Target("qat", "Brevitas QATSimpleNet 3-bit, 64-30-30-10, on digits", "digits", "qat", {}, qat=True),
+    Target(
+        "qat_fast",
+        "Brevitas QATSimpleNet 3-bit, approximate rounding with per-lookup 'auto' "
+        "precision (vs Concrete ML's compile_brevitas_qat_model defaults)",
+        "digits",
+        "qat",
+        {"rounding_threshold_bits": FAST_ROUNDING},
+        qat=True,
+        concrete_ml_options={},
+    ),
+    Target(
+        "gpt2_mlp",
+        "tiny GPT-2 (1 layer, n_embd 16), MLP block transformer.h.0.mlp in FHE (hybrid)",
+        "gpt2_hybrid",
+        "gpt2",
+        {"n_bits": 6, "rounding_threshold_bits": 6},
+    ),
+    Target(
+        "lora_step",
+        "one LoRA training step on the tiny GPT-2, frozen linears in FHE",
+        "lora",
+        "gpt2",
+        {"n_bits": 8},
+        comparable=False,
+    ),
 ]
 
 BY_NAME = {target.name: target for target in TARGETS}
@@ -88,8 +123,9 @@ def select(names: Sequence[str]) -> List[Target]:
     names = [name.strip() for name in names if name.strip()]
     unknown = [name for name in names if name not in BY_NAME]
     if unknown:
-        raise OptionError(f"unknown benchmark target(s) {unknown}: choose among {list(BY_NAME)} "
-                          "(--targets NAME,...)")
+        raise OptionError(
+            f"unknown benchmark target(s) {unknown}: choose among {list(BY_NAME)} (--targets NAME,...)"
+        )
     return [target for target in TARGETS if not names or target.name in names]
 
 
@@ -114,14 +150,17 @@ def parse_error(spec: str) -> Dict[str, float]:
     except ValueError:
         value = math.nan
     if name not in ERROR_OPTIONS or not 0 < value < 1:
-        raise OptionError(f"--error-probability {spec!r}: expected p_error=VALUE or "
-                          "global_p_error=VALUE with VALUE in (0, 1), e.g. p_error=2**-40, "
-                          "global_p_error=1e-5, or 'default'")
+        raise OptionError(
+            f"--error-probability {spec!r}: expected p_error=VALUE or "
+            "global_p_error=VALUE with VALUE in (0, 1), e.g. p_error=2**-40, "
+            "global_p_error=1e-5, or 'default'"
+        )
     return {name: value}
 
 
-def effective_error(options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
-                    ) -> Tuple[str, float, bool]:
+def effective_error(
+    options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+) -> Tuple[str, float, bool]:
     """(option name, value, whether it is a default) a compilation with `options` uses.
 
     `defaults` are the compiler's own defaults (the backend's `FheSettings`, or Concrete ML's
@@ -143,8 +182,9 @@ def format_probability(value: float) -> str:
     return f"{value:.3g}"
 
 
-def error_label(options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None,
-                default_owner: str = "default") -> str:
+def error_label(
+    options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None, default_owner: str = "default"
+) -> str:
     """The error probability of a row, e.g. ``p_error=2^-40`` or ``global_p_error=1e-05
     (Concrete ML default)``."""
     name, value, is_default = effective_error(options, defaults)
@@ -162,8 +202,9 @@ def rounding_label(options: Dict[str, Any]) -> str:
     return f"exact {rounding}"
 
 
-def concrete_ml_like_for_like(options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
-                              ) -> Dict[str, Any]:
+def concrete_ml_like_for_like(
+    options: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """Concrete ML's options for the same compilation as ours with `options`.
 
     The same error probability (made explicit when ours is a default: Concrete ML's own default
@@ -176,10 +217,14 @@ def concrete_ml_like_for_like(options: Dict[str, Any], defaults: Optional[Dict[s
     result[name] = value
     rounding = result.get("rounding_threshold_bits")
     if rounding is not None:
-        n_bits, method = (rounding.get("n_bits"), str(rounding.get("method", "exact")).lower()) \
-            if isinstance(rounding, dict) else (rounding, "exact")
+        n_bits, method = (
+            (rounding.get("n_bits"), str(rounding.get("method", "exact")).lower())
+            if isinstance(rounding, dict)
+            else (rounding, "exact")
+        )
         if n_bits == "auto":
             n_bits, method = CONCRETE_ML_AUTO_ROUNDING_BITS, "approximate"
         result["rounding_threshold_bits"] = (
-            {"n_bits": n_bits, "method": "approximate"} if method == "approximate" else n_bits)
+            {"n_bits": n_bits, "method": "approximate"} if method == "approximate" else n_bits
+        )
     return result

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import fhe_backend
+from fhe_backend import OptionError
 from fhe_backend.benchmarks.measure import BenchConfig, circuit_figures, compile_options, evaluate_modes
 from fhe_backend.benchmarks.report import add_ratios, build_figure, log_ticks, markdown, tick_label
 from fhe_backend.benchmarks.runner import concrete_ml_jobs, parse_configuration
@@ -33,7 +34,6 @@ from fhe_backend.benchmarks.targets import (
     rounding_label,
     select,
 )
-from fhe_backend import OptionError
 from fhe_backend.cli import main
 from tests.conftest import KEY_CACHE
 from tests.harness import compile_fhe
@@ -46,8 +46,21 @@ def bench_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        code = main(["bench", "--targets", "mlp", "--out", "out", "--eval-samples", "120",
-                     "--error-probability", "p_error=2**-40", "--compare-python", sys.executable])
+        code = main(
+            [
+                "bench",
+                "--targets",
+                "mlp",
+                "--out",
+                "out",
+                "--eval-samples",
+                "120",
+                "--error-probability",
+                "p_error=2**-40",
+                "--compare-python",
+                sys.executable,
+            ]
+        )
     return code, folder / "out"
 
 
@@ -84,8 +97,8 @@ def test_rows_are_compiled_at_the_error_probability_asked(bench_run):
     _, out = bench_run
     (row,) = _document(out)["results"]
     assert row["error_probability"] == "p_error=2^-40" and row["rounding"] == "exact 6"
-    assert row["options"]["p_error"] == 2.0 ** -40
-    assert 0 < row["circuit_p_error"] <= 2.0 ** -40 * (1 + 1e-9)  # what Concrete's optimizer met
+    assert row["options"]["p_error"] == 2.0**-40
+    assert 0 < row["circuit_p_error"] <= 2.0**-40 * (1 + 1e-9)  # what Concrete's optimizer met
 
 
 def test_relative_out_reaches_the_comparison_process(bench_run):
@@ -96,7 +109,7 @@ def test_relative_out_reaches_the_comparison_process(bench_run):
     # mlp at p_error=2**-40 with exact 6-bit rounding is Concrete ML's default compilation too:
     # one job serves the like-for-like row and the defaults row
     (compilation,) = job["targets"]
-    assert compilation["options"] == {"n_bits": 6, "rounding_threshold_bits": 6, "p_error": 2.0 ** -40}
+    assert compilation["options"] == {"n_bits": 6, "rounding_threshold_bits": 6, "p_error": 2.0**-40}
     assert compilation["aliases"] == ["mlp (Concrete ML defaults)"]
     # written by the other process, which read the job: it says what is missing there
     written = json.loads((out / "concrete_ml_results.json").read_text())
@@ -104,8 +117,9 @@ def test_relative_out_reaches_the_comparison_process(bench_run):
     assert result["status"] == "unavailable" and "concrete-ml is not importable" in result["error"]
     reference = {r["key"]: r for r in _document(out)["concrete_ml"]["results"]}
     assert set(reference) == {"mlp", "mlp (Concrete ML defaults)"}
-    assert reference["mlp (Concrete ML defaults)"]["error_probability"] == \
-        "p_error=2^-40 (Concrete ML default)"
+    assert (
+        reference["mlp (Concrete ML defaults)"]["error_probability"] == "p_error=2^-40 (Concrete ML default)"
+    )
     assert "FileNotFoundError" not in (out / "results.md").read_text()
 
 
@@ -150,14 +164,18 @@ def test_bench_writes_tables_naming_settings_and_caveats(bench_run):
 
 # ---- the plot -------------------------------------------------------------------------------
 
+
 def _visible_labels(figure, axis, which="x"):
     """(text, window extent) of the visible, non-empty tick labels of an axis."""
     renderer = figure.canvas.get_renderer()
     getter = getattr(axis, f"get_{which}ticklabels")
     low, high = sorted(getattr(axis, f"get_{which}lim")())
     ticks = getattr(axis, f"get_{which}ticks")()
-    labels = [(label.get_text(), label.get_window_extent(renderer))
-              for tick, label in zip(ticks, getter()) if label.get_visible() and low <= tick <= high]
+    labels = [
+        (label.get_text(), label.get_window_extent(renderer))
+        for tick, label in zip(ticks, getter())
+        if label.get_visible() and low <= tick <= high
+    ]
     minor = [label.get_text() for label in getter(minor=True) if label.get_visible() and label.get_text()]
     return [(text, box) for text, box in labels if text], minor
 
@@ -196,29 +214,54 @@ def test_plot_of_a_real_run_has_readable_log_ticks_and_settings_in_the_legend(be
 
 
 def _row(key, complexity, execute, keygen, accuracy, error, rounding, **extra):
-    return dict(target=key.split("@")[0], key=key, status="ok", metric="accuracy", complexity=complexity,
-                pbs_count=64, simulate_accuracy=accuracy, execute_seconds_per_sample=execute,
-                keygen_seconds=keygen, execute_samples=3, eval_samples=450, error_probability=error,
-                rounding=rounding, **extra)
+    return dict(
+        target=key.split("@")[0],
+        key=key,
+        status="ok",
+        metric="accuracy",
+        complexity=complexity,
+        pbs_count=64,
+        simulate_accuracy=accuracy,
+        execute_seconds_per_sample=execute,
+        keygen_seconds=keygen,
+        execute_samples=3,
+        eval_samples=450,
+        error_probability=error,
+        rounding=rounding,
+        **extra,
+    )
 
 
 @pytest.fixture
 def executed_rows():
     """Rows of a run with --execute and a comparison (figures of issue 18's measurements)."""
-    rows = [_row("mlp_fast@p_error=2^-40", 7.9e10, 6.8, 9.0, 0.96, "p_error=2^-40", "approximate auto"),
-            _row("cnn_fast@p_error=2^-40", 4.3e11, 27.4, 10.0, 0.95, "p_error=2^-40", "approximate auto"),
-            _row("cnn@global_p_error=1e-05", 3.5e11, 21.0, 8.0, 0.97, "global_p_error=1e-05", "exact 6")]
+    rows = [
+        _row("mlp_fast@p_error=2^-40", 7.9e10, 6.8, 9.0, 0.96, "p_error=2^-40", "approximate auto"),
+        _row("cnn_fast@p_error=2^-40", 4.3e11, 27.4, 10.0, 0.95, "p_error=2^-40", "approximate auto"),
+        _row("cnn@global_p_error=1e-05", 3.5e11, 21.0, 8.0, 0.97, "global_p_error=1e-05", "exact 6"),
+    ]
     like = dict(role="like for like", compiler="Concrete ML")
     reference = {
-        "mlp_fast@p_error=2^-40": _row("mlp_fast@p_error=2^-40", 7.9e10, 11.8, 20.0, 0.97, "p_error=2^-40",
-                                       "approximate 6", **like),
-        "cnn_fast@p_error=2^-40": _row("cnn_fast@p_error=2^-40", 4.3e11, 29.6, 25.0, 0.97, "p_error=2^-40",
-                                       "approximate 6", **like),
-        "cnn@global_p_error=1e-05": _row("cnn@global_p_error=1e-05", 3.4e11, 25.0, 24.0, 0.97,
-                                         "global_p_error=1e-05", "exact 6", **like),
-        "cnn (Concrete ML defaults)": _row("cnn (Concrete ML defaults)", 5.7e11, 96.0, 27.0, 0.97,
-                                           "p_error=2^-40 (Concrete ML default)", "exact 6",
-                                           role="Concrete ML defaults", compiler="Concrete ML"),
+        "mlp_fast@p_error=2^-40": _row(
+            "mlp_fast@p_error=2^-40", 7.9e10, 11.8, 20.0, 0.97, "p_error=2^-40", "approximate 6", **like
+        ),
+        "cnn_fast@p_error=2^-40": _row(
+            "cnn_fast@p_error=2^-40", 4.3e11, 29.6, 25.0, 0.97, "p_error=2^-40", "approximate 6", **like
+        ),
+        "cnn@global_p_error=1e-05": _row(
+            "cnn@global_p_error=1e-05", 3.4e11, 25.0, 24.0, 0.97, "global_p_error=1e-05", "exact 6", **like
+        ),
+        "cnn (Concrete ML defaults)": _row(
+            "cnn (Concrete ML defaults)",
+            5.7e11,
+            96.0,
+            27.0,
+            0.97,
+            "p_error=2^-40 (Concrete ML default)",
+            "exact 6",
+            role="Concrete ML defaults",
+            compiler="Concrete ML",
+        ),
     }
     add_ratios(rows, reference)
     return rows, reference
@@ -239,14 +282,19 @@ def test_plot_with_execute_has_a_time_panel_ours_beside_concrete_ml(executed_row
             "fhe_backend: global_p_error=1e-05, rounding exact 6",
             "Concrete ML (like for like): p_error=2^-40, rounding approximate 6",
             "Concrete ML (like for like): global_p_error=1e-05, rounding exact 6",
-            "Concrete ML defaults: p_error=2^-40 (Concrete ML default), rounding exact 6"}
+            "Concrete ML defaults: p_error=2^-40 (Concrete ML default), rounding exact 6",
+        }
         # one group of bars per row of ours, each naming its error probability and roundings
         ticks = [label.get_text() for label in time_axis.get_xticklabels()]
         assert ticks[0] == "mlp_fast@p_error=2^-40\np_error=2^-40\nours: approximate auto\nCML: approximate 6"
         assert "global_p_error=1e-05" in ticks[2] and "ours: exact 6" in ticks[2]
         bars = {t.get_text(): c for t, c in zip(time_axis.get_legend().get_texts(), time_axis.containers)}
-        assert set(bars) == {"fhe_backend: execute s/sample", "Concrete ML (like for like): execute s/sample",
-                             "fhe_backend: keygen s", "Concrete ML (like for like): keygen s"}
+        assert set(bars) == {
+            "fhe_backend: execute s/sample",
+            "Concrete ML (like for like): execute s/sample",
+            "fhe_backend: keygen s",
+            "Concrete ML (like for like): keygen s",
+        }
         heights = {name: [bar.get_height() for bar in container] for name, container in bars.items()}
         assert heights["fhe_backend: execute s/sample"] == [6.8, 27.4, 21.0]
         assert heights["Concrete ML (like for like): execute s/sample"] == [11.8, 29.6, 25.0]
@@ -276,38 +324,50 @@ def test_log_ticks_are_few_and_inside_any_range():
 
 def test_markdown_with_execute_states_medians_and_every_rows_settings(executed_rows):
     rows, reference = executed_rows
-    env = {"command": "fhe-backend bench --execute --samples 3", "date": "today",
-           "machine": {"processor": "a CPU", "cpu_count": 2, "memory_gib": 24, "python": "3.11"},
-           "packages": {}, "git": {}, "load_average_start": [5.5, 5, 4], "load_average_end": [7.25, 6, 5],
-           "config": {"samples": 3}}
+    env = {
+        "command": "fhe-backend bench --execute --samples 3",
+        "date": "today",
+        "machine": {"processor": "a CPU", "cpu_count": 2, "memory_gib": 24, "python": "3.11"},
+        "packages": {},
+        "git": {},
+        "load_average_start": [5.5, 5, 4],
+        "load_average_end": [7.25, 6, 5],
+        "config": {"samples": 3},
+    }
     text = markdown(rows, env, reference, {"concrete-ml": "1.9.0"})
     assert _assert_every_row_names_its_settings(text) == 3
     assert "execute s/sample** is the median of 3 encrypted sample(s)" in text
     assert "load average 5.5 (1 min) when the run started and 7.2 when it ended" in text
     # the defaults row comes once, after the row of its target
-    (_, comparison), = [t for t in _tables(text) if "compiler" in t[0]]
+    ((_, comparison),) = [t for t in _tables(text) if "compiler" in t[0]]
     whos = [(cells[0], cells[1]) for cells in comparison]
-    assert whos[-2:] == [("cnn@global_p_error=1e-05", "Concrete ML (like for like)"),
-                         ("cnn", "Concrete ML defaults")]
+    assert whos[-2:] == [
+        ("cnn@global_p_error=1e-05", "Concrete ML (like for like)"),
+        ("cnn", "Concrete ML defaults"),
+    ]
     assert rows[0]["execute_ratio"] == pytest.approx(6.8 / 11.8)
 
 
 # ---- settings of the comparison -------------------------------------------------------------
 
+
 def test_error_probability_specs():
-    assert parse_error("p_error=2**-40") == {"p_error": 2.0 ** -40}
-    assert parse_error("p_error=2^-40") == {"p_error": 2.0 ** -40}
+    assert parse_error("p_error=2**-40") == {"p_error": 2.0**-40}
+    assert parse_error("p_error=2^-40") == {"p_error": 2.0**-40}
     assert parse_error(" global_p_error=1e-5 ") == {"global_p_error": 1e-5}
     assert parse_error("default") == {}
     for bad in ("p_error=2", "q_error=0.1", "global_p_error=abc", "p_error"):
         with pytest.raises(OptionError, match="--error-probability"):
             parse_error(bad)
-    assert error_label({"p_error": 2.0 ** -40}) == "p_error=2^-40"
+    assert error_label({"p_error": 2.0**-40}) == "p_error=2^-40"
     assert error_label({}, {"p_error": None, "global_p_error": None}) == "global_p_error=1e-05 (default)"
-    assert error_label({}, {"p_error": 2.0 ** -40}, "Concrete ML default") == \
-        "p_error=2^-40 (Concrete ML default)"
-    assert rounding_label({"rounding_threshold_bits": {"n_bits": "auto", "method": "approximate"}}) == \
-        "approximate auto"
+    assert (
+        error_label({}, {"p_error": 2.0**-40}, "Concrete ML default") == "p_error=2^-40 (Concrete ML default)"
+    )
+    assert (
+        rounding_label({"rounding_threshold_bits": {"n_bits": "auto", "method": "approximate"}})
+        == "approximate auto"
+    )
     assert rounding_label({"rounding_threshold_bits": 6}) == "exact 6"
     assert rounding_label({}) == "none"
 
@@ -316,36 +376,55 @@ def test_concrete_ml_gets_our_error_probability_and_its_approximate_rounding():
     ours = {"p_error": None, "global_p_error": None}
     auto = {"n_bits": 6, "rounding_threshold_bits": {"n_bits": "auto", "method": "approximate"}}
     assert concrete_ml_like_for_like(auto, ours) == {
-        "n_bits": 6, "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
-        "global_p_error": 1e-5}  # ours at Concrete's default budget: made explicit for Concrete ML
-    assert concrete_ml_like_for_like({"rounding_threshold_bits": "auto", "p_error": 2.0 ** -40}, ours) == {
-        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"}, "p_error": 2.0 ** -40}
+        "n_bits": 6,
+        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
+        "global_p_error": 1e-5,
+    }  # ours at Concrete's default budget: made explicit for Concrete ML
+    assert concrete_ml_like_for_like({"rounding_threshold_bits": "auto", "p_error": 2.0**-40}, ours) == {
+        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
+        "p_error": 2.0**-40,
+    }
     assert concrete_ml_like_for_like(
-        {"rounding_threshold_bits": {"n_bits": 5, "method": "approximate"}, "global_p_error": 1e-5}, ours) \
-        == {"rounding_threshold_bits": {"n_bits": 5, "method": "approximate"}, "global_p_error": 1e-5}
-    assert concrete_ml_like_for_like({"n_bits": 6, "rounding_threshold_bits": 6}, {"p_error": 2.0 ** -40}) \
-        == {"n_bits": 6, "rounding_threshold_bits": 6, "p_error": 2.0 ** -40}
+        {"rounding_threshold_bits": {"n_bits": 5, "method": "approximate"}, "global_p_error": 1e-5}, ours
+    ) == {"rounding_threshold_bits": {"n_bits": 5, "method": "approximate"}, "global_p_error": 1e-5}
+    assert concrete_ml_like_for_like({"n_bits": 6, "rounding_threshold_bits": 6}, {"p_error": 2.0**-40}) == {
+        "n_bits": 6,
+        "rounding_threshold_bits": 6,
+        "p_error": 2.0**-40,
+    }
 
 
 def test_comparison_jobs_like_for_like_and_defaults_rows():
-    variants = [(BY_NAME[name].with_error(error), f"{name}@{label}")
-                for name in ("mlp_fast", "qat_fast")
-                for error, label in (({"p_error": 2.0 ** -40}, "p"), ({"global_p_error": 1e-5}, "g"))]
+    variants = [
+        (BY_NAME[name].with_error(error), f"{name}@{label}")
+        for name in ("mlp_fast", "qat_fast")
+        for error, label in (({"p_error": 2.0**-40}, "p"), ({"global_p_error": 1e-5}, "g"))
+    ]
     rows = [{"key": key, "status": "ok"} for _, key in variants]
     rows[-1]["status"] = "error"  # a row of ours that failed gets no Concrete ML row
     jobs = {job["key"]: job for job in concrete_ml_jobs(variants, rows)}
-    assert set(jobs) == {"mlp_fast@p", "mlp_fast@g", "mlp_fast (Concrete ML defaults)", "qat_fast@p",
-                         "qat_fast (Concrete ML defaults)"}
-    assert jobs["mlp_fast@g"]["options"] == {"n_bits": 6, "global_p_error": 1e-5,
-                                             "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"}}
+    assert set(jobs) == {
+        "mlp_fast@p",
+        "mlp_fast@g",
+        "mlp_fast (Concrete ML defaults)",
+        "qat_fast@p",
+        "qat_fast (Concrete ML defaults)",
+    }
+    assert jobs["mlp_fast@g"]["options"] == {
+        "n_bits": 6,
+        "global_p_error": 1e-5,
+        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
+    }
     assert jobs["mlp_fast@g"]["error_probability"] == "global_p_error=1e-05"
     defaults = jobs["mlp_fast (Concrete ML defaults)"]
     assert defaults["options"] == {"n_bits": 6, "rounding_threshold_bits": 6}  # Concrete ML picks p_error
     assert defaults["role"] == "Concrete ML defaults" and defaults["rounding"] == "exact 6"
     assert defaults["error_probability"] == "p_error=2^-40 (Concrete ML default)"
     assert jobs["qat_fast (Concrete ML defaults)"]["options"] == {}
-    assert jobs["qat_fast@p"]["options"] == {"p_error": 2.0 ** -40,
-                                             "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"}}
+    assert jobs["qat_fast@p"]["options"] == {
+        "p_error": 2.0**-40,
+        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
+    }
 
 
 def test_target_selection():
@@ -356,10 +435,28 @@ def test_target_selection():
 
 
 def test_ratios_are_this_project_over_concrete_ml():
-    rows = [{"target": "mlp", "status": "ok", "metric": "accuracy", "complexity": 2.0,
-             "pbs_count": 100, "simulate_accuracy": 0.95, "execute_seconds_per_sample": None}]
-    reference = {"mlp": {"target": "mlp", "status": "ok", "metric": "accuracy", "complexity": 8.0,
-                         "pbs_count": 400, "simulate_accuracy": 0.97, "execute_seconds_per_sample": 3.0}}
+    rows = [
+        {
+            "target": "mlp",
+            "status": "ok",
+            "metric": "accuracy",
+            "complexity": 2.0,
+            "pbs_count": 100,
+            "simulate_accuracy": 0.95,
+            "execute_seconds_per_sample": None,
+        }
+    ]
+    reference = {
+        "mlp": {
+            "target": "mlp",
+            "status": "ok",
+            "metric": "accuracy",
+            "complexity": 8.0,
+            "pbs_count": 400,
+            "simulate_accuracy": 0.97,
+            "execute_seconds_per_sample": 3.0,
+        }
+    }
     add_ratios(rows, reference)
     assert rows[0]["complexity_ratio"] == 0.25 and rows[0]["pbs_ratio"] == 0.25
     assert rows[0]["simulate_accuracy_difference"] == pytest.approx(-0.02)
@@ -368,8 +465,11 @@ def test_ratios_are_this_project_over_concrete_ml():
 
 # ---- encrypted figures on a tiny circuit -----------------------------------------------------
 
-INSECURE = {"enable_unsafe_features": True, "use_insecure_key_cache": True,
-            "insecure_key_cache_location": KEY_CACHE}
+INSECURE = {
+    "enable_unsafe_features": True,
+    "use_insecure_key_cache": True,
+    "insecure_key_cache_location": KEY_CACHE,
+}
 
 
 def test_configuration_option_reaches_concrete_and_is_checked():
@@ -389,16 +489,18 @@ def test_configuration_option_reaches_concrete_and_is_checked():
         parse_configuration("{compress")
     with pytest.raises(OptionError, match="concrete.fhe.Configuration rejects"):
         parse_configuration('{"no_such_option": 1}')
-    assert parse_configuration('{"approximate_rounding_config": {"logical_clipping": false}}') == \
-        {"approximate_rounding_config": {"logical_clipping": False}}
+    assert parse_configuration('{"approximate_rounding_config": {"logical_clipping": false}}') == {
+        "approximate_rounding_config": {"logical_clipping": False}
+    }
 
 
 def test_execute_times_one_sample_and_a_batch_with_key_sizes():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     x = torch.rand(120, 4)
-    options = compile_options(Target("tiny", "tiny", "digits", "mlp", {"n_bits": 3}),
-                              BenchConfig(configuration=INSECURE))
+    options = compile_options(
+        Target("tiny", "tiny", "digits", "mlp", {"n_bits": 3}), BenchConfig(configuration=INSECURE)
+    )
     compiled = compile_fhe(model, x, **options)
     with torch.no_grad():
         compiled(x[:1])
@@ -424,6 +526,7 @@ def test_execute_times_one_sample_and_a_batch_with_key_sizes():
     assert row["keygen_seconds"] > 0
     circuit = partitions[0].circuit
     # what a client sends a server: at least the uncompressed keys' worth of bytes, roughly
-    assert row["evaluation_key_serialized_bytes"] >= 0.3 * (circuit.size_of_bootstrap_keys
-                                                            + circuit.size_of_keyswitch_keys)
+    assert row["evaluation_key_serialized_bytes"] >= 0.3 * (
+        circuit.size_of_bootstrap_keys + circuit.size_of_keyswitch_keys
+    )
     assert math.isfinite(row["simulate_samples_per_second"])
