@@ -19,7 +19,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .lowering.batch import BATCH_MAJOR, BatchAt, Layout, MixesSamples, batch_layout
+from .lowering.batch import BATCH_MAJOR, BatchAt, Layout, MixesSamples, SizedConstant, batch_layout, graph_batch
 from .lowering.registry import ONE_SAMPLE_AT_A_TIME, op_name, unsupported_reason
 from .runtime import FhePartition
 from .settings import FheSettings
@@ -132,7 +132,9 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
             left_in_torch.append(_left(node, reason))
     order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
     left_in_torch.sort(key=lambda record: order.get(record.node, 0))
-    for records in _grouped([r for r in left_in_torch if target.get(r.node) is not None]):
+    private = [r for r in left_in_torch if target.get(r.node) is not None
+               and not isinstance(layouts.get(r.node), SizedConstant)]
+    for records in _grouped(private):
         record = records[0]
         if target[record.node].settings.require_full_fhe:
             raise UnsupportedOpError(f"cannot run in FHE: {record}. Rewrite this op, or drop "
@@ -189,13 +191,21 @@ def batch_layouts(graph_module: fx.GraphModule) -> Dict[fx.Node, Optional[Layout
         if node.op == "placeholder":
             layouts[node] = (MixesSamples("is a 0-d input, one value for the whole batch")
                              if _is_scalar(node) else BATCH_MAJOR if _is_tensor_arg(node) else None)
-        elif node.op == "call_function":
+        elif node.op == "call_function" and _holds_tensors(node):
             layouts[node] = _layout(node, layouts)
         else:
             layouts[node] = None
         if isinstance(layouts[node], BatchAt):
             node.meta["fhe_batch"] = layouts[node]
     return layouts
+
+
+def _holds_tensors(node: fx.Node) -> bool:
+    """False for sizes (SymInt nodes such as sym_size) and other non-tensor values: like
+    constants, they hold no batch."""
+    value = node.meta.get("val")
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return any(isinstance(v, torch.Tensor) for v in values)
 
 
 def _layout(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional[Layout]:
@@ -205,7 +215,11 @@ def _layout(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional
     batched = {arg: layout for arg, layout in inputs.items() if isinstance(layout, BatchAt)}
     whole = next((arg for arg, layout in inputs.items() if isinstance(layout, MixesSamples)), None)
     if not batched:
-        return None if whole is None else MixesSamples(f"reads '{whole.name}', one value for the whole batch")
+        if whole is not None:
+            return MixesSamples(f"reads '{whole.name}', one value for the whole batch")
+        if any(isinstance(arg.meta.get("val"), torch.SymInt) for arg in inputs):
+            return _sized_constant(node)
+        return None
     if _is_scalar(node):
         return MixesSamples("gives a 0-d value, which has no batch dim")
     return batch_layout(node, batched)
@@ -221,8 +235,23 @@ def _recurrent_module(node: fx.Node) -> str:
     return ""
 
 
+def _sized_constant(node: fx.Node) -> Layout:
+    """The layout of a constant shaped by the symbolic batch size (batch-major when its dim 0 is
+    the batch)."""
+    value, batch = node.meta.get("val"), graph_batch(node.graph)
+    if isinstance(value, torch.Tensor) and value.dim() and batch is not None:
+        first = value.shape[0]
+        expr = getattr(getattr(first, "node", None), "expr", first)
+        if expr == batch:
+            return SizedConstant(0, 1)
+    return MixesSamples("is a constant shaped by the batch size without the batch on dim 0")
+
+
 def _reason(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional[str]:
     """Why a target node cannot run in FHE (None when it can)."""
+    if isinstance(layouts.get(node), SizedConstant):
+        return ("a constant shaped by the symbolic batch size: computed in torch (no private "
+                "data), it enters the FHE partition as an input")
     recurrent = _recurrent_module(node)
     if recurrent:
         return (f"part of the recurrent layer '{recurrent}' (captured with "

@@ -88,6 +88,10 @@ def _inline(graph_module: fx.GraphModule, node: fx.Node, reference: Callable[...
     fake_values = [arguments[i].meta["val"] for i in tensor_positions]
     fake_mode = next((getattr(v, "fake_mode", None) for v in fake_values
                       if getattr(v, "fake_mode", None) is not None), None)
+    if fake_mode is not None:  # constants traced elsewhere join the inputs' fake mode
+        fake_values = [v if getattr(v, "fake_mode", None) is fake_mode else
+                       fake_mode.from_tensor(torch.empty(tuple(v.shape), dtype=v.dtype))
+                       for v in fake_values]
 
     def traced(*tensors):
         values = list(arguments)

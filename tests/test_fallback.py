@@ -58,6 +58,40 @@ def _assert_names_op_module_and_line(message: str):
     assert f"{os.path.basename(__file__)}:{_line_of('marker: unsupported op')}" in message
 
 
+def test_fallback_warning_says_which_activations_are_in_the_clear():
+    """The warning is about privacy, not only speed: the values the op reads leave the
+    encrypted domain there, and its output is plaintext."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    inputset = torch.randn(100, 4)
+    compiled = compile_fhe(model, inputset, n_bits=4, fhe="disable")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(inputset[:2])
+    message = next(str(w.message) for w in caught if "instead of FHE" in str(w.message))
+    assert "activations are in the clear" in message
+    assert "'relu'" in message  # the value the cumsum reads (the block's ReLU output)
+    assert "plaintext" in message and "'cumsum'" in message
+
+
+def test_median_over_the_batch_runs_in_torch_and_the_rest_in_fhe():
+    """torch.median(x, 0) has no lowering and changes dim 0: it mixes samples, so it runs in
+    torch (decided from shapes, not from message text); x - median broadcasts that value of
+    the whole batch onto each sample in torch; the ReLU after it runs in FHE."""
+    fn = lambda x: torch.relu(x - torch.median(x, 0).values)  # noqa: E731
+    inputset = torch.randn(100, 4)
+    compiled = compile_fhe(fn, inputset, n_bits=6, fhe="simulate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = compiled(inputset[:8])
+    messages = [str(w.message) for w in caught if "instead of FHE" in str(w.message)]
+    assert any("aten.median.dim" in m and "acts on dim 0" in m for m in messages), messages
+    expected = fn(inputset[:8])
+    assert float((actual - expected).abs().max()) <= quantization_tolerance(expected, 6)
+    (partition,) = fhe_backend.partitions(compiled)
+    assert "aten.relu.default" in {str(n.target) for n in partition.graph_module.graph.nodes}
+
+
 def test_unsupported_op_falls_back_to_torch_with_a_warning():
     torch.manual_seed(0)
     model = Model().eval()

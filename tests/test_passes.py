@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fhe_backend
 from fhe_backend.errors import PassError
 from fhe_backend.lowering.quant import FAKE_QUANT, fake_quant_spec
-from fhe_backend.passes import (DEFAULT_PASSES, PassManager, detect_fake_quant, fold_constants, free_batch_views,
+from fhe_backend.passes import (DEFAULT_PASSES, PassManager, decompose_fused, detect_fake_quant, fold_constants, free_batch_views,
                     masked_softmax, remove_identities)
 from tests.harness import assert_matches_torch, compile_fhe
 
@@ -28,8 +28,8 @@ def targets(graph_module: fx.GraphModule):
 
 
 def test_default_passes_order():
-    assert list(DEFAULT_PASSES) == [remove_identities, fold_constants, masked_softmax, detect_fake_quant,
-                                    free_batch_views]
+    assert list(DEFAULT_PASSES) == [decompose_fused, remove_identities, fold_constants, masked_softmax,
+                                    detect_fake_quant, free_batch_views]
 
 
 def test_remove_identities_drops_copies_keeps_layout_clones():
@@ -254,3 +254,59 @@ def test_masked_softmax_of_a_row_of_minus_infinity_gives_zeros():
     result = graph_module(x)
     torch.testing.assert_close(result[:, 1], torch.zeros(2, 3))
     torch.testing.assert_close(result[:, [0, 2]], torch.softmax(x[:, [0, 2]], -1))
+
+
+def test_fold_constants_keeps_a_batch_broadcast_constant_as_one_row():
+    """BERT's token_type_ids buffer expanded to the traced batch and embedded: folded to the
+    one row every sample adds, not to a constant of the traced batch size."""
+    table = torch.randn(2, 3)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+
+    def fn(x):  # x: (batch, 5, 3)
+        return x + torch.nn.functional.embedding(ids.expand(x.shape[0], 5), table)
+
+    x = torch.randn(4, 5, 3)
+    graph_module = fold_constants(aten_graph(fn, x))
+    graph_module.recompile()
+    (constant,) = [n for n in graph_module.graph.nodes if n.op == "get_attr"]
+    value = getattr(graph_module, constant.target)
+    assert tuple(value.shape) == (1, 5, 3)
+    for batch in (4, 7):  # the graph no longer bakes the traced batch of 4
+        other = torch.randn(batch, 5, 3)
+        assert torch.equal(graph_module(other), fn(other))
+
+
+def test_fold_constants_keeps_whole_constants_that_are_not_broadcasts():
+    table = torch.randn(4, 3)  # batch-many different rows: a real constant, folded whole
+    graph_module = fold_constants(aten_graph(lambda x: x + table * 2, torch.randn(4, 3)))
+    (constant,) = [n for n in graph_module.graph.nodes if n.op == "get_attr"]
+    assert tuple(getattr(graph_module, constant.target).shape) == (4, 3)
+
+
+def _fused_layer_args(layer: torch.nn.TransformerEncoderLayer):
+    attention = layer.self_attn
+    return (attention.embed_dim, attention.num_heads, attention.in_proj_weight, attention.in_proj_bias,
+            attention.out_proj.weight, attention.out_proj.bias, False, layer.norm_first,
+            layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+            layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
+            layer.linear2.bias)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decompose_fused_transformer_layer_equals_the_fused_kernel(norm_first):
+    """aten._transformer_encoder_layer_fwd (the eval fast path of nn.TransformerEncoderLayer)
+    becomes ordinary ops (no fused node left) that compute what the kernel computes."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first).eval()
+    args = _fused_layer_args(layer)
+    fused = lambda x: aten._transformer_encoder_layer_fwd(x, *args)  # noqa: E731
+    x = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        graph_module = make_fx(fused)(x)
+        assert aten._transformer_encoder_layer_fwd.default in targets(graph_module)
+        graph_module = decompose_fused(graph_module)
+        graph_module.recompile()
+        assert aten._transformer_encoder_layer_fwd.default not in targets(graph_module)
+        assert {aten.native_layer_norm.default, aten._softmax.default, aten.bmm.default} <= set(targets(graph_module))
+        torch.testing.assert_close(graph_module(x), fused(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph_module(x), layer(x), rtol=1e-5, atol=1e-5)

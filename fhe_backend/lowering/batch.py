@@ -59,6 +59,12 @@ class MixesSamples:
         return f"{op_name(node)} {self.why}; {ONE_SAMPLE_AT_A_TIME}"
 
 
+@dataclass(frozen=True)
+class SizedConstant(BatchAt):
+    """A value computed from constants and the symbolic batch size (e.g. a buffer expanded to
+    (batch, seq)): the same for every sample, it holds the batch where `BatchAt` says."""
+
+
 Layout = Union[BatchAt, MixesSamples]
 BatchRule = Callable[[fx.Node, Dict[fx.Node, BatchAt]], Layout]
 BATCH_MAJOR = BatchAt(0, 1)
