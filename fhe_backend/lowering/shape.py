@@ -1,14 +1,13 @@
 """Data movement: reshape, permute, expand, cat, slice, select, index, pad, getitem. All leveled.
 
-Dim 0 is batch-major everywhere in a partition (its size is the batch times a constant, each
-sample's rows contiguous), so a circuit compiled for one sample runs any batch. Ops that move
-data across dim 0 stay in torch.
+Where each value keeps the batch, and which of these ops would mix samples, is decided by the
+batch rules of `lowering.batch` (from traced shapes), not by the validators here: a circuit
+compiled for one sample runs any batch.
 """
 
 from __future__ import annotations
 
 import operator
-from fractions import Fraction
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,45 +16,9 @@ import torch.fx as fx
 
 from .context import Encrypted, LoweringContext, shape_of, with_value
 from .linear import pad_constant
-from .registry import ONE_SAMPLE_AT_A_TIME, batch_dim_reason, is_constant, meta_shape, op_name, register
+from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
-
-
-def graph_batch_size(graph: fx.Graph) -> Optional[Any]:
-    """The batch size the graph was traced with: dim 0 of its first tensor input."""
-    for node in graph.nodes:
-        shape = meta_shape(node) if node.op == "placeholder" else None
-        if shape:
-            return shape[0]
-    return None
-
-
-def _batch_major_reason(node: fx.Node) -> Optional[str]:
-    batch = graph_batch_size(node.graph)
-    shape = meta_shape(node)
-    if batch is None or shape is None:
-        return None
-    if not shape:
-        return f"{op_name(node)} to a scalar merges the batch; {ONE_SAMPLE_AT_A_TIME}"
-    try:
-        ratio = Fraction(int(shape[0]), int(batch))
-    except (TypeError, ValueError):
-        ratio = _symbolic_ratio(shape[0], batch)
-    if ratio is None or ratio.denominator != 1:
-        return (f"{op_name(node)} to shape {tuple(shape)} mixes samples of the batch "
-                f"(batch size {batch}); {ONE_SAMPLE_AT_A_TIME}")
-    return None
-
-
-def _symbolic_ratio(size: Any, batch: Any) -> Optional[Fraction]:
-    try:
-        import sympy
-
-        ratio = sympy.simplify(size.node.expr / batch.node.expr)
-        return Fraction(int(ratio)) if ratio.is_Integer else None
-    except Exception:  # noqa: BLE001 - any failure means "cannot prove batch-major"
-        return None
 
 
 def _varies_along_last_only(array: Any) -> bool:
@@ -80,36 +43,19 @@ RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
             aten.flatten.using_ints)
 
 
-@register(*RESHAPES, validator=_batch_major_reason)
+@register(*RESHAPES)
 def reshape(ctx: LoweringContext, x, *args, **kwargs):
     """view, reshape, flatten, squeeze, unsqueeze: a reshape to the recorded shape."""
     return move(ctx, x, lambda e: e.reshape(ctx.out_shape(like=e)))
 
 
-def _permute_reason(node: fx.Node) -> Optional[str]:
-    dims = list(node.args[1])
-    shape = meta_shape(node.args[0])
-    ndim = len(shape) if shape is not None else len(dims)
-    if dims and dims[0] % max(ndim, 1) != 0:
-        return f"permute{tuple(dims)} moves the batch dim 0; {ONE_SAMPLE_AT_A_TIME}"
-    return None
-
-
-@register(aten.permute.default, validator=_permute_reason)
+@register(aten.permute.default)
 def permute(ctx: LoweringContext, x, dims):
     """permute / transpose of non-batch dims."""
     return move(ctx, x, lambda e: np.transpose(e, [d % len(shape_of(e)) for d in dims]))
 
 
-def _expand_reason(node: fx.Node) -> Optional[str]:
-    sizes = list(node.args[1])
-    shape = meta_shape(node.args[0])
-    if shape is not None and len(sizes) != len(shape):
-        return f"expand that adds leading dims moves the batch dim; {ONE_SAMPLE_AT_A_TIME}"
-    return None
-
-
-@register(aten.expand.default, validator=_expand_reason)
+@register(aten.expand.default)
 def expand(ctx: LoweringContext, x, sizes, implicit=False):
     """Tensor.expand over non-batch dims."""
     return move(ctx, x, lambda e: np.broadcast_to(e, ctx.out_shape(like=e)))
@@ -237,8 +183,8 @@ def getitem(ctx: LoweringContext, values, index):
 
 def _index_reason(node: fx.Node) -> Optional[str]:
     indices = list(node.args[1])
-    if not indices or indices[0] is not None:
-        return f"indexing dim 0 (the batch) with a tensor mixes samples; {ONE_SAMPLE_AT_A_TIME}"
+    if not indices:
+        return "indexing without index tensors has no FHE lowering"
     if not all(i is None or is_constant(i) for i in indices):
         return "indexing with an encrypted index tensor has no FHE lowering"
     return None
@@ -251,15 +197,7 @@ def index(ctx: LoweringContext, x, indices):
     return move(ctx, x, lambda e: e[item])
 
 
-def _pad_reason(node: fx.Node) -> Optional[str]:
-    pads = list(node.args[1])
-    shape = meta_shape(node.args[0])
-    if shape is not None and len(pads) // 2 >= len(shape):
-        return f"{op_name(node)} pads dim 0 (the batch); {ONE_SAMPLE_AT_A_TIME}"
-    return None
-
-
-@register(aten.constant_pad_nd.default, validator=_pad_reason)
+@register(aten.constant_pad_nd.default)
 def constant_pad(ctx: LoweringContext, x, pad, value=0.0):
     """F.pad(x, pad, value=c): padding integers that decode exactly to c (per-position zero-point
     when c is off the value's grid); negative pads crop."""
