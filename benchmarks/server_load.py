@@ -44,6 +44,7 @@ class FCSmall(torch.nn.Module):
         self.seq = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
 
     def forward(self, x):
+        """The sequence of layers."""
         return self.seq(x)
 
 

@@ -26,7 +26,7 @@ import torch
 from fhe_backend.deployment import FHEModelClient
 from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError
 from fhe_backend.deployment.server import ServerConfig, create_app
-from fhe_backend.hybrid_model import HybridFHEModel, HybridFHEMode, RemoteModule
+from fhe_backend.hybrid_model import HybridFHEMode, HybridFHEModel, RemoteModule
 
 GPT2_REMOTE = "transformer.h.0.mlp.c_fc"
 
@@ -56,11 +56,20 @@ class ThreadServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=self.port,
+        self.app = create_app(config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_for(self.url)
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+
+    def shape_url(self, target) -> str:
+        """The URL of one (model, module, input shape)."""
+        model, module, shape = target
+        return f"{self.url}/models/{model}/modules/{module}/shapes/{shape}"
 
     def stop(self) -> None:
         self.server.should_exit = True

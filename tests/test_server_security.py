@@ -28,56 +28,14 @@ from fhe_backend import cli
 from fhe_backend.deployment import FHEModelClient
 from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError, ignore_sigpipe
 from fhe_backend.deployment.keystore import FolderKeyStore, KeyQuota, KeyRecord, new_key_id
-from fhe_backend.deployment.server import ServerSettings, create_app
+from fhe_backend.deployment.server import ServerSettings
 from fhe_backend.hybrid_model import HybridFHEModel
+
+from .test_server import FCSmall, ThreadServer, free_port
 
 LEVELED = ("FCSmall", "seq_0", "po_1_10_pc")
 LOOKUP = ("FCSmallPBS", "seq", "po_1_4_pc")
 TIMEOUT = 120
-
-
-class FCSmall(torch.nn.Module):
-    """The seed's model."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.seq = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
-
-    def forward(self, x):
-        return self.seq(x)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ThreadServer:
-    """uvicorn serving `create_app(settings)` in a thread of the test process."""
-
-    def __init__(self, settings: ServerSettings):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-
-    def shape_url(self, target) -> str:
-        model, module, shape = target
-        return f"{self.url}/models/{model}/modules/{module}/shapes/{shape}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

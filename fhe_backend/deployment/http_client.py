@@ -206,6 +206,9 @@ class FheHttpClient:
         if retry_after is not None and retry_after.strip().isdigit():
             delay = max(delay, float(retry_after))
         time.sleep(min(delay, MAX_BACKOFF_SECONDS))
+        # a pooled connection idle that long may be closed by the server as the retry reuses it
+        # (a reset that looks like a request it received): retry on fresh connections
+        self.session.close()
 
 
 def _never_sent(error: requests.ConnectionError) -> bool:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from fastapi import FastAPI, Path as PathParam, Request
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -74,6 +75,7 @@ logger = logging.getLogger("fhe_backend.server")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 WORKER_STOP_SECONDS = 60  # a stopping worker finishes the requests it is running
+KEEP_ALIVE_SECONDS = 30  # idle keep-alive connections; longer than a client's usual wait between requests
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 MIN_API_KEY_CHARS = 16
 
@@ -280,6 +282,7 @@ class RequestGuard:
         self.app, self.settings, self.api_keys = app, settings, api_keys
 
     async def __call__(self, scope, receive, send):
+        """Answer refused requests here; pass the others to the application."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = [(name.lower(), value) for name, value in scope.get("headers") or []]
@@ -676,7 +679,8 @@ def run(args) -> int:
         print("fhe-backend serve: --ssl-keyfile and --ssl-certfile go together")
         return 2
     uvicorn_config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level,
-                                    limit_concurrency=settings.max_connections, ssl_keyfile=args.ssl_keyfile,
+                                    limit_concurrency=settings.max_connections, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                                    ssl_keyfile=args.ssl_keyfile,
                                     ssl_certfile=args.ssl_certfile)
     if args.workers <= 1:
         uvicorn_config.app = create_app(settings)
