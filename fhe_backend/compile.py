@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .backend import DECOMPOSITIONS, CompiledGraph, compile_aten_graph
-from .errors import FheBackendError, NotCompiledError, OptionError, UnsupportedOpError
+from .errors import FheBackendError, LoweringError, NotCompiledError, OptionError, UnsupportedOpError
 from .partition import module_path
 from .quantization.calibration import batches
 from .quantization.quantizers import bit_width
@@ -163,8 +163,19 @@ class QuantizedModule:
         _check_artifacts(artifacts)
         self.partition.settings = settings
         columns = [torch.cat(column) for column in zip(*batches(inputs))]
-        self.partition.compile_circuit(self._partition_inputs(_as_tuple(self.quantize_input(*columns))),
-                                       artifacts=artifacts)
+        q_inputs = self._partition_inputs(_as_tuple(self.quantize_input(*columns)))
+        try:
+            self.partition.compile_circuit(q_inputs, artifacts=artifacts)
+        except (ValueError, AssertionError) as error:
+            rounding = settings.rounding_threshold_bits
+            if rounding is None or isinstance(error, FheBackendError):
+                raise
+            raise LoweringError(
+                f"Concrete failed to compile the circuit with rounding_threshold_bits = "
+                f"{{'n_bits': {rounding.n_bits!r}, 'method': '{rounding.method}'}} "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'assertion'}), "
+                "a failure of Concrete's rounding at these widths: use method 'exact', another "
+                "n_bits (e.g. 6) or 'auto', or no rounding") from error
         if artifacts is not None:
             self._fill_artifacts(artifacts)
         return self.partition.circuit

@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover - transformers is optional
 LINEAR_LAYERS: Tuple[type, ...] = (nn.Linear,) + ((TransformerConv1D,) if TransformerConv1D else ())
 DEFAULT_ROWS_PER_CIRCUIT = 16
 MAX_BIAS_COLUMNS = 64
-CHECKPOINT_PATTERN = re.compile(r"checkpoint_epoch_(\d+)_step_(\d+)\.pth$")
+# checkpoint_epoch_{e}.pth at the end of each epoch (Concrete ML's name), and
+# checkpoint_epoch_{e}_step_{s}.pth every `save_steps` optimizer steps
+CHECKPOINT_PATTERN = re.compile(r"checkpoint_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 TRAINING_ARG_DEFAULTS = {"gradient_accumulation_steps": 1, "max_grad_norm": None, "save_steps": None}
 
 logger = logging.getLogger("fhe_backend.lora")
@@ -216,9 +218,13 @@ class FheMatmul(nn.Module):
         rows = torch.cat(self._recorded) if self._recorded else None
         self._recorded = []
         if rows is None and not dynamic:
-            raise LoraError(f"'{self.name}' saw no data during calibration: static quantization "
-                            "(use_dynamic_quantization=False) needs it; give an inputset that "
-                            "reaches this layer, or use dynamic quantization")
+            # no gradient reached this backward module (nothing trainable before it): it is never
+            # run in training; dynamic quantization keeps it exact if it ever is
+            warnings.warn(f"fhe_backend: '{self.name}' saw no data during calibration, so "
+                          "static quantization (use_dynamic_quantization=False) has no range for "
+                          "it; it uses dynamic quantization (rows scaled by their max-abs)",
+                          stacklevel=3)
+            dynamic = True
         self.dynamic = dynamic
         self.rows_per_circuit = int(rows_per_circuit)
         if rows is None:
@@ -329,7 +335,7 @@ class FheLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  weight_transposed: bool = False, with_backward: bool = True, name: str = ""):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): FheForwardLinear puts nn.Linear next in the MRO
         linear_weight = (weight.t() if weight_transposed else weight).detach()
         self.name = name
         self.weight_transposed = weight_transposed
@@ -356,6 +362,28 @@ class FheLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"backward={'fhe' if self.backward_module is not None else 'none'}")
+
+
+class FheForwardLinear(FheLinear, nn.Linear):
+    """A frozen linear kept for its forward only (the first `n_layers_to_skip_for_backprop`):
+    it stays an ``nn.Linear``, as in Concrete ML, and its forward runs in FHE."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 weight_transposed: bool = False, name: str = ""):
+        super().__init__(weight, bias, weight_transposed, with_backward=False, name=name)
+
+
+CustomLinear = FheLinear  # Concrete ML's name
+
+
+def is_lora_module(name: str, module: nn.Module) -> bool:
+    """True for a LoRA layer: 'lora' in its name, or a `lora_a` / `lora_b` / `lora_dropout`
+    attribute (any case), as Concrete ML detects them."""
+    if "lora" in name.lower().rsplit(".", 1)[-1]:
+        return True
+    return any(hasattr(module, variant) for attribute in ("lora_a", "lora_b", "lora_dropout")
+               for variant in (attribute, attribute.upper(), attribute.replace("_a", "_A")
+                               .replace("_b", "_B")))
 
 
 def fhe_matmuls(model: nn.Module) -> Dict[str, FheMatmul]:
@@ -389,17 +417,24 @@ class LoraTraining(nn.Module):
 
     @staticmethod
     def assert_has_lora_layers(model: nn.Module) -> None:
-        """Raise a ValueError if the model has no LoRA layer (e.g. not wrapped by peft)."""
-        if not any("lora" in name.lower() for name, _ in model.named_modules()):
-            raise LoraError(
-                f"{type(model).__name__} has no LoRA layers: wrap it first, e.g. "
-                "peft.get_peft_model(model, peft.LoraConfig(target_modules=[...]))")
+        """Raise a ValueError if the model has no LoRA layer (e.g. not wrapped by peft).
 
-    def replace_layers_with_custom(self, model: nn.Module, n_layers_to_skip_for_backprop: int) -> None:
+        LoRA layers are found by name ('lora') or by their `lora_a` / `lora_b` / `lora_dropout`
+        attributes.
+        """
+        if not any(is_lora_module(name, module) for name, module in model.named_modules()):
+            raise LoraError(
+                f"The model does not contain any detectable LoRA layers: {type(model).__name__} has "
+                "no module named 'lora...' nor with lora_a / lora_b / lora_dropout attributes; wrap "
+                "it first, e.g. peft.get_peft_model(model, peft.LoraConfig(target_modules=[...]))")
+
+    @staticmethod
+    def replace_layers_with_custom(model: nn.Module, n_layers_to_skip_for_backprop: int) -> None:
         """Replace the frozen linears (not the LoRA ones) by `FheLinear`, in module order.
 
-        The first `n_layers_to_skip_for_backprop` linears get no FHE backward: the first layer's
-        input needs no gradient (nothing trainable comes before it).
+        The first `n_layers_to_skip_for_backprop` linears get no FHE backward (the first layer's
+        input needs no gradient: nothing trainable comes before it): they become
+        `FheForwardLinear`, still ``nn.Linear`` instances, whose forward runs in FHE.
         """
         remaining = n_layers_to_skip_for_backprop
 
@@ -410,10 +445,13 @@ class LoraTraining(nn.Module):
                 path = f"{prefix}.{child_name}" if prefix else child_name
                 if "lora" in child_name.lower():
                     continue
-                if isinstance(child, LINEAR_LAYERS):
+                if isinstance(child, LINEAR_LAYERS) and not isinstance(child, FheLinear):
                     transposed = TransformerConv1D is not None and isinstance(child, TransformerConv1D)
-                    custom = FheLinear(child.weight, child.bias, weight_transposed=transposed,
-                                       with_backward=remaining <= 0, name=path)
+                    if remaining > 0:
+                        custom = FheForwardLinear(child.weight, child.bias, transposed, name=path)
+                    else:
+                        custom = FheLinear(child.weight, child.bias, weight_transposed=transposed,
+                                           name=path)
                     remaining -= 1
                     setattr(module, child_name, custom)
                 else:
@@ -482,6 +520,45 @@ class LoraTraining(nn.Module):
                             "compute a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss())")
 
 
+class LoraHybridModel:
+    """What Concrete ML's `LoraTrainer.hybrid_model` offers, over a `LoraTrainer`: the model,
+    the remote modules (the FHE linears) and their mode."""
+
+    def __init__(self, trainer: "LoraTrainer"):
+        self.trainer = trainer
+
+    @property
+    def model(self) -> nn.Module:
+        """The `LoraTraining` module."""
+        return self.trainer.lora_training_module
+
+    @property
+    def module_names(self) -> List[str]:
+        """Names of the remote (FHE) modules (after compile)."""
+        return list(self.trainer.remote_names)
+
+    @property
+    def remote_modules(self) -> Dict[str, FheMatmul]:
+        """The FHE linears by remote name (after compile)."""
+        return self.trainer._remote_matmuls()
+
+    def set_fhe_mode(self, hybrid_fhe_mode: Any) -> None:
+        """Run every remote linear in this mode."""
+        self.trainer.set_fhe_mode(hybrid_fhe_mode)
+
+    def forward(self, inputs: Any, fhe: Any = None) -> Any:
+        """The training module on `inputs` (loss and backward), in mode `fhe` when given."""
+        if fhe is not None:
+            self.set_fhe_mode(fhe)
+        return self.model(inputs)
+
+    __call__ = forward
+
+    def save_and_clear_private_info(self, path: str) -> None:
+        """`LoraTrainer.save_and_clear_private_info`."""
+        self.trainer.save_and_clear_private_info(path)
+
+
 def _logits(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output
@@ -528,6 +605,12 @@ class LoraTrainer:
         self.start_epoch, self.global_step, self._skip_batches = 1, 0, 0
         self._epoch_batches_done = 0
         self._steps_per_epoch: Optional[int] = None
+
+    @property
+    def hybrid_model(self) -> "LoraHybridModel":
+        """Concrete ML's ``LoraTrainer.hybrid_model``: the training module with its remote
+        (FHE) linears, callable as ``hybrid_model(inputs, fhe=...)``."""
+        return LoraHybridModel(self)
 
     # ---- compilation ----------------------------------------------------------------------
 
@@ -686,7 +769,7 @@ class LoraTrainer:
                 save_steps = self.training_args["save_steps"]
                 if self.checkpoint_dir and save_steps and self.global_step % save_steps == 0 \
                         and index + 1 < steps_per_epoch:
-                    self.save_checkpoint(epoch, self.global_step)
+                    self.save_checkpoint(epoch, self.global_step, step_level=True)
             if self.eval_loader is not None and self.global_step % self.eval_steps == 0:
                 self.evaluate(device)
 
@@ -722,16 +805,19 @@ class LoraTrainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def save_checkpoint(self, epoch: int, global_step: int) -> str:
+    def save_checkpoint(self, epoch: int, global_step: int, step_level: bool = False) -> str:
         """Save the trainable (LoRA) weights, optimizer, scheduler and history; returns the path.
 
-        The frozen (server) weights are not saved.
+        The file is ``checkpoint_epoch_{epoch}.pth`` (as in Concrete ML), or
+        ``checkpoint_epoch_{epoch}_step_{global_step}.pth`` for `step_level` saves
+        (``save_steps``). The frozen (server) weights are not saved.
         """
         if not self.checkpoint_dir:
             raise LoraError("save_checkpoint needs checkpoint_dir=... in LoraTrainer(...)")
         directory = Path(self.checkpoint_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"checkpoint_epoch_{epoch}_step_{global_step}.pth"
+        name = f"checkpoint_epoch_{epoch}_step_{global_step}" if step_level else f"checkpoint_epoch_{epoch}"
+        path = directory / f"{name}.pth"
         module = self.lora_training_module
         torch.save({
             "epoch": epoch,
@@ -780,8 +866,9 @@ class LoraTrainer:
     def _latest_checkpoint(self) -> Optional[str]:
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_dir():
             return None
-        found = [(int(m.group(2)), int(m.group(1)), p) for p in Path(self.checkpoint_dir).iterdir()
-                 if (m := CHECKPOINT_PATTERN.search(p.name))]
+        # latest = highest epoch; within it, the end-of-epoch file after any step-level one
+        found = [(int(m.group(1)), float(m.group(2)) if m.group(2) else float("inf"), p)
+                 for p in Path(self.checkpoint_dir).iterdir() if (m := CHECKPOINT_PATTERN.search(p.name))]
         return str(max(found)[2]) if found else None
 
     # ---- results --------------------------------------------------------------------------
@@ -865,7 +952,11 @@ def _to_device(batch: Any, device: str) -> Any:
 __all__ = [
     "FheLinear",
     "FheMatmul",
+    "CustomLinear",
+    "FheForwardLinear",
     "LINEAR_LAYERS",
+    "LoraHybridModel",
+    "is_lora_module",
     "LoraError",
     "LoraTrainer",
     "LoraTraining",

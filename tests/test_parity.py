@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fhe_backend
 from fhe_backend.compile import (
     QuantizedModule,
     build_quantized_module,
@@ -153,10 +154,11 @@ def test_brevitas_return_quant_tensor_and_value():
 def test_brevitas_value_under_torch_compile():
     model = _brevitas_net(return_value=True)
     inputset = torch.randn(100, 6)
-    compiled = compile_fhe(model, inputset, fhe="disable")
+    compiled = compile_fhe(model, inputset, fhe="simulate")
     with torch.no_grad():
         np.testing.assert_allclose(compiled(inputset[:5]).numpy(), _eager(model, inputset[:5]),
                                    atol=1e-5)
+    assert len(fhe_backend.partitions(compiled)) == 1  # the whole network ran as one circuit
 
 
 def test_forward_replaced_on_the_instance():
@@ -441,12 +443,86 @@ ACTIVATIONS = [nn.Sigmoid, nn.ReLU, nn.ReLU6, nn.Tanh, nn.ELU, nn.Hardsigmoid, n
                          ids=[getattr(a, "__name__", "Threshold") for a in ACTIVATIONS])
 def test_compile_torch_activations(activation_function):
     # Concrete ML's check: FCSmall(5) on uniform(-100, 100) inputs, 4 bits everywhere, rounding 6
+    # (200 samples instead of its 500, for time)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = FCSmall(5, activation_function).eval()
-    inputset = rng.uniform(-100, 100, size=(500, 5))
+    inputset = rng.uniform(-100, 100, size=(200, 5))
     n_bits = {"model_inputs": 4, "model_outputs": 4, "op_inputs": 4, "op_weights": 4}
     quantized = compile_torch_model(model, inputset, n_bits=n_bits, rounding_threshold_bits=6)
     x = inputset[:1]
     np.testing.assert_array_equal(quantized.forward(x, fhe="simulate"),
                                   quantized.forward(x, fhe="disable"))
+
+
+# -- LoRA (Concrete ML's tests/torch/test_lora.py behaviours) ----------------------------------
+
+
+class DummyLoRAModel(nn.Module):
+    """A LoRA model recognized by its `lora_a` attribute only."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_a = nn.Parameter(torch.randn(10, 10))
+        self.linear1 = nn.Linear(10, 20)
+        self.linear2 = nn.Linear(20, 10)
+
+    def forward(self, x, labels=None):
+        logits = self.linear2(torch.relu(self.linear1(x)) + 0 * self.lora_a.sum())
+        if labels is not None:
+            return {"loss": F.mse_loss(logits, labels)}
+        return {"logits": logits}
+
+
+def test_lora_layers_detected_by_attribute():
+    from fhe_backend.lora import LoraTraining
+
+    LoraTraining.assert_has_lora_layers(DummyLoRAModel())
+    with pytest.raises(ValueError, match="The model does not contain any detectable LoRA layers"):
+        LoraTraining.assert_has_lora_layers(nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 10)))
+
+
+def test_replace_layers_with_custom_static_and_skipped_layer_stays_linear():
+    from fhe_backend.lora import CustomLinear, LoraTraining
+
+    model = DummyLoRAModel()
+    LoraTraining.replace_layers_with_custom(model, 1)
+    assert isinstance(model.linear1, nn.Linear) and model.linear1.backward_module is None
+    assert isinstance(model.linear2, CustomLinear)
+
+    class WithLoraLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_linear = nn.Linear(10, 10)
+            self.linear = nn.Linear(10, 10)
+
+    nested = WithLoraLayer()
+    LoraTraining.replace_layers_with_custom(nested, 0)
+    assert type(nested.lora_linear) is nn.Linear and isinstance(nested.linear, CustomLinear)
+    sequential = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 10))
+    LoraTraining.replace_layers_with_custom(sequential, 0)
+    assert isinstance(sequential[0], CustomLinear) and isinstance(sequential[1], nn.ReLU)
+    assert isinstance(sequential[2], CustomLinear)
+
+
+@pytest.mark.parametrize("use_dynamic_quantization", [True, False], ids=["dynamic", "static"])
+def test_lora_trainer_train_dummy_model(tmp_path, use_dynamic_quantization):
+    from fhe_backend.lora import LoraTrainer
+
+    torch.manual_seed(0)
+    model = DummyLoRAModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = LoraTrainer(model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
+                          training_args={"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
+                          train_log_path=str(tmp_path / "train.log"))
+    assert trainer.hybrid_model is not None
+    inputset = (torch.randn(2, 10), torch.randn(2, 10))
+    trainer.compile(inputset, n_bits=6, use_dynamic_quantization=use_dynamic_quantization)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(2, 10), torch.randn(2, 10)), batch_size=1)
+    trainer.train(loader, num_epochs=1, fhe="disable")
+    assert (tmp_path / "checkpoint_epoch_1.pth").is_file()
+    assert isinstance(model.linear1, nn.Linear)
+    loss, _ = trainer.hybrid_model((torch.randn(2, 10), torch.randn(2, 10)), fhe="disable")
+    assert torch.isfinite(loss)
+
