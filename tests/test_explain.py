@@ -93,3 +93,77 @@ def test_cli_explain_factory_and_inputset(tmp_path, capsys):
                  "--n-bits", "4"]) == 0
     out = capsys.readouterr().out
     assert "FHE coverage" in out and "fhe_partition_1" in out and "aten.sort.default" in out
+
+
+def test_report_coverage_by_compute():
+    """Coverage by multiply-accumulates as well as by op count: the sort (no MACs) in torch
+    costs ops but no compute; the head left in torch costs its matmul."""
+    model = make_model()
+    inputset = torch.randn(120, 8)
+    report = fhe_backend.explain(model, inputset, n_bits=4, module_names=["encoder"])
+    encoder, head = 8 * 8 + 8 * 6, 6 * 3  # per sample
+    assert report.fhe_macs == 120 * encoder and report.torch_macs == 120 * head
+    assert report.compute_coverage == pytest.approx(encoder / (encoder + head))
+    assert report.compute_coverage > report.coverage  # the sort and the head: 2 of 5 ops
+    assert "multiply-accumulates" in str(report)
+
+
+class Branchy(nn.Module):
+    """A data-dependent branch: dynamo breaks the graph at the `if`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) if h.sum() > 0 else -self.b(h)  # marker: graph break
+
+
+def test_report_graph_breaks_with_reason_and_line():
+    torch.manual_seed(0)
+    report = fhe_backend.explain(Branchy(), torch.randn(120, 16), n_bits=4)
+    (graph_break,) = report.graph_breaks
+    line = next(i for i, text in enumerate(open(__file__), 1) if "marker: graph break" in text
+                and "next(" not in text)
+    assert graph_break.source.endswith(f"test_explain.py:{line}")
+    assert graph_break.reason
+    assert report.graph_count == 2
+    assert len(report.partitions) == 2  # each graph calibrated on what reaches it, compiled
+    assert "1 graph break(s)" in str(report) and graph_break.source in str(report)
+
+
+class GRUClassifier(nn.Module):
+    """GRU over a sequence, then a linear head on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def test_report_says_why_nothing_reached_the_backend():
+    """Dynamo skips a frame with an nn.GRU: no graph reaches the backend. The report says so,
+    why, and what to do, instead of an empty table."""
+    torch.manual_seed(0)
+    report = fhe_backend.explain(GRUClassifier(), torch.randn(120, 5, 4), n_bits=4)
+    assert not report.partitions and report.graph_count == 0
+    for words in ("no graph of this model reached the fhe backend", "GRU", "fullgraph=True",
+                  "allow_rnn", "in the clear"):
+        assert words in report.not_captured, report.not_captured
+    assert str(report).count("NOTHING RUNS IN FHE") == 1
+
+
+def test_report_with_allow_rnn_names_the_recurrent_layer_left_in_torch():
+    torch.manual_seed(0)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        report = fhe_backend.explain(GRUClassifier(), torch.randn(120, 5, 4), n_bits=4)
+    assert [p.module for p in report.partitions] == [""] and report.partitions[0].ops.get("addmm") == 1
+    rnn_nodes = [n for n in report.torch_nodes if n.module == "rnn"]
+    assert rnn_nodes and all("recurrent layer 'rnn'" in n.reason for n in rnn_nodes)
+    assert all(n.module == "rnn" for n in report.torch_nodes)
+    assert "recurrent layer 'rnn'" in str(report)
