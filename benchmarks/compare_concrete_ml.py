@@ -21,7 +21,7 @@ import traceback
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -208,9 +208,17 @@ def main(job_path: str, result_path: str) -> int:
             for target in job["targets"]
         ]
     else:
-        rows = [measure(target, config, folder) for target in job["targets"]]
-    Path(result_path).write_text(json.dumps({"environment": environment, "results": rows}, indent=2))
+        rows = []
+        for target in job["targets"]:
+            rows.append(measure(target, config, folder))
+            _write(result_path, environment, rows)  # what is measured survives an interruption
+    _write(result_path, environment, rows)
     return 0
+
+
+def _write(result_path: str, environment: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """Write {environment, results} to `result_path`."""
+    Path(result_path).write_text(json.dumps({"environment": environment, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
