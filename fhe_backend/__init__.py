@@ -27,7 +27,7 @@ from .errors import (  # noqa: E402
 from .explain import explain  # noqa: E402
 from .marks import fhe_module  # noqa: E402
 from .qat import has_any_qnn_layers  # noqa: E402  (also lets dynamo capture Brevitas layers)
-from .runtime import FhePartition  # noqa: E402
+from .runtime import FhePartition, fhe_mode  # noqa: E402
 from .settings import FheSettings  # noqa: E402
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "exit_now",
     "explain",
     "fhe_backend",
+    "fhe_mode",
     "fhe_module",
     "has_any_qnn_layers",
     "partitions",

@@ -9,6 +9,7 @@ the rest of the graph stays eager torch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -16,18 +17,20 @@ import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 from functorch.compile import aot_module_simplified, make_boxed_func
 from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FheBackendError, OptionError
+from .errors import FheBackendError, LoweringError, OptionError
 from .passes import PassManager
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .quantization.calibration import batches
-from .runtime import FhePartition
+from .runtime import FhePartition, fhe_mode
 from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
 
 logger = logging.getLogger("fhe_backend")
@@ -38,14 +41,69 @@ _CONSTANT_SOURCE = re.compile(r"\._(parameters|buffers)\[|\.(weight|bias)$")
 DECOMPOSITIONS = {op: fn for op, fn in core_aten_decompositions().items()
                   if op is not torch.ops.aten._safe_softmax.default}
 
-# compiled graphs by id() of the module torch.compile wrapped, for partitions(compiled_model)
-_BY_ROOT: Dict[Optional[int], List["weakref.ref[CompiledGraph]"]] = {}
 # calibration of a static graph: samples per call once the graph proved batch-agnostic
 CALIBRATION_CHUNK = 256
 PROBE_BATCHES = 4
 
-# modes chosen with set_fhe_mode, applied to graphs compiled later for the same module
-_MODES: Dict[int, str] = {}
+
+_SESSION_NUMBERS = itertools.count()
+
+
+class CompileSession:
+    """The state of one `torch.compile(model, backend="fhe", options=...)` call.
+
+    Dynamo calls the backend once per captured graph and again for each recompilation (a new
+    batch size); all these calls get the same `options` dict, which identifies the session. The
+    session keeps its graphs, the partitions they may share (equal subgraphs compiled for another
+    batch size), and the mode chosen with `set_fhe_mode`. Nothing is found again through a
+    model's identity: another `torch.compile` call of the same model, with other options, gets a
+    fresh session and never reuses circuits or keys compiled for this one.
+    """
+
+    def __init__(self, options: Optional[Dict], settings: FheSettings):
+        self.options = options  # held: its id() stays unique while the session lives
+        self.settings = settings
+        self.graphs: List["weakref.ref[CompiledGraph]"] = []
+        self.reusable: Dict[Any, "weakref.ref[FhePartition]"] = {}
+        self.mode: Optional[str] = None
+        self.number = next(_SESSION_NUMBERS)  # creation order
+
+    def compiled_graphs(self) -> List["CompiledGraph"]:
+        """The session's live graphs, oldest first."""
+        return [g for g in (ref() for ref in self.graphs) if g is not None]
+
+    def share_equal_partitions(self, partitions: List[FhePartition]) -> None:
+        """Partitions equal to one compiled earlier in this session share it (never within one
+        graph: equal subgraphs fed different data are quantized differently)."""
+        new = {}
+        for partition_ in partitions:
+            signature = partition_.signature()
+            earlier = self.reusable.get(signature)
+            earlier = earlier() if earlier is not None else None
+            if earlier is not None:
+                partition_.share(earlier)
+            else:
+                new.setdefault(signature, weakref.ref(partition_))
+        self.reusable.update(new)
+
+
+# sessions by id() of their options dict; a session lives as long as one of its graphs
+_SESSIONS: "weakref.WeakValueDictionary[int, CompileSession]" = weakref.WeakValueDictionary()
+# sessions by the parameters of the compiled model (weak on both sides), for partitions(model)
+_MODEL_SESSIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# the session of the graph compiled last (models without parameters)
+_LAST_SESSION: List["weakref.ref[CompileSession]"] = []
+
+
+def _session_for(options: Optional[Dict], settings: FheSettings, model_parameter: Any) -> CompileSession:
+    session = _SESSIONS.get(id(options))
+    if session is None or session.options is not options:
+        session = CompileSession(options, settings)
+        _SESSIONS[id(options)] = session
+    if model_parameter is not None:
+        _MODEL_SESSIONS.setdefault(model_parameter, weakref.WeakSet()).add(session)
+    _LAST_SESSION[:] = [weakref.ref(session)]
+    return session
 
 
 class CompiledGraph(torch.nn.Module):
@@ -60,6 +118,7 @@ class CompiledGraph(torch.nn.Module):
         self.left_in_torch = left_in_torch
         self.user_inputs = user_inputs
         self.settings = settings
+        self.session: Optional[CompileSession] = None  # set by the backend; keeps it alive
 
     def calibrate(self, inputset: Any, compile_circuits: bool = True) -> None:
         """Calibrate every partition on the inputset and compile their circuits.
@@ -67,13 +126,11 @@ class CompiledGraph(torch.nn.Module):
         With `compile_circuits=False` the partitions are only quantized (integer programs, no
         circuits): the disable mode works, the others need `FhePartition.compile_circuit`.
         """
-        pending = [p for p in self.partitions if p.primary is None and not p.compiled]
+        pending = [p for p in self.partitions if p.primary is None and not p.calibrated]
         if not pending:
             return
         samples = 0
-        for partition_ in pending:
-            partition_.mode = "calibrate"
-        try:
+        with fhe_mode("calibrate"):
             for batch in self._traced_batches(batches(inputset)):
                 args = self._bind(batch)
                 size = _batch_size(batch)
@@ -81,19 +138,14 @@ class CompiledGraph(torch.nn.Module):
                 for partition_ in pending:
                     partition_.calibration_batch_size = size
                 self.split(*args)
-        finally:
-            for partition_ in pending:
-                partition_.mode = partition_.settings.fhe
         if samples < MIN_RECOMMENDED_INPUTSET:
             warnings.warn(f"fhe_backend: the inputset has {samples} samples; a representative "
                           f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
                           "needed for accuracy", stacklevel=3)
         for index, partition_ in enumerate(pending):
-            if not compile_circuits:
-                partition_.quantize()
-                continue
-            _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(pending)})")
-            partition_.compile()
+            if compile_circuits:
+                _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(pending)})")
+            partition_.compile(circuit=compile_circuits)
 
     def _traced_batches(self, inputset: List[tuple]) -> List[tuple]:
         """Re-batch the inputset to the traced batch size when the graph has static shapes.
@@ -119,19 +171,13 @@ class CompiledGraph(torch.nn.Module):
     def _batch_agnostic(self, probe: List[torch.Tensor], size: int) -> bool:
         """True when the graph (in torch) gives on the probe as one batch what it gives batch by
         batch of the traced `size`: no shape is baked in and no sample leaks into another."""
-        modes = [p.mode for p in self.partitions]
-        for partition_ in self.partitions:
-            partition_.mode = "torch"
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fhe_mode("torch"):
                 whole = self.split(*self._bind(probe))
                 pieces = [self.split(*self._bind([c[i:i + size] for c in probe]))
                           for i in range(0, probe[0].shape[0], size)]
         except Exception:  # noqa: BLE001 - any failure means: keep the traced batch size
             return False
-        finally:
-            for partition_, mode in zip(self.partitions, modes):
-                partition_.mode = mode
         outputs = [tree_leaves(piece) for piece in pieces]
         for index, value in enumerate(tree_leaves(whole)):
             if not isinstance(value, torch.Tensor):
@@ -161,7 +207,7 @@ class CompiledGraph(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         """Run the graph; on the first call without an inputset, calibrate on these inputs."""
-        if any(not p.compiled for p in self.partitions):
+        if any(not p.calibrated for p in self.partitions):
             warnings.warn("fhe_backend: no 'inputset' option, calibrating on the first call's "
                           "inputs; pass a representative inputset (hundreds of samples) for accuracy",
                           stacklevel=2)
@@ -207,17 +253,16 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
     constants = [t.detach() for t in own] + [x.detach() if isinstance(x, torch.Tensor) else x
                                             for x in example_inputs]
     start = time.perf_counter()
-    root = _model_key([*own, *example_inputs])
+    session = _session_for(options, settings, _model_parameter([*own, *example_inputs]))
 
     def compile_forward(aten_gm: fx.GraphModule, _fake_args):
         with unset_fake_temporarily():
             compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings,
-                                          reuse_key=(root, id(options)))
-        if root in _MODES:
+                                          session=session)
+        if session.mode is not None:
             for partition_ in compiled.partitions:
-                partition_.mode = _MODES[root]
-        _BY_ROOT.setdefault(root, []).append(weakref.ref(compiled))
-        _BY_ROOT.setdefault(None, []).append(weakref.ref(compiled))
+                partition_.mode = session.mode
+        session.graphs.append(weakref.ref(compiled))
         logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
         user = [i for i, flag in enumerate(constant_flags) if not flag]
 
@@ -246,10 +291,10 @@ def _is_constant_input(node: fx.Node, example: Any) -> bool:
 
 def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_flags: Sequence[bool],
                        settings: FheSettings, groups: Optional[List[TargetGroup]] = None,
-                       reuse_key: Any = None) -> CompiledGraph:
+                       session: Optional[CompileSession] = None) -> CompiledGraph:
     """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given.
 
-    Partitions equal to one compiled earlier under the same `reuse_key` (dynamo recompiling the
+    Partitions equal to one compiled earlier in the same `session` (dynamo recompiling the
     same model for another batch size) share its circuit and keys instead of recompiling.
     """
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
@@ -272,30 +317,13 @@ def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_
     groups = groups if groups is not None else target_groups(aten_gm, settings)
     input_status = _input_status(user_inputs, settings)
     split, partitions, left = partition(aten_gm, groups, input_status)
-    if reuse_key is not None:
-        _share_equal_partitions(partitions, _REUSABLE.setdefault(reuse_key, {}))
+    if session is not None:
+        session.share_equal_partitions(partitions)
     compiled = CompiledGraph(split, partitions, left, user_inputs, settings)
+    compiled.session = session
     if settings.inputset is not None:
         compiled.calibrate(settings.inputset)
     return compiled
-
-
-_REUSABLE: Dict[Any, Dict[Any, "weakref.ref[FhePartition]"]] = {}
-
-
-def _share_equal_partitions(partitions: List[FhePartition], known: Dict[Any, Any]) -> None:
-    """Partitions equal to one of an earlier compilation share it (never within one graph:
-    equal subgraphs fed different data are quantized differently)."""
-    new = {}
-    for partition_ in partitions:
-        signature = partition_.signature()
-        earlier = known.get(signature)
-        earlier = earlier() if earlier is not None else None
-        if earlier is not None:
-            partition_.share(earlier)
-        else:
-            new.setdefault(signature, weakref.ref(partition_))
-    known.update(new)
 
 
 def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:
@@ -310,13 +338,29 @@ def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str
 
 
 def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
-    symbol = node.meta.get("val")
-    expr = getattr(getattr(symbol, "node", None), "expr", None)
+    """The value of a symbolic-size input for these tensors.
+
+    Dynamo passes sizes such as ``s0`` or ``s0*16`` (a reshape of a dynamic batch) as graph
+    inputs: each free symbol is bound from a dimension of a tensor input that is exactly that
+    symbol, then the expression is evaluated.
+    """
+    value = node.meta.get("val")
+    expr = getattr(getattr(value, "node", None), "expr", None)
+    if expr is None:
+        return value
+    bindings = {}
     for tensor_node, tensor in tensors.items():
         for dim, size in enumerate(tensor_node.meta["val"].shape):
-            if getattr(getattr(size, "node", None), "expr", None) == expr:
-                return tensor.shape[dim]
-    raise OptionError(f"cannot bind the symbolic size '{node.name}' from the inputset shapes")
+            size_expr = getattr(getattr(size, "node", None), "expr", None)
+            if size_expr is not None and size_expr.is_Symbol:
+                bindings.setdefault(size_expr, sympy.Integer(int(tensor.shape[dim])))
+    solved = sympy.sympify(expr).xreplace(bindings)
+    if not solved.is_number:
+        raise LoweringError(
+            f"cannot compute the symbolic size input '{node.name}' = {expr} of a graph dynamo "
+            f"recompiled: its symbols {sorted(map(str, solved.free_symbols))} are no dimension of "
+            "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around")
+    return int(solved)
 
 
 def _batch_size(batch: Sequence[torch.Tensor]) -> int:
@@ -329,27 +373,54 @@ def _progress(settings: FheSettings, message: str) -> None:
         print(f"[fhe_backend] {message}")
 
 
-def _model_key(values: Sequence[Any]) -> Optional[int]:
-    """Identity of the compiled model: id() of its first parameter (None without parameters)."""
-    return next((id(v) for v in values if isinstance(v, torch.nn.Parameter)), None)
+def _model_parameter(values: Sequence[Any]) -> Optional[torch.Tensor]:
+    """The compiled model's first parameter, which identifies it (weakly); None without any."""
+    return next((v for v in values if isinstance(v, torch.nn.Parameter)), None)
 
 
-def _keys_of(model: Any) -> List[Optional[int]]:
-    """The keys graphs of `model` are registered under (None: the graph compiled last)."""
+def _sessions_of(model: Any) -> List[CompileSession]:
+    """The sessions of a torch.compile'd model (its own one when it can be told) or of a module.
+
+    For the object `torch.compile` returned, the session is the one of its options dict; for a
+    plain module, every live session that compiled it; without parameters, the latest session.
+    """
+    options = _compile_options(model)
+    if options is not _UNKNOWN:
+        session = _SESSIONS.get(id(options))
+        if session is not None and session.options is options:
+            return [session]
     target = getattr(model, "_orig_mod", model)
     parameters = list(target.parameters()) if isinstance(target, torch.nn.Module) else []
-    return [id(p) for p in parameters] or [None]
+    if not parameters:
+        last = _LAST_SESSION[0]() if _LAST_SESSION else None
+        return [last] if last is not None else []
+    sessions = _MODEL_SESSIONS.get(parameters[0])
+    return sorted(sessions or [], key=lambda s: s.number)
+
+
+_UNKNOWN = object()
+
+
+def _compile_options(model: Any) -> Any:
+    """The options dict `torch.compile` was given for this compiled module, or _UNKNOWN.
+
+    Read through dynamo's wrappers (OptimizedModule -> callback -> backend wrapper); any torch
+    version that lays them out differently gives _UNKNOWN and the lookup by parameters is used.
+    """
+    backend = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    for _ in range(4):
+        kwargs = getattr(backend, "kwargs", None)
+        if isinstance(kwargs, dict) and hasattr(backend, "compiler_fn"):
+            return kwargs.get("options")
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    return _UNKNOWN
 
 
 def compiled_graphs(model: Any) -> List[CompiledGraph]:
     """The graphs compiled for a torch.compile'd model (or module), oldest first."""
     graphs: List[CompiledGraph] = []
-    for key in _keys_of(model):
-        refs = _BY_ROOT.get(key, [])
-        for ref in refs if key is not None else refs[-1:]:
-            graph = ref()
-            if graph is not None and graph not in graphs:
-                graphs.append(graph)
+    for session in _sessions_of(model):
+        graphs.extend(g for g in session.compiled_graphs() if g not in graphs)
     return graphs
 
 
@@ -369,9 +440,12 @@ def partitions(model: Any) -> List[FhePartition]:
 def set_fhe_mode(model: Any, mode: Any) -> None:
     """Switch every FHE partition of a compiled model to a mode (no recompilation).
 
-    The mode also applies to graphs dynamo compiles later for this model (new batch sizes).
+    The mode also applies to graphs dynamo compiles later for this compiled model (new batch
+    sizes). To run one call (or one thread) in another mode without changing the model's, use
+    ``with fhe_backend.fhe_mode(mode): ...``.
     """
+    mode = getattr(mode, "value", mode)
     for partition_ in partitions(model):
         partition_.mode = mode
-    for key in _keys_of(model)[:1]:
-        _MODES[key] = getattr(mode, "value", mode)
+    for session in _sessions_of(model):
+        session.mode = mode

@@ -8,6 +8,9 @@ batch at once), ``simulate`` (``circuit.simulate``), ``execute`` (keys, encrypt,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -21,18 +24,40 @@ import torch
 import torch.fx as fx
 from concrete import fhe
 
-from .errors import NotCompiledError, OptionError
+from .errors import BitWidthError, LoweringError, NotCompiledError, OptionError
 from .exit_status import note_configuration
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
-from .settings import FHE_MODES, FheSettings
+from .settings import AUTO, FHE_MODES, FheSettings, Rounding
 from .simulation import Simulator
 
 logger = logging.getLogger("fhe_backend")
 
 RUN_MODES = FHE_MODES + ("remote",)
 COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
+
+# a mode for the calls made inside `fhe_mode(...)`, in this thread/task only
+_MODE_OVERRIDE: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar(
+    "fhe_backend_mode", default=None)
+
+
+@contextlib.contextmanager
+def fhe_mode(mode: Any):
+    """Run every FHE partition called inside the block in `mode`, in this thread only.
+
+    ``with fhe_backend.fhe_mode("simulate"): y = compiled(x)``. The partitions' own modes (set
+    with `set_fhe_mode`) are untouched, so threads calling one compiled model each get their
+    own mode's results.
+    """
+    mode = getattr(mode, "value", mode)
+    if mode not in RUN_MODES + ("calibrate",):
+        raise OptionError(f"FHE mode {mode!r}: allowed modes are {RUN_MODES}")
+    token = _MODE_OVERRIDE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE_OVERRIDE.reset(token)
 
 
 class FhePartition(torch.nn.Module):
@@ -55,8 +80,10 @@ class FhePartition(torch.nn.Module):
         self.rows_per_sample: List[int] = []
         self.lookup_ranges: Dict[str, Tuple[int, int]] = {}
         self.remote_runner = None  # set by hybrid deployment: q_inputs -> q_outputs
-        self._calibration_inputs: List[List[torch.Tensor]] = []
+        # (samples in the batch or None when unknown, the partition's tensor inputs) per batch
+        self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._keys_ready = False
+        self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
         self._simulator: Optional[Simulator] = None
         self.compile_seconds: Optional[float] = None
         self.keygen_seconds: Optional[float] = None
@@ -65,7 +92,13 @@ class FhePartition(torch.nn.Module):
 
     @property
     def mode(self) -> str:
-        """The run mode: disable, simulate, execute, torch (or remote, set by deployment)."""
+        """The run mode: disable, simulate, execute, torch (or remote, set by deployment).
+
+        Inside a `fhe_mode(...)` block, that block's mode.
+        """
+        override = _MODE_OVERRIDE.get()
+        if override is not None:
+            return override
         return self.primary.mode if self.primary is not None else self._mode
 
     @mode.setter
@@ -88,6 +121,13 @@ class FhePartition(torch.nn.Module):
             return self.primary.compiled
         return self.circuit is not None
 
+    @property
+    def calibrated(self) -> bool:
+        """True once the integer program exists (the circuit may still be deferred)."""
+        if self.primary is not None:
+            return self.primary.calibrated
+        return self.program is not None
+
     # ---- calibration and compilation ----------------------------------------------------
 
     def tensor_args(self, args: Sequence[Any]) -> List[torch.Tensor]:
@@ -97,13 +137,24 @@ class FhePartition(torch.nn.Module):
     def calibrate(self, *args: Any) -> Any:
         """Run in float on one calibration batch, recording ranges and inputs."""
         tensors = self.tensor_args(args)
-        self._calibration_inputs.append([t.detach() for t in tensors])
+        self._calibration_inputs.append((self.calibration_batch_size, [t.detach() for t in tensors]))
         return StatsRecorder(self.graph_module, self.stats).run(*args)
 
-    def compile(self) -> None:
-        """Build the integer program from the recorded statistics and compile the circuit."""
+    def compile(self, circuit: bool = True) -> None:
+        """Build the integer program from the recorded statistics and compile the circuit.
+
+        With `circuit=False` only the program is built (the disable mode works). A program with
+        lookups wider than Concrete allows, in mode `disable`, gets its circuit deferred
+        (`defer_circuit`) instead of failing: it runs in the clear.
+        """
         start = time.perf_counter()
-        self.compile_circuit(self.quantize())
+        q_inputs = self.quantize()
+        if not circuit:
+            return
+        if self.mode == "disable" and self.program.too_wide:
+            self.defer_circuit(q_inputs)
+            return
+        self.compile_circuit(q_inputs)
         self.compile_seconds = time.perf_counter() - start
 
     def quantize(self) -> List[np.ndarray]:
@@ -113,25 +164,74 @@ class FhePartition(torch.nn.Module):
         """
         if not self._calibration_inputs:
             raise NotCompiledError(f"partition '{self.name}' has no calibration data")
-        batch = self.calibration_batch_size or self._calibration_inputs[0][0].shape[0]
-        self.rows_per_sample = [max(1, t.shape[0] // batch) for t in self._calibration_inputs[0]]
+        self.rows_per_sample = self._rows_per_sample()
         self.program = IntegerProgram(self.graph_module, self.stats, self.settings,
                                       self.encryption_status)
-        columns = list(zip(*self._calibration_inputs))
+        columns = list(zip(*[tensors for _, tensors in self._calibration_inputs]))
         q_inputs = [np.concatenate(q) for q in zip(*[
             self.program.quantize_inputs(*[torch.cat(col) for col in columns])])]
         self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
         self._calibration_inputs = []
         return q_inputs
 
+    def _rows_per_sample(self) -> List[int]:
+        """Rows of dim 0 each input holds per sample, from every calibration batch's own size.
+
+        Batches of different sizes must agree (a view of (seq, batch*heads, d) has `heads` rows
+        per sample whatever the batch); a disagreement or an uneven split is an error.
+        """
+        found = set()
+        for samples, tensors in self._calibration_inputs:
+            samples = samples or tensors[0].shape[0]
+            rows = []
+            for tensor in tensors:
+                count, rest = divmod(tensor.shape[0], samples) if tensor.dim() else (1, 0)
+                if rest:
+                    raise LoweringError(
+                        f"partition '{self.name}' ({self.module_path or 'model'}): an input of "
+                        f"{tensor.shape[0]} rows does not split into {samples} samples; FHE circuits "
+                        "run one sample at a time and need the batch on dim 0")
+                rows.append(max(1, count))
+            found.add(tuple(rows))
+        if len(found) != 1:
+            raise LoweringError(f"partition '{self.name}': calibration batches give different rows "
+                                f"per sample {sorted(found)}; its inputs do not keep the batch on dim 0")
+        return list(found.pop())
+
     def compile_circuit(self, q_inputs: Sequence[np.ndarray], artifacts: Any = None) -> None:
         """Compile the integer program into a circuit on a quantized, batch-major inputset.
 
-        `artifacts` (a `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR.
+        `artifacts` (a `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR. When
+        Concrete finds no crypto parameters for the program and no rounding was asked for, the
+        lookups are rounded (`rounding_threshold_bits="auto"`, with a warning) and compiled
+        again; if that fails too, a BitWidthError names the widest lookups and what lowers them.
         """
         start = time.perf_counter()
-        samples = self._samples(q_inputs)
-        samples = self._bounding_samples(q_inputs, samples)
+        self.program.check_circuit_bit_widths()
+        try:
+            self.circuit = self._concrete_compile(q_inputs, artifacts)
+        except RuntimeError as error:
+            if "NoParametersFound" not in str(error):
+                raise
+            if self.settings.rounding_threshold_bits is not None:
+                raise self._no_parameters_error() from error
+            warnings.warn(f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
+                          f"for unrounded lookups ({self._widest_lookups()}); retrying with "
+                          "rounding_threshold_bits='auto'", stacklevel=3)
+            self._reprogram(dataclasses.replace(self.settings,
+                                                rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs)
+            try:
+                self.circuit = self._concrete_compile(q_inputs, artifacts)
+            except RuntimeError as retry_error:
+                if "NoParametersFound" not in str(retry_error):
+                    raise
+                raise self._no_parameters_error() from retry_error
+        self._keys_ready = False
+        self.compile_seconds = time.perf_counter() - start
+        self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+
+    def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
+        samples = self._bounding_samples(q_inputs, self._samples(q_inputs))
         compiler = fhe.Compiler(self._traceable(), {
             f"x{i}": status for i, status in enumerate(self.encryption_status)})
         kwargs = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
@@ -142,11 +242,41 @@ class FhePartition(torch.nn.Module):
             kwargs["p_error"] = self.settings.p_error
         if self.settings.global_p_error is not None:
             kwargs["global_p_error"] = self.settings.global_p_error
-        self.circuit = compiler.compile([s if len(s) > 1 else s[0] for s in samples],
-                                        artifacts=artifacts, **kwargs)
-        self._keys_ready = False
-        self.compile_seconds = time.perf_counter() - start
-        self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+        return compiler.compile([s if len(s) > 1 else s[0] for s in samples],
+                                artifacts=artifacts, **kwargs)
+
+    def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
+        """Rebuild the integer program under other settings (same statistics and inputs)."""
+        self.settings = settings
+        self.program = IntegerProgram(self.graph_module, self.stats, settings, self.encryption_status)
+        self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
+        self.program.check_circuit_bit_widths()
+
+    def _widest_lookups(self, count: int = 3) -> str:
+        widths = sorted(((bit_width(low, high) - self.program.rounding_lsbs.get(key, 0), key)
+                         for key, (low, high) in self.lookup_ranges.items()), reverse=True)
+        return ", ".join(f"{bits} bits at '{key.split(':')[0]}'" for bits, key in widths[:count]) or "none"
+
+    def _no_parameters_error(self) -> BitWidthError:
+        return BitWidthError(
+            f"partition '{self.name}' ({self.module_path or 'model'}): Concrete found no crypto "
+            f"parameters (NoParametersFound) for its {len(self.lookup_ranges)} lookup(s); widest: "
+            f"{self._widest_lookups()} (rounding {self.settings.rounding_threshold_bits}, n_bits "
+            f"{self.settings.n_bits}). Lower them with a smaller 'rounding_threshold_bits' (e.g. 5 or "
+            "{'n_bits': 5, 'method': 'approximate'}), a smaller 'n_bits', or a larger 'p_error' / "
+            "'global_p_error'")
+
+    def defer_circuit(self, q_inputs: Sequence[np.ndarray]) -> None:
+        """Keep the circuit's inputset and compile only when a mode needs the circuit.
+
+        Used for programs with lookups wider than Concrete allows: they run in the clear
+        (`disable`), and `simulate` / `execute` raise the BitWidthError with its advice.
+        """
+        self._deferred_inputs = list(q_inputs)
+        node, bits, _, _ = max(self.program.too_wide, key=lambda item: item[1])
+        warnings.warn(f"fhe_backend: partition '{self.name}' runs in the clear only (fhe='disable'): "
+                      f"its lookup at node '{node}' needs {bits} bits, over Concrete's limit; "
+                      "simulate/execute will raise BitWidthError", stacklevel=3)
 
     def _bounding_samples(self, q_inputs: Sequence[np.ndarray], samples: List[Tuple[np.ndarray, ...]]
                           ) -> List[Tuple[np.ndarray, ...]]:
@@ -171,8 +301,13 @@ class FhePartition(torch.nn.Module):
         return circuit_function
 
     def _samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
-        """Split batch-major integer inputs into per-sample tuples."""
+        """Split batch-major integer inputs into per-sample tuples (an uneven split raises)."""
         count = q_inputs[0].shape[0] // self.rows_per_sample[0]
+        if any(q.shape[0] != count * r for q, r in zip(q_inputs, self.rows_per_sample)):
+            raise OptionError(
+                f"partition '{self.name}': inputs with {[q.shape[0] for q in q_inputs]} rows do not "
+                f"split into samples of {self.rows_per_sample} rows each (one circuit call per "
+                "sample); pass whole samples, batch on dim 0")
         return [tuple(q[i * r:(i + 1) * r] for q, r in zip(q_inputs, self.rows_per_sample))
                 for i in range(count)]
 
@@ -187,7 +322,10 @@ class FhePartition(torch.nn.Module):
         start = time.perf_counter()
         cache_dir = self.settings.key_cache_dir
         if cache_dir and not force:
-            digest = hashlib.sha256(self.circuit.mlir.encode()).hexdigest()[:16]
+            # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys of
+            # another circuit must never be loaded for this one
+            digest = hashlib.sha256(self.circuit.mlir.encode()
+                                    + self.circuit.client.specs.serialize()).hexdigest()[:16]
             path = Path(cache_dir) / f"{self.name}-{digest}.keys"
             path.parent.mkdir(parents=True, exist_ok=True)
             self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
@@ -205,25 +343,25 @@ class FhePartition(torch.nn.Module):
             return self.graph_module(*args)
         if self.primary is not None:
             return self.primary(*args)
-        if self._mode == "calibrate":
+        mode = self.mode
+        if mode == "calibrate":
             return self.calibrate(*args)
-        if not self.compiled:
+        if not self.calibrated:
             warnings.warn(
                 f"fhe_backend: partition '{self.name}' is calibrated on the first call's inputs only; "
                 "pass a representative inputset (hundreds of samples) with options={'inputset': ...} "
                 "for accuracy", stacklevel=2)
-            self.calibration_batch_size = self.calibration_batch_size or None
             self.calibrate(*args)
             self.compile()
         tensors = self.tensor_args(args)
-        q_outputs = self.run_integers(self.program.quantize_inputs(*tensors))
+        q_outputs = self.run_integers(self.program.quantize_inputs(*tensors), mode)
         outputs = self.program.dequantize_outputs(*q_outputs)
         return self._to_torch(outputs, tensors)
 
     def run_integers(self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
                      ) -> Tuple[np.ndarray, ...]:
         """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
-        mode = mode or self._mode
+        mode = mode or self.mode
         if mode == "disable" and self.program is not None:
             return _as_tuple(self.program(*q_inputs))
         self._require_compiled()
@@ -303,6 +441,8 @@ class FhePartition(torch.nn.Module):
                 zip(self.program.tensor_inputs, self.rows_per_sample)]
 
     def _require_compiled(self) -> None:
+        if not self.compiled and self._deferred_inputs is not None:
+            self.compile_circuit(self._deferred_inputs)
         if not self.compiled:
             raise NotCompiledError(
                 f"partition '{self.name}' is not compiled yet: call the model once (or give "

@@ -15,6 +15,9 @@ FHE_MODES = ("disable", "simulate", "execute", "torch")
 ROUNDING_METHODS = ("exact", "approximate")
 ENCRYPTION_STATUSES = ("encrypted", "clear")
 MAX_TLU_BIT_WIDTH = 16
+# quantizers may be wider than a lookup: such a model runs in the clear (fhe="disable", to check
+# post-training quantization as Concrete ML allows) and fails only when compiled to a circuit
+MIN_N_BITS, MAX_N_BITS = 2, 24
 MIN_RECOMMENDED_INPUTSET = 100
 AUTO = "auto"
 AUTO_ROUNDING_TOLERANCE = 0.01  # mean output error allowed by "auto", as a share of the output span
@@ -61,9 +64,10 @@ class NBits:
                           model_inputs=value.get("model_inputs", DEFAULT_MODEL_BITS),
                           model_outputs=value.get("model_outputs", DEFAULT_MODEL_BITS))
         for key, bits in fields.items():
-            if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_TLU_BIT_WIDTH:
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_N_BITS <= bits <= MAX_N_BITS:
                 raise OptionError(
-                    f"option 'n_bits' field '{key}' = {bits!r}: expected an int in [1, {MAX_TLU_BIT_WIDTH}]"
+                    f"option 'n_bits' field '{key}' = {bits!r}: expected an int in "
+                    f"[{MIN_N_BITS}, {MAX_N_BITS}] (1 bit leaves no room for a sign or a zero point)"
                 )
         return cls(**fields)
 

@@ -53,6 +53,8 @@ class IntegerProgram:
         self.encryption_status = tuple(encryption_status)
         self.constants: Dict[Any, Any] = {}
         self.rounding_lsbs: Dict[str, int] = {}
+        # lookups over Concrete's limit: (node, bits, low, high); an error only for a circuit
+        self.too_wide: List[Tuple[str, int, int, int]] = []
         self.lookup_offsets: Dict[str, int] = {}
         self.recording: Optional[Dict[str, Tuple[int, int]]] = None
         # while extreme_samples collects them: where in the batch (row / rows) extremes lie
@@ -219,6 +221,18 @@ class IntegerProgram:
         return {key: (low + self.lookup_offsets[key], high + self.lookup_offsets[key])
                 for key, (low, high) in ranges.items()}
 
+    def check_circuit_bit_widths(self) -> None:
+        """Raise BitWidthError when a lookup is wider than Concrete allows (checked before
+        compiling a circuit; the integer program itself runs at any width in the clear)."""
+        if not self.too_wide:
+            return
+        node, effective, low, high = max(self.too_wide, key=lambda item: item[1])
+        raise BitWidthError(
+            f"table lookup at node '{node}' needs a {effective}-bit input (range [{low}, {high}]), "
+            f"over Concrete's {MAX_TLU_BIT_WIDTH}-bit limit ({len(self.too_wide)} lookup(s) too "
+            "wide). fhe='disable' runs it in the clear; for a circuit lower it with the option "
+            f"'rounding_threshold_bits' (e.g. 6) or a smaller 'n_bits' (now {self.settings.n_bits})")
+
     def calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
 
@@ -243,17 +257,11 @@ class IntegerProgram:
                 self.rounding_lsbs[key] = bits - rounding.n_bits
         self._place_lookups(raw_ranges)  # now with room for the rounding chosen
         ranges = self._placed(raw_ranges)
+        self.too_wide = []
         for key, (low, high) in ranges.items():
-            bits = bit_width(low, high)
-            effective = bits - self.rounding_lsbs.get(key, 0)
+            effective = bit_width(low, high) - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
-                node = key.split(":")[0]
-                raise BitWidthError(
-                    f"table lookup at node '{node}' needs a {effective}-bit input (range "
-                    f"[{low}, {high}]), over Concrete's {MAX_TLU_BIT_WIDTH}-bit limit. Lower it with "
-                    f"the option 'rounding_threshold_bits' (e.g. 6) or a smaller 'n_bits' "
-                    f"(now {self.settings.n_bits})"
-                )
+                self.too_wide.append((key.split(":")[0], effective, low, high))
         return ranges
 
 

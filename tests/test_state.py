@@ -1,0 +1,143 @@
+"""State lives on the compiled object: recompiling with other options starts fresh (issue 20),
+the run mode is per call/thread, and uneven calibration batches keep every sample (issue 13).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fhe_backend
+from fhe_backend.compile import build_quantized_module
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = {"p_error": 2 ** -40}  # simulate == execute == disable with exact (or no) rounding
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+
+
+INPUTSET = torch.randn(200, 4, generator=torch.Generator().manual_seed(1))
+SAMPLES = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch
+    import fhe_backend
+    from tests.test_state import INPUTSET, SAMPLES, EXACT, _tiny_model
+    compiled = torch.compile(_tiny_model(), backend="fhe", options={
+        "inputset": INPUTSET, "n_bits": 4, "rounding_threshold_bits": 4, "fhe": "disable", **EXACT})
+    with torch.no_grad():
+        out = compiled(SAMPLES)
+    (partition,) = fhe_backend.partitions(compiled)
+    print(repr(out.tolist()), partition.statistics["complexity"])
+""")
+
+
+def test_recompiling_the_same_model_with_other_options_starts_fresh(insecure_configuration):
+    """compile -> execute -> reset -> compile the same object with other options -> execute:
+    the second circuit is the one a fresh process builds, and it runs with its own keys."""
+    model = _tiny_model()
+    options = {"inputset": INPUTSET, "fhe": "execute", "configuration": insecure_configuration, **EXACT}
+    first = torch.compile(model, backend="fhe", options={**options, "n_bits": 3, "rounding_threshold_bits": 3})
+    with torch.no_grad():
+        first_out = first(SAMPLES[:1])
+    (first_partition,) = fhe_backend.partitions(first)
+    torch._dynamo.reset()
+
+    second = torch.compile(model, backend="fhe", options={**options, "n_bits": 4, "rounding_threshold_bits": 4})
+    with torch.no_grad():
+        executed = second(SAMPLES)
+        with fhe_backend.fhe_mode("disable"):
+            disabled = second(SAMPLES)
+    (second_partition,) = fhe_backend.partitions(second)
+    assert second_partition is not first_partition and second_partition.primary is None
+    assert second_partition.circuit is not first_partition.circuit
+    assert torch.equal(executed, disabled)
+
+    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert fresh.returncode == 0, fresh.stderr
+    values, complexity = fresh.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert torch.equal(disabled, torch.tensor(eval(values)))  # noqa: S307 - our own repr
+    assert second_partition.statistics["complexity"] == float(complexity)
+    assert first_out.shape == (1, 2)
+
+
+def test_one_compiled_object_shares_its_circuit_across_batch_sizes():
+    """Dynamo's recompilation for a new batch size reuses the session's circuit; another
+    torch.compile call of the same model with other options does not."""
+    model = _tiny_model()
+    options = {"inputset": INPUTSET, "n_bits": 3, "fhe": "simulate", **EXACT}
+    compiled = torch.compile(model, backend="fhe", options=options)
+    other = torch.compile(model, backend="fhe", options={**options, "n_bits": 4})
+    with torch.no_grad():
+        compiled(SAMPLES[:1]), compiled(SAMPLES), compiled(SAMPLES[:2])
+        other(SAMPLES)
+    own = fhe_backend.partitions(compiled)
+    assert len(own) == 1
+    assert fhe_backend.partitions(other)[0] not in own
+    fhe_backend.set_fhe_mode(compiled, "disable")
+    assert own[0].mode == "disable" and fhe_backend.partitions(other)[0].mode == "simulate"
+
+
+def test_threads_each_get_their_own_mode():
+    """One compiled model, two threads: one in disable, one in simulate (4-bit lookups, 3-bit
+    output; simulate differs from disable for this model, so a shared mode would show)."""
+    model = _tiny_model()
+    compiled = torch.compile(model, backend="fhe", options={
+        "inputset": INPUTSET, "n_bits": 3, "fhe": "torch", **EXACT})
+    with torch.no_grad():
+        compiled(SAMPLES)
+        expected = {}
+        for mode in ("disable", "simulate", "torch"):
+            with fhe_backend.fhe_mode(mode):
+                expected[mode] = compiled(SAMPLES)
+    assert not torch.equal(expected["torch"], expected["disable"])
+    results = {mode: [] for mode in ("disable", "torch", "simulate")}
+
+    def worker(mode):
+        with torch.no_grad(), fhe_backend.fhe_mode(mode):
+            for _ in range(5):
+                results[mode].append(compiled(SAMPLES))
+
+    threads = [threading.Thread(target=worker, args=(mode,)) for mode in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mode, outputs in results.items():
+        assert len(outputs) == 5 and all(torch.equal(o, expected[mode]) for o in outputs), mode
+    assert fhe_backend.partitions(compiled)[0].mode == "torch"
+
+
+def test_uneven_calibration_batches_keep_every_sample():
+    """Inputset batches of 256 and 100 samples: 7 samples in give 7 rows out, in every mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    module = build_quantized_module(model, [torch.randn(256, 4), torch.randn(100, 4)], n_bits=4)
+    x = torch.randn(7, 4).numpy()
+    disabled = module.forward(x, fhe="disable")
+    module.compile(torch.randn(100, 4).numpy(), **EXACT)
+    simulated = module.forward(x, fhe="simulate")
+    assert disabled.shape == simulated.shape == (7, 2)
+    np.testing.assert_array_equal(disabled, simulated)
+    for i in range(7):
+        np.testing.assert_array_equal(module.forward(x[i:i + 1], fhe="simulate"), simulated[i:i + 1])
+
+
+def test_fhe_mode_rejects_unknown_modes():
+    """A typo in a mode is an OptionError naming the allowed modes."""
+    with pytest.raises(fhe_backend.OptionError, match="allowed modes"):
+        with fhe_backend.fhe_mode("simulated"):
+            pass

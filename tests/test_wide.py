@@ -1,0 +1,109 @@
+"""Wide programs: any width runs in the clear, circuits fail only at compilation with advice,
+Concrete's NoParametersFound never surfaces raw, and >16-bit accumulators run right for real."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fhe_backend
+from fhe_backend.compile import build_quantized_module, compile_torch_model
+
+from .harness import quantization_tolerance
+
+
+def _wide_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+
+
+def test_wide_program_runs_in_the_clear_and_fails_only_as_a_circuit():
+    """Linear(256, 64) -> ReLU -> Linear(64, 4) at n_bits=8 needs a 19-bit lookup: `disable`
+    works (as Concrete ML's post-training check does), compiling a circuit raises with advice."""
+    model, x = _wide_model(), torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    module = build_quantized_module(model, x, n_bits=8)
+    expected = model(x[:8]).detach().numpy()
+    actual = module.forward(x[:8].numpy(), fhe="disable")
+    assert np.abs(actual - expected).max() <= quantization_tolerance(torch.tensor(expected), 8, steps=4)
+    with pytest.raises(fhe_backend.BitWidthError, match="rounding_threshold_bits"):
+        compile_torch_model(model, x, n_bits=8)
+
+
+def test_wide_program_under_torch_compile_defers_its_circuit():
+    """torch.compile with fhe='disable' warns that the partition runs in the clear only;
+    switching to simulate raises the BitWidthError instead of running something else."""
+    model, x = _wide_model(), torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="runs in the clear only"):
+        compiled = torch.compile(model, backend="fhe", options={"inputset": x, "n_bits": 8, "fhe": "disable"})
+        with torch.no_grad():
+            out = compiled(x[:4])
+    expected = model(x[:4]).detach()
+    assert float((out - expected).abs().max()) <= quantization_tolerance(expected, 8, steps=4)
+    with pytest.raises(fhe_backend.BitWidthError, match="19-bit"), torch.no_grad():
+        with fhe_backend.fhe_mode("simulate"):
+            compiled(x[:4])
+
+
+def test_n_bits_range():
+    """n_bits=1 is refused; up to 24 bits the program runs in the clear (close to float)."""
+    model, x = _wide_model(), torch.randn(200, 256, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(fhe_backend.OptionError, match=r"\[2, 24\]"):
+        build_quantized_module(model, x, n_bits=1)
+    module = build_quantized_module(model, x, n_bits=20)
+    expected = model(x[:4]).detach().numpy()
+    assert np.abs(module.forward(x[:4].numpy(), fhe="disable") - expected).max() < 1e-4
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc((torch.relu(self.norm(self.conv(x))) + x).flatten(1))
+
+
+def test_no_parameters_found_retries_with_rounding():
+    """Conv -> BatchNorm -> ReLU -> residual add -> Linear at n_bits=7 and no rounding has no
+    crypto parameters in Concrete: the backend warns, rounds ('auto') and compiles."""
+    torch.manual_seed(0)
+    model = _Residual()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(200, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="fhe", options={"inputset": x, "n_bits": 7, "fhe": "simulate"})
+    with pytest.warns(UserWarning, match="no crypto parameters"), torch.no_grad():
+        out = compiled(x[:8])
+    (partition,) = fhe_backend.partitions(compiled)
+    assert partition.settings.rounding_threshold_bits is not None
+    with torch.no_grad():
+        expected = model(x[:8])
+        with fhe_backend.fhe_mode("disable"):
+            disabled = compiled(x[:8])
+    # 'auto' keeps the mean output error within 1% of the span; the max within 12 output steps
+    assert float((disabled - expected).abs().max()) <= quantization_tolerance(expected, 7, steps=12)
+    assert float((out - disabled).abs().max()) <= quantization_tolerance(expected, 7, steps=12)
+
+
+def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuration):
+    """A 17-bit accumulator rounded to a 4-bit lookup: execute (real keys) == simulate ==
+    disable exactly (exact rounding, p_error 2**-40)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(300, 48, generator=torch.Generator().manual_seed(1)) * 2
+    compiled = torch.compile(model, backend="fhe", options={
+        "inputset": x, "n_bits": 8, "rounding_threshold_bits": 4, "fhe": "disable",
+        "configuration": insecure_configuration, "p_error": 2 ** -40})
+    with torch.no_grad():
+        disabled = compiled(x[:2])
+        (partition,) = fhe_backend.partitions(compiled)
+        assert partition.statistics["max_bit_width"] > 16
+        with fhe_backend.fhe_mode("simulate"):
+            simulated = compiled(x[:2])
+        with fhe_backend.fhe_mode("execute"):
+            executed = compiled(x[:2])
+    assert torch.equal(disabled, simulated) and torch.equal(simulated, executed)
