@@ -525,7 +525,7 @@ def test_slow_bodies_time_out_and_their_connections_close(artifacts, tmp_path):
 def test_busy_worker_answers_503_with_retry_after_and_client_retries(artifacts, lookup_client, lookup_keys,
                                                                       tmp_path):
     running = ThreadServer(settings(artifacts, tmp_path / "keys", max_concurrent_computes=1,
-                                    retry_after_seconds=1))
+                                    compute_queue_seconds=0.5, retry_after_seconds=1))
     try:
         key_id = upload(running.url, LOOKUP, lookup_keys).json()["key_id"]
         samples = [lookup_client.encrypt_serialize_integers(q) for q in artifacts["lookup_in"]]
@@ -535,8 +535,10 @@ def test_busy_worker_answers_503_with_retry_after_and_client_retries(artifacts, 
             while requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]["running_computes"] == 0:
                 assert time.time() < deadline
                 time.sleep(0.05)
+            queued = time.time()
             busy = compute(running.url, LOOKUP, key_id, samples[:1])
             assert busy.status_code == 503 and busy.headers["Retry-After"] == "1", busy.text
+            assert time.time() - queued >= 0.5 and "--compute-queue-seconds" in busy.text  # waited, then 503
             # the client follows Retry-After and succeeds once the first computation is done
             patient = FheHttpClient(running.url, retries=30, backoff_seconds=0.2)
             result = patient.compute(*LOOKUP, key_id, samples[:1])

@@ -104,6 +104,8 @@ class ServerSettings:
     max_samples_per_request: int = _limit(64, "encrypted samples in one compute request (413 above)")
     max_concurrent_computes: int = _limit(
         2, "computations running at once per worker, each in its own child process (503 + Retry-After above)")
+    compute_queue_seconds: float = _limit(
+        10.0, "how long a compute request waits for a free compute process before the 503")
     retry_after_seconds: int = _limit(5, "Retry-After of a 503 answered when every compute process is busy")
     key_cache_size: int = _limit(8, "deserialized evaluation keys kept in memory per compute process")
     key_cache_bytes: int = _limit(2 * GiB, "bytes of evaluation keys kept in memory per compute process")
@@ -503,11 +505,7 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
         record = await run_in_threadpool(_owned_record, keystore, payload.key_id, request, model_name,
                                          module_name, input_shape, False)
         samples = await run_in_threadpool(_decode_samples, entry, payload.inputs)
-        process = pool.try_acquire()
-        if process is None:
-            raise HttpError(503, f"all {pool.size} computations of this worker are busy "
-                                 "(--max-concurrent-computes): retry later",
-                            {"Retry-After": str(settings.retry_after_seconds)})
+        process = await _acquire(pool, request, settings)
         try:
             outputs = []
             for index, sample in enumerate(samples):
@@ -520,6 +518,23 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
         return {"outputs": outputs}
 
     return app
+
+
+async def _acquire(pool: ComputePool, request: Request, settings: ServerSettings):
+    """A free compute process, waiting up to `compute_queue_seconds`; else 503 with Retry-After."""
+    deadline = time.monotonic() + settings.compute_queue_seconds
+    while True:
+        process = pool.try_acquire()
+        if process is not None:
+            return process
+        if time.monotonic() >= deadline:
+            raise HttpError(503, f"all {pool.size} computations of this worker are busy "
+                                 f"(--max-concurrent-computes, waited {settings.compute_queue_seconds:g} s, "
+                                 "--compute-queue-seconds): retry later",
+                            {"Retry-After": str(settings.retry_after_seconds)})
+        if await request.is_disconnected():
+            raise ClientDisconnected("while waiting for a compute process")
+        await asyncio.sleep(0.05)
 
 
 def _client(request: Request) -> str:
