@@ -26,12 +26,14 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FheBackendError, LoweringError, OptionError
+from .errors import FheBackendError, LoweringError, OptionError, surfaced
 from .passes import PassManager
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .quantization.calibration import batches
 from .runtime import FhePartition, fhe_mode
 from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
+from .skipped_frames import install as install_skipped_frame_checks
+from .skipped_frames import note_capture
 
 logger = logging.getLogger("fhe_backend")
 
@@ -216,6 +218,9 @@ class CompiledGraph(torch.nn.Module):
         return self.split(*args)
 
 
+install_skipped_frame_checks()
+
+
 def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict] = None):
     """The `torch.compile(backend="fhe", options=...)` entry point.
 
@@ -225,26 +230,11 @@ def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     try:
         return _capture(gm, example_inputs, options)
     except FheBackendError as error:
-        raise _surfaced(error) from error.__cause__
-
-
-_SURFACED: Dict[type, type] = {}
-
-
-def _surfaced(error: FheBackendError) -> FheBackendError:
-    """The same error, of a subclass dynamo lets through unwrapped (its ShortenTraceback)."""
-    from torch._dynamo.exc import ShortenTraceback
-
-    cls = type(error)
-    if cls not in _SURFACED:
-        _SURFACED[cls] = type(cls.__name__, (cls, ShortenTraceback), {
-            "__init__": Exception.__init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    surfaced = _SURFACED[cls](*error.args)
-    surfaced.first_useful_frame = None
-    return surfaced.with_traceback(error.__traceback__)
+        raise surfaced(error) from error.__cause__
 
 
 def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict]):
+    note_capture()
     settings = FheSettings.from_options(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     own = list(dict(gm.named_parameters(remove_duplicate=False)).values()) + list(

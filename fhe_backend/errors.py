@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Dict
+
+from torch._dynamo.exc import ShortenTraceback
+
 
 class FheBackendError(Exception):
     """Base class of every error raised by fhe_backend."""
@@ -29,3 +33,22 @@ class PassError(FheBackendError):
 
 class NotCompiledError(FheBackendError, RuntimeError):
     """Something needs a compiled circuit before the model has been compiled."""
+
+
+class ClearTextWarning(UserWarning):
+    """Part of a model that should run in FHE runs as eager torch, its values in the clear."""
+
+
+_SURFACED: Dict[type, type] = {}
+
+
+def surfaced(error: FheBackendError) -> FheBackendError:
+    """The same error, of a subclass dynamo lets through unwrapped (its ShortenTraceback), so
+    that a caller of a compiled model catches e.g. an `OptionError` as it is."""
+    cls = type(error)
+    if cls not in _SURFACED:
+        _SURFACED[cls] = type(cls.__name__, (cls, ShortenTraceback), {
+            "__init__": Exception.__init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    result = _SURFACED[cls](*error.args)
+    result.first_useful_frame = None
+    return result.with_traceback(error.__traceback__)

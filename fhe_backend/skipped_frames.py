@@ -1,0 +1,137 @@
+"""Frames dynamo skips never reach the backend: notice them, say so, or raise.
+
+When dynamo cannot trace a frame (``nn.LSTM`` / ``nn.GRU`` without
+``torch._dynamo.config.allow_rnn``, an unsupported builtin...), it runs the whole frame as
+eager Python and never calls the backend: a model compiled with ``backend="fhe"`` then runs
+entirely in the clear. Dynamo's compile-end callback runs after each frame it tried; when that
+frame was compiled for the ``fhe`` backend, no graph of it reached the backend and dynamo
+recorded why, this module warns with a `ClearTextWarning` naming the frame, its source line and
+dynamo's reason, or raises `UnsupportedOpError` under ``require_full_fhe=True``.
+
+Dynamo remembers a skipped frame: later calls (and other instances of the same class) run it
+without trying again, and without a new warning, until ``torch._dynamo.reset()``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from torch._dynamo import callback as dynamo_callback
+from torch._dynamo.utils import counters
+
+from .errors import ClearTextWarning, OptionError, UnsupportedOpError, surfaced
+from .settings import FheSettings
+
+_state = threading.local()
+BACKEND_NAMES = ("fhe", "fhe_backend")  # torch.compile(backend="fhe") or the function itself
+
+
+@dataclass(frozen=True)
+class SkippedFrame:
+    """A frame dynamo ran as eager Python although it was compiled for the fhe backend."""
+
+    function: str
+    source: str
+    reasons: List[str]
+
+    def message(self) -> str:
+        """What stays in the clear, where, why, and what to try."""
+        reasons = "; ".join(r.splitlines()[0] for r in self.reasons) or "no graph was captured"
+        return (f"fhe_backend: no graph of '{self.function}' ({self.source}) reached the FHE backend: "
+                f"dynamo ran it as eager torch ({reasons}). Everything it computes is in the clear. "
+                "Compile with torch.compile(..., fullgraph=True) to see the break; for RNNs "
+                "torch._dynamo.config.allow_rnn = True lets dynamo capture them (the recurrent op "
+                "then stays in torch, the rest can run in FHE)")
+
+
+def note_capture() -> None:
+    """Called by the backend each time dynamo hands it a graph."""
+    _state.captures = getattr(_state, "captures", 0) + 1
+
+
+def _on_start(_args: Any) -> None:
+    _state.start = (getattr(_state, "captures", 0), dict(counters["unimplemented"]))
+
+
+def _on_end(_args: Any) -> None:
+    start = getattr(_state, "start", None)
+    _state.start = None
+    if start is None or getattr(_state, "captures", 0) != start[0]:
+        return
+    frame = _compile_frame()
+    if frame is None:
+        return
+    options = _fhe_options(frame.f_locals.get("compiler_fn"))
+    if options is None:
+        return
+    new = [reason for reason, count in counters["unimplemented"].items() if count > start[1].get(reason, 0)]
+    if not new:
+        return
+    code = frame.f_locals.get("code")
+    skipped = SkippedFrame(getattr(code, "co_name", "?"),
+                           f"{getattr(code, 'co_filename', '?')}:{getattr(code, 'co_firstlineno', '?')}", new)
+    try:
+        strict = FheSettings.from_options(options).require_full_fhe
+    except OptionError:
+        return  # the bad option is reported when a graph reaches the backend
+    if strict and _release_pending_callback():
+        raise surfaced(UnsupportedOpError(skipped.message() + " (raised because require_full_fhe=True)"))
+    warnings.warn(skipped.message(), ClearTextWarning, stacklevel=2)
+
+
+_PENDING = "_CompilationCallbackHandler__pending_callbacks_counter"
+
+
+def _release_pending_callback() -> bool:
+    """Let an error leave dynamo's end callback: its handler counts pending compiles and
+    decrements the count only after the callbacks return, so count this one done first (else
+    every later compile and `torch._dynamo.reset()` would fail). False if the handler differs."""
+    handler = dynamo_callback.callback_handler
+    if getattr(handler, _PENDING, 0) != 1:
+        return False
+    setattr(handler, _PENDING, 0)
+    return True
+
+
+def _compile_frame() -> Optional[Any]:
+    """Dynamo's `_compile` frame on the stack (it holds the code object and the backend)."""
+    frame = sys._getframe(2)  # noqa: SLF001 - dynamo's callbacks get no frame of their own
+    while frame is not None and not (frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals):
+        frame = frame.f_back
+    return frame
+
+
+def _fhe_options(compiler_fn: Any) -> Optional[Dict]:
+    """The options of a torch.compile(..., backend="fhe") wrapper, or None for other backends."""
+    backend = compiler_fn
+    for _ in range(4):
+        if getattr(backend, "compiler_name", None) in BACKEND_NAMES:
+            kwargs = getattr(backend, "kwargs", {})
+            return dict(kwargs.get("options") or {})
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    return None
+
+
+class _KeptCallbacks(list):
+    """A callback list whose `clear()` (run by `torch._dynamo.reset()`) keeps this module's
+    callbacks: a notebook's reset must not switch the check off."""
+
+    def clear(self) -> None:
+        """Drop every callback but this module's."""
+        self[:] = [callback for callback in self if callback in (_on_start, _on_end)]
+
+
+def install() -> None:
+    """Register the callbacks with dynamo (idempotent; they survive `torch._dynamo.reset()`)."""
+    handler = dynamo_callback.callback_handler
+    for name, callback in (("start_callbacks", _on_start), ("end_callbacks", _on_end)):
+        callbacks = getattr(handler, name)
+        if not isinstance(callbacks, _KeptCallbacks):
+            callbacks = _KeptCallbacks(callbacks)
+            setattr(handler, name, callbacks)
+        if callback not in callbacks:
+            callbacks.append(callback)
