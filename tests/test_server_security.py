@@ -477,6 +477,14 @@ def test_samples_per_request_limit(artifacts, server, leveled_client):
     assert compute(server.url, LEVELED, key_id, samples).status_code == 200
     refused = compute(server.url, LEVELED, key_id, samples + samples[:1])
     assert refused.status_code == 413 and "--max-samples-per-request" in refused.text
+    # the client splits a larger batch into requests the server accepts
+    http = FheHttpClient(server.url, max_samples_per_request=8)
+    calls = []
+    http.session.hooks["response"].append(lambda response, *a, **k: calls.append(response.status_code))
+    results = http.compute(*LEVELED, key_id, samples + samples[:1])
+    assert calls == [200, 200] and len(results) == 9
+    for result, expected in zip(results, artifacts["leveled_out"] * 3):
+        np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result), expected)
 
 
 def test_slow_bodies_time_out_and_their_connections_close(artifacts, tmp_path):

@@ -28,6 +28,7 @@ DEFAULT_WRITE_TIMEOUT = 120.0  # seconds one piece of a request body may take to
 MAX_BACKOFF_SECONDS = 60.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 API_KEY_ENVIRONMENT = "FHE_BACKEND_API_KEY"
+DEFAULT_MAX_SAMPLES_PER_REQUEST = 64  # the server's default --max-samples-per-request
 
 
 class RemoteServerError(DeploymentError):
@@ -83,14 +84,18 @@ class FheHttpClient:
     timeouts; POST requests (key uploads, computations) only when the server never received
     them (connection refused or not established) or answered 503 (busy, nothing done). Waits
     grow exponentially with jitter, and follow the server's ``Retry-After``.
+    max_samples_per_request: larger batches are sent as several compute requests (the server's
+    ``--max-samples-per-request``, 64 by default, refuses more with 413).
     """
 
     def __init__(self, base_url: str, timeout: Tuple[float, float] = DEFAULT_TIMEOUT,
                  retries: int = 2, backoff_seconds: float = 0.5, api_key: Optional[str] = None,
-                 write_timeout: float = DEFAULT_WRITE_TIMEOUT):
+                 write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+                 max_samples_per_request: int = DEFAULT_MAX_SAMPLES_PER_REQUEST):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.write_timeout = write_timeout
+        self.max_samples_per_request = max_samples_per_request
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENVIRONMENT)
@@ -144,10 +149,14 @@ class FheHttpClient:
 
     def compute(self, model_name: str, module_name: str, input_shape: str, key_id: str,
                 samples: Sequence[SerializedSample]) -> List[SerializedSample]:
-        """Run the module on a batch of encrypted samples in ONE request."""
-        payload = {"key_id": key_id, "inputs": [encode_sample(s) for s in samples]}
-        answer = self._json("POST", _shape_url(model_name, module_name, input_shape) + "/compute", json=payload)
-        outputs = [decode_sample(sample, f"outputs[{i}]") for i, sample in enumerate(answer["outputs"])]
+        """Run the module on a batch of encrypted samples: ONE request per `max_samples_per_request`."""
+        outputs = []
+        step = max(1, self.max_samples_per_request)
+        for start in range(0, len(samples), step):
+            payload = {"key_id": key_id, "inputs": [encode_sample(s) for s in samples[start:start + step]]}
+            answer = self._json("POST", _shape_url(model_name, module_name, input_shape) + "/compute",
+                                json=payload)
+            outputs += [decode_sample(sample, f"outputs[{start + i}]") for i, sample in enumerate(answer["outputs"])]
         return [o[0] if len(o) == 1 else o for o in outputs]
 
     # ---- transport ----------------------------------------------------------------------
