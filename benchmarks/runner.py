@@ -292,32 +292,35 @@ def compare_with_concrete_ml(
     }
     _say(f"[concrete-ml] running {len(jobs)} compilation(s) with {python}")
     repo_root = str(Path(__file__).resolve().parent.parent)
+    failure = None
+    result_path.unlink(missing_ok=True)  # never read a previous run's results
     try:
-        result_path.unlink(missing_ok=True)  # never read a previous run's results
         _run_echoing_stderr([python, str(COMPARE_SCRIPT), str(job_path), str(result_path)], repo_root)
-        document = json.loads(result_path.read_text())
-    except (OSError, subprocess.CalledProcessError, ValueError) as error:
+    except (OSError, subprocess.CalledProcessError) as error:
         failure = f"{type(error).__name__}: {error}"
         if isinstance(error, subprocess.CalledProcessError) and error.stderr:
             failure += f"; its last output: {error.stderr}"
         _say(f"[concrete-ml] failed: {failure}")
-        return {
-            **skipped,
-            **{
-                j["key"]: {
-                    "target": j["name"],
-                    "key": j["key"],
-                    "role": j["role"],
-                    "error_probability": j["error_probability"],
-                    "rounding": j["rounding"],
-                    "status": "error",
-                    "error": failure,
-                }
-                for j in jobs
-            },
-        }, {"error": failure}
+    try:  # what it measured before a failure is kept (it writes after every compilation)
+        document = json.loads(result_path.read_text())
+    except (OSError, ValueError) as error:
+        failure = failure or f"{type(error).__name__}: {error}"
+        document = {"results": []}
     reference = {}
-    for job, result in zip(jobs, document["results"]):
+    for index, job in enumerate(jobs):
+        result = (
+            document["results"][index]
+            if index < len(document["results"])
+            else {
+                "target": job["name"],
+                "key": job["key"],
+                "role": job["role"],
+                "error_probability": job["error_probability"],
+                "rounding": job["rounding"],
+                "status": "error",
+                "error": failure,
+            }
+        )
         reference[job["key"]] = result
         for alias in job["aliases"]:
             reference[alias] = dict(
@@ -327,7 +330,8 @@ def compare_with_concrete_ml(
                 same_as=job["key"],
                 error_probability=f"{job['error_probability']} (Concrete ML default)",
             )
-    return {**skipped, **reference}, document.get("environment", {})
+    environment = document.get("environment", {})
+    return {**skipped, **reference}, ({**environment, "error": failure} if failure else environment)
 
 
 def _run_echoing_stderr(command: List[str], cwd: str, keep: int = 5) -> None:
