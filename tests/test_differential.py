@@ -371,6 +371,7 @@ def generate_case(seed: int) -> Case:
     if wide:
         n_bits = int(rng.integers(7, 9))
         inputs = (int(rng.integers(48, 97)),)
+        n_bits, inputs = 8, (inputs[0] + 32,)  # 8-bit inputs and weights, fan-in 80-128: > 16 bits
     else:
         n_bits = int(rng.integers(2, 6)) if kind == "none" else int(rng.integers(2, 9))
         inputs = tuple(int(rng.integers(2, 6)) for _ in range(int(rng.integers(1, 3))))
@@ -489,7 +490,16 @@ def test_wide_centered_lookup_compiles_or_raises_bit_width_error():
     the added offset the matmul's 17 bits and fails with a RuntimeError ("only up to 16-bit
     table lookups are supported") instead of a BitWidthError naming the options."""
     check_case(_regression(11, steps=[("linear", 3), ("act", "relu")], rounding=None, n_bits=7,
-                           api="compile_torch_model", calibration=[60, 67]))
+                           inputs=(87,), api="compile_torch_model", calibration=[60, 67]))
+
+
+def test_max_of_a_product_at_two_bits_compiles():
+    """Found by seed 44: Linear(3, 4), the product of two such layers, then amax, at n_bits=2
+    (with or without rounding): Concrete fails with "Transforming FHE boolean ops failed"
+    ("expected element type to be '!FHE.esint<3>'", at the max tree's slices in
+    lowering/linear.py); at n_bits=3 it compiles."""
+    check_case(_regression(44, inputs=(3,), steps=[("linear", 4), ("product", None), ("reduce", "amax")],
+                           n_bits=2, rounding=None, api="compile_torch_model"))
 
 
 def check_case(case: Case) -> None:
