@@ -63,6 +63,7 @@ class ComputeProcess:
         self.connection = None
         self._evictions: List[str] = []  # forgotten keys the child still holds
         self._lock = threading.Lock()  # `forget` comes from other threads than `run`
+        self._preload: List[str] = []
 
     def start(self) -> None:
         """Start (or restart) the child."""
@@ -110,6 +111,7 @@ class ComputeProcess:
             crashed = ComputeCrashed(self.process.returncode)
             logger.error("compute process %d: %s; starting another", self.process.pid, crashed)
             self.start()
+            self.preload(self._preload)
             raise crashed from None
         if data is not None and reply[:2] != ("error", "keys"):
             with self._lock:
@@ -130,6 +132,12 @@ class ComputeProcess:
                                or sum(self.cached.values()) + size > self.cache_bytes):
             evict.append(self.cached.popitem(last=False)[0])
         return evict
+
+    def preload(self, circuit_dirs: Sequence[Path]) -> None:
+        """Ask the child to load circuits before its first computation (no reply expected)."""
+        self._preload = [str(path) for path in circuit_dirs]
+        if self._preload:
+            self.connection.send(("load", self._preload))
 
     def evict_now(self) -> None:
         """Send pending evictions to an idle child at once (no reply expected)."""
@@ -183,12 +191,14 @@ class ComputePool:
             self._busy -= 1
             self._idle.append(process)
 
-    def start(self) -> None:
-        """Start every process now (they import Concrete in the background), not at the first request."""
+    def start(self, circuit_dirs: Sequence[Path] = ()) -> None:
+        """Start every process now, not at the first request: they import Concrete and load the
+        circuits of `circuit_dirs` in the background (loading an MLIR archive compiles it)."""
         with self._lock:
             while len(self._all) < self.size:
                 process = ComputeProcess(*self._cache)
                 process.start()
+                process.preload(circuit_dirs)
                 self._all.append(process)
                 self._idle.append(process)
 
@@ -228,6 +238,14 @@ def _child_main(connection) -> None:
             message = connection.recv()
         except (EOFError, OSError):
             return
+        if message[0] == "load":
+            for circuit_dir in message[1]:
+                try:
+                    if circuit_dir not in servers:
+                        servers[circuit_dir] = fhe.Server.load(Path(circuit_dir) / SERVER_ZIP)
+                except (RuntimeError, ValueError, OSError):
+                    pass  # reported by the first computation that needs it
+            continue
         if message[0] == "evict":
             for old in message[1]:
                 keys.pop(old, None)

@@ -379,7 +379,9 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        await run_in_threadpool(pool.start)
+        circuits = [entry.path for modules in registry.entries.values() for shapes in modules.values()
+                    for entry in shapes.values()]
+        await run_in_threadpool(pool.start, circuits)
         yield
         await run_in_threadpool(pool.stop)  # the compute processes end with the worker
 
