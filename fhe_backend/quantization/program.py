@@ -106,8 +106,10 @@ class IntegerProgram:
         return stats if stats is not None else ctx.stats
 
     def quantize_inputs(self, *inputs: Any) -> Tuple[np.ndarray, ...]:
-        """Float tensors/arrays -> the integer inputs of the program."""
-        return tuple(q.quantize(_numpy(x)) for q, x in zip(self.input_quantizers, inputs))
+        """Float tensors/arrays -> the integer inputs of the program, C-contiguous (numpy keeps a
+        permuted input's strides, and Concrete reads its inputs' buffers in C order)."""
+        return tuple(np.ascontiguousarray(q.quantize(_numpy(x)))
+                     for q, x in zip(self.input_quantizers, inputs))
 
     def dequantize_outputs(self, *outputs: Any) -> Tuple[np.ndarray, ...]:
         """Integer outputs of the program -> float arrays."""
