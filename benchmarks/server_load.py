@@ -215,6 +215,7 @@ def run_model(kind: str, args, root: Path) -> Dict[str, Any]:
     server = ServerProcess(models, root / f"keys_{kind}", args.workers, args.server_args)
     try:
         server.wait_ready()
+        time.sleep(args.warmup_seconds)  # compute processes import Concrete and load (compile) the circuits
         idle = server.rss()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="leveled,lookup", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--warmup-seconds", type=float, default=0.0,
+                        help="wait after the server answers /health, before the clients start")
     parser.add_argument("--out", default="server_load.json")
     parser.add_argument(
         "--server-args",
