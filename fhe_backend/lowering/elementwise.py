@@ -11,7 +11,7 @@ maximum/minimum (b + relu(a - b)) and where (b + cond * (a - b)).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 from concrete import fhe
 
-from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of
 from ..quantization.quantizers import quantize_weights
+from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Encrypted, LoweringContext, is_encrypted
 from ..quantization.quantizers import UniformQuantizer
+from .context import Encrypted, LoweringContext, is_encrypted
 from .elementwise import fold
 from .registry import is_constant, op_name, register
 

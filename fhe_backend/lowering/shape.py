@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .context import Encrypted, LoweringContext, shape_of, with_value
 from .linear import pad_constant
-from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
+from .registry import batch_dim_reason, is_constant, meta_shape, register
 
 aten = torch.ops.aten
 

@@ -19,12 +19,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from ..errors import BitWidthError, LoweringError
-from ..settings import (AUTO_ROUNDING_MAX_BITS, AUTO_ROUNDING_MIN_BITS, AUTO_ROUNDING_TOLERANCE,
-                        MAX_TLU_BIT_WIDTH,
-                        FheSettings)
 from ..lowering.context import Encrypted, LoweringContext, is_encrypted
 from ..lowering.quant import fake_quant_spec
 from ..lowering.registry import lowering_for
+from ..settings import (
+    AUTO_ROUNDING_MAX_BITS,
+    AUTO_ROUNDING_MIN_BITS,
+    AUTO_ROUNDING_TOLERANCE,
+    MAX_TLU_BIT_WIDTH,
+    FheSettings,
+)
 from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
