@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fhe_backend.lowering.batch import graph_batch
+
 
 def _constant_value(graph_module: fx.GraphModule, node: fx.Node):
     value = graph_module
@@ -26,18 +28,10 @@ def _is_random(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags or torch.Tag.dynamic_output_shape in tags
 
 
-def _graph_batch(graph: fx.Graph):
-    for node in graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor) and value.dim():
-            return value.shape[0]
-    return None
-
-
 def _broadcast_row(graph_module: fx.GraphModule, node: fx.Node, result) -> bool:
     """True when `result` is one row repeated over the traced batch, and every user of `node`
     is an element-wise op whose output keeps its shape through another, batch-sized operand."""
-    batch = _graph_batch(graph_module.graph)
+    batch = graph_batch(graph_module.graph)
     if not isinstance(batch, int) or batch < 2 or not isinstance(result, torch.Tensor):
         return False
     if result.dim() == 0 or result.shape[0] != batch or not torch.equal(result, result[:1].expand_as(result)):
