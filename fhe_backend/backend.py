@@ -9,13 +9,14 @@ the rest of the graph stays eager torch.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import re
 import time
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
@@ -32,6 +33,7 @@ from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .quantization.calibration import batches
 from .runtime import FhePartition, fhe_mode
 from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
+from .dynamo_compat import install as install_safe_options_comparison
 from .skipped_frames import install as install_skipped_frame_checks
 from .skipped_frames import note_capture
 
@@ -133,7 +135,7 @@ class CompiledGraph(torch.nn.Module):
             return
         samples = 0
         with fhe_mode("calibrate"):
-            for batch in self._traced_batches(batches(inputset)):
+            for batch in self._traced_batches([self._conformed(b) for b in batches(inputset)]):
                 args = self._bind(batch)
                 size = _batch_size(batch)
                 samples += size
@@ -192,6 +194,36 @@ class CompiledGraph(torch.nn.Module):
                 return False
         return True
 
+    def _conformed(self, batch: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """One inputset batch made to fit the traced inputs, or an OptionError saying how not.
+
+        A single sample (one dim less than traced) becomes a batch of one; floats of another
+        precision (float64 from numpy) are cast to the traced dtype; anything else that does
+        not match the traced per-sample shape or kind of dtype is refused.
+        """
+        nodes = [n for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+        if len(batch) != len(nodes):
+            raise OptionError(f"inputset batches have {len(batch)} tensor(s) but the model takes "
+                              f"{len(nodes)} tensor input(s)")
+        conformed = []
+        for node, tensor in zip(nodes, batch):
+            traced = node.meta["val"]
+            if tensor.dim() == traced.dim() - 1:
+                tensor = tensor.unsqueeze(0)
+            per_sample = ["N"] + [int(s) if isinstance(s, int) else "?" for s in traced.shape[1:]]
+            if tensor.dim() != traced.dim() or any(
+                    isinstance(s, int) and tensor.shape[d] != s for d, s in enumerate(traced.shape) if d):
+                raise OptionError(
+                    f"inputset: a batch for input '{node.name}' has shape {tuple(tensor.shape)}, the "
+                    f"model takes ({', '.join(map(str, per_sample))}) (N samples on dim 0)")
+            if tensor.dtype != traced.dtype:
+                if tensor.is_floating_point() != traced.dtype.is_floating_point:
+                    raise OptionError(f"inputset: input '{node.name}' has dtype {tensor.dtype}, the model "
+                                      f"takes {traced.dtype}")
+                tensor = tensor.to(traced.dtype)
+            conformed.append(tensor)
+        return tuple(conformed)
+
     def _bind(self, tensors: Sequence[torch.Tensor]) -> List[Any]:
         """Arguments of the split graph for user tensors: symbolic sizes solved from shapes."""
         tensor_nodes = [n for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -219,6 +251,7 @@ class CompiledGraph(torch.nn.Module):
 
 
 install_skipped_frame_checks()
+install_safe_options_comparison()
 
 
 def fhe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Dict] = None):
@@ -244,30 +277,76 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
                                             for x in example_inputs]
     start = time.perf_counter()
     session = _session_for(options, settings, _model_parameter([*own, *example_inputs]))
+    sources = [*own, *example_inputs]
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad and not flag
+                                       for x, flag in zip(sources, constant_flags)):
+        warnings.warn("fhe_backend: an input requires grad, but FHE partitions do not propagate "
+                      "gradients: the compiled model's outputs are cut from autograd. Call it under "
+                      "torch.no_grad() (for training with frozen layers in FHE, see fhe_backend.lora)",
+                      stacklevel=3)
 
-    def compile_forward(aten_gm: fx.GraphModule, _fake_args):
+    def compile_for(aten_gm: fx.GraphModule, values: Sequence[Any]) -> CompiledGraph:
         with unset_fake_temporarily():
-            compiled = compile_aten_graph(aten_gm, constants, constant_flags, settings,
-                                          session=session)
+            compiled = compile_aten_graph(aten_gm, values, constant_flags, settings, session=session)
         if session.mode is not None:
             for partition_ in compiled.partitions:
                 partition_.mode = session.mode
         session.graphs.append(weakref.ref(compiled))
+        return compiled
+
+    def compile_forward(aten_gm: fx.GraphModule, _fake_args):
+        pristine = copy.deepcopy(aten_gm)
+        variants = [(_weights_seen(sources, constant_flags), compile_for(aten_gm, constants))]
         logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
         user = [i for i, flag in enumerate(constant_flags) if not flag]
 
+        def for_weights(args: List[Any]) -> CompiledGraph:
+            """The graph compiled for the weights in `args`: dynamo reuses a captured graph for
+            every module of the same class (their parameters are graph inputs) and after
+            in-place updates, while the circuits hold the weights they were compiled with."""
+            for seen, compiled in variants:
+                if _same_weights(seen, args):
+                    return compiled
+            if any(_same_weights(seen, args, check_versions=False) for seen, _ in variants):
+                warnings.warn("fhe_backend: the compiled model's weights changed in place since its "
+                              "circuits were compiled: compiling them again for the new weights",
+                              stacklevel=4)
+            else:
+                logger.info("captured graph called with another module's weights: compiling for them")
+            values = [a.detach() if flag and isinstance(a, torch.Tensor) else a
+                      for a, flag in zip(args, constant_flags)]
+            variants.append((_weights_seen(args, constant_flags), compile_for(copy.deepcopy(pristine), values)))
+            del variants[1:-MAX_WEIGHT_VARIANTS]
+            return variants[-1][1]
+
         def run(args):
-            outputs = compiled(*[args[i] for i in user])
+            outputs = for_weights(args)(*[args[i] for i in user])
             args.clear()
             return outputs
 
         run._boxed_call = True
-        run.compiled_graph = compiled
+        run.compiled_graph = variants[0][1]
         return run
 
     with torch.no_grad():
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=compile_forward,
                                      decompositions=DECOMPOSITIONS)
+
+
+# graphs kept per captured graph for other weights (other modules of the class, updates)
+MAX_WEIGHT_VARIANTS = 4
+
+
+def _weights_seen(values: Sequence[Any], constant_flags: Sequence[bool]) -> List[Any]:
+    """Identity (weakly) and version counter of each tensor baked as a constant."""
+    return [(weakref.ref(v), v._version) if flag and isinstance(v, torch.Tensor) else None
+            for v, flag in zip(values, constant_flags)]
+
+
+def _same_weights(seen: List[Any], args: Sequence[Any], check_versions: bool = True) -> bool:
+    """True when `args` carry the very tensors baked in (unchanged, with `check_versions`)."""
+    return all(entry is None or (entry[0]() is arg and (not check_versions or arg._version == entry[1]))
+               for entry, arg in zip(seen, args))
 
 
 def _is_constant_input(node: fx.Node, example: Any) -> bool:
@@ -301,6 +380,7 @@ def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_
         node.replace_all_uses_with(constant)
         aten_gm.graph.erase_node(node)
     aten_gm.recompile()
+    _refuse_training_mode(aten_gm)
     aten_gm = PassManager()(aten_gm, settings)
     from .marks import target_groups
 
@@ -314,6 +394,25 @@ def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_
     if settings.inputset is not None:
         compiled.calibrate(settings.inputset)
     return compiled
+
+
+# ops that exist only while a module is in training mode
+_TRAINING_OPS = {"aten.native_dropout.default": "dropout",
+                 "aten._native_batch_norm_legit_functional.default": "batch norm with batch statistics"}
+
+
+def _refuse_training_mode(graph_module: fx.GraphModule) -> None:
+    """Raise for a graph captured in training mode: its dropout / batch statistics have no
+    FHE meaning (and would otherwise show up as unsupported ops)."""
+    for node in graph_module.graph.nodes:
+        what = _TRAINING_OPS.get(str(node.target)) if node.op == "call_function" else None
+        if what is None:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        module = next(reversed(stack.values()))[0] if stack else "the model"
+        raise OptionError(
+            f"'{module}' runs {what} ({node.target}, node '{node.name}'): the model is in training "
+            "mode. Call model.eval() before compiling (and before calling the compiled model)")
 
 
 def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:

@@ -84,6 +84,7 @@ class FhePartition(torch.nn.Module):
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._keys_ready = False
         self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
+        self._clip_warned = False
         self._simulator: Optional[Simulator] = None
         self.compile_seconds: Optional[float] = None
         self.keygen_seconds: Optional[float] = None
@@ -354,9 +355,26 @@ class FhePartition(torch.nn.Module):
             self.calibrate(*args)
             self.compile()
         tensors = self.tensor_args(args)
+        self._warn_if_clipped(tensors)
         q_outputs = self.run_integers(self.program.quantize_inputs(*tensors), mode)
         outputs = self.program.dequantize_outputs(*q_outputs)
         return self._to_torch(outputs, tensors)
+
+    def _warn_if_clipped(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Warn once when inputs fall outside the calibration range (they are clipped)."""
+        if self._clip_warned:
+            return
+        for node, quantizer, tensor in zip(self.program.tensor_inputs, self.program.input_quantizers, tensors):
+            count = quantizer.clipped(tensor.detach().cpu().numpy())
+            if count:
+                self._clip_warned = True
+                stats = self.stats[node.name]
+                warnings.warn(
+                    f"fhe_backend: partition '{self.name}': {count} of {tensor.numel()} values of input "
+                    f"'{node.name}' are outside the calibration range [{stats.low:.4g}, {stats.high:.4g}] "
+                    "and are clipped; calibrate on a representative inputset that covers them "
+                    "(warned once)", stacklevel=3)
+                return
 
     def run_integers(self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
                      ) -> Tuple[np.ndarray, ...]:

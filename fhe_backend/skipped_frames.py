@@ -23,11 +23,11 @@ from typing import Any, Dict, List, Optional
 from torch._dynamo import callback as dynamo_callback
 from torch._dynamo.utils import counters
 
+from .dynamo_compat import BACKEND_NAMES
 from .errors import ClearTextWarning, OptionError, UnsupportedOpError, surfaced
 from .settings import FheSettings
 
 _state = threading.local()
-BACKEND_NAMES = ("fhe", "fhe_backend")  # torch.compile(backend="fhe") or the function itself
 
 
 @dataclass(frozen=True)

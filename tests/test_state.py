@@ -141,3 +141,24 @@ def test_fhe_mode_rejects_unknown_modes():
     with pytest.raises(fhe_backend.OptionError, match="allowed modes"):
         with fhe_backend.fhe_mode("simulated"):
             pass
+
+
+def test_a_captured_graph_never_runs_with_another_modules_weights():
+    """Two modules of one class compiled with one options dict: dynamo shares the captured
+    graph (parameters are its inputs), the circuits must not (they bake the weights); weights
+    changed in place are compiled again, with a warning."""
+    torch.manual_seed(0)
+    first, second = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval() for _ in range(2))
+    options = {"inputset": INPUTSET, "n_bits": 6, "fhe": "disable"}
+    compiled_first = torch.compile(first, backend="fhe", options=options)
+    compiled_second = torch.compile(second, backend="fhe", options=options)
+    with torch.no_grad():
+        expected_first, expected_second = first(SAMPLES), second(SAMPLES)
+        step = 4 * float(expected_first.max() - expected_first.min()) / 63
+        assert float((compiled_first(SAMPLES) - expected_first).abs().max()) <= step
+        assert float((compiled_second(SAMPLES) - expected_second).abs().max()) <= 4 * float(
+            expected_second.max() - expected_second.min()) / 63
+        first[2].bias.add_(1.0)
+        with pytest.warns(UserWarning, match="weights changed in place"):
+            updated = compiled_first(SAMPLES)
+        assert float((updated - first(SAMPLES)).abs().max()) <= step

@@ -45,6 +45,11 @@ class UniformQuantizer:
         """Integers -> float array."""
         return dequantize(q, self.scale, self.zero_point)
 
+    def clipped(self, values: Any) -> int:
+        """How many values fall outside the quantizer's range (`quantize` clips them)."""
+        q = np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
+        return int(np.count_nonzero((q < 0) | (q > 2**self.n_bits - 1)))
+
     def to_dict(self) -> dict:
         """A JSON-serializable description (used by deployment artifacts)."""
         return {"scale": _jsonable(self.scale), "zero_point": _jsonable(self.zero_point),
