@@ -413,11 +413,12 @@ def test_mlp_remote_training_step_through_the_fhe_server(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "fhe_backend.cli", "serve", str(tmp_path / "models"),
                                "--port", str(port), "--keys-dir", str(tmp_path / "keys"), "--log-level", "warning"])
     try:
-        for _ in range(120):
+        for _ in range(480):  # the server starts in ~20 s alone, over a minute on a loaded machine
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
             except OSError:
+                assert server.poll() is None, f"fhe-backend serve exited with {server.returncode}"
                 time.sleep(0.5)
         trainer.init_client(f"http://127.0.0.1:{port}", model_name="lora_mlp")
         start = trainable_state(trainer)
