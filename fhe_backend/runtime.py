@@ -213,7 +213,7 @@ class FhePartition(torch.nn.Module):
             self.circuit = self._concrete_compile(q_inputs, artifacts)
         except RuntimeError as error:
             if "NoParametersFound" not in str(error):
-                raise
+                raise self._concrete_error(error) from error
             if self.settings.rounding_threshold_bits is not None:
                 raise self._no_parameters_error() from error
             warnings.warn(f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
@@ -225,7 +225,7 @@ class FhePartition(torch.nn.Module):
                 self.circuit = self._concrete_compile(q_inputs, artifacts)
             except RuntimeError as retry_error:
                 if "NoParametersFound" not in str(retry_error):
-                    raise
+                    raise self._concrete_error(retry_error) from retry_error
                 raise self._no_parameters_error() from retry_error
         self._keys_ready = False
         self.compile_seconds = time.perf_counter() - start
@@ -257,6 +257,14 @@ class FhePartition(torch.nn.Module):
         widths = sorted(((bit_width(low, high) - self.program.rounding_lsbs.get(key, 0), key)
                          for key, (low, high) in self.lookup_ranges.items()), reverse=True)
         return ", ".join(f"{bits} bits at '{key.split(':')[0]}'" for bits, key in widths[:count]) or "none"
+
+    def _concrete_error(self, error: Exception) -> LoweringError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return LoweringError(
+            f"Concrete could not compile partition '{self.name}' ({self.module_path or 'model'}): "
+            f"{first_line}. Its widest lookups: {self._widest_lookups()}; n_bits {self.settings.n_bits}, "
+            f"rounding {self.settings.rounding_threshold_bits}. Very low precisions (n_bits 2) hit "
+            "Concrete limits: try n_bits >= 3 or another 'rounding_threshold_bits'")
 
     def _no_parameters_error(self) -> BitWidthError:
         return BitWidthError(

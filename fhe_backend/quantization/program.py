@@ -265,7 +265,10 @@ class IntegerProgram:
         ranges = self._placed(raw_ranges)
         self.too_wide = []
         for key, (low, high) in ranges.items():
-            effective = bit_width(low, high) - self.rounding_lsbs.get(key, 0)
+            # Concrete gives the clear offset's addition the width of its encrypted operand:
+            # the lookup is at least as wide as the raw accumulator
+            raw_bits = max(bit_width(low, high), bit_width(*raw_ranges[key]))
+            effective = raw_bits - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
                 self.too_wide.append((key.split(":")[0], effective, low, high))
         return ranges
@@ -274,6 +277,7 @@ class IntegerProgram:
 def _lookup_offset(low: int, high: int, lsbs: int) -> int:
     """The clear integer added before a lookup whose input spans [low, high] on the inputset.
 
+    A lookup after rounding is shifted to non-negative inputs instead (see below).
     Centering a lopsided range on 0 can save a bit of the lookup's input (e.g. [-20000, 3000]:
     16 -> 15 bits), which halves the step of its rounding for free. It is done only when
     CENTERING_MARGIN of the span still fits on both sides (inputs outside the calibration
@@ -281,6 +285,11 @@ def _lookup_offset(low: int, high: int, lsbs: int) -> int:
     away `lsbs` bits never carries past the largest value. 0 when centering saves nothing.
     """
     middle, margin = (low + high) // 2, int(np.ceil(CENTERING_MARGIN * (high - low)))
+    if lsbs:
+        # a rounded lookup reads a non-negative input: Concrete 2.11 simulates exact rounding of
+        # signed values wrongly (e.g. [-17, 8] rounded by 3 bits then looked up: 18 of 26 values
+        # differ from its own graph evaluation), while the unsigned shift never costs a bit
+        return max(0, margin - low)
     bits = bit_width(low - middle - margin, high - middle + margin)
     if bits >= bit_width(low, high):
         return 0
