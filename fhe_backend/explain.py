@@ -4,7 +4,7 @@ The model is captured, partitioned, calibrated and its circuits compiled exactly
 ``torch.compile(model, backend="fhe")`` would, but no keys are generated and nothing is
 encrypted. The report lists, per FHE partition, its ops, input/output shapes, bit-widths, PBS
 count and complexity; every compute node left in torch with its reason; the coverage by op
-count and by compute (multiply-accumulates); dynamo's graph breaks (reason and source line);
+count and by compute (multiply-accumulates of matmuls and convolutions); dynamo's graph breaks (reason and source line);
 and, when no graph of the model reached the backend at all (dynamo skipped the frame, e.g. an
 `nn.LSTM`), why, and what to do.
 """
@@ -168,13 +168,10 @@ def _numel(node: Any) -> int:
     return math.prod(_shape(node)) if isinstance(node, torch.fx.Node) else 0
 
 
-_RNNS = {"aten.lstm.input": 4, "aten.gru.input": 3, "aten.rnn_tanh.input": 1, "aten.rnn_relu.input": 1}
-
-
 def node_macs(node: torch.fx.Node) -> int:
     """Multiply-accumulates of one graph node on its traced shapes (0 for ops without any:
     element-wise ops, data movement)."""
-    target, name = node.target, str(node.target)
+    target = node.target
     aten = torch.ops.aten
     if target in (aten.mm.default, aten.bmm.default):
         return _numel(node) * _shape(node.args[0])[-1]
@@ -183,15 +180,6 @@ def node_macs(node: torch.fx.Node) -> int:
     if target is aten.convolution.default:
         weight = _shape(node.args[1])
         return _numel(node) * math.prod(weight[1:]) if weight else 0
-    if target is aten._transformer_encoder_layer_fwd.default:
-        batch, length, embed = _shape(node.args[0])
-        weights = sum(_numel(a) for a in node.args[3:] if isinstance(a, torch.fx.Node)
-                      and len(_shape(a)) == 2)
-        return batch * length * weights + 2 * batch * length * length * embed
-    if name in _RNNS:
-        tokens = math.prod(_shape(node.args[0])[:-1])
-        weights = [a for a in node.args[2] if isinstance(a, torch.fx.Node) and len(_shape(a)) == 2]
-        return tokens * sum(_numel(w) for w in weights)
     return 0
 
 

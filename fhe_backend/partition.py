@@ -19,7 +19,15 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .lowering.batch import BATCH_MAJOR, BatchAt, Layout, MixesSamples, SizedConstant, batch_layout, graph_batch
+from .lowering.batch import (
+    BATCH_MAJOR,
+    BatchAt,
+    Layout,
+    MixesSamples,
+    SizedConstant,
+    batch_layout,
+    graph_batch,
+)
 from .lowering.registry import ONE_SAMPLE_AT_A_TIME, op_name, unsupported_reason
 from .runtime import FhePartition
 from .settings import FheSettings

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 
 import fhe_backend
-from tests.harness import (assert_matches_torch, compile_fhe, find_cause, grid_inputs,
-                           quantization_tolerance)
+from tests.harness import assert_matches_torch, compile_fhe, find_cause, grid_inputs, quantization_tolerance
 
 
 def _line_of(marker: str) -> int:

@@ -11,8 +11,16 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fhe_backend
 from fhe_backend.errors import PassError
 from fhe_backend.lowering.quant import FAKE_QUANT, fake_quant_spec
-from fhe_backend.passes import (DEFAULT_PASSES, PassManager, decompose_fused, detect_fake_quant, fold_constants, free_batch_views,
-                    masked_softmax, remove_identities)
+from fhe_backend.passes import (
+    DEFAULT_PASSES,
+    PassManager,
+    decompose_fused,
+    detect_fake_quant,
+    fold_constants,
+    free_batch_views,
+    masked_softmax,
+    remove_identities,
+)
 from tests.harness import assert_matches_torch, compile_fhe
 
 aten = torch.ops.aten
