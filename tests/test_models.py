@@ -72,6 +72,16 @@ def test_ops_without_a_lowering_mix_samples_only_when_they_touch_the_batch_dim()
     assert isinstance(cumsums[1], MixesSamples)  # along dim 0: across samples
 
 
+def test_a_batch_rule_declared_with_a_lowering_decides(monkeypatch):
+    from fhe_backend.lowering.registry import LOWERINGS, Lowering
+
+    declared = MixesSamples("follows the rule declared with its lowering")
+    monkeypatch.setitem(LOWERINGS, aten.cumsum.default,
+                        Lowering(fn=lambda ctx, x, dim: x, batch=lambda node, layouts: declared))
+    _, layouts = layouts_by_target(lambda x: torch.cumsum(x, 1) * 2, torch.randn(5, 3))
+    assert list(layouts.values())[0] is declared
+
+
 class Attention(nn.Module):
     """nn.MultiheadAttention used as self-attention on batch-first inputs."""
 

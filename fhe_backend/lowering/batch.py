@@ -10,9 +10,10 @@ A partition's inputs and outputs must have the batch at dim 0 with `outer == 1` 
 the layout the runtime splits into samples.
 
 Each op has a batch rule `rule(node, layouts) -> BatchAt | MixesSamples`, where `layouts` maps
-the node's batch-holding tensor inputs to their layouts (clear constants are left out). The
-rules are declared here per ATen op, next to the lowerings they describe; ops without a rule
-follow `_generic_rule`, which reads the op's schema (its `dim`/`keepdim` arguments) and the
+the node's batch-holding tensor inputs to their layouts (clear constants are left out). A
+lowering declares its rule with `register(..., batch=rule)`; the rules of the data-movement,
+matmul, convolution, pooling, LayerNorm and embedding lowerings are declared here per ATen op
+(`batch_rule`); other ops follow `_generic_rule`, which reads the op's schema (its `dim`/`keepdim` arguments) and the
 traced shapes (`meta["val"]`). An op with no lowering that changes its input's batch dim mixes
 samples. No decision reads the text of an unsupported-op reason.
 """
@@ -27,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from .registry import ONE_SAMPLE_AT_A_TIME, has_lowering, op_name
+from .registry import ONE_SAMPLE_AT_A_TIME, declared_batch_rule, has_lowering, op_name
 
 aten = torch.ops.aten
 
@@ -86,7 +87,7 @@ def batch_layout(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
     """Where `node`'s value keeps the batch, given its batch-holding inputs' layouts."""
     if not layouts:
         return BATCH_MAJOR
-    rule = BATCH_RULES.get(node.target)
+    rule = declared_batch_rule(node) or BATCH_RULES.get(node.target)
     if rule is None:
         rule = _generic_rule if has_lowering(node) else _unlowered_rule
     return rule(node, layouts)

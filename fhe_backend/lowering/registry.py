@@ -25,6 +25,8 @@ class Lowering:
 
     fn: Callable[..., Any]
     validator: Optional[Validator] = None
+    # where the output keeps the batch (see lowering.batch); None: the rule of lowering.batch
+    batch: Optional[Callable[..., Any]] = None
 
     def reason(self, node: fx.Node) -> Optional[str]:
         """None when the node is accepted, else why not."""
@@ -35,12 +37,17 @@ LOWERINGS: Dict[Any, Lowering] = {}
 _POINTWISE: List[Lowering] = []
 
 
-def register(*targets: Any, validator: Optional[Validator] = None):
-    """Decorator registering a lowering `fn(ctx, *args, **kwargs)` for ATen overloads."""
+def register(*targets: Any, validator: Optional[Validator] = None,
+             batch: Optional[Callable[..., Any]] = None):
+    """Decorator registering a lowering `fn(ctx, *args, **kwargs)` for ATen overloads.
+
+    `batch` is the op's batch rule `(node, layouts) -> BatchAt | MixesSamples` (see
+    `lowering.batch`); without one, the rule declared there for the op (or its generic rule).
+    """
 
     def decorate(fn):
         for target in targets:
-            LOWERINGS[target] = Lowering(fn, validator)
+            LOWERINGS[target] = Lowering(fn, validator, batch)
         return fn
 
     return decorate
@@ -67,6 +74,12 @@ def _find(node: fx.Node) -> Optional[Lowering]:
 def has_lowering(node: fx.Node) -> bool:
     """True when a lowering is registered for the node's op (validators aside)."""
     return _find(node) is not None
+
+
+def declared_batch_rule(node: fx.Node) -> Optional[Callable[..., Any]]:
+    """The batch rule passed to `register` with the node's lowering, if any."""
+    lowering = _find(node)
+    return lowering.batch if lowering is not None else None
 
 
 def lowering_for(node: fx.Node) -> Lowering:
