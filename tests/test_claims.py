@@ -83,11 +83,12 @@ def test_normalization_internal_bits():
 
 def test_wide_lookup_raises_bit_width_error_naming_node_and_options():
     """docs/backend.md, docs/operators.md: a lookup wider than 16 bits raises BitWidthError (a
-    ValueError) before Concrete is called, naming the node, its bit-width and the options."""
+    ValueError) when a circuit is compiled, before Concrete is called, naming the node, its
+    bit-width and the options (the clear program itself runs at any width)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 2), nn.ReLU()).eval()
     with pytest.raises(fhe_backend.BitWidthError) as caught:
-        fhe_backend.compile.build_quantized_module(model, torch.randn(100, 64) * 4, n_bits=12)
+        fhe_backend.compile.compile_torch_model(model, torch.randn(100, 64) * 4, n_bits=12)
     message = str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert "node 'relu" in message and "-bit input" in message

@@ -89,8 +89,10 @@ def test_lookup_offset_centers_lopsided_ranges_only_when_it_saves_a_bit():
     offset = _lookup_offset(low, high, lsbs=0)
     assert bit_width(low + offset, high + offset) == bit_width(low, high) - 1
     offset = _lookup_offset(low, high, lsbs=6)
-    assert high + offset + 2 ** 5 <= 2 ** 13 - 1  # rounding 6 bits away cannot carry past the top
-    assert low + offset >= -2 ** 13
+    # a rounded lookup reads non-negative inputs (Concrete's exact rounding of signed values
+    # simulates wrongly), with room below and no wider than centering, carry included
+    assert low + offset > 0
+    assert bit_width(low + offset, high + offset + 2 ** 5) <= bit_width(low, high) - 1
     assert _lookup_offset(-8000, 8000, lsbs=0) == 0  # already centered
     assert _lookup_offset(0, 63, lsbs=0) == 0  # a full unsigned range: nothing to save
     assert _lookup_offset(-21332, 10649, lsbs=0) == 0  # it would save a bit, but leave no margin
@@ -119,7 +121,8 @@ def test_centered_lookups_keep_results(lopsided_model, rounding):
         expected, simulated = model(x), compiled(x)
         fhe_backend.set_fhe_mode(compiled, "disable")
         disabled = compiled(x)
-    _assert_mostly_equal(simulated, disabled)
+    if not isinstance(rounding, dict):  # approximate rounding slips by a step by design:
+        _assert_mostly_equal(simulated, disabled)  # its bound is the eager tolerance below
     steps = 4 if rounding is None or rounding == 5 else 4.5
     assert float((simulated - expected).abs().max()) <= quantization_tolerance(expected, 5, steps)
 
