@@ -14,7 +14,6 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 from torch._dynamo import list_backends, register_backend  # noqa: E402
 
 from .backend import fhe_backend, partitions, set_fhe_mode  # noqa: E402
-from .exit_status import exit_now, keep_exit_status  # noqa: E402
 from .errors import (  # noqa: E402
     BitWidthError,
     FheBackendError,
@@ -24,6 +23,7 @@ from .errors import (  # noqa: E402
     PassError,
     UnsupportedOpError,
 )
+from .exit_status import exit_now, keep_exit_status  # noqa: E402
 from .explain import explain  # noqa: E402
 from .marks import fhe_module  # noqa: E402
 from .qat import has_any_qnn_layers  # noqa: E402  (also lets dynamo capture Brevitas layers)

@@ -21,19 +21,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import sympy
 import torch
 import torch.fx as fx
-from functorch.compile import aot_module_simplified, make_boxed_func
+from functorch.compile import aot_module_simplified
 from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dynamo_compat import install as install_safe_options_comparison
 from .errors import FheBackendError, LoweringError, OptionError, surfaced
-from .passes import PassManager
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
+from .passes import PassManager
 from .quantization.calibration import batches
 from .runtime import FhePartition, fhe_mode
 from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
-from .dynamo_compat import install as install_safe_options_comparison
 from .skipped_frames import install as install_skipped_frame_checks
 from .skipped_frames import note_capture
 

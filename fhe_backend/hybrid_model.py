@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .conv1d import convert_conv1d_to_linear, is_conv1d
 from .deployment.fhe_client_server import (
     CLIENT_ZIP,
     SERVER_ZIP,
@@ -34,7 +34,6 @@ from .deployment.fhe_client_server import (
     FHEModelDev,
     package_versions,
 )
-from .conv1d import convert_conv1d_to_linear, is_conv1d
 from .errors import NotCompiledError, OptionError
 
 __all__ = ["HybridFHEMode", "HybridFHEModel", "RemoteModule", "convert_conv1d_to_linear",

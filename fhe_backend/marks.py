@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .partition import TargetGroup, normalize_module_path
 from .errors import OptionError
+from .partition import TargetGroup, normalize_module_path
 from .settings import FheSettings
 
 _MARK_ATTRIBUTE = "_fhe_module_options"

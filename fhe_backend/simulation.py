@@ -11,7 +11,7 @@ lacks the internals it uses, it falls back to `circuit.simulate`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 from concrete import fhe

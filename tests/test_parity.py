@@ -29,7 +29,7 @@ from fhe_backend.compile import (
     dumps,
     loads,
 )
-from fhe_backend.errors import NotCompiledError, OptionError
+from fhe_backend.errors import OptionError
 from fhe_backend.hybrid_model import HybridFHEModel, tuple_to_underscore_str, underscore_str_to_tuple
 from tests.harness import compile_fhe, quantization_tolerance
 

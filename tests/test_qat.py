@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import fhe_backend
-from fhe_backend.qat import has_any_qnn_layers, prepare_qat_model
 from fhe_backend.benchmarks.models import qat_simple_net as QATSimpleNet  # the seed's network, 3-bit
+from fhe_backend.qat import has_any_qnn_layers, prepare_qat_model
 from tests.harness import compile_fhe, digits_split
 
 qnn = pytest.importorskip("brevitas.nn")
