@@ -325,6 +325,7 @@ class RemoteModule(nn.Module):
             print(f"[fhe_backend] {self.module_name}: {message}")
 
     def extra_repr(self) -> str:
+        """The module name and mode, shown by print(model)."""
         return f"module_name={self.module_name!r}, mode={self.fhe_local_mode.value!r}"
 
 

@@ -276,6 +276,7 @@ class FheMatmul(nn.Module):
                             "(simulate, execute or remote)")
 
     def extra_repr(self) -> str:
+        """Sizes, bias, mode and whether the layer is dynamic, shown by print(model)."""
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self._mode!r}, dynamic={self.dynamic}")
 
@@ -360,6 +361,7 @@ class FheLinear(nn.Module):
         return _FheLinearFunction.apply(x, self)
 
     def extra_repr(self) -> str:
+        """Sizes and the backward's kind, shown by print(model)."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"backward={'fhe' if self.backward_module is not None else 'none'}")
 
@@ -818,7 +820,6 @@ class LoraTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         name = f"checkpoint_epoch_{epoch}_step_{global_step}" if step_level else f"checkpoint_epoch_{epoch}"
         path = directory / f"{name}.pth"
-        module = self.lora_training_module
         torch.save({
             "epoch": epoch,
             "global_step": global_step,

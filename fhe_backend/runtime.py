@@ -480,6 +480,7 @@ class FhePartition(torch.nn.Module):
             print(f"[fhe_backend] {self.name}: {message}")
 
     def extra_repr(self) -> str:
+        """Name, mode and module path, shown by print(model)."""
         return f"name={self.name!r}, mode={self._mode!r}, module={self.module_path!r}"
 
 

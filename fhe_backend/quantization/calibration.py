@@ -42,6 +42,7 @@ class StatsRecorder(fx.Interpreter):
         self.stats = stats
 
     def run_node(self, n: fx.Node) -> Any:
+        """Run the node and record the range of its tensor result."""
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             record(self.stats, n.name, result)
