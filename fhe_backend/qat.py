@@ -32,7 +32,7 @@ from .lowering.quant import fake_quant
 _INSTALLED = False
 
 
-def _brevitas_layer_types() -> Tuple[type, ...]:
+def _brevitas_layer_types() -> Tuple[Any, ...]:
     try:
         from brevitas.nn.mixin.base import QuantLayerMixin
     except ImportError:  # brevitas is optional

@@ -17,7 +17,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ class FhePartition(torch.nn.Module):
         self.calibration_batch_size: Optional[int] = None
         self.rows_per_sample: List[int] = []
         self.lookup_ranges: Dict[str, Tuple[int, int]] = {}
-        self.remote_runner = None  # set by hybrid deployment: q_inputs -> q_outputs
+        self.remote_runner: Optional[Callable[..., Any]] = None  # set by hybrid deployment: q_inputs -> q_outputs
         # (samples in the batch or None when unknown, the partition's tensor inputs) per batch
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._keys_ready = False
@@ -235,7 +235,7 @@ class FhePartition(torch.nn.Module):
         samples = self._bounding_samples(q_inputs, self._samples(q_inputs))
         compiler = fhe.Compiler(self._traceable(), {
             f"x{i}": status for i, status in enumerate(self.encryption_status)})
-        kwargs = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
+        kwargs: Dict[str, Any] = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
         if self.settings.configuration is not None:
             kwargs["configuration"] = self.settings.configuration
             note_configuration(self.settings.configuration)

@@ -176,12 +176,14 @@ def _vector_norm_reason(node: fx.Node) -> Optional[str]:
 def vector_norm(ctx: LoweringContext, x, ord=2, dim=None, keepdim=False, dtype=None):
     """torch.linalg.vector_norm / ReduceL2 over non-batch dims (see the module docstring)."""
     dims = [dim] if isinstance(dim, int) else list(dim)
-    magnitude = with_value(x, fn=lambda q, f=x.value_fn(): f(q).abs()) if x.affine else Encrypted(
-        x.expr, fn=lambda q, f=x.value_fn(): f(q).abs(), positional=x.positional)
+    value_fn = x.value_fn()
+    magnitude = with_value(x, fn=lambda q: value_fn(q).abs()) if x.affine else Encrypted(
+        x.expr, fn=lambda q: value_fn(q).abs(), positional=x.positional)
     if math.isinf(ord):
         magnitude = ctx.materialize(magnitude, stats=observed_stats(ctx, "magnitude", magnitude))
         return reduce_extreme(ctx, magnitude, dims, keepdim, largest=True)
-    power = Encrypted(magnitude.expr, fn=lambda q, f=magnitude.value_fn(): f(q) ** ord,
+    magnitude_fn = magnitude.value_fn()
+    power = Encrypted(magnitude.expr, fn=lambda q: magnitude_fn(q) ** ord,
                       positional=magnitude.positional)
     powers = ctx.materialize(power, stats=observed_stats(ctx, "power", power))
     total = reduce_sum(ctx, powers, dims, keepdim, mean=False)
