@@ -79,7 +79,7 @@ class CompileSession:
     def share_equal_partitions(self, partitions: List[FhePartition]) -> None:
         """Partitions equal to one compiled earlier in this session share it (never within one
         graph: equal subgraphs fed different data are quantized differently)."""
-        new = {}
+        new: Dict[Any, Any] = {}
         for partition_ in partitions:
             signature = partition_.signature()
             earlier = self.reusable.get(signature)
@@ -324,8 +324,8 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
             args.clear()
             return outputs
 
-        run._boxed_call = True
-        run.compiled_graph = variants[0][1]
+        run._boxed_call = True  # type: ignore[attr-defined]  # AOTAutograd's boxed calling convention
+        run.compiled_graph = variants[0][1]  # type: ignore[attr-defined]
         return run
 
     with torch.no_grad():
@@ -437,7 +437,7 @@ def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
     expr = getattr(getattr(value, "node", None), "expr", None)
     if expr is None:
         return value
-    bindings = {}
+    bindings: Dict[Any, Any] = {}
     for tensor_node, tensor in tensors.items():
         for dim, size in enumerate(tensor_node.meta["val"].shape):
             size_expr = getattr(getattr(size, "node", None), "expr", None)

@@ -523,7 +523,7 @@ def _build(model: Any, inputset: InputSet, settings: FheSettings,
 def _export(model: torch.nn.Module, inputset: InputSet):
     """torch.export the model in eval mode (batch dim dynamic when possible), to core ATen."""
     example = tuple(t[:EXPORT_EXAMPLE_BATCH] for t in batches(inputset)[0])
-    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example)
+    dynamic: Tuple[Any, ...] = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example)
     parameters = list(inspect.signature(model.forward).parameters.values())
     if parameters and parameters[0].kind == inspect.Parameter.VAR_POSITIONAL:
         dynamic = (dynamic,)  # forward(*inputs): one entry holding every input
@@ -553,7 +553,8 @@ def _lifted_inputs(exported) -> Tuple[List[Any], List[bool]]:
     """Values and constant flags of the exported graph's placeholders (weights are constants)."""
     from torch.export.graph_signature import InputKind
 
-    values, constant_flags = [], []
+    values: List[Any] = []
+    constant_flags: List[bool] = []
     for spec in exported.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             values.append(None)

@@ -40,7 +40,7 @@ try:  # GPT-2 style linear (weight stored as (in_features, out_features))
 except ImportError:  # pragma: no cover - transformers is optional
     TransformerConv1D = None
 
-LINEAR_LAYERS: Tuple[type, ...] = (nn.Linear,) + ((TransformerConv1D,) if TransformerConv1D else ())
+LINEAR_LAYERS: Tuple[Any, ...] = (nn.Linear,) + ((TransformerConv1D,) if TransformerConv1D else ())
 DEFAULT_ROWS_PER_CIRCUIT = 16
 MAX_BIAS_COLUMNS = 64
 # checkpoint_epoch_{e}.pth at the end of each epoch (Concrete ML's name), and
@@ -731,7 +731,7 @@ class LoraTrainer:
         module.to(device)
         optimizer_to(self.optimizer, device)
         module.set_loss_scaling_factor(self.gradient_accumulation_steps)
-        steps_per_epoch = len(train_loader)
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]  # a DataLoader or a list
         self._steps_per_epoch = steps_per_epoch
         remaining = max(0, (num_epochs - self.start_epoch + 1) * steps_per_epoch - self._skip_batches)
         self.logger.info("training %d step(s), epochs %d..%d, fhe=%s, device=%s", remaining,
@@ -943,8 +943,10 @@ def _to_device(batch: Any, device: str) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()}) \
-            if not hasattr(batch, "to") else batch.to(device)
+        if hasattr(batch, "to"):  # transformers' BatchEncoding
+            return batch.to(device)
+        mapping_type: Any = type(batch)
+        return mapping_type({k: _to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch

@@ -354,7 +354,7 @@ class FHEModelServer:
 
     def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
         values = item if isinstance(item, tuple) else (item,)
-        values = [v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values)]
+        values = tuple(v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values))
         result = self.server.run(*values, evaluation_keys=keys)
         outputs = tuple(r.serialize() for r in (result if isinstance(result, tuple) else (result,)))
         return outputs[0] if len(outputs) == 1 else outputs

@@ -259,8 +259,8 @@ class IntegerProgram:
             self._search_rounding(q_inputs, ranges)
         for key, (low, high) in ranges.items():
             bits = bit_width(low, high)
-            if rounding is not None and not rounding.auto and bits > rounding.n_bits:
-                self.rounding_lsbs[key] = bits - rounding.n_bits
+            if rounding is not None and not rounding.auto and bits > int(rounding.n_bits):
+                self.rounding_lsbs[key] = bits - int(rounding.n_bits)
         self._place_lookups(raw_ranges)  # now with room for the rounding chosen
         ranges = self._placed(raw_ranges)
         self.too_wide = []
