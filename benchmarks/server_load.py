@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class FCSmall(torch.nn.Module):
         return self.seq(x)
 
 
-MODELS = {  # name -> (input dim, remote module, compile options)
+MODELS: Dict[str, Tuple[int, str, Dict[str, Any]]] = {  # name -> (input dim, remote module, compile options)
     "leveled": (10, "seq.0", {"n_bits": 4}),
     "lookup": (4, "seq", {"n_bits": 3, "rounding_threshold_bits": 3, "p_error": 0.001}),
 }
@@ -175,7 +175,7 @@ def one_client(url: str, model: Dict[str, Any], index: int, folder: Path) -> Dic
     http.session.hooks["response"].append(
         lambda r, *a, **k: retries.append(1) if r.status_code == 503 else None
     )
-    target = model["target"]
+    target: Tuple[str, str, str] = model["target"]  # (model name, module name, input shape)
     http.download_client(*target, folder / f"client{index}")
     client = FHEModelClient(folder / f"client{index}")
     started = time.perf_counter()
@@ -186,7 +186,7 @@ def one_client(url: str, model: Dict[str, Any], index: int, folder: Path) -> Dic
     upload = time.perf_counter() - started
     latencies, equal = [], 0
     for q_inputs, expected in zip(model["inputs"][index], model["expected"][index]):
-        sample = client.encrypt_serialize_integers(q_inputs)
+        sample: Any = client.encrypt_serialize_integers(q_inputs)  # one sample's ciphertexts
         started = time.perf_counter()
         result = http.compute(*target, key_id, [sample])
         latencies.append(time.perf_counter() - started)

@@ -240,3 +240,24 @@ def test_installed_wheel_imports_passes_under_the_package(installed_wheel, tmp_p
     result = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed: pip install -e '.[lint]'")
+    return path
+
+
+def test_ruff_check_is_clean():
+    """The lint configuration of pyproject.toml holds on the whole tree (as in .ci/run)."""
+    result = subprocess.run([_tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+def test_mypy_is_clean():
+    """The type check configured in pyproject.toml passes (as in .ci/run)."""
+    result = subprocess.run([_tool("mypy"), "--no-incremental"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

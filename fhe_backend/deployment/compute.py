@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger("fhe_backend.server")
 
@@ -59,8 +59,8 @@ class ComputeProcess:
     def __init__(self, cache_keys: int, cache_bytes: int):
         self.cache_keys, self.cache_bytes = max(1, cache_keys), max(0, cache_bytes)
         self.cached: "OrderedDict[str, int]" = OrderedDict()  # key id -> serialized bytes, LRU order
-        self.process = None
-        self.connection = None
+        self.process: Optional[subprocess.Popen] = None
+        self.connection: Optional[Connection] = None
         self._evictions: List[str] = []  # forgotten keys the child still holds
         self._lock = threading.Lock()  # `forget` comes from other threads than `run`
         self._preload: List[str] = []
@@ -133,7 +133,7 @@ class ComputeProcess:
             evict.append(self.cached.popitem(last=False)[0])
         return evict
 
-    def preload(self, circuit_dirs: Sequence[Path]) -> None:
+    def preload(self, circuit_dirs: Sequence[Union[str, Path]]) -> None:
         """Ask the child to load circuits before its first computation (no reply expected)."""
         self._preload = [str(path) for path in circuit_dirs]
         if self._preload:
@@ -231,8 +231,8 @@ def _child_main(connection) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    servers: Dict[str, object] = {}
-    keys: Dict[str, object] = {}
+    servers: Dict[str, Any] = {}
+    keys: Dict[str, Any] = {}
     while True:
         try:
             message = connection.recv()

@@ -27,7 +27,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import BinaryIO, Iterator, List, Optional
 
 KEY_ID_PATTERN = r"^[A-Za-z0-9_\-]{32,64}$"
 
@@ -288,7 +288,8 @@ class _FolderLock:
     """An exclusive `flock` on a file of the folder (across processes) plus a thread lock."""
 
     def __init__(self, path: Path, thread_lock: threading.Lock):
-        self.path, self.thread_lock, self.handle = path, thread_lock, None
+        self.path, self.thread_lock = path, thread_lock
+        self.handle: Optional[BinaryIO] = None
 
     def __enter__(self):
         import fcntl

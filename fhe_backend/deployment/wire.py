@@ -334,7 +334,8 @@ def _check_value(message: _Message, gate: Dict[str, Any], what: str) -> None:
     root = message.root()
     raw = root.struct(1, "rawInfo")
     shape = raw.struct(0, "rawInfo.shape").list(0, "dimensions").u32s("dimensions")
-    found_raw = {"shape": {"dimensions": shape}, "integerPrecision": raw.u32(0), "isSigned": raw.bit(32)}
+    found_raw: Dict[str, Any] = {"shape": {"dimensions": shape}, "integerPrecision": raw.u32(0),
+                                 "isSigned": raw.bit(32)}
     if found_raw != gate["rawInfo"]:
         raise WireFormatError(f"{what}: a ciphertext of another shape or precision than this circuit's input "
                               f"({_differences(found_raw, gate['rawInfo'])}): encrypt with this module's client.zip")
