@@ -9,7 +9,6 @@ the rest of the graph stays eager torch.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import re
@@ -295,7 +294,7 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
         return compiled
 
     def compile_forward(aten_gm: fx.GraphModule, _fake_args):
-        pristine = copy.deepcopy(aten_gm)
+        pristine = _graph_copy(aten_gm)
         variants = [(_weights_seen(sources, constant_flags), compile_for(aten_gm, constants))]
         logger.info("captured and partitioned in %.2fs", time.perf_counter() - start)
         user = [i for i, flag in enumerate(constant_flags) if not flag]
@@ -315,7 +314,7 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
                 logger.info("captured graph called with another module's weights: compiling for them")
             values = [a.detach() if flag and isinstance(a, torch.Tensor) else a
                       for a, flag in zip(args, constant_flags)]
-            variants.append((_weights_seen(args, constant_flags), compile_for(copy.deepcopy(pristine), values)))
+            variants.append((_weights_seen(args, constant_flags), compile_for(_graph_copy(pristine), values)))
             del variants[1:-MAX_WEIGHT_VARIANTS]
             return variants[-1][1]
 
@@ -335,6 +334,15 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
 
 # graphs kept per captured graph for other weights (other modules of the class, updates)
 MAX_WEIGHT_VARIANTS = 4
+
+
+def _graph_copy(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a graph module that later passes may mutate (nodes copied, tensors shared;
+    a deepcopy would copy the fake tensors in the nodes' meta, which fails for some)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    graph._codegen = graph_module.graph._codegen  # noqa: SLF001 - keep the calling convention
+    return fx.GraphModule(graph_module, graph)
 
 
 def _weights_seen(values: Sequence[Any], constant_flags: Sequence[bool]) -> List[Any]:
