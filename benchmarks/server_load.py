@@ -278,8 +278,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="leveled,lookup", help=f"comma-separated, of {sorted(MODELS)}")
-    parser.add_argument("--warmup-seconds", type=float, default=0.0,
-                        help="wait after the server answers /health, before the clients start")
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=0.0,
+        help="wait after the server answers /health, before the clients start",
+    )
     parser.add_argument("--out", default="server_load.json")
     parser.add_argument(
         "--server-args",

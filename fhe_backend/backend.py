@@ -41,8 +41,9 @@ logger = logging.getLogger("fhe_backend")
 _CONSTANT_SOURCE = re.compile(r"\._(parameters|buffers)\[|\.(weight|bias)$")
 # _safe_softmax stays one node (its decomposition compares with -inf): the masked_softmax pass
 # and the softmax lowering take it whole
-DECOMPOSITIONS = {op: fn for op, fn in core_aten_decompositions().items()
-                  if op is not torch.ops.aten._safe_softmax.default}
+DECOMPOSITIONS = {
+    op: fn for op, fn in core_aten_decompositions().items() if op is not torch.ops.aten._safe_softmax.default
+}
 
 # calibration of a static graph: samples per call once the graph proved batch-agnostic
 CALIBRATION_CHUNK = 256
@@ -112,9 +113,14 @@ def _session_for(options: Optional[Dict], settings: FheSettings, model_parameter
 class CompiledGraph(torch.nn.Module):
     """The runnable result of one captured graph: eager torch with FHE partitions inside."""
 
-    def __init__(self, split: fx.GraphModule, partitions: List[FhePartition],
-                 left_in_torch: List[TorchNode], user_inputs: List[fx.Node],
-                 settings: FheSettings):
+    def __init__(
+        self,
+        split: fx.GraphModule,
+        partitions: List[FhePartition],
+        left_in_torch: List[TorchNode],
+        user_inputs: List[fx.Node],
+        settings: FheSettings,
+    ):
         super().__init__()
         self.split = split
         self.partitions = partitions
@@ -142,9 +148,12 @@ class CompiledGraph(torch.nn.Module):
                     partition_.calibration_batch_size = size
                 self.split(*args)
         if samples < MIN_RECOMMENDED_INPUTSET:
-            warnings.warn(f"fhe_backend: the inputset has {samples} samples; a representative "
-                          f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
-                          "needed for accuracy", stacklevel=3)
+            warnings.warn(
+                f"fhe_backend: the inputset has {samples} samples; a representative "
+                f"inputset of hundreds of samples (>= {MIN_RECOMMENDED_INPUTSET}) is "
+                "needed for accuracy",
+                stacklevel=3,
+            )
         for index, partition_ in enumerate(pending):
             if compile_circuits:
                 _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(pending)})")
@@ -157,8 +166,9 @@ class CompiledGraph(torch.nn.Module):
         When the graph runs unchanged on several traced batches at once (checked on a probe),
         calibration takes chunks of CALIBRATION_CHUNK samples instead of one batch per call.
         """
-        first = next((n.meta["val"] for n in self.user_inputs
-                      if isinstance(n.meta.get("val"), torch.Tensor)), None)
+        first = next(
+            (n.meta["val"] for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)), None
+        )
         if first is None or not first.dim() or not isinstance(first.shape[0], int):
             return inputset
         size = first.shape[0]
@@ -169,7 +179,7 @@ class CompiledGraph(torch.nn.Module):
             size *= max(1, min(CALIBRATION_CHUNK, total) // size)
         cyclic = torch.arange(-(-total // size) * size) % total
         columns = [column[cyclic] for column in columns]
-        return [tuple(c[i:i + size] for c in columns) for i in range(0, len(cyclic), size)]
+        return [tuple(c[i : i + size] for c in columns) for i in range(0, len(cyclic), size)]
 
     def _batch_agnostic(self, probe: List[torch.Tensor], size: int) -> bool:
         """True when the graph (in torch) gives on the probe as one batch what it gives batch by
@@ -177,8 +187,10 @@ class CompiledGraph(torch.nn.Module):
         try:
             with torch.no_grad(), fhe_mode("torch"):
                 whole = self.split(*self._bind(probe))
-                pieces = [self.split(*self._bind([c[i:i + size] for c in probe]))
-                          for i in range(0, probe[0].shape[0], size)]
+                pieces = [
+                    self.split(*self._bind([c[i : i + size] for c in probe]))
+                    for i in range(0, probe[0].shape[0], size)
+                ]
         except Exception:  # noqa: BLE001 - any failure means: keep the traced batch size
             return False
         outputs = [tree_leaves(piece) for piece in pieces]
@@ -202,8 +214,10 @@ class CompiledGraph(torch.nn.Module):
         """
         nodes = [n for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
         if len(batch) != len(nodes):
-            raise OptionError(f"inputset batches have {len(batch)} tensor(s) but the model takes "
-                              f"{len(nodes)} tensor input(s)")
+            raise OptionError(
+                f"inputset batches have {len(batch)} tensor(s) but the model takes "
+                f"{len(nodes)} tensor input(s)"
+            )
         conformed = []
         for node, tensor in zip(nodes, batch):
             traced = node.meta["val"]
@@ -211,14 +225,18 @@ class CompiledGraph(torch.nn.Module):
                 tensor = tensor.unsqueeze(0)
             per_sample = ["N"] + [int(s) if isinstance(s, int) else "?" for s in traced.shape[1:]]
             if tensor.dim() != traced.dim() or any(
-                    isinstance(s, int) and tensor.shape[d] != s for d, s in enumerate(traced.shape) if d):
+                isinstance(s, int) and tensor.shape[d] != s for d, s in enumerate(traced.shape) if d
+            ):
                 raise OptionError(
                     f"inputset: a batch for input '{node.name}' has shape {tuple(tensor.shape)}, the "
-                    f"model takes ({', '.join(map(str, per_sample))}) (N samples on dim 0)")
+                    f"model takes ({', '.join(map(str, per_sample))}) (N samples on dim 0)"
+                )
             if tensor.dtype != traced.dtype:
                 if tensor.is_floating_point() != traced.dtype.is_floating_point:
-                    raise OptionError(f"inputset: input '{node.name}' has dtype {tensor.dtype}, the model "
-                                      f"takes {traced.dtype}")
+                    raise OptionError(
+                        f"inputset: input '{node.name}' has dtype {tensor.dtype}, the model "
+                        f"takes {traced.dtype}"
+                    )
                 tensor = tensor.to(traced.dtype)
             conformed.append(tensor)
         return tuple(conformed)
@@ -227,8 +245,10 @@ class CompiledGraph(torch.nn.Module):
         """Arguments of the split graph for user tensors: symbolic sizes solved from shapes."""
         tensor_nodes = [n for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
         if len(tensors) != len(tensor_nodes):
-            raise OptionError(f"inputset batches have {len(tensors)} tensor(s) but the model takes "
-                              f"{len(tensor_nodes)} tensor input(s)")
+            raise OptionError(
+                f"inputset batches have {len(tensors)} tensor(s) but the model takes "
+                f"{len(tensor_nodes)} tensor input(s)"
+            )
         by_node = dict(zip(tensor_nodes, tensors))
         args = []
         for node in self.user_inputs:
@@ -241,9 +261,11 @@ class CompiledGraph(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         """Run the graph; on the first call without an inputset, calibrate on these inputs."""
         if any(not p.calibrated for p in self.partitions):
-            warnings.warn("fhe_backend: no 'inputset' option, calibrating on the first call's "
-                          "inputs; pass a representative inputset (hundreds of samples) for accuracy",
-                          stacklevel=2)
+            warnings.warn(
+                "fhe_backend: no 'inputset' option, calibrating on the first call's "
+                "inputs; pass a representative inputset (hundreds of samples) for accuracy",
+                stacklevel=2,
+            )
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             self.calibrate([tuple(tensors)])
         return self.split(*args)
@@ -270,19 +292,27 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
     settings = FheSettings.from_options(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     own = list(dict(gm.named_parameters(remove_duplicate=False)).values()) + list(
-        dict(gm.named_buffers(remove_duplicate=False)).values())
-    constant_flags = [True] * len(own) + [_is_constant_input(n, x) for n, x in zip(placeholders, example_inputs)]
-    constants = [t.detach() for t in own] + [x.detach() if isinstance(x, torch.Tensor) else x
-                                            for x in example_inputs]
+        dict(gm.named_buffers(remove_duplicate=False)).values()
+    )
+    constant_flags = [True] * len(own) + [
+        _is_constant_input(n, x) for n, x in zip(placeholders, example_inputs)
+    ]
+    constants = [t.detach() for t in own] + [
+        x.detach() if isinstance(x, torch.Tensor) else x for x in example_inputs
+    ]
     start = time.perf_counter()
     session = _session_for(options, settings, _model_parameter([*own, *example_inputs]))
     sources = [*own, *example_inputs]
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad and not flag
-                                       for x, flag in zip(sources, constant_flags)):
-        warnings.warn("fhe_backend: an input requires grad, but FHE partitions do not propagate "
-                      "gradients: the compiled model's outputs are cut from autograd. Call it under "
-                      "torch.no_grad() (for training with frozen layers in FHE, see fhe_backend.lora)",
-                      stacklevel=3)
+    if torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad and not flag
+        for x, flag in zip(sources, constant_flags)
+    ):
+        warnings.warn(
+            "fhe_backend: an input requires grad, but FHE partitions do not propagate "
+            "gradients: the compiled model's outputs are cut from autograd. Call it under "
+            "torch.no_grad() (for training with frozen layers in FHE, see fhe_backend.lora)",
+            stacklevel=3,
+        )
 
     def compile_for(aten_gm: fx.GraphModule, values: Sequence[Any]) -> CompiledGraph:
         with unset_fake_temporarily():
@@ -307,13 +337,17 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
                 if _same_weights(seen, args):
                     return compiled
             if any(_same_weights(seen, args, check_versions=False) for seen, _ in variants):
-                warnings.warn("fhe_backend: the compiled model's weights changed in place since its "
-                              "circuits were compiled: compiling them again for the new weights",
-                              stacklevel=4)
+                warnings.warn(
+                    "fhe_backend: the compiled model's weights changed in place since its "
+                    "circuits were compiled: compiling them again for the new weights",
+                    stacklevel=4,
+                )
             else:
                 logger.info("captured graph called with another module's weights: compiling for them")
-            values = [a.detach() if flag and isinstance(a, torch.Tensor) else a
-                      for a, flag in zip(args, constant_flags)]
+            values = [
+                a.detach() if flag and isinstance(a, torch.Tensor) else a
+                for a, flag in zip(args, constant_flags)
+            ]
             variants.append((_weights_seen(args, constant_flags), compile_for(_graph_copy(pristine), values)))
             del variants[1:-MAX_WEIGHT_VARIANTS]
             return variants[-1][1]
@@ -328,8 +362,9 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
         return run
 
     with torch.no_grad():
-        return aot_module_simplified(gm, list(example_inputs), fw_compiler=compile_forward,
-                                     decompositions=DECOMPOSITIONS)
+        return aot_module_simplified(
+            gm, list(example_inputs), fw_compiler=compile_forward, decompositions=DECOMPOSITIONS
+        )
 
 
 # graphs kept per captured graph for other weights (other modules of the class, updates)
@@ -347,14 +382,18 @@ def _graph_copy(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 def _weights_seen(values: Sequence[Any], constant_flags: Sequence[bool]) -> List[Any]:
     """Identity (weakly) and version counter of each tensor baked as a constant."""
-    return [(weakref.ref(v), v._version) if flag and isinstance(v, torch.Tensor) else None
-            for v, flag in zip(values, constant_flags)]
+    return [
+        (weakref.ref(v), v._version) if flag and isinstance(v, torch.Tensor) else None
+        for v, flag in zip(values, constant_flags)
+    ]
 
 
 def _same_weights(seen: List[Any], args: Sequence[Any], check_versions: bool = True) -> bool:
     """True when `args` carry the very tensors baked in (unchanged, with `check_versions`)."""
-    return all(entry is None or (entry[0]() is arg and (not check_versions or arg._version == entry[1]))
-               for entry, arg in zip(seen, args))
+    return all(
+        entry is None or (entry[0]() is arg and (not check_versions or arg._version == entry[1]))
+        for entry, arg in zip(seen, args)
+    )
 
 
 def _is_constant_input(node: fx.Node, example: Any) -> bool:
@@ -366,9 +405,14 @@ def _is_constant_input(node: fx.Node, example: Any) -> bool:
     return bool(_CONSTANT_SOURCE.search(str(source)))
 
 
-def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_flags: Sequence[bool],
-                       settings: FheSettings, groups: Optional[List[TargetGroup]] = None,
-                       session: Optional[CompileSession] = None) -> CompiledGraph:
+def compile_aten_graph(
+    aten_gm: fx.GraphModule,
+    values: Sequence[Any],
+    constant_flags: Sequence[bool],
+    settings: FheSettings,
+    groups: Optional[List[TargetGroup]] = None,
+    session: Optional[CompileSession] = None,
+) -> CompiledGraph:
     """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given.
 
     Partitions equal to one compiled earlier in the same `session` (dynamo recompiling the
@@ -405,8 +449,10 @@ def compile_aten_graph(aten_gm: fx.GraphModule, values: Sequence[Any], constant_
 
 
 # ops that exist only while a module is in training mode
-_TRAINING_OPS = {"aten.native_dropout.default": "dropout",
-                 "aten._native_batch_norm_legit_functional.default": "batch norm with batch statistics"}
+_TRAINING_OPS = {
+    "aten.native_dropout.default": "dropout",
+    "aten._native_batch_norm_legit_functional.default": "batch norm with batch statistics",
+}
 
 
 def _refuse_training_mode(graph_module: fx.GraphModule) -> None:
@@ -420,7 +466,8 @@ def _refuse_training_mode(graph_module: fx.GraphModule) -> None:
         module = next(reversed(stack.values()))[0] if stack else "the model"
         raise OptionError(
             f"'{module}' runs {what} ({node.target}, node '{node.name}'): the model is in training "
-            "mode. Call model.eval() before compiling (and before calling the compiled model)")
+            "mode. Call model.eval() before compiling (and before calling the compiled model)"
+        )
 
 
 def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str, str]:
@@ -429,8 +476,10 @@ def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str
     if status is None:
         return {}
     if len(status) != len(tensors):
-        raise OptionError(f"option 'inputs_encryption_status' = {status!r} has {len(status)} "
-                          f"entries but the model has {len(tensors)} tensor input(s)")
+        raise OptionError(
+            f"option 'inputs_encryption_status' = {status!r} has {len(status)} "
+            f"entries but the model has {len(tensors)} tensor input(s)"
+        )
     return {node.name: s for node, s in zip(tensors, status)}
 
 
@@ -456,7 +505,8 @@ def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
         raise LoweringError(
             f"cannot compute the symbolic size input '{node.name}' = {expr} of a graph dynamo "
             f"recompiled: its symbols {sorted(map(str, solved.free_symbols))} are no dimension of "
-            "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around")
+            "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
+        )
     return int(solved)
 
 

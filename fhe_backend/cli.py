@@ -16,9 +16,15 @@ from typing import Optional, Sequence
 from .errors import FheBackendError
 
 SUBCOMMANDS = {
-    "demo": ("fhe_backend.demo", "train small digits models, compile them with backend 'fhe', run one encrypted"),
+    "demo": (
+        "fhe_backend.demo",
+        "train small digits models, compile them with backend 'fhe', run one encrypted",
+    ),
     "serve": ("fhe_backend.deployment.server", "serve saved FHE modules over HTTP (FastAPI on uvicorn)"),
-    "bench": ("fhe_backend.benchmarks.runner", "run the benchmark targets and write results.json/.md and a plot"),
+    "bench": (
+        "fhe_backend.benchmarks.runner",
+        "run the benchmark targets and write results.json/.md and a plot",
+    ),
     "explain": ("fhe_backend.explain", "report what of a model runs in FHE, without generating keys"),
 }
 

@@ -53,14 +53,16 @@ InputSet = Union[ArrayOrTensor, Tuple[ArrayOrTensor, ...]]
 
 
 def convert_torch_tensor_or_numpy_array_to_numpy_array(
-        torch_tensor_or_numpy_array: ArrayOrTensor) -> np.ndarray:
+    torch_tensor_or_numpy_array: ArrayOrTensor,
+) -> np.ndarray:
     """A torch tensor (any device, with or without grad) or a numpy array, as a numpy array."""
     if isinstance(torch_tensor_or_numpy_array, torch.Tensor):
         return torch_tensor_or_numpy_array.detach().cpu().numpy()
     if isinstance(torch_tensor_or_numpy_array, np.ndarray):
         return torch_tensor_or_numpy_array
-    raise OptionError(f"expected a torch.Tensor or a numpy.ndarray, got "
-                      f"{type(torch_tensor_or_numpy_array).__name__}")
+    raise OptionError(
+        f"expected a torch.Tensor or a numpy.ndarray, got {type(torch_tensor_or_numpy_array).__name__}"
+    )
 
 
 def has_any_qnn_layers(torch_model: torch.nn.Module) -> bool:
@@ -84,7 +86,8 @@ class QuantizedModule:
         if len(graph.partitions) != 1:
             raise UnsupportedOpError(
                 f"the model was captured as {len(graph.partitions)} FHE parts instead of one; "
-                "compile it with torch.compile(model, backend='fhe') to run several parts")
+                "compile it with torch.compile(model, backend='fhe') to run several parts"
+            )
         self.graph = graph
         self.partition: FhePartition = graph.partitions[0]
         self.aten_code = aten_code
@@ -131,7 +134,8 @@ class QuantizedModule:
             raise NotCompiledError(
                 "this QuantizedModule is quantized but not compiled: call "
                 "quantized_module.compile(inputset) (or use compile_torch_model) before using the "
-                "FHE circuit or the 'simulate' / 'execute' modes")
+                "FHE circuit or the 'simulate' / 'execute' modes"
+            )
 
     @property
     def fhe_circuit(self):
@@ -145,21 +149,34 @@ class QuantizedModule:
         self.check_model_is_compiled()
         return self.partition.statistics
 
-    def compile(self, inputs: InputSet, configuration: Any = None, artifacts: Any = None,
-                show_mlir: bool = False, p_error: Optional[float] = None,
-                global_p_error: Optional[float] = None, verbose: bool = False,
-                inputs_encryption_status: Optional[Sequence[str]] = None, device: str = "cpu"):
+    def compile(
+        self,
+        inputs: InputSet,
+        configuration: Any = None,
+        artifacts: Any = None,
+        show_mlir: bool = False,
+        p_error: Optional[float] = None,
+        global_p_error: Optional[float] = None,
+        verbose: bool = False,
+        inputs_encryption_status: Optional[Sequence[str]] = None,
+        device: str = "cpu",
+    ):
         """Compile the integer program into a Concrete circuit on a float inputset; returns it.
 
         `device` is where the circuit runs: "cpu", or "cuda" with a GPU build of concrete-python.
         """
         configuration = _device_configuration(configuration, device)
         settings = self.partition.settings.replace(
-            configuration=_configuration(configuration, verbose), show_mlir=show_mlir,
-            p_error=p_error, global_p_error=global_p_error, verbose=verbose)
+            configuration=_configuration(configuration, verbose),
+            show_mlir=show_mlir,
+            p_error=p_error,
+            global_p_error=global_p_error,
+            verbose=verbose,
+        )
         if inputs_encryption_status is not None:
-            self._set_encryption_status(settings.replace(
-                inputs_encryption_status=inputs_encryption_status).inputs_encryption_status)
+            self._set_encryption_status(
+                settings.replace(inputs_encryption_status=inputs_encryption_status).inputs_encryption_status
+            )
         _check_artifacts(artifacts)
         self.partition.settings = settings
         columns = [torch.cat(column) for column in zip(*batches(inputs))]
@@ -175,15 +192,18 @@ class QuantizedModule:
                 f"{{'n_bits': {rounding.n_bits!r}, 'method': '{rounding.method}'}} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'assertion'}), "
                 "a failure of Concrete's rounding at these widths: use method 'exact', another "
-                "n_bits (e.g. 6) or 'auto', or no rounding") from error
+                "n_bits (e.g. 6) or 'auto', or no rounding"
+            ) from error
         if artifacts is not None:
             self._fill_artifacts(artifacts)
         return self.partition.circuit
 
     def _set_encryption_status(self, status: Tuple[str, ...]) -> None:
         if len(status) != len(self.input_order):
-            raise OptionError(f"inputs_encryption_status = {status!r} has {len(status)} entries but "
-                              f"the model has {len(self.input_order)} input(s)")
+            raise OptionError(
+                f"inputs_encryption_status = {status!r} has {len(status)} entries but "
+                f"the model has {len(self.input_order)} input(s)"
+            )
         ordered = tuple(status[index] for index in self.input_order)
         self.partition.encryption_status = ordered
         self.program.encryption_status = ordered
@@ -277,8 +297,9 @@ class QuantizedModule:
     def describe_program(self) -> str:
         """A readable description of the quantized program (quantizers, lookups, outputs)."""
         lines = ["inputs:"]
-        for index, (quantizer, status) in enumerate(zip(self.input_quantizers,
-                                                        self.inputs_encryption_status)):
+        for index, (quantizer, status) in enumerate(
+            zip(self.input_quantizers, self.inputs_encryption_status)
+        ):
             lines.append(f"  input {index} ({status}): {quantizer}")
         lines.append("table lookups:")
         for name, entry in self.lookup_report().items():
@@ -304,24 +325,33 @@ class QuantizedModule:
         program (calibration is deterministic): it runs ``fhe="disable"`` with identical
         results; call ``compile(inputset)`` on it for the other modes."""
         if self.source is None:
-            raise OptionError("this QuantizedModule was not built by fhe_backend.compile "
-                              "(build_quantized_module / compile_*_model): nothing to dump")
+            raise OptionError(
+                "this QuantizedModule was not built by fhe_backend.compile "
+                "(build_quantized_module / compile_*_model): nothing to dump"
+            )
         buffer = io.BytesIO()
         torch.save(self.source, buffer)
-        return {"format": SERIALIZATION_FORMAT, "was_compiled": self.is_compiled,
-                "source": base64.b64encode(buffer.getvalue()).decode("ascii")}
+        return {
+            "format": SERIALIZATION_FORMAT,
+            "was_compiled": self.is_compiled,
+            "source": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        }
 
     @staticmethod
     def load_dict(metadata: Dict[str, Any]) -> "QuantizedModule":
         """Inverse of `dump_dict` (the data must come from a trusted source: it holds pickles)."""
         if not isinstance(metadata, dict) or metadata.get("format") != SERIALIZATION_FORMAT:
-            raise OptionError(f"not a serialized QuantizedModule (expected format "
-                              f"{SERIALIZATION_FORMAT!r}); write it with QuantizedModule.dump(s)")
+            raise OptionError(
+                f"not a serialized QuantizedModule (expected format "
+                f"{SERIALIZATION_FORMAT!r}); write it with QuantizedModule.dump(s)"
+            )
         source = torch.load(io.BytesIO(base64.b64decode(metadata["source"])), weights_only=False)
-        settings = _settings(n_bits=source["n_bits"],
-                             rounding_threshold_bits=source["rounding_threshold_bits"])
-        return _build(source["model"], source["inputset"], settings, source["reduce_sum_copy"],
-                      source["import_qat"])
+        settings = _settings(
+            n_bits=source["n_bits"], rounding_threshold_bits=source["rounding_threshold_bits"]
+        )
+        return _build(
+            source["model"], source["inputset"], settings, source["reduce_sum_copy"], source["import_qat"]
+        )
 
     def dumps(self) -> str:
         """The module as a JSON string (see `dump_dict`)."""
@@ -343,18 +373,24 @@ class QuantizedModule:
 
     def __repr__(self) -> str:
         state = "compiled" if self.is_compiled else "quantized, not compiled"
-        return (f"QuantizedModule({len(self.input_order)} input(s), {len(self.output_order)} "
-                f"output(s), {state})")
+        return (
+            f"QuantizedModule({len(self.input_order)} input(s), {len(self.output_order)} output(s), {state})"
+        )
 
 
 # ---- the compile functions --------------------------------------------------------------
 
 
-def build_quantized_module(model: Any, torch_inputset: InputSet, import_qat: bool = False,
-                           n_bits: Union[int, Dict[str, int]] = 8,
-                           rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
-                           reduce_sum_copy: bool = False, keep_onnx: Optional[bool] = True,
-                           device: str = "cpu") -> QuantizedModule:
+def build_quantized_module(
+    model: Any,
+    torch_inputset: InputSet,
+    import_qat: bool = False,
+    n_bits: Union[int, Dict[str, int]] = 8,
+    rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
+    reduce_sum_copy: bool = False,
+    keep_onnx: Optional[bool] = True,
+    device: str = "cpu",
+) -> QuantizedModule:
     """Capture and quantize a torch or ONNX model on the inputset, without compiling a circuit.
 
     The result runs with ``fhe="disable"``; call ``.compile(inputset)`` for the other modes.
@@ -368,68 +404,111 @@ def build_quantized_module(model: Any, torch_inputset: InputSet, import_qat: boo
     return _build(model, torch_inputset, settings, reduce_sum_copy, import_qat)
 
 
-def compile_torch_model(torch_model: torch.nn.Module, torch_inputset: InputSet,
-                        import_qat: bool = False, configuration: Any = None, artifacts: Any = None,
-                        show_mlir: bool = False, n_bits: Union[int, Dict[str, int]] = 8,
-                        rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
-                        p_error: Optional[float] = None, global_p_error: Optional[float] = None,
-                        verbose: bool = False,
-                        inputs_encryption_status: Optional[Sequence[str]] = None,
-                        reduce_sum_copy: bool = False, device: str = "cpu") -> QuantizedModule:
+def compile_torch_model(
+    torch_model: torch.nn.Module,
+    torch_inputset: InputSet,
+    import_qat: bool = False,
+    configuration: Any = None,
+    artifacts: Any = None,
+    show_mlir: bool = False,
+    n_bits: Union[int, Dict[str, int]] = 8,
+    rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
+    p_error: Optional[float] = None,
+    global_p_error: Optional[float] = None,
+    verbose: bool = False,
+    inputs_encryption_status: Optional[Sequence[str]] = None,
+    reduce_sum_copy: bool = False,
+    device: str = "cpu",
+) -> QuantizedModule:
     """Quantize a torch model on the inputset and compile it into one FHE circuit.
 
     Parameters mean what they mean in Concrete ML (see docs/concrete-ml.md); every operator of
     the model must have an FHE lowering.
     """
     if not isinstance(torch_model, torch.nn.Module):
-        raise OptionError(f"compile_torch_model expects a torch.nn.Module, got "
-                          f"{type(torch_model).__name__}; use compile_onnx_model for ONNX models")
+        raise OptionError(
+            f"compile_torch_model expects a torch.nn.Module, got "
+            f"{type(torch_model).__name__}; use compile_onnx_model for ONNX models"
+        )
     if not import_qat and _has_brevitas_layers(torch_model):
         raise ModelTypeError(
             f"{type(torch_model).__name__} contains Brevitas quantized layers: it must be imported "
             "using compile_brevitas_qat_model(model, inputset), or pass import_qat=True to "
-            "compile_torch_model")
-    return _compile(torch_model, torch_inputset, configuration=configuration, artifacts=artifacts,
-                    show_mlir=show_mlir, n_bits=n_bits,
-                    rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
-                    global_p_error=global_p_error, verbose=verbose,
-                    inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=import_qat)
+            "compile_torch_model"
+        )
+    return _compile(
+        torch_model,
+        torch_inputset,
+        configuration=configuration,
+        artifacts=artifacts,
+        show_mlir=show_mlir,
+        n_bits=n_bits,
+        rounding_threshold_bits=rounding_threshold_bits,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+        inputs_encryption_status=inputs_encryption_status,
+        reduce_sum_copy=reduce_sum_copy,
+        device=device,
+        import_qat=import_qat,
+    )
 
 
-def compile_onnx_model(onnx_model: Any, torch_inputset: InputSet, import_qat: bool = False,
-                       configuration: Any = None, artifacts: Any = None, show_mlir: bool = False,
-                       n_bits: Union[int, Dict[str, int]] = 8,
-                       rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
-                       p_error: Optional[float] = None, global_p_error: Optional[float] = None,
-                       verbose: bool = False,
-                       inputs_encryption_status: Optional[Sequence[str]] = None,
-                       reduce_sum_copy: bool = False, device: str = "cpu") -> QuantizedModule:
+def compile_onnx_model(
+    onnx_model: Any,
+    torch_inputset: InputSet,
+    import_qat: bool = False,
+    configuration: Any = None,
+    artifacts: Any = None,
+    show_mlir: bool = False,
+    n_bits: Union[int, Dict[str, int]] = 8,
+    rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
+    p_error: Optional[float] = None,
+    global_p_error: Optional[float] = None,
+    verbose: bool = False,
+    inputs_encryption_status: Optional[Sequence[str]] = None,
+    reduce_sum_copy: bool = False,
+    device: str = "cpu",
+) -> QuantizedModule:
     """Compile an `onnx.ModelProto`: it is converted to torch (`OnnxModule`) and compiled as such.
 
     QAT graphs (their round/clip fake-quantizers) are detected by the backend's graph passes;
     with `import_qat=True` they must be found.
     """
-    return _compile(OnnxModule(onnx_model), torch_inputset, configuration=configuration,
-                    artifacts=artifacts, show_mlir=show_mlir, n_bits=n_bits,
-                    rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
-                    global_p_error=global_p_error, verbose=verbose,
-                    inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=import_qat)
+    return _compile(
+        OnnxModule(onnx_model),
+        torch_inputset,
+        configuration=configuration,
+        artifacts=artifacts,
+        show_mlir=show_mlir,
+        n_bits=n_bits,
+        rounding_threshold_bits=rounding_threshold_bits,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+        inputs_encryption_status=inputs_encryption_status,
+        reduce_sum_copy=reduce_sum_copy,
+        device=device,
+        import_qat=import_qat,
+    )
 
 
-def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: InputSet,
-                               n_bits: Union[None, int, Dict[str, int]] = None,
-                               configuration: Any = None, artifacts: Any = None,
-                               show_mlir: bool = False,
-                               rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
-                               p_error: Optional[float] = None,
-                               global_p_error: Optional[float] = None,
-                               output_onnx_file: Union[None, Path, str] = None,
-                               verbose: bool = False,
-                               inputs_encryption_status: Optional[Sequence[str]] = None,
-                               reduce_sum_copy: bool = False,
-                               device: str = "cpu") -> QuantizedModule:
+def compile_brevitas_qat_model(
+    torch_model: torch.nn.Module,
+    torch_inputset: InputSet,
+    n_bits: Union[None, int, Dict[str, int]] = None,
+    configuration: Any = None,
+    artifacts: Any = None,
+    show_mlir: bool = False,
+    rounding_threshold_bits: Union[None, int, Dict[str, Any]] = None,
+    p_error: Optional[float] = None,
+    global_p_error: Optional[float] = None,
+    output_onnx_file: Union[None, Path, str] = None,
+    verbose: bool = False,
+    inputs_encryption_status: Optional[Sequence[str]] = None,
+    reduce_sum_copy: bool = False,
+    device: str = "cpu",
+) -> QuantizedModule:
     """Compile a trained Brevitas QAT model with its own scales, zero-points and bit-widths.
 
     `n_bits` only sets the quantizers Brevitas does not define (model inputs/outputs, default
@@ -441,39 +520,76 @@ def compile_brevitas_qat_model(torch_model: torch.nn.Module, torch_inputset: Inp
             f"compile_brevitas_qat_model was given {type(torch_model).__name__}, which has no "
             "Brevitas quantized layers, consider using compile_torch_model instead "
             "(compile_torch_model(model, inputset, n_bits=...) quantizes a float model; Brevitas "
-            "layers are brevitas.nn.QuantLinear, QuantIdentity, ...)")
+            "layers are brevitas.nn.QuantLinear, QuantIdentity, ...)"
+        )
     if output_onnx_file is not None:
         _export_qonnx(torch_model, torch_inputset, Path(output_onnx_file))
-    return _compile(torch_model, torch_inputset, configuration=configuration,
-                    artifacts=artifacts, show_mlir=show_mlir, n_bits=_qat_n_bits(n_bits),
-                    rounding_threshold_bits=rounding_threshold_bits, p_error=p_error,
-                    global_p_error=global_p_error, verbose=verbose,
-                    inputs_encryption_status=inputs_encryption_status,
-                    reduce_sum_copy=reduce_sum_copy, device=device, import_qat=False)
+    return _compile(
+        torch_model,
+        torch_inputset,
+        configuration=configuration,
+        artifacts=artifacts,
+        show_mlir=show_mlir,
+        n_bits=_qat_n_bits(n_bits),
+        rounding_threshold_bits=rounding_threshold_bits,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+        inputs_encryption_status=inputs_encryption_status,
+        reduce_sum_copy=reduce_sum_copy,
+        device=device,
+        import_qat=False,
+    )
 
 
-def _compile(model: torch.nn.Module, inputset: InputSet, *, configuration: Any, artifacts: Any,
-             show_mlir: bool, n_bits: Any, rounding_threshold_bits: Any, p_error: Any,
-             global_p_error: Any, verbose: bool, inputs_encryption_status: Any,
-             reduce_sum_copy: bool, device: str, import_qat: bool) -> QuantizedModule:
+def _compile(
+    model: torch.nn.Module,
+    inputset: InputSet,
+    *,
+    configuration: Any,
+    artifacts: Any,
+    show_mlir: bool,
+    n_bits: Any,
+    rounding_threshold_bits: Any,
+    p_error: Any,
+    global_p_error: Any,
+    verbose: bool,
+    inputs_encryption_status: Any,
+    reduce_sum_copy: bool,
+    device: str,
+    import_qat: bool,
+) -> QuantizedModule:
     """Build the quantized module, then compile its circuit with the compilation options."""
     _check_artifacts(artifacts)
     _check_device(device)
     _check_rounding(rounding_threshold_bits)
-    settings = _settings(n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
-                         p_error=p_error, global_p_error=global_p_error,
-                         inputs_encryption_status=inputs_encryption_status, verbose=verbose)
+    settings = _settings(
+        n_bits=n_bits,
+        rounding_threshold_bits=rounding_threshold_bits,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        inputs_encryption_status=inputs_encryption_status,
+        verbose=verbose,
+    )
     quantized = _build(model, inputset, settings, reduce_sum_copy, import_qat)
-    quantized.compile(inputset, configuration=configuration, artifacts=artifacts,
-                      show_mlir=show_mlir, p_error=p_error, global_p_error=global_p_error,
-                      verbose=verbose, device=device)
+    quantized.compile(
+        inputset,
+        configuration=configuration,
+        artifacts=artifacts,
+        show_mlir=show_mlir,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+        device=device,
+    )
     if verbose:
         print(f"[fhe_backend] compiled: {quantized.statistics}")
     return quantized
 
 
-def _build(model: Any, inputset: InputSet, settings: FheSettings,
-           reduce_sum_copy: bool, import_qat: bool = False) -> QuantizedModule:
+def _build(
+    model: Any, inputset: InputSet, settings: FheSettings, reduce_sum_copy: bool, import_qat: bool = False
+) -> QuantizedModule:
     """Capture (torch.export), run the backend pipeline, calibrate and quantize; no circuit."""
     if not isinstance(reduce_sum_copy, bool):
         raise OptionError(f"reduce_sum_copy = {reduce_sum_copy!r}: expected a bool")
@@ -497,10 +613,13 @@ def _build(model: Any, inputset: InputSet, settings: FheSettings,
         raise UnsupportedOpError(
             f"{type(model).__name__} cannot run entirely in FHE; these operators have no FHE "
             f"lowering:\n  {listed}\nRewrite them with supported operators, or compile the model "
-            "with torch.compile(model, backend='fhe') to run them in torch around the FHE parts")
+            "with torch.compile(model, backend='fhe') to run them in torch around the FHE parts"
+        )
     if not graph.partitions:
-        raise UnsupportedOpError(f"{type(model).__name__} has no operator that depends on its "
-                                 "inputs: there is nothing to run in FHE")
+        raise UnsupportedOpError(
+            f"{type(model).__name__} has no operator that depends on its "
+            "inputs: there is nothing to run in FHE"
+        )
     quantized = QuantizedModule(graph, aten_code)
     if import_qat and not _has_quantizers(quantized):
         raise OptionError(
@@ -508,12 +627,15 @@ def _build(model: Any, inputset: InputSet, settings: FheSettings,
             f"{type(model).__name__} has no quantizer (no Brevitas layer, no round/clamp "
             "fake-quantizer reached the graph), so its values cannot be read as quantized. Add "
             "a quantizer before each linear layer (e.g. brevitas.nn.QuantIdentity), or compile "
-            "it post-training with import_qat=False and n_bits=...")
+            "it post-training with import_qat=False and n_bits=..."
+        )
     graph.calibrate(inputset, compile_circuits=False)
     quantized.source = _source(original, inputset, settings, reduce_sum_copy, import_qat)
     if settings.verbose:
-        print(f"[fhe_backend] quantized {type(model).__name__}: "
-              f"{len(quantized.lookup_report())} table lookup(s)")
+        print(
+            f"[fhe_backend] quantized {type(model).__name__}: "
+            f"{len(quantized.lookup_report())} table lookup(s)"
+        )
     return quantized
 
 
@@ -544,7 +666,8 @@ def _export(model: torch.nn.Module, inputset: InputSet):
             f"torch.export could not capture {type(model).__name__} as one graph "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The "
             "Concrete-ML-style API needs a single graph; torch.compile(model, backend='fhe') "
-            "accepts graph breaks and runs the untraceable parts in torch") from error
+            "accepts graph breaks and runs the untraceable parts in torch"
+        ) from error
     finally:
         model.train(was_training)
 
@@ -570,20 +693,27 @@ def _lifted_inputs(exported) -> Tuple[List[Any], List[bool]]:
 def _partition_input_order(graph: CompiledGraph, partition: FhePartition) -> List[int]:
     """For each tensor input of the partition, the index of the model input it is."""
     call = _partition_call(graph, partition)
-    user = [n.name for n in graph.split.graph.nodes
-            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    user = [
+        n.name
+        for n in graph.split.graph.nodes
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
     order = []
     for arg in call.args:
         if not (isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)):
             continue
         if arg.name not in user:
-            raise UnsupportedOpError(f"the FHE circuit reads '{arg.name}', which is not a model "
-                                     "input: the whole model must run in FHE")
+            raise UnsupportedOpError(
+                f"the FHE circuit reads '{arg.name}', which is not a model "
+                "input: the whole model must run in FHE"
+            )
         order.append(user.index(arg.name))
     unused = sorted(set(range(len(user))) - set(order))
     if unused:
-        raise OptionError(f"model input(s) {[user[i] for i in unused]} are not used by any "
-                          "computation; remove them from the model's signature")
+        raise OptionError(
+            f"model input(s) {[user[i] for i in unused]} are not used by any "
+            "computation; remove them from the model's signature"
+        )
     return order
 
 
@@ -595,18 +725,23 @@ def _partition_output_order(graph: CompiledGraph, partition: FhePartition) -> Li
     for value in _flat(output.args[0]):
         if value is call:
             order.append(0)
-        elif (isinstance(value, fx.Node) and value.op == "call_function"
-              and value.args and value.args[0] is call):
+        elif (
+            isinstance(value, fx.Node)
+            and value.op == "call_function"
+            and value.args
+            and value.args[0] is call
+        ):
             order.append(int(value.args[1]))
         else:
-            raise UnsupportedOpError(f"model output '{value}' is not computed in FHE (a constant "
-                                     "or an input returned as is); return only computed values")
+            raise UnsupportedOpError(
+                f"model output '{value}' is not computed in FHE (a constant "
+                "or an input returned as is); return only computed values"
+            )
     return order
 
 
 def _partition_call(graph: CompiledGraph, partition: FhePartition) -> fx.Node:
-    return next(n for n in graph.split.graph.nodes
-                if n.op == "call_module" and n.target == partition.name)
+    return next(n for n in graph.split.graph.nodes if n.op == "call_module" and n.target == partition.name)
 
 
 def _flat(value: Any) -> List[Any]:
@@ -626,8 +761,12 @@ def _settings(**options: Any) -> FheSettings:
 
 def _qat_n_bits(n_bits: Union[None, int, Dict[str, int]]) -> Dict[str, int]:
     """Concrete ML's QAT n_bits (None, int, or model_inputs/model_outputs) as a full dict."""
-    full = dict(op_inputs=DEFAULT_QAT_IO_BITS, op_weights=DEFAULT_QAT_IO_BITS,
-                model_inputs=DEFAULT_QAT_IO_BITS, model_outputs=DEFAULT_QAT_IO_BITS)
+    full = dict(
+        op_inputs=DEFAULT_QAT_IO_BITS,
+        op_weights=DEFAULT_QAT_IO_BITS,
+        model_inputs=DEFAULT_QAT_IO_BITS,
+        model_outputs=DEFAULT_QAT_IO_BITS,
+    )
     if n_bits is None:
         return full
     if isinstance(n_bits, dict):
@@ -636,13 +775,16 @@ def _qat_n_bits(n_bits: Union[None, int, Dict[str, int]]) -> Dict[str, int]:
             raise ModelTypeError(
                 f"n_bits = {n_bits!r}: for a Brevitas model n_bits should only contain the "
                 "following keys: 'model_inputs', 'model_outputs' (Brevitas sets the others); "
-                f"unknown: {sorted(unknown)}")
+                f"unknown: {sorted(unknown)}"
+            )
         return {**full, **n_bits}
     if isinstance(n_bits, int) and not isinstance(n_bits, bool):
         # as in Concrete ML, an int sets only what Brevitas leaves open: the model's inputs/outputs
         return {**full, "model_inputs": n_bits, "model_outputs": n_bits}
-    raise OptionError(f"n_bits = {n_bits!r}: for a Brevitas model expected None, an int, or a dict "
-                      "with 'model_inputs' / 'model_outputs'")
+    raise OptionError(
+        f"n_bits = {n_bits!r}: for a Brevitas model expected None, an int, or a dict "
+        "with 'model_inputs' / 'model_outputs'"
+    )
 
 
 def _configuration(configuration: Any, verbose: bool) -> Any:
@@ -660,8 +802,10 @@ def _check_artifacts(artifacts: Any) -> None:
     from concrete import fhe
 
     if not isinstance(artifacts, fhe.DebugArtifacts):
-        raise OptionError(f"artifacts = {artifacts!r}: expected a concrete.fhe.DebugArtifacts "
-                          "(fhe.DebugArtifacts(output_directory)), then artifacts.export()")
+        raise OptionError(
+            f"artifacts = {artifacts!r}: expected a concrete.fhe.DebugArtifacts "
+            "(fhe.DebugArtifacts(output_directory)), then artifacts.export()"
+        )
 
 
 def _mode(fhe: Any) -> str:
@@ -681,13 +825,19 @@ def _snapshot(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
-def _source(model: torch.nn.Module, inputset: InputSet, settings: FheSettings,
-            reduce_sum_copy: bool, import_qat: bool) -> Dict[str, Any]:
+def _source(
+    model: torch.nn.Module, inputset: InputSet, settings: FheSettings, reduce_sum_copy: bool, import_qat: bool
+) -> Dict[str, Any]:
     """What rebuilds a QuantizedModule: model, inputset (as tensors) and quantization options."""
     columns = [torch.cat(column) for column in zip(*batches(inputset))]
-    return {"model": model, "inputset": tuple(columns) if len(columns) > 1 else columns[0],
-            "n_bits": settings.n_bits, "rounding_threshold_bits": settings.rounding_threshold_bits,
-            "reduce_sum_copy": reduce_sum_copy, "import_qat": import_qat}
+    return {
+        "model": model,
+        "inputset": tuple(columns) if len(columns) > 1 else columns[0],
+        "n_bits": settings.n_bits,
+        "rounding_threshold_bits": settings.rounding_threshold_bits,
+        "reduce_sum_copy": reduce_sum_copy,
+        "import_qat": import_qat,
+    }
 
 
 def _has_quantizers(quantized: QuantizedModule) -> bool:
@@ -700,17 +850,21 @@ def _has_quantizers(quantized: QuantizedModule) -> bool:
 def _check_device(device: Any) -> bool:
     """Concrete ML's `device` check: 'cpu' or 'cuda'; True when the circuit targets a GPU."""
     if device not in SUPPORTED_DEVICES:
-        raise OptionError(f"device = {device!r}: model compilation targets given through the "
-                          f"`device` argument can be one of {list(SUPPORTED_DEVICES)}")
+        raise OptionError(
+            f"device = {device!r}: model compilation targets given through the "
+            f"`device` argument can be one of {list(SUPPORTED_DEVICES)}"
+        )
     if device == "cpu":
         return False
     from concrete.compiler import check_gpu_available, check_gpu_enabled
 
     if not (check_gpu_enabled() and check_gpu_available()):
-        raise OptionError("device = 'cuda': the installed concrete-python has no CUDA support or "
-                          "no GPU is visible; install the GPU build of concrete-python (from "
-                          "Zama's GPU package index) on a machine with an NVIDIA GPU, or use "
-                          "device='cpu'")
+        raise OptionError(
+            "device = 'cuda': the installed concrete-python has no CUDA support or "
+            "no GPU is visible; install the GPU build of concrete-python (from "
+            "Zama's GPU package index) on a machine with an NVIDIA GPU, or use "
+            "device='cpu'"
+        )
     return True
 
 
@@ -734,29 +888,35 @@ def _check_rounding(rounding_threshold_bits: Any) -> None:
         if unknown:
             raise RoundingKeyError(
                 f"rounding_threshold_bits = {value!r}: Invalid keys in rounding_threshold_bits. "
-                "Allowed keys are ['method', 'n_bits'].")
+                "Allowed keys are ['method', 'n_bits']."
+            )
         method = value.get("method", "EXACT")
         name = str(getattr(method, "name", method)).upper()
         if name not in ("EXACT", "APPROXIMATE"):
-            raise OptionError(f"rounding_threshold_bits method: {name} is not a valid method. "
-                              "Must be one of EXACT, APPROXIMATE.")
+            raise OptionError(
+                f"rounding_threshold_bits method: {name} is not a valid method. "
+                "Must be one of EXACT, APPROXIMATE."
+            )
         n_bits = value.get("n_bits")
         if n_bits == "auto":
             return
         if isinstance(n_bits, bool) or not isinstance(n_bits, int):
-            raise OptionError(f"rounding_threshold_bits = {value!r}: n_bits must be an integer "
-                              "(or 'auto').")
+            raise OptionError(f"rounding_threshold_bits = {value!r}: n_bits must be an integer (or 'auto').")
     elif isinstance(value, int) and not isinstance(value, bool):
         n_bits = value
     else:
-        raise OptionError(f"rounding_threshold_bits = {value!r}: Invalid type for "
-                          "rounding_threshold_bits. Must be int or dict (or 'auto').")
+        raise OptionError(
+            f"rounding_threshold_bits = {value!r}: Invalid type for "
+            "rounding_threshold_bits. Must be int or dict (or 'auto')."
+        )
     low, high = ROUNDING_BITS_RANGE
     if not low <= n_bits <= high:
-        raise OptionError(f"rounding_threshold_bits n_bits = {n_bits}: n_bits_rounding must be "
-                          f"between {low} and {high} inclusive (lookups narrower than {low} bits "
-                          "lose the sign, wider than 8 cost more than they gain; use 'auto' to "
-                          "let the calibration choose)")
+        raise OptionError(
+            f"rounding_threshold_bits n_bits = {n_bits}: n_bits_rounding must be "
+            f"between {low} and {high} inclusive (lookups narrower than {low} bits "
+            "lose the sign, wider than 8 cost more than they gain; use 'auto' to "
+            "let the calibration choose)"
+        )
 
 
 class ModelTypeError(OptionError, AssertionError):
@@ -825,8 +985,11 @@ def _has_brevitas_layers(model: Any) -> bool:
     from .qat import _brevitas_layer_types
 
     types = _brevitas_layer_types()
-    return bool(types) and isinstance(model, torch.nn.Module) and any(
-        isinstance(module, types) for module in model.modules())
+    return (
+        bool(types)
+        and isinstance(model, torch.nn.Module)
+        and any(isinstance(module, types) for module in model.modules())
+    )
 
 
 def _export_qonnx(model: torch.nn.Module, inputset: InputSet, path: Path) -> None:
@@ -839,8 +1002,11 @@ def _export_qonnx(model: torch.nn.Module, inputset: InputSet, path: Path) -> Non
     try:
         export_qonnx(model.eval(), example[0] if len(example) == 1 else example, export_path=str(path))
     except ModuleNotFoundError as error:  # Brevitas' ONNX export needs onnxoptimizer
-        warnings.warn(f"fhe_backend: output_onnx_file '{path}' was not written: {error} "
-                      "(pip install onnxoptimizer); the compilation does not need it", stacklevel=3)
+        warnings.warn(
+            f"fhe_backend: output_onnx_file '{path}' was not written: {error} "
+            "(pip install onnxoptimizer); the compilation does not need it",
+            stacklevel=3,
+        )
     finally:
         model.train(was_training)
 
@@ -888,13 +1054,22 @@ class OnnxModule(torch.nn.Module):
         known = set(self.values) | set(self.buffer_names)
         self.input_names = [i.name for i in graph.input if i.name not in known]
         self.output_names = [o.name for o in graph.output]
-        self.nodes = [(node.op_type, list(node.input), list(node.output),
-                       {a.name: _onnx_attribute(a) for a in node.attribute}, node.name)
-                      for node in graph.node]
+        self.nodes = [
+            (
+                node.op_type,
+                list(node.input),
+                list(node.output),
+                {a.name: _onnx_attribute(a) for a in node.attribute},
+                node.name,
+            )
+            for node in graph.node
+        ]
         unknown = sorted({op for op, *_ in self.nodes} - set(ONNX_OPS))
         if unknown:
-            raise UnsupportedOpError(f"ONNX operator(s) {unknown} have no torch equivalent in "
-                                     f"fhe_backend.compile; supported: {sorted(ONNX_OPS)}")
+            raise UnsupportedOpError(
+                f"ONNX operator(s) {unknown} have no torch equivalent in "
+                f"fhe_backend.compile; supported: {sorted(ONNX_OPS)}"
+            )
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         """Run the ONNX graph node by node."""
@@ -906,8 +1081,9 @@ class OnnxModule(torch.nn.Module):
             try:
                 result = ONNX_OPS[op](*args, **attributes)
             except Exception as error:
-                raise UnsupportedOpError(f"ONNX node '{name}' ({op}) failed in torch: "
-                                         f"{type(error).__name__}: {error}") from error
+                raise UnsupportedOpError(
+                    f"ONNX node '{name}' ({op}) failed in torch: {type(error).__name__}: {error}"
+                ) from error
             results = result if len(output_names) > 1 else (result,)
             env.update(zip(output_names, results))
         outputs = tuple(env[name] for name in self.output_names)
@@ -962,27 +1138,47 @@ def _spatial(x, kernel_shape, pads, fn, **kwargs):
     return fn(F.pad(x, _torch_pads(pads)), padding=0, **kwargs)
 
 
-def _conv(x, w, b=None, dilations=None, group=1, kernel_shape=None, pads=None, strides=None,
-          auto_pad="NOTSET"):
+def _conv(
+    x, w, b=None, dilations=None, group=1, kernel_shape=None, pads=None, strides=None, auto_pad="NOTSET"
+):
     dims = w.dim() - 2
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    return _spatial(x, kernel_shape or list(w.shape[2:]), pads,
-                    lambda t, padding: conv(t, w, b, stride=strides or 1, padding=padding,
-                                            dilation=dilations or 1, groups=group))
+    return _spatial(
+        x,
+        kernel_shape or list(w.shape[2:]),
+        pads,
+        lambda t, padding: conv(
+            t, w, b, stride=strides or 1, padding=padding, dilation=dilations or 1, groups=group
+        ),
+    )
 
 
-def _average_pool(x, kernel_shape, pads=None, strides=None, ceil_mode=0, count_include_pad=0,
-                  auto_pad="NOTSET"):
+def _average_pool(
+    x, kernel_shape, pads=None, strides=None, ceil_mode=0, count_include_pad=0, auto_pad="NOTSET"
+):
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel_shape)]
-    return _spatial(x, kernel_shape, pads, lambda t, padding: pool(
-        t, kernel_shape, strides or kernel_shape, padding, bool(ceil_mode), bool(count_include_pad)))
+    return _spatial(
+        x,
+        kernel_shape,
+        pads,
+        lambda t, padding: pool(
+            t, kernel_shape, strides or kernel_shape, padding, bool(ceil_mode), bool(count_include_pad)
+        ),
+    )
 
 
-def _max_pool(x, kernel_shape, pads=None, strides=None, ceil_mode=0, dilations=None,
-              auto_pad="NOTSET", storage_order=0):
+def _max_pool(
+    x, kernel_shape, pads=None, strides=None, ceil_mode=0, dilations=None, auto_pad="NOTSET", storage_order=0
+):
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel_shape)]
-    return _spatial(x, kernel_shape, pads, lambda t, padding: pool(
-        t, kernel_shape, strides or kernel_shape, padding, dilations or 1, bool(ceil_mode)))
+    return _spatial(
+        x,
+        kernel_shape,
+        pads,
+        lambda t, padding: pool(
+            t, kernel_shape, strides or kernel_shape, padding, dilations or 1, bool(ceil_mode)
+        ),
+    )
 
 
 def _reshape(x, shape, allowzero=0):
@@ -1023,7 +1219,7 @@ def _gather(x, indices, axis=0):
     if indices.dim() == 0:
         return x.select(axis, int(indices))
     flat = torch.index_select(x, axis, indices.reshape(-1).long() % x.shape[axis])
-    return flat.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return flat.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
 
 
 def _slice(x, starts, ends, axes=None, steps=None):
@@ -1046,15 +1242,18 @@ def _reduce(fn):
     def reduce(x, axes=None, keepdims=1, noop_with_empty_axes=0, axes_attribute=None):
         axes = _axis_or(axes_attribute, axes)
         return fn(x, dim=tuple(axes) if axes else tuple(range(x.dim())), keepdim=bool(keepdims))
+
     return reduce
 
 
 def _with_axes_attribute(fn):
     """ONNX ops whose `axes` moved from an attribute to an input in opset 13."""
+
     def call(x, axes=None, **attributes):
         if "axes" in attributes:
             attributes["axes_attribute"] = attributes.pop("axes")
         return fn(x, axes, **attributes)
+
     return call
 
 
@@ -1064,15 +1263,21 @@ def _variadic(fn):
         for x in xs[1:]:
             result = fn(result, x)
         return result
+
     return call
 
 
 def _cast(x, to, saturate=1):
     from onnx import TensorProto
 
-    dtypes = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
-              TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
-              TensorProto.BOOL: torch.bool, TensorProto.FLOAT16: torch.float16}
+    dtypes = {
+        TensorProto.FLOAT: torch.float32,
+        TensorProto.DOUBLE: torch.float64,
+        TensorProto.INT64: torch.int64,
+        TensorProto.INT32: torch.int32,
+        TensorProto.BOOL: torch.bool,
+        TensorProto.FLOAT16: torch.float16,
+    }
     return x.to(dtypes[to]) if isinstance(x, torch.Tensor) else x
 
 
@@ -1084,38 +1289,77 @@ def _constant(value=None, value_float=None, value_floats=None, value_int=None, v
 
 
 ONNX_OPS = {
-    "Abs": torch.abs, "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div,
-    "Neg": torch.neg, "Pow": torch.pow, "Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log,
-    "Erf": torch.erf, "Sign": torch.sign, "Floor": torch.floor, "Ceil": torch.ceil,
-    "Round": torch.round, "Reciprocal": torch.reciprocal, "Not": torch.logical_not,
-    "And": torch.logical_and, "Or": torch.logical_or, "Equal": torch.eq, "Greater": torch.gt,
-    "GreaterOrEqual": torch.ge, "Less": torch.lt, "LessOrEqual": torch.le, "Where": torch.where,
-    "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum), "Sum": _variadic(torch.add),
-    "MatMul": torch.matmul, "Gemm": _gemm,
-    "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Softplus": F.softplus,
-    "Softsign": F.softsign, "Mish": F.mish, "HardSwish": F.hardswish,
+    "Abs": torch.abs,
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Div": torch.div,
+    "Neg": torch.neg,
+    "Pow": torch.pow,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Erf": torch.erf,
+    "Sign": torch.sign,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Round": torch.round,
+    "Reciprocal": torch.reciprocal,
+    "Not": torch.logical_not,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Equal": torch.eq,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "Less": torch.lt,
+    "LessOrEqual": torch.le,
+    "Where": torch.where,
+    "Min": _variadic(torch.minimum),
+    "Max": _variadic(torch.maximum),
+    "Sum": _variadic(torch.add),
+    "MatMul": torch.matmul,
+    "Gemm": _gemm,
+    "Relu": F.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Softplus": F.softplus,
+    "Softsign": F.softsign,
+    "Mish": F.mish,
+    "HardSwish": F.hardswish,
     "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
     "Elu": lambda x, alpha=1.0: F.elu(x, alpha),
     "Celu": lambda x, alpha=1.0: F.celu(x, alpha),
-    "Selu": lambda x, alpha=1.6732632423543772, gamma=1.0507009873554805:
-        gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1)),
+    "Selu": lambda x, alpha=1.6732632423543772, gamma=1.0507009873554805: (
+        gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+    ),
     "HardSigmoid": lambda x, alpha=0.2, beta=0.5: torch.clamp(alpha * x + beta, 0.0, 1.0),
     "ThresholdedRelu": lambda x, alpha=1.0: torch.where(x > alpha, x, torch.zeros_like(x)),
     "PRelu": lambda x, slope: torch.where(x >= 0, x, slope * x),
     "Softmax": lambda x, axis=-1: torch.softmax(x, axis),
-    "Clip": _clip, "Conv": _conv, "AveragePool": _average_pool, "MaxPool": _max_pool,
+    "Clip": _clip,
+    "Conv": _conv,
+    "AveragePool": _average_pool,
+    "MaxPool": _max_pool,
     "GlobalAveragePool": lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
-    "BatchNormalization": lambda x, scale, bias, mean, var, epsilon=1e-5, momentum=0.9,
-        training_mode=0: F.batch_norm(x, mean, var, scale, bias, False, 0.0, epsilon),
-    "Pad": lambda x, pads, constant_value=None, axes=None, mode="constant":
-        F.pad(x, _torch_pads(_ints(pads)), mode,
-              0.0 if constant_value is None else float(constant_value)),
-    "Reshape": _reshape, "Flatten": _flatten,
+    "BatchNormalization": lambda x, scale, bias, mean, var, epsilon=1e-5, momentum=0.9, training_mode=0: (
+        F.batch_norm(x, mean, var, scale, bias, False, 0.0, epsilon)
+    ),
+    "Pad": lambda x, pads, constant_value=None, axes=None, mode="constant": F.pad(
+        x, _torch_pads(_ints(pads)), mode, 0.0 if constant_value is None else float(constant_value)
+    ),
+    "Reshape": _reshape,
+    "Flatten": _flatten,
     "Transpose": lambda x, perm=None: x.permute(perm or list(reversed(range(x.dim())))),
-    "Squeeze": _with_axes_attribute(_squeeze), "Unsqueeze": _with_axes_attribute(_unsqueeze),
-    "Concat": _concat, "Gather": _gather, "Slice": _slice, "Cast": _cast,
-    "Identity": lambda x: x, "Dropout": lambda x, *rest, **attributes: x,
-    "Constant": _constant, "Shape": lambda x, start=0, end=None: list(x.shape)[start:end],
+    "Squeeze": _with_axes_attribute(_squeeze),
+    "Unsqueeze": _with_axes_attribute(_unsqueeze),
+    "Concat": _concat,
+    "Gather": _gather,
+    "Slice": _slice,
+    "Cast": _cast,
+    "Identity": lambda x: x,
+    "Dropout": lambda x, *rest, **attributes: x,
+    "Constant": _constant,
+    "Shape": lambda x, start=0, end=None: list(x.shape)[start:end],
     "ReduceSum": _with_axes_attribute(_reduce(torch.sum)),
     "ReduceMean": _with_axes_attribute(_reduce(torch.mean)),
 }

@@ -13,15 +13,24 @@ import torch
 
 def is_conv1d(module: torch.nn.Module) -> bool:
     """True for transformers' `Conv1D` (GPT-2 style: weight of shape (nx, nf), bias (nf,))."""
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-            and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 2 and module.weight.shape[1] == module.nf)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+        and module.weight.shape[1] == module.nf
+    )
 
 
 def _to_linear(layer: torch.nn.Module) -> torch.nn.Linear:
     in_features, out_features = layer.weight.shape
-    linear = torch.nn.Linear(in_features, out_features, bias=layer.bias is not None,
-                             device=layer.weight.device, dtype=layer.weight.dtype)
+    linear = torch.nn.Linear(
+        in_features,
+        out_features,
+        bias=layer.bias is not None,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
     with torch.no_grad():
         linear.weight.copy_(layer.weight.t())
         if layer.bias is not None:
@@ -42,8 +51,9 @@ def convert_conv1d_to_linear(layer_or_module: torch.nn.Module) -> torch.nn.Modul
     if is_conv1d(layer_or_module):
         return _to_linear(layer_or_module)
     if not isinstance(layer_or_module, torch.nn.Module):
-        raise TypeError(f"convert_conv1d_to_linear expects an nn.Module, not "
-                        f"{type(layer_or_module).__name__}")
+        raise TypeError(
+            f"convert_conv1d_to_linear expects an nn.Module, not {type(layer_or_module).__name__}"
+        )
     for name, child in list(layer_or_module.named_children()):
         setattr(layer_or_module, name, convert_conv1d_to_linear(child))
     return layer_or_module

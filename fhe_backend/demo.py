@@ -24,8 +24,10 @@ import torch
 from .backend import partitions
 
 EXACT_OPTIONS: Dict[str, Any] = {"n_bits": 6, "rounding_threshold_bits": 6}
-FAST_OPTIONS: Dict[str, Any] = {"n_bits": 6,
-                                "rounding_threshold_bits": {"n_bits": "auto", "method": "approximate"}}
+FAST_OPTIONS: Dict[str, Any] = {
+    "n_bits": 6,
+    "rounding_threshold_bits": {"n_bits": "auto", "method": "approximate"},
+}
 CONFIGURATIONS = {"exact": EXACT_OPTIONS, "fast": FAST_OPTIONS}
 DEMO_OPTIONS = EXACT_OPTIONS  # the configuration whose execution must equal simulation
 
@@ -34,8 +36,13 @@ class DigitsMLP(torch.nn.Sequential):
     """64-32-32-10 MLP with ReLU."""
 
     def __init__(self):
-        super().__init__(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
-                         torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        super().__init__(
+            torch.nn.Linear(64, 32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 10),
+        )
 
 
 class DigitsCNN(torch.nn.Module):
@@ -62,20 +69,26 @@ def load_digits_split(seed: int = 0):
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        (x / 16.0).astype(np.float32), y, test_size=0.25, random_state=seed)
-    return (torch.from_numpy(x_train), torch.from_numpy(x_test),
-            torch.from_numpy(y_train), torch.from_numpy(y_test))
+        (x / 16.0).astype(np.float32), y, test_size=0.25, random_state=seed
+    )
+    return (
+        torch.from_numpy(x_train),
+        torch.from_numpy(x_test),
+        torch.from_numpy(y_train),
+        torch.from_numpy(y_test),
+    )
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 40,
-          seed: int = 0) -> torch.nn.Module:
+def train(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 40, seed: int = 0
+) -> torch.nn.Module:
     """Adam on cross-entropy, mini-batches of 64, fixed seed; returns the model in eval mode."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
@@ -88,8 +101,9 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def compile_and_measure(name: str, model: torch.nn.Module, data,
-                        options: Dict[str, Any] = EXACT_OPTIONS) -> Tuple[object, Dict]:
+def compile_and_measure(
+    name: str, model: torch.nn.Module, data, options: Dict[str, Any] = EXACT_OPTIONS
+) -> Tuple[object, Dict]:
     """Compile with backend "fhe" and `options`; measure simulate accuracy and circuit cost."""
     x_train, x_test, _, y_test = data
     start = time.perf_counter()
@@ -98,9 +112,13 @@ def compile_and_measure(name: str, model: torch.nn.Module, data,
         compiled(x_test[:1])
     compile_seconds = time.perf_counter() - start
     (partition,) = partitions(compiled)
-    figures = {"model": name, "float_accuracy": accuracy(model, x_test, y_test),
-               "simulate_accuracy": accuracy(compiled, x_test, y_test),
-               "compile_seconds": compile_seconds, **partition.statistics}
+    figures = {
+        "model": name,
+        "float_accuracy": accuracy(model, x_test, y_test),
+        "simulate_accuracy": accuracy(compiled, x_test, y_test),
+        "compile_seconds": compile_seconds,
+        **partition.statistics,
+    }
     return compiled, figures
 
 
@@ -119,17 +137,22 @@ def run_encrypted(compiled, sample: torch.Tensor) -> Dict:
             latency = time.perf_counter() - start
         finally:
             partition.mode = "simulate"
-    return {"keygen_seconds": keygen_seconds, "execute_seconds": latency,
-            "matches_simulate": bool(torch.equal(encrypted, simulated)),
-            "max_difference": float((encrypted - simulated).abs().max()),
-            "same_class": bool(torch.equal(encrypted.argmax(-1), simulated.argmax(-1)))}
+    return {
+        "keygen_seconds": keygen_seconds,
+        "execute_seconds": latency,
+        "matches_simulate": bool(torch.equal(encrypted, simulated)),
+        "max_difference": float((encrypted - simulated).abs().max()),
+        "same_class": bool(torch.equal(encrypted.argmax(-1), simulated.argmax(-1))),
+    }
 
 
 def describe(options: Dict[str, Any]) -> str:
     """A configuration in words, e.g. "n_bits 6, rounding 6 exact" or "... rounding 'auto' approximate"."""
     rounding = options["rounding_threshold_bits"]
     if isinstance(rounding, dict):
-        return f"n_bits {options['n_bits']}, rounding {rounding['n_bits']!r} {rounding.get('method', 'exact')}"
+        return (
+            f"n_bits {options['n_bits']}, rounding {rounding['n_bits']!r} {rounding.get('method', 'exact')}"
+        )
     return f"n_bits {options['n_bits']}, rounding {rounding} exact"
 
 
@@ -158,30 +181,43 @@ def run(args: argparse.Namespace) -> int:
                 compiled, figures = compile_and_measure(name, model, data, options)
             except Exception as error:  # reported, and the demo exits 1; the other one still runs
                 failed = True
-                print(f"  {label:5} ({describe(options)}): FAILED to compile: "
-                      f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}", flush=True)
+                print(
+                    f"  {label:5} ({describe(options)}): FAILED to compile: "
+                    f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}",
+                    flush=True,
+                )
                 continue
             if factory is DigitsMLP:
                 mlp[label] = compiled
-            print(f"  {label:5} ({describe(options)}): simulate accuracy "
-                  f"{figures['simulate_accuracy']:.3f} | PBS {figures['pbs_count']} | max bit-width "
-                  f"{figures['max_bit_width']} | lookup bit-width {figures['max_tlu_bit_width']} | "
-                  f"complexity {figures['complexity']:.3g} | compile {figures['compile_seconds']:.1f}s",
-                  flush=True)
+            print(
+                f"  {label:5} ({describe(options)}): simulate accuracy "
+                f"{figures['simulate_accuracy']:.3f} | PBS {figures['pbs_count']} | max bit-width "
+                f"{figures['max_bit_width']} | lookup bit-width {figures['max_tlu_bit_width']} | "
+                f"complexity {figures['complexity']:.3g} | compile {figures['compile_seconds']:.1f}s",
+                flush=True,
+            )
     if args.no_execute:
         return 1 if failed else 0
     print("one MLP sample with real encryption (key generation first) ...", flush=True)
     results: Dict[str, Dict] = {}
     for label, compiled in mlp.items():
         figures = results[label] = run_encrypted(compiled, data[1][:1])
-        agreement = ("equals simulate" if figures["matches_simulate"] else
-                     f"differs from simulate by up to {figures['max_difference']:.3g} "
-                     f"({'same' if figures['same_class'] else 'another'} predicted class)")
-        print(f"  {label:5}: keygen {figures['keygen_seconds']:.1f}s | execute one sample "
-              f"{figures['execute_seconds']:.2f}s | {agreement}", flush=True)
+        agreement = (
+            "equals simulate"
+            if figures["matches_simulate"]
+            else f"differs from simulate by up to {figures['max_difference']:.3g} "
+            f"({'same' if figures['same_class'] else 'another'} predicted class)"
+        )
+        print(
+            f"  {label:5}: keygen {figures['keygen_seconds']:.1f}s | execute one sample "
+            f"{figures['execute_seconds']:.2f}s | {agreement}",
+            flush=True,
+        )
     if len(results) == 2:
         speedup = results["exact"]["execute_seconds"] / results["fast"]["execute_seconds"]
-        print(f"  fast executes {speedup:.1f}x faster than exact; exact agrees with simulation "
-              "bit for bit", flush=True)
+        print(
+            f"  fast executes {speedup:.1f}x faster than exact; exact agrees with simulation bit for bit",
+            flush=True,
+        )
     exact_ok = "exact" in results and results["exact"]["matches_simulate"]
     return 0 if exact_ok and not failed else 1

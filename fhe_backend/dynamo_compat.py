@@ -25,8 +25,11 @@ def same_options(first: Any, second: Any) -> bool:
     if isinstance(first, dict) and isinstance(second, dict):
         return first.keys() == second.keys() and all(same_options(first[k], second[k]) for k in first)
     if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
-        return type(first) is type(second) and len(first) == len(second) and all(
-            same_options(a, b) for a, b in zip(first, second))
+        return (
+            type(first) is type(second)
+            and len(first) == len(second)
+            and all(same_options(a, b) for a, b in zip(first, second))
+        )
     if hasattr(first, "shape") or hasattr(second, "shape"):  # tensors and arrays: identity only
         return False
     try:
@@ -37,9 +40,13 @@ def same_options(first: Any, second: Any) -> bool:
 
 def _wrapper_eq(self: Any, other: Any) -> bool:
     if isinstance(other, torch._TorchCompileWrapper) and BACKEND_NAMES.__contains__(  # noqa: SLF001
-            getattr(self, "compiler_name", None)):
-        return (self.compiler_fn == other.compiler_fn and self.dynamic == other.dynamic
-                and same_options(self.kwargs, other.kwargs))
+        getattr(self, "compiler_name", None)
+    ):
+        return (
+            self.compiler_fn == other.compiler_fn
+            and self.dynamic == other.dynamic
+            and same_options(self.kwargs, other.kwargs)
+        )
     return _original_eq(self, other)
 
 

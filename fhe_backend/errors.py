@@ -47,8 +47,11 @@ def surfaced(error: FheBackendError) -> FheBackendError:
     that a caller of a compiled model catches e.g. an `OptionError` as it is."""
     cls = type(error)
     if cls not in _SURFACED:
-        _SURFACED[cls] = type(cls.__name__, (cls, ShortenTraceback), {
-            "__init__": Exception.__init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _SURFACED[cls] = type(
+            cls.__name__,
+            (cls, ShortenTraceback),
+            {"__init__": Exception.__init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
     result = _SURFACED[cls](*error.args)
     result.first_useful_frame = None
     return result.with_traceback(error.__traceback__)

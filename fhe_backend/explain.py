@@ -102,24 +102,49 @@ class ExplainReport:
         return dict(Counter(node.reason for node in self.torch_nodes))
 
     def __str__(self) -> str:
-        lines = [f"FHE coverage: {self.coverage:.0%} of compute ops ({self.fhe_ops} in FHE, "
-                 f"{len(self.torch_nodes)} in torch), {self.compute_coverage:.0%} of the compute "
-                 f"({_count(self.fhe_macs)} of {_count(self.fhe_macs + self.torch_macs)} "
-                 f"multiply-accumulates); inputset: {self.samples} samples", ""]
+        lines = [
+            f"FHE coverage: {self.coverage:.0%} of compute ops ({self.fhe_ops} in FHE, "
+            f"{len(self.torch_nodes)} in torch), {self.compute_coverage:.0%} of the compute "
+            f"({_count(self.fhe_macs)} of {_count(self.fhe_macs + self.torch_macs)} "
+            f"multiply-accumulates); inputset: {self.samples} samples",
+            "",
+        ]
         if self.not_captured:
             lines += [f"NOTHING RUNS IN FHE: {self.not_captured}", ""]
         if self.graph_breaks:
-            lines += [f"{len(self.graph_breaks)} graph break(s): dynamo split the model into "
-                      f"{self.graph_count} graphs, each calibrated on the values that reach it"]
+            lines += [
+                f"{len(self.graph_breaks)} graph break(s): dynamo split the model into "
+                f"{self.graph_count} graphs, each calibrated on the values that reach it"
+            ]
             lines += [f"  - {b}" for b in self.graph_breaks] + [""]
         if self.partitions:
             lines += _table(
-                ["partition", "module", "inputs", "outputs", "max bits", "TLU bits", "PBS",
-                 "complexity", "ops"],
-                [[p.name, p.module or "(model)", _shapes(p.input_shapes), _shapes(p.output_shapes),
-                  p.max_bit_width, p.max_tlu_bit_width, p.pbs_count, f"{p.complexity:.3g}",
-                  ", ".join(f"{op} x{n}" if n > 1 else op for op, n in p.ops.items())]
-                 for p in self.partitions])
+                [
+                    "partition",
+                    "module",
+                    "inputs",
+                    "outputs",
+                    "max bits",
+                    "TLU bits",
+                    "PBS",
+                    "complexity",
+                    "ops",
+                ],
+                [
+                    [
+                        p.name,
+                        p.module or "(model)",
+                        _shapes(p.input_shapes),
+                        _shapes(p.output_shapes),
+                        p.max_bit_width,
+                        p.max_tlu_bit_width,
+                        p.pbs_count,
+                        f"{p.complexity:.3g}",
+                        ", ".join(f"{op} x{n}" if n > 1 else op for op, n in p.ops.items()),
+                    ]
+                    for p in self.partitions
+                ],
+            )
         else:
             lines.append("no FHE partition")
         if self.torch_nodes:
@@ -133,9 +158,16 @@ class ExplainReport:
                     rows += [[n.name, n.op, n.module or "(model)", n.reason, n.source or "-"] for n in nodes]
                     continue
                 ops = Counter(_short_op(n.op) for n in nodes)
-                rows.append([f"{len(nodes)} nodes", ", ".join(f"{op} x{k}" for op, k in ops.most_common(4))
-                             + (", ..." if len(ops) > 4 else ""), nodes[0].module or "(model)",
-                             nodes[0].reason, nodes[0].source or "-"])
+                rows.append(
+                    [
+                        f"{len(nodes)} nodes",
+                        ", ".join(f"{op} x{k}" for op, k in ops.most_common(4))
+                        + (", ..." if len(ops) > 4 else ""),
+                        nodes[0].module or "(model)",
+                        nodes[0].reason,
+                        nodes[0].source or "-",
+                    ]
+                )
             lines += _table(["node", "op", "module", "reason", "source"], rows)
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -208,17 +240,24 @@ def partition_report(partition: FhePartition) -> PartitionReport:
     first_input = partition.program.tensor_inputs[0].name
     rows_ratio = partition.rows_per_sample[0] / partition.stats[first_input].shape[0]
     output_node = next(n for n in graph.nodes if n.op == "output")
-    outputs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else [
-        output_node.args[0]]
+    outputs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else [output_node.args[0]]
     output_shapes = []
     for node in outputs:
         shape = partition.stats[node.name].shape
         output_shapes.append((max(1, round(shape[0] * rows_ratio)), *shape[1:]) if shape else ())
     macs = sum(node_macs(node) for node in graph.nodes if node.op == "call_function")
-    return PartitionReport(partition.name, partition.module_path, dict(ops), input_shapes,
-                           output_shapes, statistics["max_bit_width"],
-                           statistics["max_tlu_bit_width"], statistics["pbs_count"],
-                           statistics["complexity"], macs)
+    return PartitionReport(
+        partition.name,
+        partition.module_path,
+        dict(ops),
+        input_shapes,
+        output_shapes,
+        statistics["max_bit_width"],
+        statistics["max_tlu_bit_width"],
+        statistics["pbs_count"],
+        statistics["complexity"],
+        macs,
+    )
 
 
 def explain(model: torch.nn.Module, inputset: Any, **options: Any) -> ExplainReport:
@@ -238,8 +277,10 @@ def explain(model: torch.nn.Module, inputset: Any, **options: Any) -> ExplainRep
     samples = sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in samples_batches)
     notes = []
     if samples < MIN_RECOMMENDED_INPUTSET:
-        notes.append(f"the inputset has {samples} samples (< {MIN_RECOMMENDED_INPUTSET}): "
-                     "calibration ranges may miss values, a common cause of accuracy loss")
+        notes.append(
+            f"the inputset has {samples} samples (< {MIN_RECOMMENDED_INPUTSET}): "
+            "calibration ranges may miss values, a common cause of accuracy loss"
+        )
         warnings.warn(f"fhe_backend.explain: {notes[-1]}", stacklevel=2)
     target = getattr(model, "_orig_mod", model)
     was_training = target.training
@@ -262,8 +303,17 @@ def explain(model: torch.nn.Module, inputset: Any, **options: Any) -> ExplainRep
     modules = [p for graph in graphs for p in graph.partitions]
     torch_nodes = [node for graph in graphs for node in graph.left_in_torch]
     torch_macs = sum(node_macs(n.node) for n in torch_nodes if n.node is not None)
-    return ExplainReport([partition_report(p) for p in modules], torch_nodes, samples, notes,
-                         modules, breaks, graph_count, not_captured, torch_macs)
+    return ExplainReport(
+        [partition_report(p) for p in modules],
+        torch_nodes,
+        samples,
+        notes,
+        modules,
+        breaks,
+        graph_count,
+        not_captured,
+        torch_macs,
+    )
 
 
 def capture_summary(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[int, List[GraphBreak]]:
@@ -289,12 +339,17 @@ def _why_not_captured(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...]) 
         reason = _first_line(text)
         found = re.findall(r'File "([^"]+)", line (\d+)', text.split("from user code:")[-1])
         where = f" at {found[-1][0]}:{found[-1][1]}" if found else ""
-    hint = ("; set torch._dynamo.config.allow_rnn = True to capture it (the RNN op then stays in "
-            "torch, in the clear, and the layers around it can run in FHE)"
-            if re.search(r"\b(RNN|GRU|LSTM)\b", reason) else "")
-    return (f"no graph of this model reached the fhe backend: dynamo skipped the frame "
-            f"({reason}{where}), so the whole model runs as eager torch, in the clear{hint}. "
-            "Compile with torch.compile(model, backend='fhe', fullgraph=True) to see the break")
+    hint = (
+        "; set torch._dynamo.config.allow_rnn = True to capture it (the RNN op then stays in "
+        "torch, in the clear, and the layers around it can run in FHE)"
+        if re.search(r"\b(RNN|GRU|LSTM)\b", reason)
+        else ""
+    )
+    return (
+        f"no graph of this model reached the fhe backend: dynamo skipped the frame "
+        f"({reason}{where}), so the whole model runs as eager torch, in the clear{hint}. "
+        "Compile with torch.compile(model, backend='fhe', fullgraph=True) to see the break"
+    )
 
 
 def _first_line(text: str) -> str:
@@ -306,17 +361,24 @@ def _first_line(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fhe-backend explain`."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="'package.module:factory' returning an nn.Module (default: the "
-                             "built-in digits MLP demo model)")
-    parser.add_argument("--inputset", default=None,
-                        help=".npy/.pt file of representative inputs (default for the demo model: "
-                             "digits)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="'package.module:factory' returning an nn.Module (default: the built-in digits MLP demo model)",
+    )
+    parser.add_argument(
+        "--inputset",
+        default=None,
+        help=".npy/.pt file of representative inputs (default for the demo model: digits)",
+    )
     parser.add_argument("--n-bits", type=int, default=None, help="option n_bits")
-    parser.add_argument("--rounding-threshold-bits", type=int, default=None,
-                        help="option rounding_threshold_bits")
-    parser.add_argument("--module-names", nargs="*", default=None,
-                        help="option module_names: only these modules run in FHE")
+    parser.add_argument(
+        "--rounding-threshold-bits", type=int, default=None, help="option rounding_threshold_bits"
+    )
+    parser.add_argument(
+        "--module-names", nargs="*", default=None, help="option module_names: only these modules run in FHE"
+    )
 
 
 def _load_factory(spec: str) -> torch.nn.Module:
@@ -350,8 +412,11 @@ def run(args: argparse.Namespace) -> int:
         if args.inputset is None:
             raise OptionError("--inputset FILE is required with a model")
         model, inputset = _load_factory(args.model), _load_inputset(args.inputset)
-    options = {"n_bits": args.n_bits, "rounding_threshold_bits": args.rounding_threshold_bits,
-               "module_names": args.module_names}
+    options = {
+        "n_bits": args.n_bits,
+        "rounding_threshold_bits": args.rounding_threshold_bits,
+        "module_names": args.module_names,
+    }
     report = explain(model, inputset, **{k: v for k, v in options.items() if v is not None})
     print(report)
     return 0

@@ -36,8 +36,14 @@ from .deployment.fhe_client_server import (
 )
 from .errors import NotCompiledError, OptionError
 
-__all__ = ["HybridFHEMode", "HybridFHEModel", "RemoteModule", "convert_conv1d_to_linear",
-           "tuple_to_underscore_str", "underscore_str_to_tuple"]
+__all__ = [
+    "HybridFHEMode",
+    "HybridFHEModel",
+    "RemoteModule",
+    "convert_conv1d_to_linear",
+    "tuple_to_underscore_str",
+    "underscore_str_to_tuple",
+]
 
 MODEL_FILE = "model.pth"
 HUB_FOLDER = "hub"
@@ -68,8 +74,7 @@ class HybridFHEMode(enum.Enum):
 def tuple_to_underscore_str(tup: Tuple) -> str:
     """A shape (tuples may nest) as a file and URL name: (1, 8) -> 'po_1_8_pc',
     (1, (2, 3)) -> 'po_1_po_2_3_pc_pc'."""
-    parts = [tuple_to_underscore_str(item) if isinstance(item, tuple) else str(int(item))
-             for item in tup]
+    parts = [tuple_to_underscore_str(item) if isinstance(item, tuple) else str(int(item)) for item in tup]
     return "_".join(["po", *parts, "pc"]) if parts else "po__pc"
 
 
@@ -109,8 +114,14 @@ def module_dir_name(module_name: str) -> str:
 class RemoteModule(nn.Module):
     """A submodule that runs in FHE: one partition of the ``fhe`` backend, local or remote."""
 
-    def __init__(self, module: Optional[nn.Module] = None, server_remote_address: Optional[str] = None,
-                 module_name: Optional[str] = None, model_name: Optional[str] = None, verbose: int = 0):
+    def __init__(
+        self,
+        module: Optional[nn.Module] = None,
+        server_remote_address: Optional[str] = None,
+        module_name: Optional[str] = None,
+        model_name: Optional[str] = None,
+        verbose: int = 0,
+    ):
         super().__init__()
         self.private_module = module
         self.server_remote_address = server_remote_address
@@ -160,21 +171,38 @@ class RemoteModule(nn.Module):
 
     # ---- compilation --------------------------------------------------------------------
 
-    def compile(self, n_bits: Any = 8, rounding_threshold_bits: Any = None, p_error: Optional[float] = None,
-                configuration: Any = None, device: str = "cpu") -> None:
+    def compile(
+        self,
+        n_bits: Any = 8,
+        rounding_threshold_bits: Any = None,
+        p_error: Optional[float] = None,
+        configuration: Any = None,
+        device: str = "cpu",
+    ) -> None:
         """Compile the private module (one FHE partition of the backend) on the recorded activations."""
         if not self.calibration_data:
-            raise NotCompiledError(f"remote module '{self.module_name}' received no input during "
-                                   "calibration: is it used by the model's forward?")
+            raise NotCompiledError(
+                f"remote module '{self.module_name}' received no input during "
+                "calibration: is it used by the model's forward?"
+            )
         if self.private_module is None:
-            raise DeploymentError(f"remote module '{self.module_name}' has no private module to compile "
-                                  "(its private information was cleared)")
+            raise DeploymentError(
+                f"remote module '{self.module_name}' has no private module to compile "
+                "(its private information was cleared)"
+            )
         inputset = torch.cat(self.calibration_data)
         self.calibration_data = []
         module = _prepared(self.private_module)
-        quantized = _compile_module(module, inputset, n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
-                                    p_error=p_error, configuration=configuration, verbose=bool(self.verbose),
-                                    device=device)
+        quantized = _compile_module(
+            module,
+            inputset,
+            n_bits=n_bits,
+            rounding_threshold_bits=rounding_threshold_bits,
+            p_error=p_error,
+            configuration=configuration,
+            verbose=bool(self.verbose),
+            device=device,
+        )
         self.private_module = module
         self.private_q_module = quantized
         self.graph = quantized.graph
@@ -184,7 +212,9 @@ class RemoteModule(nn.Module):
 
     # ---- client side --------------------------------------------------------------------
 
-    def init_fhe_client(self, path_to_client: Optional[Path] = None, path_to_keys: Optional[Path] = None) -> None:
+    def init_fhe_client(
+        self, path_to_client: Optional[Path] = None, path_to_keys: Optional[Path] = None
+    ) -> None:
         """Download the client specs of every input shape, generate keys, upload evaluation keys.
 
         path_to_client: where client.zip files go (default: a temporary folder);
@@ -193,8 +223,10 @@ class RemoteModule(nn.Module):
         from .deployment.http_client import FheHttpClient
 
         if not self.server_remote_address:
-            raise DeploymentError(f"remote module '{self.module_name}': no server_remote_address; pass "
-                                  "HybridFHEModel(..., server_remote_address='http://host:port')")
+            raise DeploymentError(
+                f"remote module '{self.module_name}': no server_remote_address; pass "
+                "HybridFHEModel(..., server_remote_address='http://host:port')"
+            )
         self.http = FheHttpClient(self.server_remote_address)
         client_root = Path(path_to_client) if path_to_client else Path(tempfile.mkdtemp(prefix="fhe_client_"))
         for shape in self.http.list_shapes(self.model_name, self.url_name):
@@ -203,7 +235,8 @@ class RemoteModule(nn.Module):
             client = FHEModelClient(client_root / shape, key_dir=key_dir)
             client.generate_private_and_evaluation_keys()
             self.key_ids[shape] = self.http.upload_evaluation_keys(
-                self.model_name, self.url_name, shape, client.get_serialized_evaluation_keys())
+                self.model_name, self.url_name, shape, client.get_serialized_evaluation_keys()
+            )
             self.clients[shape] = client
             self._log(f"client ready for shape {shape} (key id {self.key_ids[shape][:8]}...)")
         if self.partition is not None:
@@ -223,14 +256,18 @@ class RemoteModule(nn.Module):
         if self.partition is not None:
             return self._run_partition(x, HybridFHEMode.REMOTE)
         if not self.clients:
-            raise DeploymentError(f"remote module '{self.module_name}': mode 'remote' needs the "
-                                  "server's client specs and keys: call hybrid_model.init_client() "
-                                  "first")
+            raise DeploymentError(
+                f"remote module '{self.module_name}': mode 'remote' needs the "
+                "server's client specs and keys: call hybrid_model.init_client() "
+                "first"
+            )
         client, _ = self._client_for(tuple(x.shape))
         processing = client.processing
         q_inputs = tuple(q.quantize(x.detach().cpu().double().numpy()) for q in processing.input_quantizers)
         integers = self.run_remote_integers(q_inputs)
-        outputs = processing.to_torch([d.dequantize(o) for d, o in zip(processing.output_dequantizers, integers)])
+        outputs = processing.to_torch(
+            [d.dequantize(o) for d, o in zip(processing.output_dequantizers, integers)]
+        )
         return _single(tuple(o.to(x.device) for o in outputs))
 
     def _client_for(self, batch_shape: Tuple[int, ...]) -> Tuple[FHEModelClient, str]:
@@ -240,8 +277,10 @@ class RemoteModule(nn.Module):
         rows = next(iter(self.clients.values())).processing.rows_per_sample[0]
         shape = tuple_to_underscore_str((rows, *batch_shape[1:]))
         if shape not in self.clients:
-            raise DeploymentError(f"remote module '{self.module_name}' has no circuit for input shape "
-                                  f"{underscore_str_to_tuple(shape)}; compiled shapes: {sorted(self.clients)}")
+            raise DeploymentError(
+                f"remote module '{self.module_name}' has no circuit for input shape "
+                f"{underscore_str_to_tuple(shape)}; compiled shapes: {sorted(self.clients)}"
+            )
         return self.clients[shape], shape
 
     # ---- running ------------------------------------------------------------------------
@@ -260,12 +299,15 @@ class RemoteModule(nn.Module):
         if mode == HybridFHEMode.TORCH:
             return self._private(x)
         if mode != HybridFHEMode.REMOTE and self.partition is None:
-            where = ("its weights were cleared: use mode 'remote' after init_client()"
-                     if self.private_module is None else
-                     "call HybridFHEModel.compile_model(x) first, or use mode 'torch' for the float "
-                     "module")
-            raise NotCompiledError(f"remote module '{self.module_name}' is not compiled here, so mode "
-                                   f"'{mode.value}' cannot run its FHE circuit: {where}")
+            where = (
+                "its weights were cleared: use mode 'remote' after init_client()"
+                if self.private_module is None
+                else "call HybridFHEModel.compile_model(x) first, or use mode 'torch' for the float module"
+            )
+            raise NotCompiledError(
+                f"remote module '{self.module_name}' is not compiled here, so mode "
+                f"'{mode.value}' cannot run its FHE circuit: {where}"
+            )
         single = self._is_single_sample(x)
         if single:
             x = x.unsqueeze(0)
@@ -284,13 +326,17 @@ class RemoteModule(nn.Module):
 
     def _private(self, x: torch.Tensor) -> torch.Tensor:
         if self.private_module is None:
-            raise DeploymentError(f"remote module '{self.module_name}' has no private weights here "
-                                  "(cleared by save_and_clear_private_info): use mode 'remote'")
+            raise DeploymentError(
+                f"remote module '{self.module_name}' has no private weights here "
+                "(cleared by save_and_clear_private_info): use mode 'remote'"
+            )
         return self.private_module(x)
 
     def _run_partition(self, x: torch.Tensor, mode: HybridFHEMode) -> torch.Tensor:
         if mode == HybridFHEMode.REMOTE and self.partition.remote_runner is None:
-            raise DeploymentError(f"remote module '{self.module_name}': call init_client() before mode 'remote'")
+            raise DeploymentError(
+                f"remote module '{self.module_name}': call init_client() before mode 'remote'"
+            )
         self.partition.mode = mode.value
         with torch.no_grad():  # symbolic sizes (dynamo's dynamic shapes) are solved from x
             outputs = self.graph(*self.graph._bind((x,)))
@@ -301,12 +347,15 @@ class RemoteModule(nn.Module):
     def save_artifacts(self, path: Path, via_mlir: bool = True) -> Path:
         """Write client.zip/server.zip to ``path/<input shape>/``; returns that folder."""
         if self.partition is None:
-            raise NotCompiledError(f"remote module '{self.module_name}' is not compiled: call compile_model first")
+            raise NotCompiledError(
+                f"remote module '{self.module_name}' is not compiled: call compile_model first"
+            )
         if len(self.graph.partitions) > 1 or self.graph.left_in_torch:
             raise DeploymentError(
                 f"remote module '{self.module_name}' must compile to ONE FHE partition to be served, "
                 f"it has {len(self.graph.partitions)} and leaves {[str(n) for n in self.graph.left_in_torch]} "
-                "in torch: choose a smaller module, or one whose operations are all supported")
+                "in torch: choose a smaller module, or one whose operations are all supported"
+            )
         target = Path(path) / tuple_to_underscore_str(self.input_shape)
         FHEModelDev(target, self.partition).save(via_mlir=via_mlir)
         return target
@@ -371,11 +420,19 @@ class HybridFHEModel:
     model_name: the model's name on the server; verbose: print client/server interactions.
     """
 
-    def __init__(self, model: nn.Module, module_names: Union[str, List[str]], server_remote_address: Optional[str] = None,
-                 model_name: str = "model", verbose: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: Union[str, List[str]],
+        server_remote_address: Optional[str] = None,
+        model_name: str = "model",
+        verbose: int = 0,
+    ):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"The model must be a PyTorch or Brevitas model: HybridFHEModel needs an "
-                            f"nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"The model must be a PyTorch or Brevitas model: HybridFHEModel needs an "
+                f"nn.Module, got {type(model).__name__}"
+            )
         if isinstance(module_names, str):
             module_names = [module_names]
         if not isinstance(module_names, (list, tuple)) or not all(isinstance(n, str) for n in module_names):
@@ -399,8 +456,11 @@ class HybridFHEModel:
     @property
     def private_q_modules(self) -> Dict[str, Any]:
         """The compiled `QuantizedModule` of each remote module, by name (after compile_model)."""
-        return {name: remote.private_q_module for name, remote in self.remote_modules.items()
-                if remote.private_q_module is not None}
+        return {
+            name: remote.private_q_module
+            for name, remote in self.remote_modules.items()
+            if remote.private_q_module is not None
+        }
 
     def _wrap(self, name: str) -> RemoteModule:
         parent_name, _, attribute = name.rpartition(".")
@@ -416,9 +476,16 @@ class HybridFHEModel:
 
     # ---- compile and run ----------------------------------------------------------------
 
-    def compile_model(self, x: Any, n_bits: Any = 8, rounding_threshold_bits: Any = None,
-                      p_error: Optional[float] = None, device: str = "cpu", configuration: Any = None,
-                      use_dynamic_quantization: bool = False) -> None:
+    def compile_model(
+        self,
+        x: Any,
+        n_bits: Any = 8,
+        rounding_threshold_bits: Any = None,
+        p_error: Optional[float] = None,
+        device: str = "cpu",
+        configuration: Any = None,
+        use_dynamic_quantization: bool = False,
+    ) -> None:
         """Run the model once on `x` (calibration) and compile every remote module to FHE.
 
         Arguments follow Concrete ML's. `device` is 'cpu' or 'cuda' (GPU build of
@@ -426,10 +493,12 @@ class HybridFHEModel:
         backend, which does not exist here: it raises, as Concrete ML does without that backend.
         """
         if use_dynamic_quantization:
-            raise OptionError("use_dynamic_quantization=True: Dynamic quantization requires GLWE "
-                              "backend (Concrete ML's concrete-ml-extensions), which fhe_backend "
-                              "does not have; remote layers use static quantization calibrated on "
-                              "x: pass use_dynamic_quantization=False")
+            raise OptionError(
+                "use_dynamic_quantization=True: Dynamic quantization requires GLWE "
+                "backend (Concrete ML's concrete-ml-extensions), which fhe_backend "
+                "does not have; remote layers use static quantization calibrated on "
+                "x: pass use_dynamic_quantization=False"
+            )
         self.configuration = configuration
         self.set_fhe_mode(HybridFHEMode.CALIBRATE)
         try:
@@ -461,12 +530,16 @@ class HybridFHEModel:
         for remote in self.remote_modules.values():
             remote.fhe_local_mode = mode
 
-    def init_client(self, path_to_clients: Optional[Path] = None, path_to_keys: Optional[Path] = None) -> None:
+    def init_client(
+        self, path_to_clients: Optional[Path] = None, path_to_keys: Optional[Path] = None
+    ) -> None:
         """Set up the FHE client of every remote module (client specs, keys, key upload)."""
         for name, remote in self.remote_modules.items():
             folder = module_dir_name(name)
-            remote.init_fhe_client(Path(path_to_clients) / folder if path_to_clients else None,
-                                   Path(path_to_keys) / folder if path_to_keys else None)
+            remote.init_fhe_client(
+                Path(path_to_clients) / folder if path_to_clients else None,
+                Path(path_to_keys) / folder if path_to_keys else None,
+            )
 
     # ---- save, clear, publish -----------------------------------------------------------
 
@@ -486,8 +559,13 @@ class HybridFHEModel:
         torch.save(self.model, path / MODEL_FILE)
         self.saved_path = path
 
-    def publish_to_hub(self, repo_id: Optional[str] = None, path: Optional[Union[str, Path]] = None,
-                       token: Optional[str] = None, private: bool = True) -> Path:
+    def publish_to_hub(
+        self,
+        repo_id: Optional[str] = None,
+        path: Optional[Union[str, Path]] = None,
+        token: Optional[str] = None,
+        private: bool = True,
+    ) -> Path:
         """Package the saved server artifacts as a model-hub folder and upload it.
 
         The folder (``<path>/hub``) has a README model card, ``model_info.json`` and
@@ -497,24 +575,32 @@ class HybridFHEModel:
         """
         source = Path(path) if path is not None else self.saved_path
         if source is None:
-            raise DeploymentError("publish_to_hub: nothing saved yet; call save_and_clear_private_info(path) "
-                                  "first or pass path=<its folder>")
+            raise DeploymentError(
+                "publish_to_hub: nothing saved yet; call save_and_clear_private_info(path) "
+                "first or pass path=<its folder>"
+            )
         folder = package_for_hub(source, self.model_name, self.module_names)
         if not repo_id:
-            raise DeploymentError(f"publish_to_hub: no repo_id given; the package is ready in {folder}; pass "
-                                  "repo_id='user/name' (and a token) to upload it to the Hugging Face Hub")
+            raise DeploymentError(
+                f"publish_to_hub: no repo_id given; the package is ready in {folder}; pass "
+                "repo_id='user/name' (and a token) to upload it to the Hugging Face Hub"
+            )
         try:
             from huggingface_hub import HfApi
         except ImportError as error:
-            raise DeploymentError("publish_to_hub needs huggingface_hub: pip install huggingface_hub") from error
+            raise DeploymentError(
+                "publish_to_hub needs huggingface_hub: pip install huggingface_hub"
+            ) from error
         try:
             api = HfApi(token=token)
             api.create_repo(repo_id, private=private, exist_ok=True)
             api.upload_folder(repo_id=repo_id, folder_path=str(folder))
         except Exception as error:  # network, authentication and hub errors all end here
-            raise DeploymentError(f"publish_to_hub: uploading {folder} to '{repo_id}' failed "
-                                  f"({type(error).__name__}: {error}); check the network, the token and "
-                                  "the repo id; the package stays in that folder") from error
+            raise DeploymentError(
+                f"publish_to_hub: uploading {folder} to '{repo_id}' failed "
+                f"({type(error).__name__}: {error}); check the network, the token and "
+                "the repo id; the package stays in that folder"
+            ) from error
         return folder
 
 
@@ -535,14 +621,19 @@ def package_for_hub(source: Path, model_name: str, module_names: Sequence[str]) 
         modules.setdefault(shape_dir.parent.name, []).append(shape_dir.name)
     if not modules:
         raise DeploymentError(f"publish_to_hub: {source} holds no saved module (<module>/<shape>/server.zip)")
-    info = {"model_name": model_name, "module_names": list(module_names), "modules": modules,
-            "versions": package_versions()}
+    info = {
+        "model_name": model_name,
+        "module_names": list(module_names),
+        "modules": modules,
+        "versions": package_versions(),
+    }
     (folder / "model_info.json").write_text(json.dumps(info, indent=2))
     (folder / "README.md").write_text(
         f"---\nlibrary_name: fhe_backend\ntags:\n- fhe\n- hybrid-model\n---\n\n# {model_name}: FHE server artifacts\n\n"
         f"Remote modules: {', '.join(sorted(modules))}. Serve with "
         f"`fhe-backend serve MODELS_DIR --keys-dir KEYS` after placing this folder at `MODELS_DIR/{model_name}`.\n"
-        "The archives hold circuits and quantizers only: no weights in the clear, no private key.\n")
+        "The archives hold circuits and quantizers only: no weights in the clear, no private key.\n"
+    )
     return folder
 
 
@@ -559,8 +650,10 @@ def resolve_module_name(model: nn.Module, name: str) -> str:
     attribute = _attribute(model, name)
     if attribute is not None and not isinstance(attribute, nn.Module):
         raise TypeError(f"{name!r} is a {type(attribute).__name__}, not an nn.Module: choose a submodule")
-    raise ValueError(f"No module found for name {name}: no submodule named {name!r}; valid names: "
-                     f"{[k for k in modules if k]}")
+    raise ValueError(
+        f"No module found for name {name}: no submodule named {name!r}; valid names: "
+        f"{[k for k in modules if k]}"
+    )
 
 
 def _attribute(model: nn.Module, name: str) -> Any:

@@ -169,8 +169,10 @@ class FheMatmul(nn.Module):
             raise OptionError(f"FHE mode {value!r} for '{self.name}': allowed modes are {RUN_MODES}")
         if value != "torch":
             if self.partition is None:
-                raise NotCompiledError(f"'{self.name}' has no FHE circuit for mode {value!r}: call "
-                                       "LoraTrainer.compile(inputset) first")
+                raise NotCompiledError(
+                    f"'{self.name}' has no FHE circuit for mode {value!r}: call "
+                    "LoraTrainer.compile(inputset) first"
+                )
             self.partition.mode = value
         self._mode = value
 
@@ -206,8 +208,9 @@ class FheMatmul(nn.Module):
         self.recording = True
         self._recorded = []
 
-    def compile(self, settings: FheSettings, dynamic: bool = True,
-                rows_per_circuit: int = DEFAULT_ROWS_PER_CIRCUIT) -> FhePartition:
+    def compile(
+        self, settings: FheSettings, dynamic: bool = True, rows_per_circuit: int = DEFAULT_ROWS_PER_CIRCUIT
+    ) -> FhePartition:
         """Build the FHE partition from the recorded rows (or the unit range when dynamic)."""
         from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -220,10 +223,12 @@ class FheMatmul(nn.Module):
         if rows is None and not dynamic:
             # no gradient reached this backward module (nothing trainable before it): it is never
             # run in training; dynamic quantization keeps it exact if it ever is
-            warnings.warn(f"fhe_backend: '{self.name}' saw no data during calibration, so "
-                          "static quantization (use_dynamic_quantization=False) has no range for "
-                          "it; it uses dynamic quantization (rows scaled by their max-abs)",
-                          stacklevel=3)
+            warnings.warn(
+                f"fhe_backend: '{self.name}' saw no data during calibration, so "
+                "static quantization (use_dynamic_quantization=False) has no range for "
+                "it; it uses dynamic quantization (rows scaled by their max-abs)",
+                stacklevel=3,
+            )
             dynamic = True
         self.dynamic = dynamic
         self.rows_per_circuit = int(rows_per_circuit)
@@ -248,8 +253,10 @@ class FheMatmul(nn.Module):
             warnings.filterwarnings("ignore", message=".*representative inputset")
             compiled = compile_aten_graph(graph, [chunks[:1]], [False], settings.replace(inputset=chunks))
         if len(compiled.partitions) != 1:
-            raise LoraError(f"'{self.name}': expected one FHE partition for the linear, got "
-                            f"{len(compiled.partitions)} (unsupported ops: {compiled.left_in_torch})")
+            raise LoraError(
+                f"'{self.name}': expected one FHE partition for the linear, got "
+                f"{len(compiled.partitions)} (unsupported ops: {compiled.left_in_torch})"
+            )
         self.graph, self.partition = compiled, compiled.partitions[0]
         self.partition.name = self.name or self.partition.name
         self.partition.module_path = self.name
@@ -271,14 +278,18 @@ class FheMatmul(nn.Module):
 
     def _require_private_info(self) -> None:
         if self.private_info_cleared:
-            raise LoraError(f"'{self.name}': the clear weights were removed by "
-                            "save_and_clear_private_info; run it in an FHE mode "
-                            "(simulate, execute or remote)")
+            raise LoraError(
+                f"'{self.name}': the clear weights were removed by "
+                "save_and_clear_private_info; run it in an FHE mode "
+                "(simulate, execute or remote)"
+            )
 
     def extra_repr(self) -> str:
         """Sizes, bias, mode and whether the layer is dynamic, shown by print(model)."""
-        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"mode={self._mode!r}, dynamic={self.dynamic}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+            f"mode={self._mode!r}, dynamic={self.dynamic}"
+        )
 
 
 def _chunked(rows: torch.Tensor, rows_per_circuit: int) -> torch.Tensor:
@@ -322,7 +333,8 @@ class _FheLinearFunction(torch.autograd.Function):
             raise LoraError(
                 f"linear '{layer.name}' was kept without an FHE backward pass "
                 "(n_layers_to_skip_for_backprop) but a gradient is needed for its input: lower "
-                "n_layers_to_skip_for_backprop")
+                "n_layers_to_skip_for_backprop"
+            )
         return layer.backward_module(grad_output), None
 
 
@@ -334,16 +346,23 @@ class FheLinear(nn.Module):
     layers, whose input needs no gradient).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 weight_transposed: bool = False, with_backward: bool = True, name: str = ""):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        weight_transposed: bool = False,
+        with_backward: bool = True,
+        name: str = "",
+    ):
         nn.Module.__init__(self)  # not super(): FheForwardLinear puts nn.Linear next in the MRO
         linear_weight = (weight.t() if weight_transposed else weight).detach()
         self.name = name
         self.weight_transposed = weight_transposed
         self.in_features, self.out_features = linear_weight.shape[1], linear_weight.shape[0]
         self.forward_module = FheMatmul(linear_weight.t(), bias, name=f"{name}.forward_module")
-        self.backward_module = (FheMatmul(linear_weight, None, name=f"{name}.backward_module")
-                                if with_backward else None)
+        self.backward_module = (
+            FheMatmul(linear_weight, None, name=f"{name}.backward_module") if with_backward else None
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -362,16 +381,23 @@ class FheLinear(nn.Module):
 
     def extra_repr(self) -> str:
         """Sizes and the backward's kind, shown by print(model)."""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"backward={'fhe' if self.backward_module is not None else 'none'}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"backward={'fhe' if self.backward_module is not None else 'none'}"
+        )
 
 
 class FheForwardLinear(FheLinear, nn.Linear):
     """A frozen linear kept for its forward only (the first `n_layers_to_skip_for_backprop`):
     it stays an ``nn.Linear``, as in Concrete ML, and its forward runs in FHE."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 weight_transposed: bool = False, name: str = ""):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        weight_transposed: bool = False,
+        name: str = "",
+    ):
         super().__init__(weight, bias, weight_transposed, with_backward=False, name=name)
 
 
@@ -383,9 +409,11 @@ def is_lora_module(name: str, module: nn.Module) -> bool:
     attribute (any case), as Concrete ML detects them."""
     if "lora" in name.lower().rsplit(".", 1)[-1]:
         return True
-    return any(hasattr(module, variant) for attribute in ("lora_a", "lora_b", "lora_dropout")
-               for variant in (attribute, attribute.upper(), attribute.replace("_a", "_A")
-                               .replace("_b", "_B")))
+    return any(
+        hasattr(module, variant)
+        for attribute in ("lora_a", "lora_b", "lora_dropout")
+        for variant in (attribute, attribute.upper(), attribute.replace("_a", "_A").replace("_b", "_B"))
+    )
 
 
 def fhe_matmuls(model: nn.Module) -> Dict[str, FheMatmul]:
@@ -405,13 +433,15 @@ class LoraTraining(nn.Module):
     returns ``(loss, None)`` with the unscaled, detached loss.
     """
 
-    def __init__(self, model: nn.Module, n_layers_to_skip_for_backprop: int = 1,
-                 loss_fn: Optional[Callable] = None):
+    def __init__(
+        self, model: nn.Module, n_layers_to_skip_for_backprop: int = 1, loss_fn: Optional[Callable] = None
+    ):
         super().__init__()
         self.assert_has_lora_layers(model)
         if n_layers_to_skip_for_backprop < 0:
-            raise LoraError(f"n_layers_to_skip_for_backprop = {n_layers_to_skip_for_backprop}: "
-                            "expected an int >= 0")
+            raise LoraError(
+                f"n_layers_to_skip_for_backprop = {n_layers_to_skip_for_backprop}: expected an int >= 0"
+            )
         self.inference_model = model
         self.loss_fn = loss_fn
         self.loss_scaling_factor = 1.0
@@ -428,7 +458,8 @@ class LoraTraining(nn.Module):
             raise LoraError(
                 f"The model does not contain any detectable LoRA layers: {type(model).__name__} has "
                 "no module named 'lora...' nor with lora_a / lora_b / lora_dropout attributes; wrap "
-                "it first, e.g. peft.get_peft_model(model, peft.LoraConfig(target_modules=[...]))")
+                "it first, e.g. peft.get_peft_model(model, peft.LoraConfig(target_modules=[...]))"
+            )
 
     @staticmethod
     def replace_layers_with_custom(model: nn.Module, n_layers_to_skip_for_backprop: int) -> None:
@@ -452,8 +483,7 @@ class LoraTraining(nn.Module):
                     if remaining > 0:
                         custom = FheForwardLinear(child.weight, child.bias, transposed, name=path)
                     else:
-                        custom = FheLinear(child.weight, child.bias, weight_transposed=transposed,
-                                           name=path)
+                        custom = FheLinear(child.weight, child.bias, weight_transposed=transposed, name=path)
                     remaining -= 1
                     setattr(module, child_name, custom)
                 else:
@@ -503,13 +533,17 @@ class LoraTraining(nn.Module):
         output = self.inference_model(*args, **model_inputs)
         if self.loss_fn is not None:
             if labels is None:
-                raise LoraError("loss_fn is set but the batch has no labels: give (x, labels) or a "
-                                "dict with a 'labels' entry")
+                raise LoraError(
+                    "loss_fn is set but the batch has no labels: give (x, labels) or a "
+                    "dict with a 'labels' entry"
+                )
             return self.loss_fn(_logits(output), labels)
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if loss is None:
-            raise LoraError(f"{type(self.inference_model).__name__} returned no loss: give the "
-                            "batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer")
+            raise LoraError(
+                f"{type(self.inference_model).__name__} returned no loss: give the "
+                "batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer"
+            )
         return loss
 
     def _require_labels_argument(self) -> None:
@@ -517,9 +551,12 @@ class LoraTraining(nn.Module):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
         parameters = inspect.signature(base.forward).parameters
         if "labels" not in parameters and not any(
-                p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            raise LoraError(f"{type(base).__name__}.forward has no 'labels' argument, so it cannot "
-                            "compute a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss())")
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        ):
+            raise LoraError(
+                f"{type(base).__name__}.forward has no 'labels' argument, so it cannot "
+                "compute a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss())"
+            )
 
 
 class LoraHybridModel:
@@ -582,11 +619,21 @@ class LoraTrainer:
     `training_args`) from which training resumes at the next epoch and step.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Optional[Callable] = None,
-                 lr_scheduler: Any = None, training_args: Any = None, n_layers_to_skip_for_backprop: int = 1,
-                 eval_loader: Optional[Iterable] = None, eval_metric_fn: Optional[Callable] = None,
-                 logging_steps: int = 1, eval_steps: int = 10, train_log_path: str = "training.log",
-                 checkpoint_dir: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Optional[Callable] = None,
+        lr_scheduler: Any = None,
+        training_args: Any = None,
+        n_layers_to_skip_for_backprop: int = 1,
+        eval_loader: Optional[Iterable] = None,
+        eval_metric_fn: Optional[Callable] = None,
+        logging_steps: int = 1,
+        eval_steps: int = 10,
+        train_log_path: str = "training.log",
+        checkpoint_dir: Optional[str] = None,
+    ):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.training_args = _training_args(training_args)
@@ -616,8 +663,14 @@ class LoraTrainer:
 
     # ---- compilation ----------------------------------------------------------------------
 
-    def compile(self, inputset: Any, n_bits: int = 8, use_dynamic_quantization: bool = True,
-                rows_per_circuit: int = DEFAULT_ROWS_PER_CIRCUIT, **options: Any) -> Tuple[int, int]:
+    def compile(
+        self,
+        inputset: Any,
+        n_bits: int = 8,
+        use_dynamic_quantization: bool = True,
+        rows_per_circuit: int = DEFAULT_ROWS_PER_CIRCUIT,
+        **options: Any,
+    ) -> Tuple[int, int]:
         """Calibrate on `inputset` (forward and backward in float) and compile every FHE linear.
 
         `inputset`: one batch (a dict/BatchEncoding or a tuple ``(x, labels)``) or an iterable
@@ -668,15 +721,19 @@ class LoraTrainer:
             raise OptionError(f"fhe={fhe!r}: allowed modes are {RUN_MODES}")
         remote = self._remote_matmuls()
         if fhe != "torch" and not remote:
-            raise NotCompiledError(f"fhe={fhe!r} needs compiled FHE linears: call "
-                                   "LoraTrainer.compile(inputset) first")
+            raise NotCompiledError(
+                f"fhe={fhe!r} needs compiled FHE linears: call LoraTrainer.compile(inputset) first"
+            )
         if fhe == "remote":
-            missing = [name for name, m in remote.items() if m.partition is None or m.partition.remote_runner is None]
+            missing = [
+                name for name, m in remote.items() if m.partition is None or m.partition.remote_runner is None
+            ]
             if missing:
                 raise OptionError(
                     f"fhe='remote' needs a connection to the FHE server for {missing}: attach a "
                     "client runner to each partition (LoraTrainer.partitions(), e.g. with "
-                    "fhe_backend.hybrid_model) before training")
+                    "fhe_backend.hybrid_model) before training"
+                )
         for matmul in remote.values():
             matmul.mode = fhe
 
@@ -691,15 +748,22 @@ class LoraTrainer:
             written.append(str(remote.save_artifacts(Path(path) / remote.url_name)))
         return written
 
-    def init_client(self, server_remote_address: str, model_name: str = "model",
-                    path_to_clients: Optional[str] = None, path_to_keys: Optional[str] = None) -> None:
+    def init_client(
+        self,
+        server_remote_address: str,
+        model_name: str = "model",
+        path_to_clients: Optional[str] = None,
+        path_to_keys: Optional[str] = None,
+    ) -> None:
         """Connect every remote linear to the FHE server (keys generated here, evaluation keys
         uploaded), so that ``train(..., fhe="remote")`` runs them on the server."""
         self.remote_clients = self._remote_clients(server_remote_address, model_name)
         for remote in self.remote_clients.values():
             folder = remote.url_name
-            remote.init_fhe_client(Path(path_to_clients) / folder if path_to_clients else None,
-                                   Path(path_to_keys) / folder if path_to_keys else None)
+            remote.init_fhe_client(
+                Path(path_to_clients) / folder if path_to_clients else None,
+                Path(path_to_keys) / folder if path_to_keys else None,
+            )
 
     def _remote_clients(self, server_remote_address: Optional[str], model_name: str) -> Dict[str, Any]:
         """A hybrid-model RemoteModule around each remote linear's partition."""
@@ -717,8 +781,9 @@ class LoraTrainer:
 
     # ---- training -------------------------------------------------------------------------
 
-    def train(self, train_loader: Iterable, num_epochs: int = 1, fhe: str = "simulate",
-              device: str = "cpu") -> None:
+    def train(
+        self, train_loader: Iterable, num_epochs: int = 1, fhe: str = "simulate", device: str = "cpu"
+    ) -> None:
         """Train for epochs ``start_epoch..num_epochs`` with the frozen linears in mode `fhe`.
 
         `device` is where the client-side computation (LoRA layers, the clear rest of the
@@ -734,8 +799,14 @@ class LoraTrainer:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]  # a DataLoader or a list
         self._steps_per_epoch = steps_per_epoch
         remaining = max(0, (num_epochs - self.start_epoch + 1) * steps_per_epoch - self._skip_batches)
-        self.logger.info("training %d step(s), epochs %d..%d, fhe=%s, device=%s", remaining,
-                         self.start_epoch, num_epochs, fhe, device)
+        self.logger.info(
+            "training %d step(s), epochs %d..%d, fhe=%s, device=%s",
+            remaining,
+            self.start_epoch,
+            num_epochs,
+            fhe,
+            device,
+        )
         module.train()
         progress = tqdm(total=remaining, desc="LoRA training", unit="step")
         try:
@@ -747,8 +818,9 @@ class LoraTrainer:
         finally:
             progress.close()
 
-    def _train_epoch(self, train_loader: Iterable, epoch: int, steps_per_epoch: int, device: str,
-                     progress: Any) -> None:
+    def _train_epoch(
+        self, train_loader: Iterable, epoch: int, steps_per_epoch: int, device: str, progress: Any
+    ) -> None:
         module = self.lora_training_module
         skip = self._skip_batches
         self._epoch_batches_done = skip
@@ -769,15 +841,20 @@ class LoraTrainer:
             if accumulated or index + 1 == steps_per_epoch:
                 self._optimizer_step()
                 save_steps = self.training_args["save_steps"]
-                if self.checkpoint_dir and save_steps and self.global_step % save_steps == 0 \
-                        and index + 1 < steps_per_epoch:
+                if (
+                    self.checkpoint_dir
+                    and save_steps
+                    and self.global_step % save_steps == 0
+                    and index + 1 < steps_per_epoch
+                ):
                     self.save_checkpoint(epoch, self.global_step, step_level=True)
             if self.eval_loader is not None and self.global_step % self.eval_steps == 0:
                 self.evaluate(device)
 
     def _optimizer_step(self) -> None:
-        trainable = [(n, p) for n, p in self._model.named_parameters()
-                     if p.requires_grad and p.grad is not None]
+        trainable = [
+            (n, p) for n, p in self._model.named_parameters() if p.requires_grad and p.grad is not None
+        ]
         for name, param in trainable:
             self.gradient_stats.setdefault(name, []).append(float(param.grad.norm()))
         if self.max_grad_norm is not None:
@@ -820,18 +897,24 @@ class LoraTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         name = f"checkpoint_epoch_{epoch}_step_{global_step}" if step_level else f"checkpoint_epoch_{epoch}"
         path = directory / f"{name}.pth"
-        torch.save({
-            "epoch": epoch,
-            "global_step": global_step,
-            "epoch_batches_done": self._epoch_batches_done,
-            "epoch_complete": self._steps_per_epoch is None or self._epoch_batches_done >= self._steps_per_epoch,
-            "trainable_state": {n: p.detach().cpu() for n, p in self._model.named_parameters() if p.requires_grad},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "training_losses": list(self.training_losses),
-            "gradient_stats": {k: list(v) for k, v in self.gradient_stats.items()},
-            "eval_history": list(self.eval_history),
-        }, path)
+        torch.save(
+            {
+                "epoch": epoch,
+                "global_step": global_step,
+                "epoch_batches_done": self._epoch_batches_done,
+                "epoch_complete": self._steps_per_epoch is None
+                or self._epoch_batches_done >= self._steps_per_epoch,
+                "trainable_state": {
+                    n: p.detach().cpu() for n, p in self._model.named_parameters() if p.requires_grad
+                },
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                "training_losses": list(self.training_losses),
+                "gradient_stats": {k: list(v) for k, v in self.gradient_stats.items()},
+                "eval_history": list(self.eval_history),
+            },
+            path,
+        )
         self.logger.info("checkpoint saved: %s", path)
         return str(path)
 
@@ -844,8 +927,10 @@ class LoraTrainer:
         params = dict(self._model.named_parameters())
         unknown = sorted(set(state["trainable_state"]) - set(params))
         if unknown:
-            raise LoraError(f"checkpoint '{checkpoint_path}' has parameters {unknown[:5]} this model "
-                            "does not have: it was saved from another model")
+            raise LoraError(
+                f"checkpoint '{checkpoint_path}' has parameters {unknown[:5]} this model "
+                "does not have: it was saved from another model"
+            )
         with torch.no_grad():
             for name, value in state["trainable_state"].items():
                 params[name].copy_(value.to(params[name].device))
@@ -868,8 +953,11 @@ class LoraTrainer:
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_dir():
             return None
         # latest = highest epoch; within it, the end-of-epoch file after any step-level one
-        found = [(int(m.group(1)), float(m.group(2)) if m.group(2) else float("inf"), p)
-                 for p in Path(self.checkpoint_dir).iterdir() if (m := CHECKPOINT_PATTERN.search(p.name))]
+        found = [
+            (int(m.group(1)), float(m.group(2)) if m.group(2) else float("inf"), p)
+            for p in Path(self.checkpoint_dir).iterdir()
+            if (m := CHECKPOINT_PATTERN.search(p.name))
+        ]
         return str(max(found)[2]) if found else None
 
     # ---- results --------------------------------------------------------------------------
@@ -897,12 +985,23 @@ class LoraTrainer:
                 matmul.mode = "simulate"
         model = self.lora_training_module.inference_model
         torch.save(model.state_dict(), directory / "client_model_state.pt")
-        specs = {name: {"input_quantizers": [q.to_dict() for q in m.partition.program.input_quantizers],
-                        "anchor": m.anchor, "bias_columns": m.bias_columns, "dynamic": m.dynamic, "rows_per_circuit": m.rows_per_circuit}
-                 for name, m in remote.items() if m.partition is not None}
+        specs = {
+            name: {
+                "input_quantizers": [q.to_dict() for q in m.partition.program.input_quantizers],
+                "anchor": m.anchor,
+                "bias_columns": m.bias_columns,
+                "dynamic": m.dynamic,
+                "rows_per_circuit": m.rows_per_circuit,
+            }
+            for name, m in remote.items()
+            if m.partition is not None
+        }
         torch.save({"remote_names": list(remote), "remote_specs": specs}, directory / "remote_modules.pt")
-        self.logger.info("saved the client model to %s; private weights of %d remote module(s) cleared",
-                         directory, len(remote))
+        self.logger.info(
+            "saved the client model to %s; private weights of %d remote module(s) cleared",
+            directory,
+            len(remote),
+        )
 
 
 def _training_args(training_args: Any) -> Dict[str, Any]:
@@ -910,11 +1009,17 @@ def _training_args(training_args: Any) -> Dict[str, Any]:
     args = dict(TRAINING_ARG_DEFAULTS)
     if training_args is None:
         return args
-    source = training_args if isinstance(training_args, Mapping) else {
-        key: getattr(training_args, key) for key in TRAINING_ARG_DEFAULTS if hasattr(training_args, key)}
+    source = (
+        training_args
+        if isinstance(training_args, Mapping)
+        else {
+            key: getattr(training_args, key) for key in TRAINING_ARG_DEFAULTS if hasattr(training_args, key)
+        }
+    )
     args.update({k: v for k, v in source.items() if k in TRAINING_ARG_DEFAULTS and v is not None})
-    args["gradient_accumulation_steps"] = _positive_int("gradient_accumulation_steps",
-                                                        args["gradient_accumulation_steps"])
+    args["gradient_accumulation_steps"] = _positive_int(
+        "gradient_accumulation_steps", args["gradient_accumulation_steps"]
+    )
     if args["save_steps"] is not None:
         args["save_steps"] = _positive_int("save_steps", args["save_steps"])
     norm = args["max_grad_norm"]

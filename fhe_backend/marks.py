@@ -81,8 +81,16 @@ def target_groups(graph_module: fx.GraphModule, settings: FheSettings) -> List[T
     if groups:
         return list(groups.values())
     if settings.module_names:
-        known = sorted({normalize_module_path(path) for n in call_nodes
-                        for path, _ in (n.meta.get("nn_module_stack") or {}).values()} - {""})
-        raise OptionError(f"option 'module_names' = {list(settings.module_names)!r} matches no "
-                          f"module of the model; its modules are {known}")
+        known = sorted(
+            {
+                normalize_module_path(path)
+                for n in call_nodes
+                for path, _ in (n.meta.get("nn_module_stack") or {}).values()
+            }
+            - {""}
+        )
+        raise OptionError(
+            f"option 'module_names' = {list(settings.module_names)!r} matches no "
+            f"module of the model; its modules are {known}"
+        )
     return [TargetGroup("", settings, call_nodes)]

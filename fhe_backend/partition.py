@@ -77,7 +77,7 @@ def module_paths(node: fx.Node) -> List[Tuple[str, type]]:
 
 
 def normalize_module_path(raw: str) -> str:
-    """"L['self'].seq._modules['0']" or "L['fn'].0" -> 'seq.0'."""
+    """ "L['self'].seq._modules['0']" or "L['fn'].0" -> 'seq.0'."""
     path = re.sub(r"^L\['[^']*'\]\.?", "", raw)
     path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
@@ -107,8 +107,9 @@ def _is_compute(node: fx.Node) -> bool:
     return isinstance(value, (torch.Tensor, tuple, list))
 
 
-def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
-              input_status: Dict[str, str]) -> Tuple[fx.GraphModule, List[FhePartition], List[TorchNode]]:
+def partition(
+    graph_module: fx.GraphModule, groups: Sequence[TargetGroup], input_status: Dict[str, str]
+) -> Tuple[fx.GraphModule, List[FhePartition], List[TorchNode]]:
     """Fuse the supported target nodes into FhePartition submodules.
 
     Returns the split graph module, its partitions (in graph order) and the compute nodes left
@@ -140,28 +141,39 @@ def partition(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
             left_in_torch.append(_left(node, reason))
     order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
     left_in_torch.sort(key=lambda record: order.get(record.node, 0))
-    private = [r for r in left_in_torch if target.get(r.node) is not None
-               and not isinstance(layouts.get(r.node), SizedConstant)]
+    private = [
+        r
+        for r in left_in_torch
+        if target.get(r.node) is not None and not isinstance(layouts.get(r.node), SizedConstant)
+    ]
     for records in _grouped(private):
         record = records[0]
         if target[record.node].settings.require_full_fhe:
-            raise UnsupportedOpError(f"cannot run in FHE: {record}. Rewrite this op, or drop "
-                                     "require_full_fhe to run it in torch")
-        more = f" (and {len(records) - 1} more ops of '{record.module}' for the same reason)" \
-            if len(records) > 1 else ""
-        warnings.warn(f"fhe_backend: running in torch instead of FHE: {record}{more}. "
-                      f"{clear_values_note(record.node)}", stacklevel=2)
+            raise UnsupportedOpError(
+                f"cannot run in FHE: {record}. Rewrite this op, or drop require_full_fhe to run it in torch"
+            )
+        more = (
+            f" (and {len(records) - 1} more ops of '{record.module}' for the same reason)"
+            if len(records) > 1
+            else ""
+        )
+        warnings.warn(
+            f"fhe_backend: running in torch instead of FHE: {record}{more}. {clear_values_note(record.node)}",
+            stacklevel=2,
+        )
     for _, nodes in proposals:
         _own_constants(graph_module, nodes)
-    fused = fuse_by_partitions(graph_module, [nodes for _, nodes in proposals],
-                               prefix=PARTITION_PREFIX)
+    fused = fuse_by_partitions(graph_module, [nodes for _, nodes in proposals], prefix=PARTITION_PREFIX)
     partitions = []
     for index, (group, _) in enumerate(proposals):
         name = f"{PARTITION_PREFIX}{index}"
         sub = getattr(fused, name)
         call = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == name)
-        status = [input_status.get(arg.name, "encrypted") if isinstance(arg, fx.Node) else "encrypted"
-                  for arg in call.args if _is_tensor_arg(arg)]
+        status = [
+            input_status.get(arg.name, "encrypted") if isinstance(arg, fx.Node) else "encrypted"
+            for arg in call.args
+            if _is_tensor_arg(arg)
+        ]
         wrapper = FhePartition(name, sub, group.settings, status, group.key)
         setattr(fused, name, wrapper)
         partitions.append(wrapper)
@@ -181,9 +193,11 @@ def clear_values_note(node: fx.Node) -> str:
     """What leaves the encrypted domain when `node` runs in torch (the privacy cost)."""
     inputs = [arg.name for arg in node.all_input_nodes if arg.op != "get_attr"]
     read = f"the values it reads ({', '.join(repr(n) for n in inputs)})" if inputs else "its inputs"
-    return (f"Privacy: the activations are in the clear at this point: {read} are decrypted (or "
-            f"never encrypted) for this op, and its output '{node.name}' is plaintext until it "
-            "enters an FHE partition again; not only slower")
+    return (
+        f"Privacy: the activations are in the clear at this point: {read} are decrypted (or "
+        f"never encrypted) for this op, and its output '{node.name}' is plaintext until it "
+        "enters an FHE partition again; not only slower"
+    )
 
 
 def batch_layouts(graph_module: fx.GraphModule) -> Dict[fx.Node, Optional[Layout]]:
@@ -197,8 +211,13 @@ def batch_layouts(graph_module: fx.GraphModule) -> Dict[fx.Node, Optional[Layout
     for node in graph_module.graph.nodes:
         node.meta.pop("fhe_batch", None)
         if node.op == "placeholder":
-            layouts[node] = (MixesSamples("is a 0-d input, one value for the whole batch")
-                             if _is_scalar(node) else BATCH_MAJOR if _is_tensor_arg(node) else None)
+            layouts[node] = (
+                MixesSamples("is a 0-d input, one value for the whole batch")
+                if _is_scalar(node)
+                else BATCH_MAJOR
+                if _is_tensor_arg(node)
+                else None
+            )
         elif node.op == "call_function" and _holds_tensors(node):
             layouts[node] = _layout(node, layouts)
         else:
@@ -236,9 +255,18 @@ def _layout(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional
 def _recurrent_module(node: fx.Node) -> str:
     """The path of the recurrent layer (nn.RNN / nn.GRU / nn.LSTM) the node comes from, or ''."""
     for path, cls in module_paths(node):
-        name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
-        if isinstance(cls, type) and issubclass(cls, torch.nn.RNNBase) or name.endswith(
-                ("torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.GRU", "torch.nn.modules.rnn.LSTM")):
+        name = (
+            cls
+            if isinstance(cls, str)
+            else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
+        )
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, torch.nn.RNNBase)
+            or name.endswith(
+                ("torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.GRU", "torch.nn.modules.rnn.LSTM")
+            )
+        ):
             return path or "(model)"
     return ""
 
@@ -258,17 +286,23 @@ def _sized_constant(node: fx.Node) -> Layout:
 def _reason(node: fx.Node, layouts: Dict[fx.Node, Optional[Layout]]) -> Optional[str]:
     """Why a target node cannot run in FHE (None when it can)."""
     if isinstance(layouts.get(node), SizedConstant):
-        return ("a constant shaped by the symbolic batch size: computed in torch (no private "
-                "data), it enters the FHE partition as an input")
+        return (
+            "a constant shaped by the symbolic batch size: computed in torch (no private "
+            "data), it enters the FHE partition as an input"
+        )
     recurrent = _recurrent_module(node)
     if recurrent:
-        return (f"part of the recurrent layer '{recurrent}' (captured with "
-                "torch._dynamo.config.allow_rnn): its time steps stay in torch")
+        return (
+            f"part of the recurrent layer '{recurrent}' (captured with "
+            "torch._dynamo.config.allow_rnn): its time steps stay in torch"
+        )
     for arg in node.all_input_nodes:
         layout = layouts.get(arg)
         if isinstance(layout, MixesSamples):
-            return (f"its input '{arg.name}' is one value for the whole batch (computed across "
-                    f"samples in torch); {ONE_SAMPLE_AT_A_TIME}")
+            return (
+                f"its input '{arg.name}' is one value for the whole batch (computed across "
+                f"samples in torch); {ONE_SAMPLE_AT_A_TIME}"
+            )
     layout = layouts.get(node)
     if isinstance(layout, MixesSamples):
         return layout.reason(node)
@@ -279,15 +313,17 @@ def _left(node: fx.Node, reason: str) -> TorchNode:
     return TorchNode(node.name, op_name(node), module_path(node), reason, source_line(node), node=node)
 
 
-def _proposals(graph_module: fx.GraphModule, groups: Sequence[TargetGroup],
-               supported_by_group: Dict[str, List[fx.Node]]) -> List[Tuple[TargetGroup, Dict[fx.Node, None]]]:
+def _proposals(
+    graph_module: fx.GraphModule, groups: Sequence[TargetGroup], supported_by_group: Dict[str, List[fx.Node]]
+) -> List[Tuple[TargetGroup, Dict[fx.Node, None]]]:
     proposals: List[Tuple[TargetGroup, Dict[fx.Node, None]]] = []
     for group in groups:
         nodes = supported_by_group[group.key]
         if not nodes:
             continue
-        partitioner = CapabilityBasedPartitioner(graph_module, _InTarget(nodes),
-                                                 allows_single_node_partition=True)
+        partitioner = CapabilityBasedPartitioner(
+            graph_module, _InTarget(nodes), allows_single_node_partition=True
+        )
         for proposal in partitioner.propose_partitions():
             proposals.append((group, dict.fromkeys(proposal.nodes)))
     order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
@@ -304,13 +340,20 @@ def _misplaced_batch(graph_module: fx.GraphModule, proposals, layouts) -> Dict[f
             for arg in node.all_input_nodes:
                 layout = layouts.get(arg)
                 if arg not in nodes and isinstance(layout, BatchAt) and not layout.major:
-                    misplaced[node] = (f"its input '{arg.name}' comes from torch with the batch at "
-                                       f"{layout}; a partition's inputs need it batch-major on dim 0")
+                    misplaced[node] = (
+                        f"its input '{arg.name}' comes from torch with the batch at "
+                        f"{layout}; a partition's inputs need it batch-major on dim 0"
+                    )
             layout = layouts.get(node)
-            if (isinstance(layout, BatchAt) and not layout.major
-                    and any(user not in nodes for user in node.users)):
-                misplaced[node] = (f"its value, with the batch at {layout}, would leave the FHE "
-                                   "partition; a partition's outputs need it batch-major on dim 0")
+            if (
+                isinstance(layout, BatchAt)
+                and not layout.major
+                and any(user not in nodes for user in node.users)
+            ):
+                misplaced[node] = (
+                    f"its value, with the batch at {layout}, would leave the FHE "
+                    "partition; a partition's outputs need it batch-major on dim 0"
+                )
     return misplaced
 
 

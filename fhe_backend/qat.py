@@ -93,8 +93,12 @@ def _quantizer_spec(proxy: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor,
         narrow = bool(proxy.is_narrow_range)
         qmin = float(min_int(signed, narrow, bit_width))
         qmax = float(max_int(signed, narrow, bit_width))
-        return (proxy.scale().detach().clone().float(), proxy.zero_point().detach().clone().float(),
-                qmin, qmax)
+        return (
+            proxy.scale().detach().clone().float(),
+            proxy.zero_point().detach().clone().float(),
+            qmin,
+            qmax,
+        )
 
 
 @torch._dynamo.assume_constant_result
@@ -112,13 +116,15 @@ def _integer_weights(layer: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor
         centered = torch.round(value / scale)
         channel_shape = _channel_shape(layer)
         return centered.clone(), scale.detach().reshape(-1).reshape(
-            channel_shape if scale.numel() > 1 else ()).clone()
+            channel_shape if scale.numel() > 1 else ()
+        ).clone()
 
 
 def _per_channel_scale(scale: torch.Tensor, layer: torch.nn.Module) -> bool:
     out_channels = layer.weight.shape[0]
-    return scale.numel() == 1 or (scale.numel() == out_channels
-                                  and scale.reshape(-1).shape[0] == scale.shape[0])
+    return scale.numel() == 1 or (
+        scale.numel() == out_channels and scale.reshape(-1).shape[0] == scale.shape[0]
+    )
 
 
 def _channel_shape(layer: torch.nn.Module) -> Tuple[int, ...]:
@@ -157,8 +163,9 @@ def _activation_forward(layer: torch.nn.Module, x: Any) -> Any:
     return _as_returned(layer, "act_quant", _fake_quantized(layer, "act_quant", x))
 
 
-def _as_returned(layer: torch.nn.Module, attribute: str, y: torch.Tensor,
-                 accumulator_scale: Any = None) -> Any:
+def _as_returned(
+    layer: torch.nn.Module, attribute: str, y: torch.Tensor, accumulator_scale: Any = None
+) -> Any:
     """What the layer returns: with ``return_quant_tensor=True`` a Brevitas QuantTensor around
     the fake-quantized values (so user code reading ``.value``, ``.scale`` ... still runs while
     the graph is captured), else the tensor itself. A weight layer without an output quantizer
@@ -190,8 +197,7 @@ def _weight_layer_forward(layer: torch.nn.Module, x: Any) -> Any:
     if layer.bias is not None:
         y = y + layer.bias.reshape(_channel_shape(layer))
     accumulator_scale = input_scale * scale if input_scale is not None else None
-    return _as_returned(layer, "output_quant", _fake_quantized(layer, "output_quant", y),
-                        accumulator_scale)
+    return _as_returned(layer, "output_quant", _fake_quantized(layer, "output_quant", y), accumulator_scale)
 
 
 def _traceable(layer: torch.nn.Module) -> bool:
@@ -201,8 +207,9 @@ def _traceable(layer: torch.nn.Module) -> bool:
 
 
 def _supported_weight_layer(layer: torch.nn.Module) -> bool:
-    return (isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
-            and not getattr(layer, "is_same_padded_strided", False))
+    return isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and not getattr(
+        layer, "is_same_padded_strided", False
+    )
 
 
 def install_brevitas_support() -> bool:

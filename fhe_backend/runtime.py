@@ -39,7 +39,8 @@ COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme o
 
 # a mode for the calls made inside `fhe_mode(...)`, in this thread/task only
 _MODE_OVERRIDE: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar(
-    "fhe_backend_mode", default=None)
+    "fhe_backend_mode", default=None
+)
 
 
 @contextlib.contextmanager
@@ -63,8 +64,14 @@ def fhe_mode(mode: Any):
 class FhePartition(torch.nn.Module):
     """One FHE subgraph of a model: a concrete circuit plus its quantizers."""
 
-    def __init__(self, name: str, graph_module: fx.GraphModule, settings: FheSettings,
-                 encryption_status: Sequence[str], module_path: str = ""):
+    def __init__(
+        self,
+        name: str,
+        graph_module: fx.GraphModule,
+        settings: FheSettings,
+        encryption_status: Sequence[str],
+        module_path: str = "",
+    ):
         super().__init__()
         self.name = name
         self.graph_module = graph_module
@@ -75,11 +82,13 @@ class FhePartition(torch.nn.Module):
         object.__setattr__(self, "primary", None)  # an equal partition compiled before (not a submodule)
         self.stats: Dict[str, NodeStats] = {}
         self.program: Optional[IntegerProgram] = None
-        self.circuit: Optional[fhe.Circuit] = None
+        self._circuit: Optional[fhe.Circuit] = None
         self.calibration_batch_size: Optional[int] = None
         self.rows_per_sample: List[int] = []
         self.lookup_ranges: Dict[str, Tuple[int, int]] = {}
-        self.remote_runner: Optional[Callable[..., Any]] = None  # set by hybrid deployment: q_inputs -> q_outputs
+        self.remote_runner: Optional[Callable[..., Any]] = (
+            None  # set by hybrid deployment: q_inputs -> q_outputs
+        )
         # (samples in the batch or None when unknown, the partition's tensor inputs) per batch
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._keys_ready = False
@@ -111,8 +120,10 @@ class FhePartition(torch.nn.Module):
         if value not in RUN_MODES + ("calibrate",):
             raise OptionError(f"FHE mode {value!r}: allowed modes are {RUN_MODES}")
         if value == "remote" and self.remote_runner is None:
-            raise OptionError(f"partition '{self.name}': mode 'remote' needs a client "
-                              "(use fhe_backend.hybrid_model.HybridFHEModel)")
+            raise OptionError(
+                f"partition '{self.name}': mode 'remote' needs a client "
+                "(use fhe_backend.hybrid_model.HybridFHEModel)"
+            )
         self._mode = value
 
     @property
@@ -120,7 +131,21 @@ class FhePartition(torch.nn.Module):
         """True once the circuit exists."""
         if self.primary is not None:
             return self.primary.compiled
-        return self.circuit is not None
+        return self._circuit is not None or self._deferred_inputs is not None
+
+    @property
+    def circuit(self) -> Optional[fhe.Circuit]:
+        """The Concrete circuit (compiled on first use when it was deferred, see defer_circuit)."""
+        if self.primary is not None:
+            return self.primary.circuit
+        if self._circuit is None and self._deferred_inputs is not None:
+            self.compile_circuit(self._deferred_inputs)
+            self._deferred_inputs = None
+        return self._circuit
+
+    @circuit.setter
+    def circuit(self, value: Optional[fhe.Circuit]) -> None:
+        self._circuit = value
 
     @property
     def calibrated(self) -> bool:
@@ -152,7 +177,7 @@ class FhePartition(torch.nn.Module):
         q_inputs = self.quantize()
         if not circuit:
             return
-        if self.mode == "disable" and self.program.too_wide:
+        if self.mode == "disable":  # the circuit is compiled when a mode first needs it
             self.defer_circuit(q_inputs)
             return
         self.compile_circuit(q_inputs)
@@ -166,11 +191,12 @@ class FhePartition(torch.nn.Module):
         if not self._calibration_inputs:
             raise NotCompiledError(f"partition '{self.name}' has no calibration data")
         self.rows_per_sample = self._rows_per_sample()
-        self.program = IntegerProgram(self.graph_module, self.stats, self.settings,
-                                      self.encryption_status)
+        self.program = IntegerProgram(self.graph_module, self.stats, self.settings, self.encryption_status)
         columns = list(zip(*[tensors for _, tensors in self._calibration_inputs]))
-        q_inputs = [np.concatenate(q) for q in zip(*[
-            self.program.quantize_inputs(*[torch.cat(col) for col in columns])])]
+        q_inputs = [
+            np.concatenate(q)
+            for q in zip(*[self.program.quantize_inputs(*[torch.cat(col) for col in columns])])
+        ]
         self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
         self._calibration_inputs = []
         return q_inputs
@@ -191,12 +217,15 @@ class FhePartition(torch.nn.Module):
                     raise LoweringError(
                         f"partition '{self.name}' ({self.module_path or 'model'}): an input of "
                         f"{tensor.shape[0]} rows does not split into {samples} samples; FHE circuits "
-                        "run one sample at a time and need the batch on dim 0")
+                        "run one sample at a time and need the batch on dim 0"
+                    )
                 rows.append(max(1, count))
             found.add(tuple(rows))
         if len(found) != 1:
-            raise LoweringError(f"partition '{self.name}': calibration batches give different rows "
-                                f"per sample {sorted(found)}; its inputs do not keep the batch on dim 0")
+            raise LoweringError(
+                f"partition '{self.name}': calibration batches give different rows "
+                f"per sample {sorted(found)}; its inputs do not keep the batch on dim 0"
+            )
         return list(found.pop())
 
     def compile_circuit(self, q_inputs: Sequence[np.ndarray], artifacts: Any = None) -> None:
@@ -216,11 +245,15 @@ class FhePartition(torch.nn.Module):
                 raise self._concrete_error(error) from error
             if self.settings.rounding_threshold_bits is not None:
                 raise self._no_parameters_error() from error
-            warnings.warn(f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
-                          f"for unrounded lookups ({self._widest_lookups()}); retrying with "
-                          "rounding_threshold_bits='auto'", stacklevel=3)
-            self._reprogram(dataclasses.replace(self.settings,
-                                                rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs)
+            warnings.warn(
+                f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
+                f"for unrounded lookups ({self._widest_lookups()}); retrying with "
+                "rounding_threshold_bits='auto'",
+                stacklevel=3,
+            )
+            self._reprogram(
+                dataclasses.replace(self.settings, rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs
+            )
             try:
                 self.circuit = self._concrete_compile(q_inputs, artifacts)
             except RuntimeError as retry_error:
@@ -233,9 +266,12 @@ class FhePartition(torch.nn.Module):
 
     def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
         samples = self._bounding_samples(q_inputs, self._samples(q_inputs))
-        compiler = fhe.Compiler(self._traceable(), {
-            f"x{i}": status for i, status in enumerate(self.encryption_status)})
-        kwargs: Dict[str, Any] = dict(fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir)
+        compiler = fhe.Compiler(
+            self._traceable(), {f"x{i}": status for i, status in enumerate(self.encryption_status)}
+        )
+        kwargs: Dict[str, Any] = dict(
+            fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir
+        )
         if self.settings.configuration is not None:
             kwargs["configuration"] = self.settings.configuration
             note_configuration(self.settings.configuration)
@@ -243,8 +279,7 @@ class FhePartition(torch.nn.Module):
             kwargs["p_error"] = self.settings.p_error
         if self.settings.global_p_error is not None:
             kwargs["global_p_error"] = self.settings.global_p_error
-        return compiler.compile([s if len(s) > 1 else s[0] for s in samples],
-                                artifacts=artifacts, **kwargs)
+        return compiler.compile([s if len(s) > 1 else s[0] for s in samples], artifacts=artifacts, **kwargs)
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""
@@ -254,8 +289,13 @@ class FhePartition(torch.nn.Module):
         self.program.check_circuit_bit_widths()
 
     def _widest_lookups(self, count: int = 3) -> str:
-        widths = sorted(((bit_width(low, high) - self.program.rounding_lsbs.get(key, 0), key)
-                         for key, (low, high) in self.lookup_ranges.items()), reverse=True)
+        widths = sorted(
+            (
+                (bit_width(low, high) - self.program.rounding_lsbs.get(key, 0), key)
+                for key, (low, high) in self.lookup_ranges.items()
+            ),
+            reverse=True,
+        )
         return ", ".join(f"{bits} bits at '{key.split(':')[0]}'" for bits, key in widths[:count]) or "none"
 
     def _concrete_error(self, error: Exception) -> LoweringError:
@@ -264,7 +304,8 @@ class FhePartition(torch.nn.Module):
             f"Concrete could not compile partition '{self.name}' ({self.module_path or 'model'}): "
             f"{first_line}. Its widest lookups: {self._widest_lookups()}; n_bits {self.settings.n_bits}, "
             f"rounding {self.settings.rounding_threshold_bits}. Very low precisions (n_bits 2) hit "
-            "Concrete limits: try n_bits >= 3 or another 'rounding_threshold_bits'")
+            "Concrete limits: try n_bits >= 3 or another 'rounding_threshold_bits'"
+        )
 
     def _no_parameters_error(self) -> BitWidthError:
         return BitWidthError(
@@ -273,22 +314,30 @@ class FhePartition(torch.nn.Module):
             f"{self._widest_lookups()} (rounding {self.settings.rounding_threshold_bits}, n_bits "
             f"{self.settings.n_bits}). Lower them with a smaller 'rounding_threshold_bits' (e.g. 5 or "
             "{'n_bits': 5, 'method': 'approximate'}), a smaller 'n_bits', or a larger 'p_error' / "
-            "'global_p_error'")
+            "'global_p_error'"
+        )
 
     def defer_circuit(self, q_inputs: Sequence[np.ndarray]) -> None:
-        """Keep the circuit's inputset and compile only when a mode needs the circuit.
+        """Keep the circuit's inputset and compile only when a mode (or `statistics`) needs it.
 
-        Used for programs with lookups wider than Concrete allows: they run in the clear
-        (`disable`), and `simulate` / `execute` raise the BitWidthError with its advice.
+        Used in mode `disable`: the program runs in the clear at any width; a program with
+        lookups wider than Concrete allows warns here, and `simulate` / `execute` raise the
+        BitWidthError with its advice.
         """
         self._deferred_inputs = list(q_inputs)
+        if not self.program.too_wide:
+            return
         node, bits, _, _ = max(self.program.too_wide, key=lambda item: item[1])
-        warnings.warn(f"fhe_backend: partition '{self.name}' runs in the clear only (fhe='disable'): "
-                      f"its lookup at node '{node}' needs {bits} bits, over Concrete's limit; "
-                      "simulate/execute will raise BitWidthError", stacklevel=3)
+        warnings.warn(
+            f"fhe_backend: partition '{self.name}' runs in the clear only (fhe='disable'): "
+            f"its lookup at node '{node}' needs {bits} bits, over Concrete's limit; "
+            "simulate/execute will raise BitWidthError",
+            stacklevel=3,
+        )
 
-    def _bounding_samples(self, q_inputs: Sequence[np.ndarray], samples: List[Tuple[np.ndarray, ...]]
-                          ) -> List[Tuple[np.ndarray, ...]]:
+    def _bounding_samples(
+        self, q_inputs: Sequence[np.ndarray], samples: List[Tuple[np.ndarray, ...]]
+    ) -> List[Tuple[np.ndarray, ...]]:
         """The samples Concrete measures its bounds on: every sample where the calibration met
         the extreme input of a lookup or an output (so Concrete sizes them as the whole inputset
         does), plus COMPILE_INPUTSET others drawn at random. Concrete evaluates its graph sample
@@ -305,8 +354,9 @@ class FhePartition(torch.nn.Module):
         def circuit_function(**kwargs):
             return program(*[kwargs[f"x{i}"] for i in range(count)])
 
-        circuit_function.__signature__ = inspect.Signature([
-            inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)])
+        circuit_function.__signature__ = inspect.Signature(
+            [inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)]
+        )
         return circuit_function
 
     def _samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
@@ -316,9 +366,12 @@ class FhePartition(torch.nn.Module):
             raise OptionError(
                 f"partition '{self.name}': inputs with {[q.shape[0] for q in q_inputs]} rows do not "
                 f"split into samples of {self.rows_per_sample} rows each (one circuit call per "
-                "sample); pass whole samples, batch on dim 0")
-        return [tuple(q[i * r:(i + 1) * r] for q, r in zip(q_inputs, self.rows_per_sample))
-                for i in range(count)]
+                "sample); pass whole samples, batch on dim 0"
+            )
+        return [
+            tuple(q[i * r : (i + 1) * r] for q, r in zip(q_inputs, self.rows_per_sample))
+            for i in range(count)
+        ]
 
     # ---- keys ---------------------------------------------------------------------------
 
@@ -333,8 +386,9 @@ class FhePartition(torch.nn.Module):
         if cache_dir and not force:
             # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys of
             # another circuit must never be loaded for this one
-            digest = hashlib.sha256(self.circuit.mlir.encode()
-                                    + self.circuit.client.specs.serialize()).hexdigest()[:16]
+            digest = hashlib.sha256(
+                self.circuit.mlir.encode() + self.circuit.client.specs.serialize()
+            ).hexdigest()[:16]
             path = Path(cache_dir) / f"{self.name}-{digest}.keys"
             path.parent.mkdir(parents=True, exist_ok=True)
             self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
@@ -359,7 +413,9 @@ class FhePartition(torch.nn.Module):
             warnings.warn(
                 f"fhe_backend: partition '{self.name}' is calibrated on the first call's inputs only; "
                 "pass a representative inputset (hundreds of samples) with options={'inputset': ...} "
-                "for accuracy", stacklevel=2)
+                "for accuracy",
+                stacklevel=2,
+            )
             self.calibrate(*args)
             self.compile()
         tensors = self.tensor_args(args)
@@ -372,7 +428,9 @@ class FhePartition(torch.nn.Module):
         """Warn once when inputs fall outside the calibration range (they are clipped)."""
         if self._clip_warned:
             return
-        for node, quantizer, tensor in zip(self.program.tensor_inputs, self.program.input_quantizers, tensors):
+        for node, quantizer, tensor in zip(
+            self.program.tensor_inputs, self.program.input_quantizers, tensors
+        ):
             count = quantizer.clipped(tensor.detach().cpu().numpy())
             if count:
                 self._clip_warned = True
@@ -381,11 +439,14 @@ class FhePartition(torch.nn.Module):
                     f"fhe_backend: partition '{self.name}': {count} of {tensor.numel()} values of input "
                     f"'{node.name}' are outside the calibration range [{stats.low:.4g}, {stats.high:.4g}] "
                     "and are clipped; calibrate on a representative inputset that covers them "
-                    "(warned once)", stacklevel=3)
+                    "(warned once)",
+                    stacklevel=3,
+                )
                 return
 
-    def run_integers(self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
-                     ) -> Tuple[np.ndarray, ...]:
+    def run_integers(
+        self, q_inputs: Sequence[np.ndarray], mode: Optional[str] = None
+    ) -> Tuple[np.ndarray, ...]:
         """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
         mode = mode or self.mode
         if mode == "disable" and self.program is not None:
@@ -426,14 +487,21 @@ class FhePartition(torch.nn.Module):
         parts: List[Any] = []
         for node in self.graph_module.graph.nodes:
             value = node.meta.get("val")
-            shape = (str(value.dtype), tuple(str(d) for d in value.shape[1:])) if isinstance(
-                value, torch.Tensor) else None
+            shape = (
+                (str(value.dtype), tuple(str(d) for d in value.shape[1:]))
+                if isinstance(value, torch.Tensor)
+                else None
+            )
             if node.op == "get_attr":
                 constant = self.graph_module
                 for part in node.target.split("."):
                     constant = getattr(constant, part)
-                parts.append(("constant", hashlib.sha256(
-                    constant.detach().cpu().contiguous().numpy().tobytes()).hexdigest()))
+                parts.append(
+                    (
+                        "constant",
+                        hashlib.sha256(constant.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+                    )
+                )
             elif node.op in ("placeholder", "call_function"):
                 parts.append((node.op, str(node.target) if node.op == "call_function" else "", shape))
         return tuple(parts)
@@ -450,8 +518,10 @@ class FhePartition(torch.nn.Module):
         self._require_compiled()
         circuit = self.circuit
         program = self.program
-        tlu_widths = [bit_width(low, high) - program.rounding_lsbs.get(key, 0)
-                      for key, (low, high) in self.lookup_ranges.items()]
+        tlu_widths = [
+            bit_width(low, high) - program.rounding_lsbs.get(key, 0)
+            for key, (low, high) in self.lookup_ranges.items()
+        ]
         return {
             "pbs_count": int(circuit.programmable_bootstrap_count),
             "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
@@ -463,16 +533,17 @@ class FhePartition(torch.nn.Module):
         }
 
     def _sample_shapes(self) -> List[Tuple[int, ...]]:
-        return [(rows, *self.stats[n.name].shape[1:]) for n, rows in
-                zip(self.program.tensor_inputs, self.rows_per_sample)]
+        return [
+            (rows, *self.stats[n.name].shape[1:])
+            for n, rows in zip(self.program.tensor_inputs, self.rows_per_sample)
+        ]
 
     def _require_compiled(self) -> None:
-        if not self.compiled and self._deferred_inputs is not None:
-            self.compile_circuit(self._deferred_inputs)
-        if not self.compiled:
+        if self.circuit is None:
             raise NotCompiledError(
                 f"partition '{self.name}' is not compiled yet: call the model once (or give "
-                "options={'inputset': ...})")
+                "options={'inputset': ...})"
+            )
 
     def _log(self, message: str) -> None:
         logger.info("%s: %s", self.name, message)

@@ -47,8 +47,12 @@ class NBits:
                 "'op_inputs', 'op_weights' (mandatory), 'model_inputs', 'model_outputs'"
             )
         if isinstance(value, int):
-            fields = dict(op_inputs=value, op_weights=value, model_inputs=value,
-                          model_outputs=max(DEFAULT_MODEL_BITS, value))
+            fields = dict(
+                op_inputs=value,
+                op_weights=value,
+                model_inputs=value,
+                model_outputs=max(DEFAULT_MODEL_BITS, value),
+            )
         else:
             allowed = {"op_inputs", "op_weights", "model_inputs", "model_outputs"}
             unknown = set(value) - allowed
@@ -60,9 +64,12 @@ class NBits:
                     + (f"missing mandatory keys {sorted(missing)}; " if missing else "")
                     + f"allowed keys are {sorted(allowed)}"
                 )
-            fields = dict(op_inputs=value["op_inputs"], op_weights=value["op_weights"],
-                          model_inputs=value.get("model_inputs", DEFAULT_MODEL_BITS),
-                          model_outputs=value.get("model_outputs", DEFAULT_MODEL_BITS))
+            fields = dict(
+                op_inputs=value["op_inputs"],
+                op_weights=value["op_weights"],
+                model_inputs=value.get("model_inputs", DEFAULT_MODEL_BITS),
+                model_outputs=value.get("model_outputs", DEFAULT_MODEL_BITS),
+            )
         for key, bits in fields.items():
             if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_N_BITS <= bits <= MAX_N_BITS:
                 raise OptionError(
@@ -164,8 +171,9 @@ def _validated(values: dict) -> dict:
     values["rounding_threshold_bits"] = Rounding.parse(values["rounding_threshold_bits"])
     for key in ("p_error", "global_p_error"):
         value = values[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1
+        ):
             raise OptionError(f"option '{key}' = {value!r}: expected None or a float in (0, 1)")
     if values["p_error"] is not None and values["global_p_error"] is not None:
         raise OptionError(

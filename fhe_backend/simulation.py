@@ -45,11 +45,15 @@ class Simulator:
             return self._concrete
 
         def simulate(*sample: np.ndarray) -> Tuple[np.ndarray, ...]:
-            inputs = [client_circuit.simulate_prepare_input(RawValue(np.asarray(value, dtype=np.int64)), index)
-                      for index, value in enumerate(sample)]
+            inputs = [
+                client_circuit.simulate_prepare_input(RawValue(np.asarray(value, dtype=np.int64)), index)
+                for index, value in enumerate(sample)
+            ]
             results = server_circuit.simulate(inputs)
-            return tuple(np.asarray(client_circuit.simulate_process_output(result, index).to_py_val(),
-                                    dtype=np.int64) for index, result in enumerate(results))
+            return tuple(
+                np.asarray(client_circuit.simulate_process_output(result, index).to_py_val(), dtype=np.int64)
+                for index, result in enumerate(results)
+            )
 
         return simulate
 

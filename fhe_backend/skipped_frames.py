@@ -14,12 +14,14 @@ without trying again, and without a new warning, until ``torch._dynamo.reset()``
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch._dynamo import callback as dynamo_callback
 from torch._dynamo.utils import counters
 
@@ -41,11 +43,13 @@ class SkippedFrame:
     def message(self) -> str:
         """What stays in the clear, where, why, and what to try."""
         reasons = "; ".join(r.splitlines()[0] for r in self.reasons) or "no graph was captured"
-        return (f"fhe_backend: no graph of '{self.function}' ({self.source}) reached the FHE backend: "
-                f"dynamo ran it as eager torch ({reasons}). Everything it computes is in the clear. "
-                "Compile with torch.compile(..., fullgraph=True) to see the break; for RNNs "
-                "torch._dynamo.config.allow_rnn = True lets dynamo capture them (the recurrent op "
-                "then stays in torch, the rest can run in FHE)")
+        return (
+            f"fhe_backend: no graph of '{self.function}' ({self.source}) reached the FHE backend: "
+            f"dynamo ran it as eager torch ({reasons}). Everything it computes is in the clear. "
+            "Compile with torch.compile(..., fullgraph=True) to see the break; for RNNs "
+            "torch._dynamo.config.allow_rnn = True lets dynamo capture them (the recurrent op "
+            "then stays in torch, the rest can run in FHE)"
+        )
 
 
 def note_capture() -> None:
@@ -72,8 +76,11 @@ def _on_end(_args: Any) -> None:
     if not new:
         return
     code = frame.f_locals.get("code")
-    skipped = SkippedFrame(getattr(code, "co_name", "?"),
-                           f"{getattr(code, 'co_filename', '?')}:{getattr(code, 'co_firstlineno', '?')}", new)
+    skipped = SkippedFrame(
+        getattr(code, "co_name", "?"),
+        f"{getattr(code, 'co_filename', '?')}:{getattr(code, 'co_firstlineno', '?')}",
+        new,
+    )
     try:
         strict = FheSettings.from_options(options).require_full_fhe
     except OptionError:
@@ -125,8 +132,47 @@ class _KeptCallbacks(list):
         self[:] = [callback for callback in self if callback in (_on_start, _on_end)]
 
 
+class _RecompileLimitFilter(logging.Filter):
+    """Dynamo only logs when a frame hits its recompile limit and then runs it as eager Python
+    for good (no compile, so no callbacks): for frames compiled for fhe, say it loudly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "recompile_limit" not in str(record.msg):
+            return True
+        frame = _compile_frame()
+        options = _fhe_options(frame.f_locals.get("compiler_fn")) if frame is not None else None
+        if options is None:
+            return True
+        code = frame.f_locals.get("code")
+        skipped = SkippedFrame(
+            getattr(code, "co_name", "?"),
+            f"{getattr(code, 'co_filename', '?')}:{getattr(code, 'co_firstlineno', '?')}",
+            [
+                f"dynamo hit torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) for this code: one more "
+                "module of the class, batch size or option set than it keeps"
+            ],
+        )
+        warnings.warn(
+            skipped.message() + ". Raise torch._dynamo.config.recompile_limit or call "
+            "torch._dynamo.reset() between compilations",
+            ClearTextWarning,
+            stacklevel=2,
+        )
+        return True
+
+
+# dynamo's default (8) counts every module of one class compiled with its own options
+RECOMPILE_LIMIT = 64
+
+
 def install() -> None:
-    """Register the callbacks with dynamo (idempotent; they survive `torch._dynamo.reset()`)."""
+    """Register the callbacks with dynamo (idempotent; they survive `torch._dynamo.reset()`),
+    watch for its recompile limit, and raise that limit to RECOMPILE_LIMIT."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _RecompileLimitFilter) for f in dynamo_log.filters):
+        dynamo_log.addFilter(_RecompileLimitFilter())
     handler = dynamo_callback.callback_handler
     for name, callback in (("start_callbacks", _on_start), ("end_callbacks", _on_end)):
         callbacks = getattr(handler, name)

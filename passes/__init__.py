@@ -21,8 +21,14 @@ from .remove_identities import remove_identities
 
 GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-DEFAULT_PASSES: Sequence[GraphPass] = (decompose_fused, remove_identities, fold_constants,
-                                       masked_softmax, detect_fake_quant, free_batch_views)
+DEFAULT_PASSES: Sequence[GraphPass] = (
+    decompose_fused,
+    remove_identities,
+    fold_constants,
+    masked_softmax,
+    detect_fake_quant,
+    free_batch_views,
+)
 
 
 class PassManager:
@@ -39,12 +45,21 @@ class PassManager:
             except FheBackendError:
                 raise
             except Exception as error:
-                raise PassError(f"graph pass '{graph_pass.__name__}' failed: "
-                                f"{type(error).__name__}: {error}") from error
+                raise PassError(
+                    f"graph pass '{graph_pass.__name__}' failed: {type(error).__name__}: {error}"
+                ) from error
             graph_module.graph.lint()
         graph_module.recompile()
         return graph_module
 
 
-__all__ = ["DEFAULT_PASSES", "PassManager", "decompose_fused", "detect_fake_quant", "fold_constants",
-           "free_batch_views", "masked_softmax", "remove_identities"]
+__all__ = [
+    "DEFAULT_PASSES",
+    "PassManager",
+    "decompose_fused",
+    "detect_fake_quant",
+    "fold_constants",
+    "free_batch_views",
+    "masked_softmax",
+    "remove_identities",
+]

@@ -22,10 +22,28 @@ from torch.fx.experimental.proxy_tensor import make_fx
 aten = torch.ops.aten
 
 
-def transformer_encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                              use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2,
-                              norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2,
-                              mask=None, mask_type=None):
+def transformer_encoder_layer(
+    src,
+    embed_dim,
+    num_heads,
+    qkv_weight,
+    qkv_bias,
+    proj_weight,
+    proj_bias,
+    use_gelu,
+    norm_first,
+    eps,
+    norm_weight_1,
+    norm_bias_1,
+    norm_weight_2,
+    norm_bias_2,
+    ffn_weight_1,
+    ffn_bias_1,
+    ffn_weight_2,
+    ffn_bias_2,
+    mask=None,
+    mask_type=None,
+):
     """What `aten._transformer_encoder_layer_fwd` computes, for batch-first (N, L, E) inputs.
 
     mask_type 0: a (L, L) attention mask; 1: a (N, L) key padding mask; 2: a mask broadcast to
@@ -36,7 +54,7 @@ def transformer_encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, p
     def attention(x):
         batch, length = x.shape[0], x.shape[1]
         qkv = F.linear(x, qkv_weight, qkv_bias)
-        q, k, v = (qkv[..., i * embed_dim:(i + 1) * embed_dim] for i in range(3))
+        q, k, v = (qkv[..., i * embed_dim : (i + 1) * embed_dim] for i in range(3))
         heads = lambda t: t.reshape(batch, length, num_heads, head_dim).permute(0, 2, 1, 3)  # noqa: E731
         scores = heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(head_dim)
         if mask is not None:
@@ -86,12 +104,17 @@ def _inline(graph_module: fx.GraphModule, node: fx.Node, reference: Callable[...
             arguments.append(argument.default_value if argument.has_default_value() else None)
     tensor_positions = [i for i, a in enumerate(arguments) if isinstance(a, fx.Node)]
     fake_values = [arguments[i].meta["val"] for i in tensor_positions]
-    fake_mode = next((getattr(v, "fake_mode", None) for v in fake_values
-                      if getattr(v, "fake_mode", None) is not None), None)
+    fake_mode = next(
+        (getattr(v, "fake_mode", None) for v in fake_values if getattr(v, "fake_mode", None) is not None),
+        None,
+    )
     if fake_mode is not None:  # constants traced elsewhere join the inputs' fake mode
-        fake_values = [v if getattr(v, "fake_mode", None) is fake_mode else
-                       fake_mode.from_tensor(torch.empty(tuple(v.shape), dtype=v.dtype))
-                       for v in fake_values]
+        fake_values = [
+            v
+            if getattr(v, "fake_mode", None) is fake_mode
+            else fake_mode.from_tensor(torch.empty(tuple(v.shape), dtype=v.dtype))
+            for v in fake_values
+        ]
 
     def traced(*tensors):
         values = list(arguments)
@@ -100,8 +123,7 @@ def _inline(graph_module: fx.GraphModule, node: fx.Node, reference: Callable[...
         return reference(*values)
 
     # the backend's op set: core ATen, with softmax kept whole
-    table = {op: fn for op, fn in core_aten_decompositions().items()
-             if op is not aten._safe_softmax.default}
+    table = {op: fn for op, fn in core_aten_decompositions().items() if op is not aten._safe_softmax.default}
     if fake_mode is not None:
         with fake_mode:
             inner = make_fx(traced, decomposition_table=table, tracing_mode="real")(*fake_values)

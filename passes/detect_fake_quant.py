@@ -24,8 +24,10 @@ from fhe_backend.lowering.quant import FAKE_QUANT, constant_value
 
 aten = torch.ops.aten
 ADD, SUB, MUL, DIV = aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor
-TORCH_FAKE_QUANT = {aten.fake_quantize_per_tensor_affine_cachemask.default,
-                    aten.fake_quantize_per_tensor_affine.default}
+TORCH_FAKE_QUANT = {
+    aten.fake_quantize_per_tensor_affine_cachemask.default,
+    aten.fake_quantize_per_tensor_affine.default,
+}
 
 # (x, scale, zero_point, qmin, qmax, the node computing the dequantized value)
 Match = Tuple[fx.Node, float, float, float, float, fx.Node]
@@ -49,8 +51,7 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def _binary(graph_module: fx.GraphModule, node: Optional[fx.Node], target) -> Optional[
-        Tuple[fx.Node, float]]:
+def _binary(graph_module: fx.GraphModule, node: Optional[fx.Node], target) -> Optional[Tuple[fx.Node, float]]:
     """(tensor operand, constant) of `tensor <target> constant`, else None."""
     if node is None or node.op != "call_function" or node.target != target or len(node.args) != 2:
         return None

@@ -40,9 +40,12 @@ def _broadcast_row(graph_module: fx.GraphModule, node: fx.Node, result) -> bool:
         tags = getattr(user.target, "tags", ())
         out = user.meta.get("val")
         others = [a for a in user.all_input_nodes if a is not node]
-        if (torch.Tag.pointwise not in tags or not isinstance(out, torch.Tensor)
-                or tuple(out.shape) != tuple(result.shape)
-                or not any(_leading(a) == batch for a in others)):
+        if (
+            torch.Tag.pointwise not in tags
+            or not isinstance(out, torch.Tensor)
+            or tuple(out.shape) != tuple(result.shape)
+            or not any(_leading(a) == batch for a in others)
+        ):
             return False
     return True
 

@@ -23,8 +23,13 @@ def _batch_kept(node: fx.Node) -> bool:
     value = source.meta.get("val") if isinstance(source, fx.Node) else None
     if not isinstance(value, torch.Tensor) or not value.dim() or not isinstance(sizes, (list, tuple)):
         return False
-    return (len(sizes) > 1 and all(isinstance(s, int) for s in sizes) and -1 not in sizes
-            and isinstance(value.shape[0], int) and sizes[0] == value.shape[0])
+    return (
+        len(sizes) > 1
+        and all(isinstance(s, int) for s in sizes)
+        and -1 not in sizes
+        and isinstance(value.shape[0], int)
+        and sizes[0] == value.shape[0]
+    )
 
 
 def free_batch_views(graph_module: fx.GraphModule, settings=None) -> fx.GraphModule:

@@ -78,11 +78,18 @@ class _Builder:
         """The new node's value on stand-ins: zeros of static shapes, else fake tensors."""
         flat = [m for m in metas if isinstance(m, torch.Tensor)]
         if all(isinstance(d, int) for m in flat for d in m.shape):
-            return target(*[torch.zeros(m.shape, dtype=m.dtype) if isinstance(m, torch.Tensor) else m
-                            for m in metas])
+            return target(
+                *[torch.zeros(m.shape, dtype=m.dtype) if isinstance(m, torch.Tensor) else m for m in metas]
+            )
         with self.fake_mode:
-            return target(*[self.fake_mode.from_tensor(m) if isinstance(m, torch.Tensor) and
-                            getattr(m, "fake_mode", None) is not self.fake_mode else m for m in metas])
+            return target(
+                *[
+                    self.fake_mode.from_tensor(m)
+                    if isinstance(m, torch.Tensor) and getattr(m, "fake_mode", None) is not self.fake_mode
+                    else m
+                    for m in metas
+                ]
+            )
 
 
 def masked_softmax(graph_module: fx.GraphModule, settings=None) -> fx.GraphModule:
@@ -102,20 +109,27 @@ def masked_softmax(graph_module: fx.GraphModule, settings=None) -> fx.GraphModul
         shifted = build.call(aten.add.Tensor, scores, finite)
         # the row's maximum over unmasked positions: masked ones take the row's minimum first
         floor = build.call(aten.amin.default, shifted, [dim], True)
-        candidates = build.call(aten.add.Tensor, build.call(aten.mul.Tensor, shifted, keep),
-                                build.call(aten.mul.Tensor, floor, build.constant("mask_masked", masked.to(mask.dtype))))
+        candidates = build.call(
+            aten.add.Tensor,
+            build.call(aten.mul.Tensor, shifted, keep),
+            build.call(aten.mul.Tensor, floor, build.constant("mask_masked", masked.to(mask.dtype))),
+        )
         peak = build.call(aten.amax.default, candidates, [dim], True)
         exponent = build.call(aten.exp.default, build.call(aten.sub.Tensor, shifted, peak))
         kept = build.call(aten.mul.Tensor, exponent, keep)
         total = build.call(aten.sum.dim_IntList, kept, [dim], True)
         empty_rows = masked.all(dim, keepdim=True)
         if bool(empty_rows.any()):  # 0 / 1 there instead of 0 / 0
-            total = build.call(aten.add.Tensor, total, build.constant("mask_empty_rows", empty_rows.to(mask.dtype)))
+            total = build.call(
+                aten.add.Tensor, total, build.constant("mask_empty_rows", empty_rows.to(mask.dtype))
+            )
         result = build.call(aten.div.Tensor, kept, total)
         uniform = empty_rows & torch.isfinite(mask).all(dim, keepdim=True)
         if bool(uniform.any()):  # rows of dtype-min: eager softmax gives 1 / n
             fill = uniform.to(mask.dtype).expand_as(mask) / mask.shape[dim]
-            result = build.call(aten.add.Tensor, result, build.constant("mask_uniform_rows", fill.contiguous()))
+            result = build.call(
+                aten.add.Tensor, result, build.constant("mask_uniform_rows", fill.contiguous())
+            )
         node.replace_all_uses_with(result)
         graph_module.graph.erase_node(node)
     graph_module.graph.eliminate_dead_code()

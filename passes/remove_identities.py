@@ -10,8 +10,7 @@ import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
-IDENTITIES = {aten.detach.default, aten.alias.default, aten.clone.default,
-              aten.lift_fresh_copy.default}
+IDENTITIES = {aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default}
 
 
 def _is_identity(node: fx.Node) -> bool:
@@ -23,8 +22,12 @@ def _is_identity(node: fx.Node) -> bool:
         return True
     if node.target == aten._to_copy.default:
         source, value = node.args[0].meta.get("val"), node.meta.get("val")
-        return (isinstance(source, torch.Tensor) and isinstance(value, torch.Tensor)
-                and source.dtype == value.dtype and source.device == value.device)
+        return (
+            isinstance(source, torch.Tensor)
+            and isinstance(value, torch.Tensor)
+            and source.dtype == value.dtype
+            and source.device == value.device
+        )
     return False
 
 

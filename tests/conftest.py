@@ -26,8 +26,9 @@ def insecure_configuration():
     """A Configuration that caches keys on disk (INSECURE: for tests only)."""
     from concrete import fhe
 
-    return fhe.Configuration(enable_unsafe_features=True, use_insecure_key_cache=True,
-                             insecure_key_cache_location=KEY_CACHE)
+    return fhe.Configuration(
+        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -38,14 +38,22 @@ def quantization_tolerance(reference: torch.Tensor, n_bits: int, steps: float = 
     assert share <= MAX_SHARE_OF_SPAN, (
         f"a tolerance of {steps} steps at n_bits={n_bits} is {share:.0%} of the output span, over "
         f"{MAX_SHARE_OF_SPAN:.0%}: a constant output could pass; compare on quantization-grid "
-        "inputs, with more bits, or with fhe='disable' exactly")
+        "inputs, with more bits, or with fhe='disable' exactly"
+    )
     span = float(reference.max() - reference.min()) if reference.numel() else 0.0
     return steps * max(span, 1e-6) / (2**n_bits - 1)
 
 
-def assert_matches_torch(model: torch.nn.Module, inputs: Sequence[torch.Tensor], inputset: Any,
-                         n_bits: int = 8, steps: float = 4.0, mode: str = "simulate",
-                         options: Optional[Dict[str, Any]] = None, expect_partitions: Optional[int] = None):
+def assert_matches_torch(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    inputset: Any,
+    n_bits: int = 8,
+    steps: float = 4.0,
+    mode: str = "simulate",
+    options: Optional[Dict[str, Any]] = None,
+    expect_partitions: Optional[int] = None,
+):
     """Compile `model`, run `inputs` in `mode`, assert every output is within tolerance of eager.
 
     Returns the compiled model (for further checks on its partitions).

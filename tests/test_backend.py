@@ -62,8 +62,11 @@ ISSUE_2_OPERATORS = [
     ("avg_pool2d", nn.AvgPool2d(2), (2, 6, 6)),
     ("max_pool2d", nn.MaxPool2d(2), (2, 6, 6)),
     ("batch_norm", Lambda(lambda p, x: F.relu(p["bn"](x)), bn=nn.BatchNorm2d(3)), (3, 4, 4)),
-    ("flatten_view_reshape", Lambda(lambda p, x: p["l"](x.flatten(1)).view(-1, 2, 2).reshape(-1, 4),
-                                    l=_linear(12, 4)), (3, 4)),
+    (
+        "flatten_view_reshape",
+        Lambda(lambda p, x: p["l"](x.flatten(1)).view(-1, 2, 2).reshape(-1, 4), l=_linear(12, 4)),
+        (3, 4),
+    ),
     ("permute_transpose", Lambda(lambda p, x: F.relu(x.permute(0, 2, 1)).transpose(1, 2)), (3, 4)),
     ("unsqueeze_squeeze", Lambda(lambda p, x: torch.sigmoid(x.unsqueeze(1)).squeeze(1)), (5,)),
     ("cat", Lambda(lambda p, x: torch.cat([F.relu(p["l"](x)), x], dim=1), l=_linear(6, 3)), (6,)),
@@ -96,14 +99,21 @@ def test_backend_registered_on_import_and_by_entry_point():
 
 
 def test_entry_point_works_without_importing_the_package():
-    code = ("import torch, sys\n"
-            "m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())\n"
-            "c = torch.compile(m, backend='fhe', options={'inputset': torch.randn(50, 4), 'n_bits': 4})\n"
-            "c(torch.randn(2, 4))\n"
-            "assert 'fhe_backend' in sys.modules\n"
-            "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    code = (
+        "import torch, sys\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())\n"
+        "c = torch.compile(m, backend='fhe', options={'inputset': torch.randn(50, 4), 'n_bits': 4})\n"
+        "c(torch.randn(2, 4))\n"
+        "assert 'fhe_backend' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -111,19 +121,22 @@ def test_entry_point_works_without_importing_the_package():
 # ---- options --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"bits": 4}, ["bits", "allowed options"]),
-    ({"n_bits": "eight"}, ["n_bits", "eight"]),
-    ({"n_bits": {"op_inputs": 4}}, ["n_bits", "op_weights"]),
-    ({"n_bits": {"op_inputs": 4, "op_weights": 4, "outputs": 3}}, ["n_bits", "outputs"]),
-    ({"rounding_threshold_bits": {"n_bits": 4, "method": "floor"}}, ["rounding_threshold_bits", "floor"]),
-    ({"rounding_threshold_bits": 0}, ["rounding_threshold_bits", "0"]),
-    ({"p_error": 0.01, "global_p_error": 0.01}, ["p_error", "global_p_error"]),
-    ({"p_error": 2}, ["p_error", "2"]),
-    ({"fhe": "fast"}, ["fhe", "fast", "simulate"]),
-    ({"configuration": "cpu"}, ["configuration", "Configuration"]),
-    ({"inputs_encryption_status": ["clear"]}, ["inputs_encryption_status", "encrypted"]),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"bits": 4}, ["bits", "allowed options"]),
+        ({"n_bits": "eight"}, ["n_bits", "eight"]),
+        ({"n_bits": {"op_inputs": 4}}, ["n_bits", "op_weights"]),
+        ({"n_bits": {"op_inputs": 4, "op_weights": 4, "outputs": 3}}, ["n_bits", "outputs"]),
+        ({"rounding_threshold_bits": {"n_bits": 4, "method": "floor"}}, ["rounding_threshold_bits", "floor"]),
+        ({"rounding_threshold_bits": 0}, ["rounding_threshold_bits", "0"]),
+        ({"p_error": 0.01, "global_p_error": 0.01}, ["p_error", "global_p_error"]),
+        ({"p_error": 2}, ["p_error", "2"]),
+        ({"fhe": "fast"}, ["fhe", "fast", "simulate"]),
+        ({"configuration": "cpu"}, ["configuration", "Configuration"]),
+        ({"inputs_encryption_status": ["clear"]}, ["inputs_encryption_status", "encrypted"]),
+    ],
+)
 def test_bad_options_raise_value_error_naming_the_option(options, words):
     model = nn.Sequential(nn.Linear(4, 2))
     compiled = torch.compile(model, backend="fhe", options=options)
@@ -141,7 +154,11 @@ def test_settings_parse_concrete_ml_n_bits_semantics():
     settings = fhe_backend.FheSettings.from_options({"n_bits": 3})
     assert (settings.n_bits.op_inputs, settings.n_bits.op_weights, settings.n_bits.model_outputs) == (3, 3, 5)
     settings = fhe_backend.FheSettings.from_options(
-        {"n_bits": {"op_inputs": 4, "op_weights": 3}, "rounding_threshold_bits": {"n_bits": 5, "method": "approximate"}})
+        {
+            "n_bits": {"op_inputs": 4, "op_weights": 3},
+            "rounding_threshold_bits": {"n_bits": 5, "method": "approximate"},
+        }
+    )
     assert settings.n_bits.model_inputs == 5 and settings.rounding_threshold_bits.method == "approximate"
 
 
@@ -208,8 +225,14 @@ def test_calibrates_on_first_call_without_inputset_and_warns():
 def test_tiny_circuit_execute_equals_simulate(insecure_configuration, tmp_path):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    compiled = compile_fhe(model, torch.randn(100, 3), n_bits=3, rounding_threshold_bits=4,
-                           configuration=insecure_configuration, key_cache_dir=str(tmp_path))
+    compiled = compile_fhe(
+        model,
+        torch.randn(100, 3),
+        n_bits=3,
+        rounding_threshold_bits=4,
+        configuration=insecure_configuration,
+        key_cache_dir=str(tmp_path),
+    )
     x = torch.randn(3, 3)
     with torch.no_grad():
         simulated = compiled(x)
@@ -264,13 +287,24 @@ def test_whole_gpt2_block_with_causal_attention_runs_in_fhe():
     from fhe_backend.benchmarks.models import tiny_gpt2, token_batches
 
     model, tokens = tiny_gpt2(), token_batches()
-    compiled = torch.compile(model, backend="fhe", options={
-        "module_names": ["transformer.h.0"], "inputset": tokens, "n_bits": 8, "fhe": "disable",
-        "rounding_threshold_bits": {"n_bits": 8, "method": "approximate"}})
+    compiled = torch.compile(
+        model,
+        backend="fhe",
+        options={
+            "module_names": ["transformer.h.0"],
+            "inputset": tokens,
+            "n_bits": 8,
+            "fhe": "disable",
+            "rounding_threshold_bits": {"n_bits": 8, "method": "approximate"},
+        },
+    )
     with torch.no_grad():
         expected, actual = model(tokens[:4]).logits, compiled(tokens[:4]).logits
     assert float((actual - expected).abs().max()) <= quantization_tolerance(expected, 8, steps=8)
     assert bool((actual.argmax(-1) == expected.argmax(-1)).all())
-    in_fhe = {str(node.target) for partition in fhe_backend.partitions(compiled)
-              for node in partition.graph_module.graph.nodes}
+    in_fhe = {
+        str(node.target)
+        for partition in fhe_backend.partitions(compiled)
+        for node in partition.graph_module.graph.nodes
+    }
     assert {"aten.bmm.default", "aten.exp.default", "aten.amax.default"} <= in_fhe

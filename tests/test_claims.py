@@ -64,8 +64,8 @@ def test_default_error_probability_is_concretes_global_budget():
     inputset = torch.randn(100, 3)
     default = compile_torch_model(model, inputset, n_bits=3)
     assert default.fhe_circuit.global_p_error <= 1e-5 * (1 + 1e-6)
-    chosen = compile_torch_model(model, inputset, n_bits=3, p_error=2.0 ** -40)
-    assert chosen.fhe_circuit.p_error <= 2.0 ** -40 * (1 + 1e-6)
+    chosen = compile_torch_model(model, inputset, n_bits=3, p_error=2.0**-40)
+    assert chosen.fhe_circuit.p_error <= 2.0**-40 * (1 + 1e-6)
 
 
 def test_normalization_internal_bits():
@@ -101,8 +101,9 @@ def test_approximate_rounding_keeps_one_lookup_per_activation_and_exact_pays_per
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     inputset = torch.randn(100, 16)
-    approximate = compile_torch_model(model, inputset, n_bits=6,
-                                      rounding_threshold_bits={"n_bits": 4, "method": "approximate"})
+    approximate = compile_torch_model(
+        model, inputset, n_bits=6, rounding_threshold_bits={"n_bits": 4, "method": "approximate"}
+    )
     exact = compile_torch_model(model, inputset, n_bits=6, rounding_threshold_bits=4)
     (entry,) = exact.bitwidth_and_range_report().values()
     removed = entry["accumulator_bitwidth"] - entry["bitwidth"]
@@ -129,8 +130,11 @@ def measure_norm_accuracy() -> None:
         row = []
         for model in (layer_norm, nn.Softmax(dim=-1)):
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend="fhe", options={
-                "inputset": inputset, "n_bits": n_bits, "rounding_threshold_bits": rounding})
+            compiled = torch.compile(
+                model,
+                backend="fhe",
+                options={"inputset": inputset, "n_bits": n_bits, "rounding_threshold_bits": rounding},
+            )
             with torch.no_grad():
                 error = (compiled(test) - model(test)).abs()
             row += [f"{float(error.max()):.3g}", f"{float(error.mean()):.3g}"]
@@ -142,11 +146,13 @@ def measure_simulator_speed() -> None:
     from fhe_backend.simulation import Simulator
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, 10)).eval()
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    ).eval()
     inputset = torch.randn(200, 64)
-    quantized = compile_torch_model(model, inputset, n_bits=6,
-                                    rounding_threshold_bits={"n_bits": 6, "method": "approximate"})
+    quantized = compile_torch_model(
+        model, inputset, n_bits=6, rounding_threshold_bits={"n_bits": 6, "method": "approximate"}
+    )
     circuit = quantized.fhe_circuit
     samples = [row[None, :] for row in quantized.quantize_input(inputset[:50].numpy())]
     simulator = Simulator(circuit)
@@ -154,8 +160,10 @@ def measure_simulator_speed() -> None:
         start = time.perf_counter()
         for sample in samples:
             run(sample)
-        print(f"{name}: {(time.perf_counter() - start) / len(samples) * 1e3:.2f} ms per call "
-              f"({quantized.statistics['pbs_count']} lookups)")
+        print(
+            f"{name}: {(time.perf_counter() - start) / len(samples) * 1e3:.2f} ms per call "
+            f"({quantized.statistics['pbs_count']} lookups)"
+        )
 
 
 def measure_gpt2_block() -> None:
@@ -164,19 +172,32 @@ def measure_gpt2_block() -> None:
     from benchmarks.models import tiny_gpt2, token_batches
 
     model, tokens = tiny_gpt2(), token_batches()
-    compiled = torch.compile(model, backend="fhe", options={
-        "module_names": ["transformer.h.0"], "inputset": tokens, "n_bits": 5,
-        "rounding_threshold_bits": 5, "fhe": "simulate"})
+    compiled = torch.compile(
+        model,
+        backend="fhe",
+        options={
+            "module_names": ["transformer.h.0"],
+            "inputset": tokens,
+            "n_bits": 5,
+            "rounding_threshold_bits": 5,
+            "fhe": "simulate",
+        },
+    )
     with torch.no_grad():
         expected, actual = model(tokens[:4]).logits, compiled(tokens[:4]).logits
     pbs = [p.statistics["pbs_count"] for p in fhe_backend.partitions(compiled)]
     agreement = float((actual.argmax(-1) == expected.argmax(-1)).float().mean())
-    print(f"PBS per partition {pbs}, max error {float((actual - expected).abs().max()):.3g} of a "
-          f"{float(expected.max() - expected.min()):.3g} logit span, top-1 agreement {agreement:.2f}")
+    print(
+        f"PBS per partition {pbs}, max error {float((actual - expected).abs().max()):.3g} of a "
+        f"{float(expected.max() - expected.min()):.3g} logit span, top-1 agreement {agreement:.2f}"
+    )
 
 
-MEASUREMENTS = {"norm-accuracy": measure_norm_accuracy, "simulator-speed": measure_simulator_speed,
-                "gpt2-block": measure_gpt2_block}
+MEASUREMENTS = {
+    "norm-accuracy": measure_norm_accuracy,
+    "simulator-speed": measure_simulator_speed,
+    "gpt2-block": measure_gpt2_block,
+}
 
 
 if __name__ == "__main__":

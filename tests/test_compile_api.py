@@ -121,8 +121,9 @@ def test_post_training_counterpart_matches_torch(ptq):
 def test_simulate_equals_disable_at_default_p_error(ptq):
     _, _, quantized_module = ptq
     x_test = np.random.default_rng(1).normal(size=(10, N_FEAT))
-    np.testing.assert_array_equal(quantized_module.forward(x_test, fhe="simulate"),
-                                  quantized_module.forward(x_test, fhe="disable"))
+    np.testing.assert_array_equal(
+        quantized_module.forward(x_test, fhe="simulate"), quantized_module.forward(x_test, fhe="disable")
+    )
 
 
 def test_quantization_steps_compose_to_forward(ptq):
@@ -142,28 +143,31 @@ def test_quantization_steps_compose_to_forward(ptq):
 def test_execute_equals_simulate_on_a_tiny_circuit(insecure_configuration):
     torch.manual_seed(3)
     model = SimpleNet(3, n_in=3).eval()
-    quantized_module = compile_torch_model(model, torch.randn(100, 3), n_bits=2,
-                                           rounding_threshold_bits=4,
-                                           configuration=insecure_configuration)
+    quantized_module = compile_torch_model(
+        model, torch.randn(100, 3), n_bits=2, rounding_threshold_bits=4, configuration=insecure_configuration
+    )
     assert quantized_module.statistics["max_tlu_bit_width"] <= 4
     x_test = np.random.default_rng(2).normal(size=(2, 3))
-    np.testing.assert_array_equal(quantized_module.forward(x_test, fhe="execute"),
-                                  quantized_module.forward(x_test, fhe="simulate"))
+    np.testing.assert_array_equal(
+        quantized_module.forward(x_test, fhe="execute"), quantized_module.forward(x_test, fhe="simulate")
+    )
 
 
 def test_dict_n_bits_sets_each_quantizer():
     torch.manual_seed(4)
     model = SimpleNet(8).eval()
     inputset = torch.randn(100, N_FEAT)
-    quantized = build_quantized_module(model, inputset, n_bits={
-        "op_inputs": 3, "op_weights": 3, "model_inputs": 7, "model_outputs": 6})
+    quantized = build_quantized_module(
+        model, inputset, n_bits={"op_inputs": 3, "op_weights": 3, "model_inputs": 7, "model_outputs": 6}
+    )
     assert quantized.input_quantizers[0].n_bits == 7
     as_int = build_quantized_module(model, inputset, n_bits=3)
     assert as_int.input_quantizers[0].n_bits == 3
     # 3-bit activations and weights: accumulators are much smaller than at 7 bits
     wide = build_quantized_module(model, inputset, n_bits=7)
-    assert (max(e["bitwidth"] for e in as_int.lookup_report().values())
-            < max(e["bitwidth"] for e in wide.lookup_report().values()))
+    assert max(e["bitwidth"] for e in as_int.lookup_report().values()) < max(
+        e["bitwidth"] for e in wide.lookup_report().values()
+    )
     with pytest.raises(OptionError, match="missing mandatory keys"):
         build_quantized_module(model, inputset, n_bits={"op_inputs": 3})
 
@@ -173,8 +177,9 @@ def test_rounding_reduces_max_bit_width():
     model = SimpleNet(16).eval()
     inputset = torch.randn(100, N_FEAT)
     exact = compile_torch_model(model, inputset, n_bits=5)
-    rounded = compile_torch_model(model, inputset, n_bits=5,
-                                  rounding_threshold_bits={"n_bits": 4, "method": "approximate"})
+    rounded = compile_torch_model(
+        model, inputset, n_bits=5, rounding_threshold_bits={"n_bits": 4, "method": "approximate"}
+    )
     # the table lookups run at 4 bits instead of the accumulators' width, so they cost less
     assert exact.statistics["max_tlu_bit_width"] > 4
     assert rounded.statistics["max_tlu_bit_width"] == 4
@@ -188,8 +193,9 @@ def test_clear_input(insecure_configuration):
     torch.manual_seed(6)
     model = TwoInputs().eval()
     inputset = (torch.randn(100, 4), torch.randn(100, 3))
-    quantized = compile_torch_model(model, inputset, n_bits=3,
-                                    inputs_encryption_status=["encrypted", "clear"])
+    quantized = compile_torch_model(
+        model, inputset, n_bits=3, inputs_encryption_status=["encrypted", "clear"]
+    )
     assert quantized.inputs_encryption_status == ("encrypted", "clear")
     signature = next(line for line in quantized.fhe_circuit.mlir.splitlines() if "func.func" in line)
     arguments = re.findall(r"%arg\d+: ([^,)]*)", signature)
@@ -198,7 +204,8 @@ def test_clear_input(insecure_configuration):
     expected = _eager(model, x, y)
     simulated = quantized.forward(x, y, fhe="simulate")
     assert np.abs(simulated - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 3, steps=1)
+        torch.from_numpy(expected), 3, steps=1
+    )
     np.testing.assert_array_equal(simulated, quantized.forward(x, y, fhe="disable"))
     with pytest.raises(OptionError, match="inputs_encryption_status"):
         compile_torch_model(model, inputset, n_bits=3, inputs_encryption_status=["encrypted"])
@@ -256,8 +263,7 @@ def test_build_quantized_module_is_not_compiled_until_compile():
     x_test = torch.randn(6, N_FEAT)
     clear = quantized.forward(x_test)
     expected = _eager(model, x_test)
-    assert np.abs(clear - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 4, steps=2)
+    assert np.abs(clear - expected).max() <= quantization_tolerance(torch.from_numpy(expected), 4, steps=2)
     with pytest.raises(NotCompiledError, match="compile"):
         quantized.fhe_circuit  # noqa: B018
     with pytest.raises(NotCompiledError):
@@ -271,19 +277,28 @@ def test_onnx_model_compiles_like_torch():
     import onnx
 
     torch.manual_seed(10)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                          nn.Linear(2 * 2 * 2, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)
+    ).eval()
     inputset = torch.randn(100, 1, 6, 6)
     buffer = io.BytesIO()
-    torch.onnx.export(model, (inputset[:2],), buffer, dynamo=False, opset_version=14,
-                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (inputset[:2],),
+        buffer,
+        dynamo=False,
+        opset_version=14,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     onnx_model = onnx.load_from_string(buffer.getvalue())
     quantized = compile_onnx_model(onnx_model, inputset, n_bits=4)
     x_test = torch.randn(5, 1, 6, 6)
     expected = _eager(model, x_test)
     simulated = quantized.forward(x_test, fhe="simulate")
     assert np.abs(simulated - expected).max() <= quantization_tolerance(
-        torch.from_numpy(expected), 4, steps=2)
+        torch.from_numpy(expected), 4, steps=2
+    )
     np.testing.assert_array_equal(simulated, quantized.forward(x_test, fhe="disable"))
 
 

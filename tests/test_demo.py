@@ -51,8 +51,11 @@ def test_one_sample_runs_encrypted_in_each_rounding_method(digits_mlp, insecure_
     """The demo's measuring functions on a small circuit (3-bit, lookups of at most 4 bits):
     real keys, one encrypted sample; exact rounding equals simulate bit for bit."""
     model, data = digits_mlp
-    options = {"n_bits": 3, "rounding_threshold_bits": {"n_bits": 4, "method": method},
-               "configuration": insecure_configuration}
+    options = {
+        "n_bits": 3,
+        "rounding_threshold_bits": {"n_bits": 4, "method": method},
+        "configuration": insecure_configuration,
+    }
     compiled, figures = compile_and_measure("MLP", model, data, options)
     assert figures["pbs_count"] > 0 and figures["max_tlu_bit_width"] <= 4
     assert 0.0 <= figures["simulate_accuracy"] <= 1.0

@@ -62,7 +62,7 @@ from tests.harness import find_cause
 
 EXAMPLES = int(os.environ.get("FHE_DIFF_EXAMPLES", "18"))
 FIRST_SEED = int(os.environ.get("FHE_DIFF_FIRST_SEED", "0"))
-P_ERROR = 2.0 ** -40
+P_ERROR = 2.0**-40
 MAX_SHARE_OF_SPAN = 0.15  # an eager tolerance wider than this share of the output span is not checked
 TEST_SAMPLES = 7  # divides no calibration batch size
 ROUNDING_SAFETY = 1.25
@@ -111,7 +111,7 @@ class Quant:
         """`error` plus what requantizing (and rounding) the intermediate `value` may add."""
         low, high = self._range(name, value)
         span = max(high, 0.0) - min(low, 0.0)
-        step = span / (2 ** self.n_bits - 1)
+        step = span / (2**self.n_bits - 1)
         # the requantized value lies in the quantizer's range, the eager one in [low, high]
         return torch.clamp(error + step + self.rounding_error(name, value), max=span)
 
@@ -253,9 +253,10 @@ class ReduceStep(nn.Module):
             e = e.mean(-1, keepdim=True)
         else:  # a tree of b + relu(a - b): one rounded lookup on a difference per level
             levels = math.ceil(math.log2(max(h.shape[-1], 2)))
-            spread = (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True))
+            spread = h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)
             e = e.amax(-1, keepdim=True) + levels * (
-                quant.requantized(name + ".difference", spread, torch.zeros_like(spread)))
+                quant.requantized(name + ".difference", spread, torch.zeros_like(spread))
+            )
         return out, quant.requantized(name, out, e)
 
 
@@ -358,9 +359,11 @@ class Case:
 
     def describe(self) -> str:
         """Everything needed to rebuild the case, on one line."""
-        return (f"seed={self.seed} api={self.api} n_bits={self.n_bits} rounding={self.rounding} "
-                f"inputs={self.inputs} join={self.join if len(self.inputs) == 2 else '-'} "
-                f"steps={self.steps} wide={self.wide} calibration batches={self.calibration}")
+        return (
+            f"seed={self.seed} api={self.api} n_bits={self.n_bits} rounding={self.rounding} "
+            f"inputs={self.inputs} join={self.join if len(self.inputs) == 2 else '-'} "
+            f"steps={self.steps} wide={self.wide} calibration batches={self.calibration}"
+        )
 
 
 def generate_case(seed: int) -> Case:
@@ -376,8 +379,9 @@ def generate_case(seed: int) -> Case:
         n_bits = int(rng.integers(2, 6)) if kind == "none" else int(rng.integers(2, 9))
         inputs = tuple(int(rng.integers(2, 6)) for _ in range(int(rng.integers(1, 3))))
     # lookups keep at least n_bits - 2 bits (fewer would only test how coarse rounding can get)
-    rounding = None if kind == "none" else {"n_bits": int(rng.integers(max(2, n_bits - 2), 9)),
-                                            "method": str(kind)}
+    rounding = (
+        None if kind == "none" else {"n_bits": int(rng.integers(max(2, n_bits - 2), 9)), "method": str(kind)}
+    )
     join = str(rng.choice(["add", "mul", "cat"]))
     if join == "mul" and len(inputs) == 2:
         inputs = (inputs[0], inputs[0])
@@ -409,8 +413,7 @@ def generate_case(seed: int) -> Case:
 
 def _inputs(case: Case, sizes: List[int], seed: int) -> List[Tuple[torch.Tensor, ...]]:
     generator = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(size, width, generator=generator) for width in case.inputs)
-            for size in sizes]
+    return [tuple(torch.randn(size, width, generator=generator) for width in case.inputs) for size in sizes]
 
 
 class Runner:
@@ -451,12 +454,15 @@ class Runner:
 def _message(case: Case, what: str, got: np.ndarray, want: np.ndarray, allowed: Any = 0.0) -> str:
     error = np.abs(got - want)
     where = np.unravel_index(int(np.argmax(error - allowed)), error.shape) if error.size else ()
-    return (f"{what}: max error {float(error.max()):.4g} (allowed {float(np.max(allowed)):.4g}) at "
-            f"{tuple(int(i) for i in where)}\n  case: {case.describe()}")
+    return (
+        f"{what}: max error {float(error.max()):.4g} (allowed {float(np.max(allowed)):.4g}) at "
+        f"{tuple(int(i) for i in where)}\n  case: {case.describe()}"
+    )
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed-{s}")
-                                  for s in range(FIRST_SEED, FIRST_SEED + EXAMPLES)])
+@pytest.mark.parametrize(
+    "seed", [pytest.param(s, id=f"seed-{s}") for s in range(FIRST_SEED, FIRST_SEED + EXAMPLES)]
+)
 def test_random_graph_modes_agree(seed):
     check_case(generate_case(seed))
 
@@ -472,16 +478,32 @@ def test_concatenated_inputs_with_approximate_rounding_compile():
     """Found by seed 4: cat of two inputs quantized differently, then a linear layer: the
     per-position lookup before it (a multi-table lookup) with approximate rounding made Concrete's
     converter fail ("could not broadcast input array from shape (64,) into shape (128,)")."""
-    check_case(_regression(4, inputs=(2, 3), join="cat", steps=[("linear", 2)], n_bits=8,
-                           rounding={"n_bits": 6, "method": "approximate"}, api="compile_torch_model"))
+    check_case(
+        _regression(
+            4,
+            inputs=(2, 3),
+            join="cat",
+            steps=[("linear", 2)],
+            n_bits=8,
+            rounding={"n_bits": 6, "method": "approximate"},
+            api="compile_torch_model",
+        )
+    )
 
 
 def test_product_after_rounded_linear_layers_simulates_like_disable():
     """Found by seed 12: linear -> linear -> product of two linear layers, exact rounding to 3
     bits at n_bits=3 (6-bit integers at most): simulate differed from disable on 66 of 120
     samples (and was the one far from eager torch); without rounding they agree."""
-    check_case(_regression(12, steps=[("linear", 4), ("linear", 2), ("product", None)], n_bits=3,
-                           rounding={"n_bits": 3, "method": "exact"}, api="compile_torch_model"))
+    check_case(
+        _regression(
+            12,
+            steps=[("linear", 4), ("linear", 2), ("product", None)],
+            n_bits=3,
+            rounding={"n_bits": 3, "method": "exact"},
+            api="compile_torch_model",
+        )
+    )
 
 
 def test_wide_centered_lookup_compiles_or_raises_bit_width_error():
@@ -489,8 +511,17 @@ def test_wide_centered_lookup_compiles_or_raises_bit_width_error():
     [-8868, 39885] (17 bits); centering it passes the backend's 16-bit check, but Concrete gives
     the added offset the matmul's 17 bits and fails with a RuntimeError ("only up to 16-bit
     table lookups are supported") instead of a BitWidthError naming the options."""
-    check_case(_regression(11, steps=[("linear", 3), ("act", "relu")], rounding=None, n_bits=7,
-                           inputs=(87,), api="compile_torch_model", calibration=[60, 67]))
+    check_case(
+        _regression(
+            11,
+            steps=[("linear", 3), ("act", "relu")],
+            rounding=None,
+            n_bits=7,
+            inputs=(87,),
+            api="compile_torch_model",
+            calibration=[60, 67],
+        )
+    )
 
 
 def test_max_of_a_product_at_two_bits_compiles_or_says_why():
@@ -499,8 +530,14 @@ def test_max_of_a_product_at_two_bits_compiles_or_says_why():
     ("expected element type to be '!FHE.esint<3>'", at the max tree's slices in
     lowering/linear.py); at n_bits=3 it compiles. Until the lowering avoids it, the failure must
     be a LoweringError naming the partition and the precision to raise, not Concrete's raw error."""
-    case = _regression(44, inputs=(3,), steps=[("linear", 4), ("product", None), ("reduce", "amax")],
-                       n_bits=2, rounding=None, api="compile_torch_model")
+    case = _regression(
+        44,
+        inputs=(3,),
+        steps=[("linear", 4), ("product", None), ("reduce", "amax")],
+        n_bits=2,
+        rounding=None,
+        api="compile_torch_model",
+    )
     try:
         check_case(case)
     except fhe_backend.LoweringError as error:
@@ -555,7 +592,8 @@ def check_case(case: Case) -> None:
     approximate = case.rounding is not None and case.rounding["method"] == "approximate"
     if approximate:
         assert np.all(np.abs(simulated - disabled) <= 2 * bound), _message(
-            case, "simulate vs disable (approximate rounding)", simulated, disabled, 2 * bound)
+            case, "simulate vs disable (approximate rounding)", simulated, disabled, 2 * bound
+        )
     else:
         assert np.array_equal(simulated, disabled), _message(case, "simulate vs disable", simulated, disabled)
 
@@ -563,23 +601,33 @@ def check_case(case: Case) -> None:
     print(f"error bound: {float(bound.max()) / span:.1%} of the output span {span:.4g}")
     if float(bound.max()) <= MAX_SHARE_OF_SPAN * span:
         assert np.all(np.abs(disabled - expected) <= bound), _message(
-            case, "disable vs eager torch", disabled, expected, bound)
+            case, "disable vs eager torch", disabled, expected, bound
+        )
         assert np.all(np.abs(simulated - expected) <= bound * (2 if approximate else 1)), _message(
-            case, "simulate vs eager torch", simulated, expected, bound)
+            case, "simulate vs eager torch", simulated, expected, bound
+        )
     elif case.n_bits >= 6 and case.rounding is None:
-        pytest.fail(f"the derived bound {float(bound.max()):.4g} is over {MAX_SHARE_OF_SPAN:.0%} of "
-                    f"the output span {span:.4g} at n_bits={case.n_bits}: {case.describe()}")
+        pytest.fail(
+            f"the derived bound {float(bound.max()):.4g} is over {MAX_SHARE_OF_SPAN:.0%} of "
+            f"the output span {span:.4g} at n_bits={case.n_bits}: {case.describe()}"
+        )
 
     # batch invariance: row i of the batch == sample i alone
     for mode, batch in (("disable", disabled), ("simulate", simulated)):
         for row in range(TEST_SAMPLES):
-            alone = runner.run(tuple(x[row:row + 1] for x in xs), mode)
-            assert alone.shape == batch[row:row + 1].shape, _message(
-                case, f"{mode}: shape of sample {row} alone", alone, batch[row:row + 1])
+            alone = runner.run(tuple(x[row : row + 1] for x in xs), mode)
+            assert alone.shape == batch[row : row + 1].shape, _message(
+                case, f"{mode}: shape of sample {row} alone", alone, batch[row : row + 1]
+            )
             if mode == "simulate" and approximate:
-                assert np.all(np.abs(alone - batch[row:row + 1]) <= 2 * bound[row:row + 1]), _message(
-                    case, f"simulate: sample {row} alone vs in the batch", alone, batch[row:row + 1],
-                    2 * bound[row:row + 1])
+                assert np.all(np.abs(alone - batch[row : row + 1]) <= 2 * bound[row : row + 1]), _message(
+                    case,
+                    f"simulate: sample {row} alone vs in the batch",
+                    alone,
+                    batch[row : row + 1],
+                    2 * bound[row : row + 1],
+                )
             else:
-                assert np.array_equal(alone, batch[row:row + 1]), _message(
-                    case, f"{mode}: sample {row} alone vs in the batch", alone, batch[row:row + 1])
+                assert np.array_equal(alone, batch[row : row + 1]), _message(
+                    case, f"{mode}: sample {row} alone vs in the batch", alone, batch[row : row + 1]
+                )

@@ -66,7 +66,7 @@ def code_blocks(path: Path) -> List[CodeBlock]:
         while end < len(lines) and not lines[end].strip().startswith(fence):
             end += 1
         if info in PYTHON:
-            body = [line[indent:] for line in lines[index + 1:end]]
+            body = [line[indent:] for line in lines[index + 1 : end]]
             previous = next((lines[i] for i in range(index - 1, -1, -1) if lines[i].strip()), "")
             marker = MARKER.match(previous)
             kind = marker["kind"] if marker else None
@@ -81,8 +81,11 @@ def code_blocks(path: Path) -> List[CodeBlock]:
                 chain.lines.append(index + 2)
             else:
                 code = "\n" * (index + 1) + "\n".join(body) + "\n"
-                blocks.append(CodeBlock(path, index + 2, code, marker["reason"] if kind == "skip" else None,
-                                        [index + 2]))
+                blocks.append(
+                    CodeBlock(
+                        path, index + 2, code, marker["reason"] if kind == "skip" else None, [index + 2]
+                    )
+                )
         index = end + 1
     return blocks
 
@@ -96,9 +99,11 @@ BLOCKS = _all_blocks()
 
 def test_collector_reads_markers(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n\n```python\na = 1\n```\n\n<!-- continue -->\n```python\nb = a + 1\n```\n"
-                    "\n<!-- skip: needs a server -->\n```py\nraise SystemExit\n```\n\n```bash\nls\n```\n"
-                    "    ```python\n    c = 3\n    ```\n")
+    page.write_text(
+        "text\n\n```python\na = 1\n```\n\n<!-- continue -->\n```python\nb = a + 1\n```\n"
+        "\n<!-- skip: needs a server -->\n```py\nraise SystemExit\n```\n\n```bash\nls\n```\n"
+        "    ```python\n    c = 3\n    ```\n"
+    )
     first, skipped, indented = code_blocks(page)
     assert first.lines == [4, 9] and first.skip is None
     namespace: dict = {}
@@ -131,8 +136,13 @@ def test_mkdocs_build_strict(tmp_path):
     """The site (guides plus the API reference from the docstrings) builds with no warning."""
     pytest.importorskip("mkdocs", reason="install the docs extra: pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings_handlers.python", reason="install the docs extra")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                             str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()

@@ -28,8 +28,14 @@ SIMULATE = textwrap.dedent("""
 
 
 def _run(args, cwd, **env):
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
 
 
 def test_pytest_reports_a_failure_after_simulate(tmp_path):
@@ -38,7 +44,8 @@ def test_pytest_reports_a_failure_after_simulate(tmp_path):
     tests.mkdir()
     (tests / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tests / "test_fails.py").write_text(
-        "def test_fails_after_simulate():\n" + textwrap.indent(SIMULATE, "    ") + "    assert False\n")
+        "def test_fails_after_simulate():\n" + textwrap.indent(SIMULATE, "    ") + "    assert False\n"
+    )
     result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], tmp_path)
     assert "1 failed" in result.stdout, result.stdout + result.stderr
     assert result.returncode == 1, result.stdout + result.stderr
@@ -63,9 +70,11 @@ def test_cli_fails_after_simulate(tmp_path):
     """`fhe-backend explain` on a factory that simulates, then returns no module: exit 1."""
     (tmp_path / "bad_factory.py").write_text(SIMULATE + "\ndef build():\n    return 42\n")
     np.save(tmp_path / "inputs.npy", np.zeros((4, 3), dtype=np.float32))
-    result = _run([sys.executable, "-m", "fhe_backend.cli", "explain", "bad_factory:build",
-                   "--inputset", "inputs.npy"], tmp_path,
-                  PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    result = _run(
+        [sys.executable, "-m", "fhe_backend.cli", "explain", "bad_factory:build", "--inputset", "inputs.npy"],
+        tmp_path,
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not an nn.Module" in result.stderr
 

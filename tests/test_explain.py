@@ -63,16 +63,23 @@ def test_report_torch_nodes_and_coverage(report_and_model):
 def test_report_generates_no_keys(report_and_model):
     report, _ = report_and_model
     assert len(report.fhe_modules) == 2
-    assert all(p.compiled and not p._keys_ready and p.keygen_seconds is None
-               for p in report.fhe_modules)
+    assert all(p.compiled and not p._keys_ready and p.keygen_seconds is None for p in report.fhe_modules)
 
 
 def test_report_string_is_a_table(report_and_model):
     report, _ = report_and_model
     text = str(report)
     assert text.startswith(f"FHE coverage: {report.coverage:.0%}")
-    for word in ("partition", "PBS", "complexity", "fhe_partition_0", "fhe_partition_1",
-                 "left in torch", "aten.sort.default", "no FHE lowering"):
+    for word in (
+        "partition",
+        "PBS",
+        "complexity",
+        "fhe_partition_0",
+        "fhe_partition_1",
+        "left in torch",
+        "aten.sort.default",
+        "no FHE lowering",
+    ):
         assert word in text
 
 
@@ -89,8 +96,7 @@ def test_not_marked_reason_and_small_inputset_warning():
 def test_cli_explain_factory_and_inputset(tmp_path, capsys):
     path = tmp_path / "inputs.npy"
     np.save(path, np.random.default_rng(0).normal(size=(120, 8)).astype(np.float32))
-    assert main(["explain", "tests.test_explain:make_model", "--inputset", str(path),
-                 "--n-bits", "4"]) == 0
+    assert main(["explain", "tests.test_explain:make_model", "--inputset", str(path), "--n-bits", "4"]) == 0
     out = capsys.readouterr().out
     assert "FHE coverage" in out and "fhe_partition_1" in out and "aten.sort.default" in out
 
@@ -124,8 +130,9 @@ def test_report_graph_breaks_with_reason_and_line():
     torch.manual_seed(0)
     report = fhe_backend.explain(Branchy(), torch.randn(120, 16), n_bits=4)
     (graph_break,) = report.graph_breaks
-    line = next(i for i, text in enumerate(open(__file__), 1) if "marker: graph break" in text
-                and "next(" not in text)
+    line = next(
+        i for i, text in enumerate(open(__file__), 1) if "marker: graph break" in text and "next(" not in text
+    )
     assert graph_break.source.endswith(f"test_explain.py:{line}")
     assert graph_break.reason
     assert report.graph_count == 2
@@ -152,8 +159,13 @@ def test_report_says_why_nothing_reached_the_backend():
     torch.manual_seed(0)
     report = fhe_backend.explain(GRUClassifier(), torch.randn(120, 5, 4), n_bits=4)
     assert not report.partitions and report.graph_count == 0
-    for words in ("no graph of this model reached the fhe backend", "GRU", "fullgraph=True",
-                  "allow_rnn", "in the clear"):
+    for words in (
+        "no graph of this model reached the fhe backend",
+        "GRU",
+        "fullgraph=True",
+        "allow_rnn",
+        "in the clear",
+    ):
         assert words in report.not_captured, report.not_captured
     assert str(report).count("NOTHING RUNS IN FHE") == 1
 

@@ -22,8 +22,9 @@ from tests.harness import assert_matches_torch, compile_fhe, find_cause, grid_in
 
 def _line_of(marker: str) -> int:
     with open(__file__) as source:
-        return next(number for number, line in enumerate(source, 1)
-                    if marker in line and "_line_of" not in line)
+        return next(
+            number for number, line in enumerate(source, 1) if marker in line and "_line_of" not in line
+        )
 
 
 class CumsumBlock(nn.Module):
@@ -107,8 +108,9 @@ def test_unsupported_op_falls_back_to_torch_with_a_warning():
 
 def test_require_full_fhe_raises_unsupported_op_error():
     model = Model().eval()
-    compiled = torch.compile(model, backend="fhe", options={"inputset": torch.randn(100, 4),
-                                                             "require_full_fhe": True})
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": torch.randn(100, 4), "require_full_fhe": True}
+    )
     with pytest.raises(Exception) as info:
         compiled(torch.randn(2, 4))
     error = find_cause(info.value, fhe_backend.UnsupportedOpError)

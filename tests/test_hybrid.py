@@ -105,9 +105,14 @@ def test_gpt2_mlp_block_simulate_close_to_torch():
 def test_brevitas_submodule_compiles_as_qat():
     brevitas = pytest.importorskip("brevitas.nn")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Sequential(
-        brevitas.QuantIdentity(bit_width=3, return_quant_tensor=True),
-        brevitas.QuantLinear(6, 4, bias=True, weight_bit_width=3), brevitas.QuantReLU(bit_width=3)))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 6),
+        torch.nn.Sequential(
+            brevitas.QuantIdentity(bit_width=3, return_quant_tensor=True),
+            brevitas.QuantLinear(6, 4, bias=True, weight_bit_width=3),
+            brevitas.QuantReLU(bit_width=3),
+        ),
+    )
     model.eval()
     x = torch.randn(100, 6)
     with torch.no_grad():
@@ -134,7 +139,7 @@ def test_save_clears_private_info_and_packages_for_hub(tmp_path, insecure_config
     raw = (tmp_path / "FCSmall" / "model.pth").read_bytes()
     assert private[0].numpy().tobytes()[:32] not in raw
     # secret keys are binary words (bytes 0 and 1): only long windows of them are unique
-    windows = [secret[i:i + 1024] for i in range(len(secret) // 4, len(secret) - 1024, len(secret) // 8)]
+    windows = [secret[i : i + 1024] for i in range(len(secret) // 4, len(secret) - 1024, len(secret) // 8)]
     for archive in (tmp_path / "FCSmall").rglob("*.zip"):
         with zipfile.ZipFile(archive) as opened:
             assert not any("key" in name.lower() for name in opened.namelist())
@@ -169,8 +174,14 @@ def seed_deployment(tmp_path_factory):
     simulated = hybrid(x.unsqueeze(0), fhe="simulate")[0]
     hybrid.save_and_clear_private_info(root / "models" / "FCSmall")
     server = ThreadServer(ServerConfig(str(root / "models"), str(root / "keys")))
-    yield {"model": model, "float_model": float_model.eval(), "x": x, "simulated": simulated,
-           "url": server.url, "root": root}
+    yield {
+        "model": model,
+        "float_model": float_model.eval(),
+        "x": x,
+        "simulated": simulated,
+        "url": server.url,
+        "root": root,
+    }
     server.stop()
 
 
@@ -178,8 +189,10 @@ def _computes(hybrid):
     calls = []
     for remote in hybrid.remote_modules.values():
         remote.http.session.hooks["response"].append(
-            lambda response, *args, **kwargs: calls.append(response.url)
-            if response.url.endswith("/compute") else None)
+            lambda response, *args, **kwargs: (
+                calls.append(response.url) if response.url.endswith("/compute") else None
+            )
+        )
     return calls
 
 
@@ -187,8 +200,13 @@ def test_seed_client_flow_reaches_the_server(seed_deployment):
     # the guide's client: the cleared model, a server address, REMOTE set on each module, then
     # forward(x) without `fhe` on a 1-D input
     deployment = seed_deployment
-    hybrid = HybridFHEModel(deployment["model"], "seq_0", server_remote_address=deployment["url"],
-                            model_name="FCSmall", verbose=False)
+    hybrid = HybridFHEModel(
+        deployment["model"],
+        "seq_0",
+        server_remote_address=deployment["url"],
+        model_name="FCSmall",
+        verbose=False,
+    )
     hybrid.init_client(path_to_clients=deployment["root"] / "clients")
     for module in hybrid.remote_modules.values():
         module.fhe_local_mode = HybridFHEMode.REMOTE
@@ -203,8 +221,7 @@ def test_uncompiled_client_model_uses_the_server_not_float(seed_deployment):
     deployment = seed_deployment
     model = FCSmall(10)
     model.load_state_dict(deployment["float_model"].state_dict())
-    hybrid = HybridFHEModel(model, "seq_0", server_remote_address=deployment["url"],
-                            model_name="FCSmall")
+    hybrid = HybridFHEModel(model, "seq_0", server_remote_address=deployment["url"], model_name="FCSmall")
     with pytest.raises(NotCompiledError, match="not compiled here"):
         hybrid(deployment["x"], fhe="disable")  # no silent float run of the private layer
     hybrid.init_client()

@@ -38,12 +38,22 @@ def tiny_gpt2_lora(seed: int = 0) -> nn.Module:
     """GPT-2 with one layer, 16-wide, random weights, LoRA on c_attn and c_proj."""
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config)
-    lora = peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                           task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(model, lora)
@@ -58,8 +68,14 @@ def pattern_corpus(count: int = 32) -> torch.Tensor:
 
 def lm_batches(tokens: torch.Tensor, size: int = 4):
     """Dict batches a causal LM takes: input_ids, attention_mask and labels."""
-    return [{"input_ids": tokens[i:i + size], "attention_mask": torch.ones_like(tokens[i:i + size]),
-             "labels": tokens[i:i + size]} for i in range(0, len(tokens), size)]
+    return [
+        {
+            "input_ids": tokens[i : i + size],
+            "attention_mask": torch.ones_like(tokens[i : i + size]),
+            "labels": tokens[i : i + size],
+        }
+        for i in range(0, len(tokens), size)
+    ]
 
 
 def train_gpt2(fhe: str, tmp_path, steps_per_epoch_batches, epochs: int = 3):
@@ -108,7 +124,9 @@ def test_gpt2_frozen_linears_are_fhe_partitions(gpt2_runs):
     assert sum(n.endswith("forward_module") for n in names) == 4
     assert sum(n.endswith("backward_module") for n in names) == 3
     assert not any("lm_head" in n or "lora" in n for n in names)
-    assert any(n.endswith("lm_head.forward_module") for n in get_remote_names(model, include_embedding_layers=True))
+    assert any(
+        n.endswith("lm_head.forward_module") for n in get_remote_names(model, include_embedding_layers=True)
+    )
     partitions = trainer.partitions()
     assert sorted(partitions) == sorted(names)
     for partition in partitions.values():
@@ -253,7 +271,7 @@ def test_max_grad_norm_clips(tmp_path):
 def test_evaluation_every_eval_steps(tmp_path):
     """eval_metric_fn (or the mean loss) runs every eval_steps steps."""
     x, y = mlp_data(24)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 24, 4)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 24, 4)]
     calls = []
 
     def accuracy(model, loader):
@@ -276,14 +294,18 @@ def test_evaluation_every_eval_steps(tmp_path):
 def test_checkpoint_resume_continues_at_next_epoch_and_step(tmp_path):
     """Resuming from a checkpoint continues at the next epoch and step with the same result."""
     x, y = mlp_data(16)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
     full = mlp_trainer(tmp_path, checkpoint_dir=str(tmp_path / "full"), training_args={"save_steps": 2})
     full.train(batches, num_epochs=2, fhe="torch")
     assert full.global_step == 8
     saved = sorted(p.name for p in (tmp_path / "full").iterdir())
     # one per epoch under Concrete ML's name, plus the step-level ones inside an epoch
-    assert saved == ["checkpoint_epoch_1.pth", "checkpoint_epoch_1_step_2.pth",
-                     "checkpoint_epoch_2.pth", "checkpoint_epoch_2_step_6.pth"]
+    assert saved == [
+        "checkpoint_epoch_1.pth",
+        "checkpoint_epoch_1_step_2.pth",
+        "checkpoint_epoch_2.pth",
+        "checkpoint_epoch_2_step_6.pth",
+    ]
 
     # resume after epoch 1: only epoch 2 runs, steps 5..8, same result as the full run
     resumed = mlp_trainer(tmp_path, checkpoint_dir=str(tmp_path / "resumed"))
@@ -320,7 +342,9 @@ def test_save_and_clear_private_info(tmp_path):
     folders = trainer.save_server_artifacts(str(tmp_path / "models" / "lora_mlp"))
     assert len(folders) == 3
     for folder in folders:
-        assert {"client.zip", "server.zip"} <= {p.name for p in (tmp_path / "models" / "lora_mlp").glob("*/*/*")}
+        assert {"client.zip", "server.zip"} <= {
+            p.name for p in (tmp_path / "models" / "lora_mlp").glob("*/*/*")
+        }
         assert folder.startswith(str(tmp_path / "models" / "lora_mlp"))
     trainer.save_and_clear_private_info(str(tmp_path / "client"))
     assert (tmp_path / "client" / "client_model_state.pt").is_file()
@@ -364,7 +388,9 @@ def test_training_inputs_forms_and_helpers(tmp_path):
     training = LoraTraining(model)
     tokens = pattern_corpus(4)
     mask = torch.ones_like(tokens)
-    assert training.process_inputs({"input_ids": tokens, "attention_mask": mask, "labels": tokens})[1] is tokens
+    assert (
+        training.process_inputs({"input_ids": tokens, "attention_mask": mask, "labels": tokens})[1] is tokens
+    )
     encoding = transformers.BatchEncoding({"input_ids": tokens, "attention_mask": mask, "labels": tokens})
     loss_dict, none = training(encoding)
     loss_tuple, _ = training((tokens, tokens))
@@ -381,11 +407,13 @@ def test_training_inputs_forms_and_helpers(tmp_path):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     optimizer.step()
     optimizer_to(optimizer, "cpu")
-    assert all(t.device.type == "cpu" for s in optimizer.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+    assert all(
+        t.device.type == "cpu"
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     copy.deepcopy(FheMatmul(torch.eye(2)))  # modules stay copyable
-
-
 
 
 def free_port() -> int:
@@ -410,8 +438,21 @@ def test_mlp_remote_training_step_through_the_fhe_server(tmp_path):
     written = trainer.save_server_artifacts(str(tmp_path / "models" / "lora_mlp"))
     assert len(written) == 3
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fhe_backend.cli", "serve", str(tmp_path / "models"),
-                               "--port", str(port), "--keys-dir", str(tmp_path / "keys"), "--log-level", "warning"])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fhe_backend.cli",
+            "serve",
+            str(tmp_path / "models"),
+            "--port",
+            str(port),
+            "--keys-dir",
+            str(tmp_path / "keys"),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         for _ in range(480):  # the server starts in ~20 s alone, over a minute on a loaded machine
             try:

@@ -20,8 +20,9 @@ def _model():
 
 
 def _run(model, inputset, x, **options):
-    compiled = torch.compile(model, backend="fhe", options={
-        "inputset": inputset, "n_bits": 4, "fhe": "disable", **options})
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": inputset, "n_bits": 4, "fhe": "disable", **options}
+    )
     with torch.no_grad():
         return compiled(x)
 
@@ -59,7 +60,9 @@ def test_training_mode_says_call_eval():
 
 def test_inputs_outside_the_calibration_range_warn_once():
     model = _model()
-    compiled = torch.compile(model, backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "disable"})
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "disable"}
+    )
     with torch.no_grad():
         compiled(INPUTSET[:3])
         with pytest.warns(UserWarning, match=r"8 of 8 values .* outside the calibration range"):
@@ -81,7 +84,9 @@ def test_two_modules_of_one_class_with_their_own_inputsets():
 
 
 def test_requires_grad_input_warns_that_gradients_stop():
-    compiled = torch.compile(_model(), backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "disable"})
+    compiled = torch.compile(
+        _model(), backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "disable"}
+    )
     x = INPUTSET[:3].clone().requires_grad_(True)
     with pytest.warns(UserWarning, match="do not propagate gradients"):
         out = compiled(x)

@@ -32,8 +32,9 @@ def aten_graph(fn, *inputs):
 def layouts_by_target(fn, *inputs):
     graph_module = aten_graph(fn, *inputs)
     layouts = batch_layouts(graph_module)
-    return graph_module, {node: layouts[node] for node in graph_module.graph.nodes
-                          if node.op == "call_function"}
+    return graph_module, {
+        node: layouts[node] for node in graph_module.graph.nodes if node.op == "call_function"
+    }
 
 
 # ---- batch rules -------------------------------------------------------------------------
@@ -76,8 +77,11 @@ def test_a_batch_rule_declared_with_a_lowering_decides(monkeypatch):
     from fhe_backend.lowering.registry import LOWERINGS, Lowering
 
     declared = MixesSamples("follows the rule declared with its lowering")
-    monkeypatch.setitem(LOWERINGS, aten.cumsum.default,
-                        Lowering(fn=lambda ctx, x, dim: x, batch=lambda node, layouts: declared))
+    monkeypatch.setitem(
+        LOWERINGS,
+        aten.cumsum.default,
+        Lowering(fn=lambda ctx, x, dim: x, batch=lambda node, layouts: declared),
+    )
     _, layouts = layouts_by_target(lambda x: torch.cumsum(x, 1) * 2, torch.randn(5, 3))
     assert list(layouts.values())[0] is declared
 
@@ -99,8 +103,11 @@ def test_multihead_attention_views_keep_the_batch_apart():
     model = Attention(16, 2).eval()
     graph_module, layouts = layouts_by_target(model, torch.randn(4, 6, 16))
     assert not [n for n, layout in layouts.items() if isinstance(layout, MixesSamples)]
-    seq_batch_heads = [n for n, layout in layouts.items() if layout == BatchAt(1, 1)
-                       and tuple(n.meta["val"].shape) == (6, 8, 8)]
+    seq_batch_heads = [
+        n
+        for n, layout in layouts.items()
+        if layout == BatchAt(1, 1) and tuple(n.meta["val"].shape) == (6, 8, 8)
+    ]
     assert seq_batch_heads, "no (seq, batch * heads, head_dim) view found"
 
 
@@ -127,8 +134,11 @@ def _assert_close(actual, expected, n_bits, steps=4.0):
 
 
 def _fhe_targets(compiled):
-    return {str(node.target) for partition in fhe_backend.partitions(compiled)
-            for node in partition.graph_module.graph.nodes}
+    return {
+        str(node.target)
+        for partition in fhe_backend.partitions(compiled)
+        for node in partition.graph_module.graph.nodes
+    }
 
 
 def test_multihead_attention_runs_in_fhe():
@@ -184,8 +194,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     return BertModel(config).eval()
 
 

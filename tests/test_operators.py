@@ -33,13 +33,15 @@ class Lambda(nn.Module):
         return self.fn(*inputs)
 
 
-def check(model: nn.Module, shapes, n_bits: int = 5, steps: float = 4.0, options=None,
-          integer_inputs: bool = False):
+def check(
+    model: nn.Module, shapes, n_bits: int = 5, steps: float = 4.0, options=None, integer_inputs: bool = False
+):
     """Compile `model` on grid inputs of `shapes` (one per input) and compare with eager torch."""
     inputset = tuple(grid_inputs(shape, n_bits, seed=i) for i, shape in enumerate(shapes))
     inputs = tuple(x[2:6] for x in inputset)
-    return assert_matches_torch(model, inputs, inputset, n_bits=n_bits, steps=steps,
-                                options={**FULL_FHE, **(options or {})})
+    return assert_matches_torch(
+        model, inputs, inputset, n_bits=n_bits, steps=steps, options={**FULL_FHE, **(options or {})}
+    )
 
 
 def check_shapes(fn, shapes, n_bits: int = 5, steps: float = 4.0):
@@ -73,7 +75,7 @@ UNIVARIATE = {
     "exp": torch.exp,
     "log": lambda x: torch.log(x.abs() + 0.5),
     "pow": lambda x: torch.pow(x, 2),
-    "pow_cube": lambda x: x ** 3,
+    "pow_cube": lambda x: x**3,
     "mul": lambda x: x * -1.5,
     "div": lambda x: x / 3,
     "rdiv": lambda x: 1 / (x.abs() + 1),
@@ -117,13 +119,28 @@ def test_pad_two_dims_before_conv():
 # ---- activations --------------------------------------------------------------------------------
 
 ACTIVATIONS = {
-    "CELU": nn.CELU(), "ELU": nn.ELU(), "GELU": nn.GELU(), "Hardshrink": nn.Hardshrink(),
-    "Hardsigmoid": nn.Hardsigmoid(), "Hardswish": nn.Hardswish(), "Hardtanh": nn.Hardtanh(),
-    "LeakyReLU": nn.LeakyReLU(0.1), "LogSigmoid": nn.LogSigmoid(), "Mish": nn.Mish(),
-    "PReLU": nn.PReLU(init=0.2), "ReLU6": nn.ReLU6(), "ReLU": nn.ReLU(), "SELU": nn.SELU(),
-    "Sigmoid": nn.Sigmoid(), "SiLU": nn.SiLU(), "Softplus": nn.Softplus(),
-    "Softshrink": nn.Softshrink(), "Softsign": nn.Softsign(), "Tanh": nn.Tanh(),
-    "Tanhshrink": nn.Tanhshrink(), "Threshold": nn.Threshold(0.25, -1.0),
+    "CELU": nn.CELU(),
+    "ELU": nn.ELU(),
+    "GELU": nn.GELU(),
+    "Hardshrink": nn.Hardshrink(),
+    "Hardsigmoid": nn.Hardsigmoid(),
+    "Hardswish": nn.Hardswish(),
+    "Hardtanh": nn.Hardtanh(),
+    "LeakyReLU": nn.LeakyReLU(0.1),
+    "LogSigmoid": nn.LogSigmoid(),
+    "Mish": nn.Mish(),
+    "PReLU": nn.PReLU(init=0.2),
+    "ReLU6": nn.ReLU6(),
+    "ReLU": nn.ReLU(),
+    "SELU": nn.SELU(),
+    "Sigmoid": nn.Sigmoid(),
+    "SiLU": nn.SiLU(),
+    "Softplus": nn.Softplus(),
+    "Softshrink": nn.Softshrink(),
+    "Softsign": nn.Softsign(),
+    "Tanh": nn.Tanh(),
+    "Tanhshrink": nn.Tanhshrink(),
+    "Threshold": nn.Threshold(0.25, -1.0),
     "GELU_tanh": nn.GELU(approximate="tanh"),
 }
 
@@ -225,6 +242,7 @@ def test_encrypted_with_encrypted(name):
 
 def test_attention_scores_batch_times_heads():
     """q @ k.transpose(-1, -2) with heads: dim 0 becomes batch * heads inside the circuit."""
+
     def scores(q, k):
         q = q.reshape(q.shape[0], 3, 2, 2).transpose(1, 2)
         k = k.reshape(k.shape[0], 3, 2, 2).transpose(1, 2)
@@ -248,7 +266,9 @@ def test_embedding_encrypted_index():
 NORMALIZATIONS = {
     "vector_norm": (lambda: Lambda(lambda x: torch.linalg.vector_norm(x, dim=-1)), 4),
     "vector_norm_l1_keepdim": (
-        lambda: Lambda(lambda x: torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True)), 4),
+        lambda: Lambda(lambda x: torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True)),
+        4,
+    ),
     "vector_norm_inf": (lambda: Lambda(lambda x: torch.linalg.vector_norm(x, ord=float("inf"), dim=-1)), 4),
     "LayerNorm": (lambda: nn.LayerNorm(4), 4.5),
     "LayerNorm_no_affine": (lambda: nn.LayerNorm(4, elementwise_affine=False), 4.5),
@@ -293,8 +313,9 @@ def test_python_loop_unrolled_by_dynamo():
 @pytest.mark.parametrize("name", ["add", "mul"])
 def test_clear_input(name):
     model = Lambda(BINARY[name])
-    compiled = check(model, [(3,), (3,)], n_bits=4,
-                     options={"inputs_encryption_status": ["encrypted", "clear"]})
+    compiled = check(
+        model, [(3,), (3,)], n_bits=4, options={"inputs_encryption_status": ["encrypted", "clear"]}
+    )
     assert fhe_backend.partitions(compiled)[0].encryption_status == ("encrypted", "clear")
 
 
@@ -305,8 +326,14 @@ def test_clear_input(name):
 def test_execute_equals_simulate(name, insecure_configuration):
     """Tiny circuits (<= 4-bit lookups) run with real keys and equal simulate."""
     inputset = tuple(grid_inputs((3,), 3, seed=i) for i in range(2))
-    compiled = compile_fhe(Lambda(BINARY[name]), inputset, n_bits=3, fhe="simulate",
-                           configuration=insecure_configuration, **FULL_FHE)
+    compiled = compile_fhe(
+        Lambda(BINARY[name]),
+        inputset,
+        n_bits=3,
+        fhe="simulate",
+        configuration=insecure_configuration,
+        **FULL_FHE,
+    )
     inputs = tuple(x[2:5] for x in inputset)
     simulated = compiled(*inputs)
     partition = fhe_backend.partitions(compiled)[0]

@@ -50,7 +50,8 @@ def _is_type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _imports(tree: ast.AST):
@@ -161,8 +162,11 @@ def test_lowering_context_has_no_attributes_set_on_the_fly():
             if isinstance(node, (ast.Assign, ast.AugAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for target in targets:
-                    if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-                            and target.value.id == "ctx"):
+                    if (
+                        isinstance(target, ast.Attribute)
+                        and isinstance(target.value, ast.Name)
+                        and target.value.id == "ctx"
+                    ):
                         offenders.append(f"{name}:{node.lineno} ctx.{target.attr}")
     assert offenders == []
 
@@ -171,14 +175,17 @@ def test_integer_program_imports_first():
     """Importing the integer program first, in a fresh interpreter, works and registers every
     lowering (the import of `fhe_backend.lowering` loads them eagerly)."""
     for first in ("fhe_backend.quantization.program",):
-        code = (f"import {first}\n"
-                "import torch\n"
-                "from fhe_backend.lowering.registry import LOWERINGS\n"
-                "aten = torch.ops.aten\n"
-                "assert {aten._prelu_kernel.default, aten.addmm.default, aten.avg_pool2d.default,"
-                " aten.native_layer_norm.default} <= set(LOWERINGS), sorted(map(str, LOWERINGS))\n")
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+        code = (
+            f"import {first}\n"
+            "import torch\n"
+            "from fhe_backend.lowering.registry import LOWERINGS\n"
+            "aten = torch.ops.aten\n"
+            "assert {aten._prelu_kernel.default, aten.addmm.default, aten.avg_pool2d.default,"
+            " aten.native_layer_norm.default} <= set(LOWERINGS), sorted(map(str, LOWERINGS))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"import {first} first:\n{result.stderr[-3000:]}"
 
 
@@ -199,31 +206,59 @@ def installed_wheel(tmp_path_factory):
     for name in ("pyproject.toml", "setup.cfg", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for folder in {PACKAGE, *_setuptools_config().get("package-dir", {}).values()}:
-        shutil.copytree(ROOT / folder, source / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(work / "dist"), str(source)], check=True, timeout=600)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(work / "dist"),
+            str(source),
+        ],
+        check=True,
+        timeout=600,
+    )
     (wheel,) = (work / "dist").glob("fhe_backend-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     dependencies = subprocess.run(
         [sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True).stdout.strip()
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (site / "_dependencies.pth").write_text(dependencies + "\n")  # a path only: its .pth stay off
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, timeout=600)
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        timeout=600,
+    )
     return wheel, python, site
 
 
 def test_wheel_holds_only_fhe_backend(installed_wheel):
     wheel, _, site = installed_wheel
     names = zipfile.ZipFile(wheel).namelist()
-    assert {name.split("/")[0] for name in names} == {PACKAGE, wheel.name.split("-")[0] + "-"
-                                                      + wheel.name.split("-")[1] + ".dist-info"}
+    assert {name.split("/")[0] for name in names} == {
+        PACKAGE,
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
     assert "fhe_backend/passes/__init__.py" in names and "fhe_backend/benchmarks/runner.py" in names
     top_level = {path.name for path in site.iterdir()} - {"_dependencies.pth"}
     assert not {"passes", "benchmarks", "passes.py", "benchmarks.py"} & top_level, top_level
@@ -232,13 +267,16 @@ def test_wheel_holds_only_fhe_backend(installed_wheel):
 
 def test_installed_wheel_imports_passes_under_the_package(installed_wheel, tmp_path):
     _, python, site = installed_wheel
-    code = ("import importlib.util, fhe_backend, fhe_backend.passes, fhe_backend.benchmarks.runner\n"
-            f"assert fhe_backend.__file__.startswith({str(site)!r}), fhe_backend.__file__\n"
-            "assert fhe_backend.passes.PassManager and fhe_backend.passes.DEFAULT_PASSES\n"
-            "assert importlib.util.find_spec('passes') is None\n"
-            "assert importlib.util.find_spec('benchmarks') is None\n")
-    result = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    code = (
+        "import importlib.util, fhe_backend, fhe_backend.passes, fhe_backend.benchmarks.runner\n"
+        f"assert fhe_backend.__file__.startswith({str(site)!r}), fhe_backend.__file__\n"
+        "assert fhe_backend.passes.PassManager and fhe_backend.passes.DEFAULT_PASSES\n"
+        "assert importlib.util.find_spec('passes') is None\n"
+        "assert importlib.util.find_spec('benchmarks') is None\n"
+    )
+    result = subprocess.run(
+        [str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -251,13 +289,15 @@ def _tool(name: str) -> str:
 
 def test_ruff_check_is_clean():
     """The lint configuration of pyproject.toml holds on the whole tree (as in .ci/run)."""
-    result = subprocess.run([_tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [_tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
 def test_mypy_is_clean():
     """The type check configured in pyproject.toml passes (as in .ci/run)."""
-    result = subprocess.run([_tool("mypy"), "--no-incremental"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [_tool("mypy"), "--no-incremental"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

@@ -48,7 +48,7 @@ def _within_steps(actual, expected, n_bits, steps):
 def _simulate_matches(model, inputset, n_bits, steps, test=None, **options):
     """compile_torch_model, then simulate == disable exactly and close to eager torch."""
     quantized = compile_torch_model(model.eval(), inputset, n_bits=n_bits, **options)
-    x = (inputset[:16] if test is None else test)
+    x = inputset[:16] if test is None else test
     x = x.numpy() if isinstance(x, torch.Tensor) else x
     simulated = quantized.forward(x, fhe="simulate")
     np.testing.assert_array_equal(simulated, quantized.forward(x, fhe="disable"))
@@ -99,8 +99,9 @@ def test_maxpool_after_conv_torch_compile():
 
 def test_maxpool_after_relu_conv_and_linear_head():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(12, 2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 2)
+    ).eval()
     _simulate_matches(model, torch.randn(100, 1, 4, 4), n_bits=6, steps=4)
 
 
@@ -156,8 +157,7 @@ def test_brevitas_value_under_torch_compile():
     inputset = torch.randn(100, 6)
     compiled = compile_fhe(model, inputset, fhe="simulate")
     with torch.no_grad():
-        np.testing.assert_allclose(compiled(inputset[:5]).numpy(), _eager(model, inputset[:5]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(compiled(inputset[:5]).numpy(), _eager(model, inputset[:5]), atol=1e-5)
     assert len(fhe_backend.partitions(compiled)) == 1  # the whole network ran as one circuit
 
 
@@ -207,12 +207,16 @@ class PadLinear(nn.Module):
         return self.fc(F.pad(torch.relu(x), (1, 1)))
 
 
-@pytest.mark.parametrize("model, shape, steps", [
-    (LikeConstants, (4,), 2),
-    (ChunkSplit, (4,), 6),
-    (PadConv, (1, 5, 5), 4),
-    (PadLinear, (4,), 4),
-], ids=["zeros_like-full_like", "chunk-split", "pad-conv", "pad-linear"])
+@pytest.mark.parametrize(
+    "model, shape, steps",
+    [
+        (LikeConstants, (4,), 2),
+        (ChunkSplit, (4,), 6),
+        (PadConv, (1, 5, 5), 4),
+        (PadLinear, (4,), 4),
+    ],
+    ids=["zeros_like-full_like", "chunk-split", "pad-conv", "pad-linear"],
+)
 def test_ops_in_compile_api(model, shape, steps):
     torch.manual_seed(0)
     _simulate_matches(model(), torch.randn(100, *shape), n_bits=6, steps=steps)
@@ -221,22 +225,28 @@ def test_ops_in_compile_api(model, shape, steps):
 # -- 6. rounding edge cases ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rounding", [
-    {"method": "APPROXIMATE", "n_bits": 8},
-    {"method": "EXACT", "n_bits": 2},
-], ids=["approximate-8", "exact-2"])
+@pytest.mark.parametrize(
+    "rounding",
+    [
+        {"method": "APPROXIMATE", "n_bits": 8},
+        {"method": "EXACT", "n_bits": 2},
+    ],
+    ids=["approximate-8", "exact-2"],
+)
 def test_rounding_edge_cases_compile(rounding):
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = FCSmall(5, nn.Hardsigmoid).eval()
     inputset = rng.uniform(-100, 100, size=(100, 5))
-    quantized = compile_torch_model(model, inputset, rounding_threshold_bits=rounding,
-                                    n_bits={"model_inputs": 4, "model_outputs": 4,
-                                            "op_inputs": 4, "op_weights": 4})
+    quantized = compile_torch_model(
+        model,
+        inputset,
+        rounding_threshold_bits=rounding,
+        n_bits={"model_inputs": 4, "model_outputs": 4, "op_inputs": 4, "op_weights": 4},
+    )
     assert quantized.statistics["max_tlu_bit_width"] <= rounding["n_bits"]
     x = inputset[:10]
-    np.testing.assert_array_equal(quantized.forward(x, fhe="simulate"),
-                                  quantized.forward(x, fhe="disable"))
+    np.testing.assert_array_equal(quantized.forward(x, fhe="simulate"), quantized.forward(x, fhe="disable"))
 
 
 # -- 7. API names ----------------------------------------------------------------------------
@@ -320,16 +330,25 @@ def test_hybrid_module_not_found():
         HybridFHEModel(FCSmall(4, nn.ReLU), module_names="does_not_exist")
 
 
-@pytest.mark.parametrize("rounding_threshold_bits, expected_exception, match_message", [
-    ("invalid_type", ValueError, "Invalid type for rounding_threshold_bits. Must be int or dict."),
-    ({"n_bits": 4, "method": "INVALID_METHOD"}, ValueError,
-     "INVALID_METHOD is not a valid method. Must be one of EXACT, APPROXIMATE."),
-    ({"n_bits": 1}, ValueError, "n_bits_rounding must be between 2 and 8 inclusive"),
-    ({"n_bits": 9}, ValueError, "n_bits_rounding must be between 2 and 8 inclusive"),
-    ({"invalid_key": 4}, KeyError,
-     "Invalid keys in rounding_threshold_bits. Allowed keys are \\['method', 'n_bits'\\]."),
-    ({"n_bits": "not_an_int"}, ValueError, "n_bits must be an integer."),
-])
+@pytest.mark.parametrize(
+    "rounding_threshold_bits, expected_exception, match_message",
+    [
+        ("invalid_type", ValueError, "Invalid type for rounding_threshold_bits. Must be int or dict."),
+        (
+            {"n_bits": 4, "method": "INVALID_METHOD"},
+            ValueError,
+            "INVALID_METHOD is not a valid method. Must be one of EXACT, APPROXIMATE.",
+        ),
+        ({"n_bits": 1}, ValueError, "n_bits_rounding must be between 2 and 8 inclusive"),
+        ({"n_bits": 9}, ValueError, "n_bits_rounding must be between 2 and 8 inclusive"),
+        (
+            {"invalid_key": 4},
+            KeyError,
+            "Invalid keys in rounding_threshold_bits. Allowed keys are \\['method', 'n_bits'\\].",
+        ),
+        ({"n_bits": "not_an_int"}, ValueError, "n_bits must be an integer."),
+    ],
+)
 def test_rounding_threshold_bits_errors(rounding_threshold_bits, expected_exception, match_message):
     model = FCSmall(5, nn.ReLU)
     with pytest.raises(expected_exception, match=match_message):
@@ -340,18 +359,19 @@ def test_rounding_auto_is_an_addition():
     # Concrete ML raises NotImplementedError for "auto"; here the calibration picks the bits
     torch.manual_seed(0)
     model = FCSmall(5, nn.ReLU).eval()
-    quantized = build_quantized_module(model, torch.randn(100, 5), n_bits=6,
-                                       rounding_threshold_bits={"n_bits": "auto"})
+    quantized = build_quantized_module(
+        model, torch.randn(100, 5), n_bits=6, rounding_threshold_bits={"n_bits": "auto"}
+    )
     assert quantized.lookup_report()
 
 
-@pytest.mark.parametrize("rounding_method, expected_reinterpret", [("APPROXIMATE", True),
-                                                                   ("EXACT", False)])
+@pytest.mark.parametrize("rounding_method, expected_reinterpret", [("APPROXIMATE", True), ("EXACT", False)])
 def test_rounding_mode(rounding_method, expected_reinterpret):
     torch.manual_seed(0)
     model = FCSmall(5, nn.ReLU)
-    quantized = compile_torch_model(model, torch.randn(10, 5),
-                                    rounding_threshold_bits={"method": rounding_method, "n_bits": 4})
+    quantized = compile_torch_model(
+        model, torch.randn(10, 5), rounding_threshold_bits={"method": rounding_method, "n_bits": 4}
+    )
     mlir = quantized.fhe_circuit.mlir
     if expected_reinterpret:
         assert "reinterpret_precision" in mlir and "round" not in mlir
@@ -362,8 +382,9 @@ def test_rounding_mode(rounding_method, expected_reinterpret):
 def test_compilation_functions_check_model_types():
     model = FCSmall(5, nn.ReLU)
     inputset = np.random.default_rng(0).uniform(-100, 100, size=(50, 5))
-    with pytest.raises(AssertionError, match="no Brevitas quantized layers, consider using "
-                                             "compile_torch_model instead"):
+    with pytest.raises(
+        AssertionError, match="no Brevitas quantized layers, consider using compile_torch_model instead"
+    ):
         compile_brevitas_qat_model(model, inputset)
     qnn = pytest.importorskip("brevitas.nn")
     qat = nn.Sequential(qnn.QuantIdentity(bit_width=4), qnn.QuantLinear(5, 2, True, weight_bit_width=4))
@@ -374,8 +395,12 @@ def test_compilation_functions_check_model_types():
 def test_qat_import_bits_check():
     qnn = pytest.importorskip("brevitas.nn")
     torch.manual_seed(0)
-    model = nn.Sequential(qnn.QuantIdentity(bit_width=3), qnn.QuantLinear(10, 4, True, weight_bit_width=3),
-                          qnn.QuantReLU(bit_width=3), qnn.QuantLinear(4, 2, True, weight_bit_width=3)).eval()
+    model = nn.Sequential(
+        qnn.QuantIdentity(bit_width=3),
+        qnn.QuantLinear(10, 4, True, weight_bit_width=3),
+        qnn.QuantReLU(bit_width=3),
+        qnn.QuantLinear(4, 2, True, weight_bit_width=3),
+    ).eval()
     inputset = np.random.default_rng(0).uniform(-100, 100, size=(50, 10))
     x = inputset[:5]
     reference = compile_brevitas_qat_model(model, inputset).forward(x, fhe="disable")
@@ -434,14 +459,34 @@ def test_bitwidth_report_none_before_compile(small_module):
     assert report and all("range" in entry and "bitwidth" in entry for entry in report.values())
 
 
-ACTIVATIONS = [nn.Sigmoid, nn.ReLU, nn.ReLU6, nn.Tanh, nn.ELU, nn.Hardsigmoid, nn.Hardtanh,
-               nn.LeakyReLU, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU, nn.Hardswish, nn.SiLU, nn.Mish,
-               nn.Tanhshrink, partial(nn.Threshold, threshold=0, value=0), nn.Softshrink,
-               nn.Softsign, nn.GELU, nn.LogSigmoid]
+ACTIVATIONS = [
+    nn.Sigmoid,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Tanh,
+    nn.ELU,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.PReLU,
+    nn.Hardswish,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanhshrink,
+    partial(nn.Threshold, threshold=0, value=0),
+    nn.Softshrink,
+    nn.Softsign,
+    nn.GELU,
+    nn.LogSigmoid,
+]
 
 
-@pytest.mark.parametrize("activation_function", ACTIVATIONS,
-                         ids=[getattr(a, "__name__", "Threshold") for a in ACTIVATIONS])
+@pytest.mark.parametrize(
+    "activation_function", ACTIVATIONS, ids=[getattr(a, "__name__", "Threshold") for a in ACTIVATIONS]
+)
 def test_compile_torch_activations(activation_function):
     # Concrete ML's check: FCSmall(5) on uniform(-100, 100) inputs, 4 bits everywhere, rounding 6
     # (100 samples instead of its 500, for time)
@@ -452,8 +497,7 @@ def test_compile_torch_activations(activation_function):
     n_bits = {"model_inputs": 4, "model_outputs": 4, "op_inputs": 4, "op_weights": 4}
     quantized = compile_torch_model(model, inputset, n_bits=n_bits, rounding_threshold_bits=6)
     x = inputset[:1]
-    np.testing.assert_array_equal(quantized.forward(x, fhe="simulate"),
-                                  quantized.forward(x, fhe="disable"))
+    np.testing.assert_array_equal(quantized.forward(x, fhe="simulate"), quantized.forward(x, fhe="disable"))
 
 
 # -- LoRA (Concrete ML's tests/torch/test_lora.py behaviours) ----------------------------------
@@ -513,17 +557,21 @@ def test_lora_trainer_train_dummy_model(tmp_path, use_dynamic_quantization):
     torch.manual_seed(0)
     model = DummyLoRAModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = LoraTrainer(model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
-                          training_args={"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
-                          train_log_path=str(tmp_path / "train.log"))
+    trainer = LoraTrainer(
+        model,
+        optimizer=optimizer,
+        checkpoint_dir=str(tmp_path),
+        training_args={"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
+        train_log_path=str(tmp_path / "train.log"),
+    )
     assert trainer.hybrid_model is not None
     inputset = (torch.randn(2, 10), torch.randn(2, 10))
     trainer.compile(inputset, n_bits=6, use_dynamic_quantization=use_dynamic_quantization)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.randn(2, 10), torch.randn(2, 10)), batch_size=1)
+        torch.utils.data.TensorDataset(torch.randn(2, 10), torch.randn(2, 10)), batch_size=1
+    )
     trainer.train(loader, num_epochs=1, fhe="disable")
     assert (tmp_path / "checkpoint_epoch_1.pth").is_file()
     assert isinstance(model.linear1, nn.Linear)
     loss, _ = trainer.hybrid_model((torch.randn(2, 10), torch.randn(2, 10)), fhe="disable")
     assert torch.isfinite(loss)
-

@@ -36,8 +36,14 @@ def targets(graph_module: fx.GraphModule):
 
 
 def test_default_passes_order():
-    assert list(DEFAULT_PASSES) == [decompose_fused, remove_identities, fold_constants, masked_softmax,
-                                    detect_fake_quant, free_batch_views]
+    assert list(DEFAULT_PASSES) == [
+        decompose_fused,
+        remove_identities,
+        fold_constants,
+        masked_softmax,
+        detect_fake_quant,
+        free_batch_views,
+    ]
 
 
 def test_remove_identities_drops_copies_keeps_layout_clones():
@@ -81,11 +87,14 @@ def _torch_ao(x):
     return torch.fake_quantize_per_tensor_affine(x, 0.1, 3, 0, 15)
 
 
-@pytest.mark.parametrize("fn, spec", [
-    (_hand_written, (0.25, 2.0, 0, 7)),
-    (_zero_point_after_round, (0.25, 3.0, 0, 15)),
-    (_torch_ao, (0.1, 3.0, 0, 15)),
-])
+@pytest.mark.parametrize(
+    "fn, spec",
+    [
+        (_hand_written, (0.25, 2.0, 0, 7)),
+        (_zero_point_after_round, (0.25, 3.0, 0, 15)),
+        (_torch_ao, (0.1, 3.0, 0, 15)),
+    ],
+)
 def test_detect_fake_quant_patterns(fn, spec):
     x = torch.randn(6, 4) * 2
     graph_module = fold_constants(aten_graph(lambda v: torch.relu(fn(v)), x))
@@ -185,8 +194,9 @@ def test_gpt2_conv1d_mlp_compiles_and_matches(gpt2_mlp):
 
     torch.manual_seed(0)
     inputset = torch.randn(120, 8, 16)
-    compiled = assert_matches_torch(gpt2_mlp, [inputset[:4]], inputset, n_bits=6, steps=4,
-                                    expect_partitions=1)
+    compiled = assert_matches_torch(
+        gpt2_mlp, [inputset[:4]], inputset, n_bits=6, steps=4, expect_partitions=1
+    )
     graph = fhe_backend.partitions(compiled)[0].graph_module.graph
     assert [str(n.target) for n in graph.nodes].count("aten.addmm.default") == 2
 
@@ -242,8 +252,16 @@ def test_masked_softmax_runs_in_fhe():
     model = MaskedScores()
     inputset = torch.randn(200, 2, 4, 4)
     # simulate, at an error probability low enough that no bootstrap error is drawn in practice
-    compiled = assert_matches_torch(model, [inputset[:16]], inputset, n_bits=6, steps=4, mode="simulate",
-                                    options={"global_p_error": 1e-6}, expect_partitions=1)
+    compiled = assert_matches_torch(
+        model,
+        [inputset[:16]],
+        inputset,
+        n_bits=6,
+        steps=4,
+        mode="simulate",
+        options={"global_p_error": 1e-6},
+        expect_partitions=1,
+    )
     assert fhe_backend.partitions(compiled)[0].statistics["pbs_count"] > 0
     with torch.no_grad():
         simulated = compiled(inputset[:16])
@@ -254,8 +272,10 @@ def test_masked_softmax_runs_in_fhe():
 def test_masked_softmax_of_a_row_of_minus_infinity_gives_zeros():
     mask = torch.zeros(3, 3)
     mask[1] = float("-inf")
-    graph_module = make_fx(lambda x: torch.ops.aten._safe_softmax.default(x + mask, -1),
-                           decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(torch.randn(2, 3, 3))
+    graph_module = make_fx(
+        lambda x: torch.ops.aten._safe_softmax.default(x + mask, -1),
+        decomposition_table=fhe_backend.backend.DECOMPOSITIONS,
+    )(torch.randn(2, 3, 3))
     graph_module = masked_softmax(fold_constants(graph_module))
     graph_module.recompile()
     x = torch.randn(2, 3, 3)
@@ -293,11 +313,25 @@ def test_fold_constants_keeps_whole_constants_that_are_not_broadcasts():
 
 def _fused_layer_args(layer: torch.nn.TransformerEncoderLayer):
     attention = layer.self_attn
-    return (attention.embed_dim, attention.num_heads, attention.in_proj_weight, attention.in_proj_bias,
-            attention.out_proj.weight, attention.out_proj.bias, False, layer.norm_first,
-            layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
-            layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
-            layer.linear2.bias)
+    return (
+        attention.embed_dim,
+        attention.num_heads,
+        attention.in_proj_weight,
+        attention.in_proj_bias,
+        attention.out_proj.weight,
+        attention.out_proj.bias,
+        False,
+        layer.norm_first,
+        layer.norm1.eps,
+        layer.norm1.weight,
+        layer.norm1.bias,
+        layer.norm2.weight,
+        layer.norm2.bias,
+        layer.linear1.weight,
+        layer.linear1.bias,
+        layer.linear2.weight,
+        layer.linear2.bias,
+    )
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -315,6 +349,8 @@ def test_decompose_fused_transformer_layer_equals_the_fused_kernel(norm_first):
         graph_module = decompose_fused(graph_module)
         graph_module.recompile()
         assert aten._transformer_encoder_layer_fwd.default not in targets(graph_module)
-        assert {aten.native_layer_norm.default, aten._softmax.default, aten.bmm.default} <= set(targets(graph_module))
+        assert {aten.native_layer_norm.default, aten._softmax.default, aten.bmm.default} <= set(
+            targets(graph_module)
+        )
         torch.testing.assert_close(graph_module(x), fused(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(graph_module(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -49,7 +49,9 @@ def test_auto_rounding_lowers_lookups_within_its_error_budget(mlp_and_data):
     auto, auto_partition = _compile(model, inputset, "auto")
     lsbs = auto_partition.program.rounding_lsbs
     assert lsbs and all(v > 0 for v in lsbs.values())
-    assert auto_partition.statistics["max_tlu_bit_width"] < unrounded_partition.statistics["max_tlu_bit_width"]
+    assert (
+        auto_partition.statistics["max_tlu_bit_width"] < unrounded_partition.statistics["max_tlu_bit_width"]
+    )
     with torch.no_grad():
         reference, rounded = unrounded(x), auto(x)
     span = float(reference.max() - reference.min())
@@ -92,7 +94,7 @@ def test_lookup_offset_centers_lopsided_ranges_only_when_it_saves_a_bit():
     # a rounded lookup reads non-negative inputs (Concrete's exact rounding of signed values
     # simulates wrongly), with room below and no wider than centering, carry included
     assert low + offset > 0
-    assert bit_width(low + offset, high + offset + 2 ** 5) <= bit_width(low, high) - 1
+    assert bit_width(low + offset, high + offset + 2**5) <= bit_width(low, high) - 1
     assert _lookup_offset(-8000, 8000, lsbs=0) == 0  # already centered
     assert _lookup_offset(0, 63, lsbs=0) == 0  # a full unsigned range: nothing to save
     assert _lookup_offset(-21332, 10649, lsbs=0) == 0  # it would save a bit, but leave no margin
@@ -190,7 +192,9 @@ def _calibrated(model, inputset, monkeypatch):
 
     calls = []
     original = FhePartition.calibrate
-    monkeypatch.setattr(FhePartition, "calibrate", lambda self, *args: calls.append(1) or original(self, *args))
+    monkeypatch.setattr(
+        FhePartition, "calibrate", lambda self, *args: calls.append(1) or original(self, *args)
+    )
     compiled = compile_fhe(model, inputset, n_bits=6, fhe="disable")
     with torch.no_grad():
         compiled(inputset[:1])

@@ -43,7 +43,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> n
     for _ in range(epochs):
         for start in range(0, len(x), 64):
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64])
+            loss = nn.functional.cross_entropy(model(x[start : start + 64]), y[start : start + 64])
             loss.backward()
             optimizer.step()
     return model.eval()
@@ -80,8 +80,9 @@ def test_brevitas_model_is_one_graph_and_one_partition(simple_net):
     _, partitions, _, graph_breaks = simple_net
     assert not graph_breaks
     assert len(partitions) == 1
-    fake_quants = [n for n in partitions[0].graph_module.graph.nodes
-                   if n.target == torch.ops.fhe.fake_quant.default]
+    fake_quants = [
+        n for n in partitions[0].graph_module.graph.nodes if n.target == torch.ops.fhe.fake_quant.default
+    ]
     assert len(fake_quants) == 3
 
 
@@ -157,9 +158,11 @@ def test_prepare_qat_model_keeps_eager_results():
 
 def test_tiny_qat_circuit_execute_equals_simulate(insecure_configuration):
     torch.manual_seed(0)
-    model = nn.Sequential(qnn.QuantIdentity(bit_width=2, return_quant_tensor=True),
-                          qnn.QuantLinear(4, 3, True, weight_bit_width=2, bias_quant=None),
-                          qnn.QuantReLU(bit_width=2)).eval()
+    model = nn.Sequential(
+        qnn.QuantIdentity(bit_width=2, return_quant_tensor=True),
+        qnn.QuantLinear(4, 3, True, weight_bit_width=2, bias_quant=None),
+        qnn.QuantReLU(bit_width=2),
+    ).eval()
     x = torch.rand(120, 4)
     compiled = compile_fhe(model, x, fhe="simulate", configuration=insecure_configuration)
     with torch.no_grad():

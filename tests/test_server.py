@@ -57,8 +57,9 @@ class ThreadServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
@@ -114,7 +115,9 @@ def deployed(tmp_path_factory):
     fc.save_and_clear_private_info(models / "FCSmall")
 
     pbs = HybridFHEModel(FCSmall(4), "seq", model_name="FCSmallPBS")
-    pbs.compile_model(torch.randn(100, 4), n_bits=3, rounding_threshold_bits=3, p_error=0.001)
+    # p_error 2**-40: execute on the server must equal simulate bit for bit (at 0.001 per
+    # lookup, both draw bootstrap errors and differ now and then)
+    pbs.compile_model(torch.randn(100, 4), n_bits=3, rounding_threshold_bits=3, p_error=2**-40)
     assert pbs.remote_modules["seq"].partition.statistics["pbs_count"] > 0
     refs["pbs_x"] = torch.randn(2, 4)
     refs["pbs_sim"] = pbs(refs["pbs_x"], fhe="simulate")
@@ -133,8 +136,11 @@ def deployed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(deployed):
     """A real uvicorn server on a free loopback port (stopped at the end of the module)."""
-    running = ThreadServer(ServerConfig(str(deployed["models"]), str(deployed["keys"]), max_body_bytes=512 << 20,
-                                        retry_after_seconds=1))
+    running = ThreadServer(
+        ServerConfig(
+            str(deployed["models"]), str(deployed["keys"]), max_body_bytes=512 << 20, retry_after_seconds=1
+        )
+    )
     yield running
     running.stop()
 
@@ -149,7 +155,10 @@ def count_computes(hybrid):
     calls = []
     for remote in hybrid.remote_modules.values():
         remote.http.session.hooks["response"].append(
-            lambda response, *args, **kwargs: calls.append(response.url) if response.url.endswith("/compute") else None)
+            lambda response, *args, **kwargs: (
+                calls.append(response.url) if response.url.endswith("/compute") else None
+            )
+        )
     return calls
 
 
@@ -220,7 +229,9 @@ def fc_client(deployed, server, tmp_path_factory):
     http = FheHttpClient(server.url)
     http.download_client("FCSmall", "seq_0", "po_1_10_pc", folder)
     client = FHEModelClient(folder, key_dir=folder / "keys")
-    key_id = http.upload_evaluation_keys("FCSmall", "seq_0", "po_1_10_pc", client.get_serialized_evaluation_keys())
+    key_id = http.upload_evaluation_keys(
+        "FCSmall", "seq_0", "po_1_10_pc", client.get_serialized_evaluation_keys()
+    )
     return client, key_id
 
 
@@ -239,7 +250,11 @@ def test_malformed_requests_get_4xx_then_valid_request_succeeds(deployed, server
     check(requests.get(server.url + "/models/nope/modules"), 404, "FCSmall", "gpt2")
     check(requests.get(server.url + "/models/FCSmall/modules/nope/shapes"), 404, "seq_0")
     check(requests.get(server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/client"), 404, "po_1_10_pc")
-    check(requests.post(server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/keys", data=b"x"), 404, "po_1_10_pc")
+    check(
+        requests.post(server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/keys", data=b"x"),
+        404,
+        "po_1_10_pc",
+    )
     # names that could escape the models folder
     for bad in ("..", ".hidden", "%2e%2e%2f%2e%2e%2fetc", "a%2Fb"):
         response = requests.get(server.url + f"/models/{bad}/modules")
@@ -251,29 +266,59 @@ def test_malformed_requests_get_4xx_then_valid_request_succeeds(deployed, server
     FheHttpClient(server.url).download_client("FCSmallPBS", "seq", "po_1_4_pc", pbs_folder)
     other_keys = FHEModelClient(pbs_folder).get_serialized_evaluation_keys()
     check(requests.post(url + "/keys", data=other_keys), 400, "evaluation_keys", "another circuit")
-    check(requests.post(server.url + "/models/FCSmallPBS/modules/seq/shapes/po_1_4_pc/keys",
-                        data=other_keys[: len(other_keys) // 2]), 400, "evaluation_keys")
+    check(
+        requests.post(
+            server.url + "/models/FCSmallPBS/modules/seq/shapes/po_1_4_pc/keys",
+            data=other_keys[: len(other_keys) // 2],
+        ),
+        400,
+        "evaluation_keys",
+    )
     # unknown or malformed key id
     check(requests.post(url + "/compute", json={"key_id": "A" * 43, "inputs": [[good]]}), 404, "key_id")
-    check(requests.post(url + "/compute", json={"key_id": "../../etc/passwd", "inputs": [[good]]}), 422, "key_id")
+    check(
+        requests.post(url + "/compute", json={"key_id": "../../etc/passwd", "inputs": [[good]]}),
+        422,
+        "key_id",
+    )
     # malformed ciphertexts and bodies
     check(requests.post(url + "/compute", json={"key_id": key_id, "inputs": [["***"]]}), 400, "inputs[0]")
-    check(requests.post(url + "/compute", json={"key_id": key_id, "inputs": [[base64.b64encode(b"junk").decode()]]}),
-          400, "inputs[0][0]")
-    check(requests.post(url + "/compute", json={"key_id": key_id, "inputs": [[good, good]]}), 400, "inputs[0]")
+    check(
+        requests.post(
+            url + "/compute", json={"key_id": key_id, "inputs": [[base64.b64encode(b"junk").decode()]]}
+        ),
+        400,
+        "inputs[0][0]",
+    )
+    check(
+        requests.post(url + "/compute", json={"key_id": key_id, "inputs": [[good, good]]}), 400, "inputs[0]"
+    )
     check(requests.post(url + "/compute", json={"key_id": key_id}), 422, "inputs")
     check(requests.post(url + "/compute", json={"key_id": key_id, "inputs": []}), 422, "inputs")
-    check(requests.post(url + "/compute", data=b"{not json", headers={"Content-Type": "application/json"}), 422)
+    check(
+        requests.post(url + "/compute", data=b"{not json", headers={"Content-Type": "application/json"}), 422
+    )
     # a ciphertext for another shape (the GPT-2 module's input) sent to FCSmall
     gpt_folder = tmp_path / "gpt"
     FheHttpClient(server.url).download_client("gpt2", "transformer_h_0_mlp_c_fc", "po_1_4_16_pc", gpt_folder)
     gpt_client = FHEModelClient(gpt_folder)
     wrong_shape = gpt_client.quantize_encrypt_serialize(np.zeros((1, 4, 16)))
-    check(requests.post(url + "/compute", json={"key_id": key_id, "inputs": [[base64.b64encode(wrong_shape).decode()]]}),
-          400, "inputs[0]")
+    check(
+        requests.post(
+            url + "/compute", json={"key_id": key_id, "inputs": [[base64.b64encode(wrong_shape).decode()]]}
+        ),
+        400,
+        "inputs[0]",
+    )
     # keys uploaded for one module used on another
-    check(requests.post(server.url + "/models/gpt2/modules/transformer_h_0_mlp_c_fc/shapes/po_1_4_16_pc/compute",
-                        json={"key_id": key_id, "inputs": [[base64.b64encode(wrong_shape).decode()]]}), 400, "key_id")
+    check(
+        requests.post(
+            server.url + "/models/gpt2/modules/transformer_h_0_mlp_c_fc/shapes/po_1_4_16_pc/compute",
+            json={"key_id": key_id, "inputs": [[base64.b64encode(wrong_shape).decode()]]},
+        ),
+        400,
+        "key_id",
+    )
     # body over the limit: a server with a 1 MB limit
     small = ThreadServer(ServerConfig(str(deployed["models"]), str(deployed["keys"]), max_body_bytes=1 << 20))
     try:
@@ -318,8 +363,23 @@ def test_restarted_server_with_two_workers_serves_known_key_ids(deployed, server
     client, key_id = fc_client
     server.stop()
     port = free_port()
-    command = [sys.executable, "-m", "fhe_backend.cli", "serve", str(deployed["models"]), "--host", "127.0.0.1",
-               "--port", str(port), "--keys-dir", str(deployed["keys"]), "--workers", "2", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "fhe_backend.cli",
+        "serve",
+        str(deployed["models"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--keys-dir",
+        str(deployed["keys"]),
+        "--workers",
+        "2",
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(command, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"

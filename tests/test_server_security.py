@@ -107,13 +107,18 @@ def b64(data: bytes) -> str:
 
 
 def upload(url: str, target, data: bytes, **kwargs) -> requests.Response:
-    return requests.post(url + "/models/{}/modules/{}/shapes/{}/keys".format(*target), data=data,
-                         timeout=TIMEOUT, **kwargs)
+    return requests.post(
+        url + "/models/{}/modules/{}/shapes/{}/keys".format(*target), data=data, timeout=TIMEOUT, **kwargs
+    )
 
 
 def compute(url: str, target, key_id: str, samples, **kwargs) -> requests.Response:
-    return requests.post(url + "/models/{}/modules/{}/shapes/{}/compute".format(*target), timeout=TIMEOUT,
-                         json={"key_id": key_id, "inputs": [[b64(s)] for s in samples]}, **kwargs)
+    return requests.post(
+        url + "/models/{}/modules/{}/shapes/{}/compute".format(*target),
+        timeout=TIMEOUT,
+        json={"key_id": key_id, "inputs": [[b64(s)] for s in samples]},
+        **kwargs,
+    )
 
 
 def stored_files(folder: Path):
@@ -122,8 +127,13 @@ def stored_files(folder: Path):
 
 def bootstrap_params_offset(keys: bytes, spec_params: dict) -> int:
     """Byte offset of the first bootstrap key's (levelCount, baseLog, glweDimension, polynomialSize)."""
-    pattern = struct.pack("<IIII", spec_params["levelCount"], spec_params["baseLog"],
-                          spec_params["glweDimension"], spec_params["polynomialSize"])
+    pattern = struct.pack(
+        "<IIII",
+        spec_params["levelCount"],
+        spec_params["baseLog"],
+        spec_params["glweDimension"],
+        spec_params["polynomialSize"],
+    )
     offset = keys.find(pattern, 0, 4096)
     assert offset > 0
     return offset
@@ -159,7 +169,10 @@ def crafted_keys(keys: bytes, specs: dict) -> dict:
 
 # ---- 1. crafted keys ------------------------------------------------------------------------
 
-def test_crafted_keys_rejected_against_the_client_specification(artifacts, server, lookup_keys, leveled_client):
+
+def test_crafted_keys_rejected_against_the_client_specification(
+    artifacts, server, lookup_keys, leveled_client
+):
     """Right-sized keys with other parameters, trailing or missing bytes, or another circuit's
     keys are refused with 400 before anything is stored; genuine keys are accepted."""
     keys_dir = artifacts["root"] / "keys"
@@ -181,7 +194,9 @@ def test_crafted_keys_rejected_against_the_client_specification(artifacts, serve
     assert upload(server.url, LOOKUP, lookup_keys).status_code == 200
 
 
-def test_native_crash_costs_one_request_and_quarantines_the_key(artifacts, lookup_client, lookup_keys, tmp_path):
+def test_native_crash_costs_one_request_and_quarantines_the_key(
+    artifacts, lookup_client, lookup_keys, tmp_path
+):
     """Keys stored without the check (e.g. by an older server) that crash Concrete: the request
     gets 400, the worker lives on, the keys are quarantined (also after a restart), and genuine
     keys still compute correct results."""
@@ -202,7 +217,9 @@ def test_native_crash_costs_one_request_and_quarantines_the_key(artifacts, looku
         assert requests.get(running.url + "/health", timeout=TIMEOUT).status_code == 200
         again = compute(running.url, LOOKUP, bad_id, [sample])
         assert again.status_code == 400 and "quarantined" in again.text
-        assert (keys_dir / "quarantine" / f"{bad_id}.evk").is_file() and not (keys_dir / f"{bad_id}.evk").exists()
+        assert (keys_dir / "quarantine" / f"{bad_id}.evk").is_file() and not (
+            keys_dir / f"{bad_id}.evk"
+        ).exists()
         good_id = upload(running.url, LOOKUP, lookup_keys).json()["key_id"]
         answer = compute(running.url, LOOKUP, good_id, [sample])
         assert answer.status_code == 200, answer.text
@@ -219,6 +236,7 @@ def test_native_crash_costs_one_request_and_quarantines_the_key(artifacts, looku
 
 
 # ---- 2. no 500 for bad input: the malformed-request battery ---------------------------------
+
 
 def raw_request(port: int, data: bytes, timeout: float = 30.0) -> int:
     """Send raw bytes; the status code of the answer (0 when the server closed without one)."""
@@ -247,7 +265,13 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
         cases.append((name, lambda: requests.request(method, url, timeout=TIMEOUT, **kwargs).status_code))
 
     def compute_body(name, body: bytes, content_type="application/json"):
-        http(f"compute body {name}", "POST", base + "/compute", data=body, headers={"Content-Type": content_type})
+        http(
+            f"compute body {name}",
+            "POST",
+            base + "/compute",
+            data=body,
+            headers={"Content-Type": content_type},
+        )
 
     def compute_json(name, payload):
         compute_body(name, json.dumps(payload).encode())
@@ -279,24 +303,52 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
         compute_body(f"literal {literal!r}", literal)
     compute_body("text/plain garbage", b"hello", content_type="text/plain")
     compute_body("form encoded", b"key_id=x&inputs=y", content_type="application/x-www-form-urlencoded")
-    for bad_id in (1, None, ["x"], {"a": 1}, "", "short", "../../etc/passwd", "A" * 65, "é" * 40,
-                   "A" * 42 + "/", "A" * 43 + "\n", "%2e%2e%2f" * 5):
+    for bad_id in (
+        1,
+        None,
+        ["x"],
+        {"a": 1},
+        "",
+        "short",
+        "../../etc/passwd",
+        "A" * 65,
+        "é" * 40,
+        "A" * 42 + "/",
+        "A" * 43 + "\n",
+        "%2e%2e%2f" * 5,
+    ):
         compute_json(f"key_id {bad_id!r:.30}", {"key_id": bad_id, "inputs": [[good]]})
     compute_json("unknown key_id", {"key_id": "A" * 43, "inputs": [[good]]})
     compute_json("missing key_id", {"inputs": [[good]]})
     compute_json("missing inputs", {"key_id": key_id})
     compute_json("duplicate fields", {"key_id": key_id, "inputs": []} | {})
     compute_body("duplicate keys both bad", b'{"key_id": 1, "key_id": 2, "inputs": []}')
-    for name, inputs in (("string", "x"), ("number", 1), ("null", None), ("empty", []), ("empty sample", [[]]),
-                         ("int ciphertext", [[1]]), ("null ciphertext", [[None]]), ("nested", [[[good]]]),
-                         ("not base64", [["***"]]), ("empty string", [[""]]), ("base64 junk", [[b64(b"junk")]]),
-                         ("base64 padding", [["AAA"]]), ("base64 with spaces", [["AA AA"]]),
-                         ("truncated ciphertext", [[b64(sample[:-8])]]), ("half ciphertext", [[b64(sample[: len(sample) // 2])]]),
-                         ("trailing bytes", [[b64(sample + b"\0" * 8)]]), ("one trailing byte", [[b64(sample + b"x")]]),
-                         ("two ciphertexts", [[good, good]]), ("other circuit", [[other_sample]]),
-                         ("keys as ciphertext", [[b64(leveled_client.get_serialized_evaluation_keys())]]),
-                         ("random bytes", [[b64(bytes(range(256)) * 4)]]), ("too many samples", [[good]] * 9),
-                         ("mixed samples", [[good], ["***"]]), ("dict sample", [{"a": good}])):
+    for name, inputs in (
+        ("string", "x"),
+        ("number", 1),
+        ("null", None),
+        ("empty", []),
+        ("empty sample", [[]]),
+        ("int ciphertext", [[1]]),
+        ("null ciphertext", [[None]]),
+        ("nested", [[[good]]]),
+        ("not base64", [["***"]]),
+        ("empty string", [[""]]),
+        ("base64 junk", [[b64(b"junk")]]),
+        ("base64 padding", [["AAA"]]),
+        ("base64 with spaces", [["AA AA"]]),
+        ("truncated ciphertext", [[b64(sample[:-8])]]),
+        ("half ciphertext", [[b64(sample[: len(sample) // 2])]]),
+        ("trailing bytes", [[b64(sample + b"\0" * 8)]]),
+        ("one trailing byte", [[b64(sample + b"x")]]),
+        ("two ciphertexts", [[good, good]]),
+        ("other circuit", [[other_sample]]),
+        ("keys as ciphertext", [[b64(leveled_client.get_serialized_evaluation_keys())]]),
+        ("random bytes", [[b64(bytes(range(256)) * 4)]]),
+        ("too many samples", [[good]] * 9),
+        ("mixed samples", [[good], ["***"]]),
+        ("dict sample", [{"a": good}]),
+    ):
         compute_json(f"inputs {name}", {"key_id": key_id, "inputs": inputs})
     header = bytearray(sample)
     struct.pack_into("<I", header, 0, 100000)  # 100001 segments declared
@@ -310,8 +362,13 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
 
     # keys endpoint
     def keys_body(name, body, target=LEVELED):
-        http(f"keys {name}", "POST", server.shape_url(target) + "/keys", data=body,
-             headers={"Content-Type": "application/octet-stream"})
+        http(
+            f"keys {name}",
+            "POST",
+            server.shape_url(target) + "/keys",
+            data=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
 
     leveled_keys = leveled_client.get_serialized_evaluation_keys()
     keys_body("empty", b"")
@@ -341,16 +398,28 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
     # names, methods, key ids in paths
     for bad in ("..", ".hidden", "%2e%2e%2f%2e%2e%2fetc", "a%2Fb", "x" * 200, "%00", "%C3%BC", "a%20b", "-x"):
         http(f"model name {bad:.20}", "GET", f"{server.url}/models/{bad}/modules")
-        http(f"shape name {bad:.20}", "POST", f"{server.url}/models/FCSmall/modules/seq_0/shapes/{bad}/keys",
-             data=leveled_keys)
+        http(
+            f"shape name {bad:.20}",
+            "POST",
+            f"{server.url}/models/FCSmall/modules/seq_0/shapes/{bad}/keys",
+            data=leveled_keys,
+        )
     http("unknown model", "GET", server.url + "/models/nope/modules")
     http("unknown module", "GET", server.url + "/models/FCSmall/modules/nope/shapes")
     http("unknown shape client", "GET", server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/client")
-    http("unknown shape compute", "POST", server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/compute",
-         data=valid)
-    for method, url in (("PUT", "/models"), ("PATCH", "/models/FCSmall/modules"), ("POST", "/health"),
-                        ("GET", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/compute"),
-                        ("PUT", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys")):
+    http(
+        "unknown shape compute",
+        "POST",
+        server.url + "/models/FCSmall/modules/seq_0/shapes/po_9_pc/compute",
+        data=valid,
+    )
+    for method, url in (
+        ("PUT", "/models"),
+        ("PATCH", "/models/FCSmall/modules"),
+        ("POST", "/health"),
+        ("GET", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/compute"),
+        ("PUT", "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys"),
+    ):
         http(f"method {method} {url}", method, server.url + url)
     for bad in ("..%2F..%2Fetc%2Fpasswd", "short", "A" * 43, "A" * 200, "%00" * 40):
         http(f"delete key {bad:.20}", "DELETE", f"{base}/keys/{bad}")
@@ -363,10 +432,14 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
         cases.append((f"raw {name}", lambda: raw_request(server.port, data)))
 
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    raw("content-length and transfer-encoding",
-        (head + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode())
-    raw("transfer-encoding and content-length",
-        (head + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n").encode())
+    raw(
+        "content-length and transfer-encoding",
+        (head + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode(),
+    )
+    raw(
+        "transfer-encoding and content-length",
+        (head + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n").encode(),
+    )
     raw("two content-lengths", (head + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x").encode())
     raw("content-length not a number", (head + "Content-Length: abc\r\n\r\n{}").encode())
     raw("negative content-length", (head + "Content-Length: -1\r\n\r\n{}").encode())
@@ -381,7 +454,9 @@ def malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifact
     return cases
 
 
-def test_malformed_request_battery_gets_only_4xx(artifacts, server, leveled_client, lookup_client, lookup_keys):
+def test_malformed_request_battery_gets_only_4xx(
+    artifacts, server, leveled_client, lookup_client, lookup_keys
+):
     """At least 100 malformed requests: every one is answered 4xx (never 5xx, never silence)."""
     cases = malformed_cases(server, leveled_client, lookup_client, lookup_keys, artifacts)
     assert len(cases) >= 100, len(cases)
@@ -406,6 +481,7 @@ def test_malformed_request_battery_gets_only_4xx(artifacts, server, leveled_clie
 
 # ---- 2. keys folder: checked at start-up, reported by /health, atomic metadata ---------------
 
+
 def test_unwritable_keys_folder_stops_start_up_with_exit_1(artifacts, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -420,7 +496,9 @@ def test_health_reports_keys_that_cannot_be_stored_and_uploads_get_503(artifacts
     try:
         health = requests.get(running.url + "/health", timeout=TIMEOUT)
         assert health.status_code == 200 and health.json()["keys"] == "writable"
-        key_id = upload(running.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()["key_id"]
+        key_id = upload(running.url, LEVELED, leveled_client.get_serialized_evaluation_keys()).json()[
+            "key_id"
+        ]
         assert stored_files(keys_dir) == sorted([f"{key_id}.evk", f"{key_id}.json"]), "no temporary file left"
         record = json.loads((keys_dir / f"{key_id}.json").read_text())
         assert record["key_id"] == key_id and record["model"] == "FCSmall" and record["size"] > 0
@@ -439,6 +517,7 @@ def test_health_reports_keys_that_cannot_be_stored_and_uploads_get_503(artifacts
 
 
 # ---- 3. limits ----------------------------------------------------------------------------
+
 
 def test_key_quota_expiry_and_delete(artifacts, leveled_client, tmp_path):
     running = ThreadServer(settings(artifacts, tmp_path / "keys", max_keys_per_model=2, key_ttl_seconds=2.0))
@@ -489,16 +568,19 @@ def test_samples_per_request_limit(artifacts, server, leveled_client):
 
 def test_slow_bodies_time_out_and_their_connections_close(artifacts, tmp_path):
     """`Content-Length: 100000000` followed by 10 bytes, and a body trickling in: 408, closed."""
-    running = ThreadServer(settings(artifacts, tmp_path / "keys", body_idle_timeout_seconds=1.0,
-                                    body_timeout_seconds=3.0))
+    running = ThreadServer(
+        settings(artifacts, tmp_path / "keys", body_idle_timeout_seconds=1.0, body_timeout_seconds=3.0)
+    )
     path = "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys"
     try:
         sockets = []
         started = time.time()
         for _ in range(30):
             sock = socket.create_connection(("127.0.0.1", running.port), timeout=20)
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".encode()
-                         + b"0123456789")
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".encode()
+                + b"0123456789"
+            )
             sockets.append(sock)
         for sock in sockets:
             answer = b""
@@ -530,17 +612,28 @@ def test_slow_bodies_time_out_and_their_connections_close(artifacts, tmp_path):
         running.stop()
 
 
-def test_busy_worker_answers_503_with_retry_after_and_client_retries(artifacts, lookup_client, lookup_keys,
-                                                                      tmp_path):
-    running = ThreadServer(settings(artifacts, tmp_path / "keys", max_concurrent_computes=1,
-                                    compute_queue_seconds=0.5, retry_after_seconds=1))
+def test_busy_worker_answers_503_with_retry_after_and_client_retries(
+    artifacts, lookup_client, lookup_keys, tmp_path
+):
+    running = ThreadServer(
+        settings(
+            artifacts,
+            tmp_path / "keys",
+            max_concurrent_computes=1,
+            compute_queue_seconds=0.5,
+            retry_after_seconds=1,
+        )
+    )
     try:
         key_id = upload(running.url, LOOKUP, lookup_keys).json()["key_id"]
         samples = [lookup_client.encrypt_serialize_integers(q) for q in artifacts["lookup_in"]]
         with ThreadPoolExecutor(1) as pool:
             long_one = pool.submit(compute, running.url, LOOKUP, key_id, samples * 2)
             deadline = time.time() + 60
-            while requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]["running_computes"] == 0:
+            while (
+                requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]["running_computes"]
+                == 0
+            ):
                 assert time.time() < deadline
                 time.sleep(0.05)
             queued = time.time()
@@ -573,8 +666,10 @@ def test_compute_stops_when_the_client_disconnects(artifacts, lookup_client, loo
         one_sample = time.time() - started
         body = json.dumps({"key_id": key_id, "inputs": [[b64(sample)]] * 8}).encode()
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=30)
-        sock.sendall(b"POST /models/FCSmallPBS/modules/seq/shapes/po_1_4_pc/compute HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(
+            b"POST /models/FCSmallPBS/modules/seq/shapes/po_1_4_pc/compute HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
         health = running.url + "/health"
         while requests.get(health, timeout=TIMEOUT).json()["compute"]["running_computes"] == 0:
             time.sleep(0.02)
@@ -595,14 +690,17 @@ def test_key_cache_is_bounded_in_count_and_bytes(artifacts, leveled_client, tmp_
     keys = leveled_client.get_serialized_evaluation_keys()
     samples = [leveled_client.encrypt_serialize_integers(q) for q in artifacts["leveled_in"][:3]]
     for limits, bound in (({"key_cache_size": 2}, 2), ({"key_cache_bytes": len(keys) + 1}, 1)):
-        running = ThreadServer(settings(artifacts, tmp_path / f"keys{bound}", max_concurrent_computes=1, **limits))
+        running = ThreadServer(
+            settings(artifacts, tmp_path / f"keys{bound}", max_concurrent_computes=1, **limits)
+        )
         try:
             for index in range(3):
                 key_id = upload(running.url, LEVELED, keys).json()["key_id"]
                 answer = compute(running.url, LEVELED, key_id, [samples[index]])
                 result = base64.b64decode(answer.json()["outputs"][0][0])
-                np.testing.assert_array_equal(leveled_client.deserialize_decrypt(result),
-                                              artifacts["leveled_out"][index])
+                np.testing.assert_array_equal(
+                    leveled_client.deserialize_decrypt(result), artifacts["leveled_out"][index]
+                )
                 stats = requests.get(running.url + "/health", timeout=TIMEOUT).json()["compute"]
                 assert stats["cached_keys"] == min(index + 1, bound), (limits, stats)
                 assert stats["cached_key_bytes"] == len(keys) * min(index + 1, bound)
@@ -611,6 +709,7 @@ def test_key_cache_is_bounded_in_count_and_bytes(artifacts, leveled_client, tmp_
 
 
 # ---- 4. authentication ------------------------------------------------------------------------
+
 
 def test_api_keys_required_and_key_ids_bound_to_their_uploader(artifacts, leveled_client, tmp_path):
     alice, bob = "alice-" + "a" * 32, "bob-" + "b" * 32
@@ -622,8 +721,12 @@ def test_api_keys_required_and_key_ids_bound_to_their_uploader(artifacts, levele
     as_alice, as_bob = ({"Authorization": f"Bearer {token}"} for token in (alice, bob))
     try:
         assert requests.get(running.url + "/health", timeout=TIMEOUT).status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": alice},
-                        {"Authorization": "Basic " + b64(alice.encode())}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-0123456789"},
+            {"Authorization": alice},
+            {"Authorization": "Basic " + b64(alice.encode())},
+        ):
             denied = requests.get(running.url + "/models", headers=headers, timeout=TIMEOUT)
             assert denied.status_code == 401 and denied.headers["WWW-Authenticate"] == "Bearer"
             assert upload(running.url, LEVELED, keys, headers=headers).status_code == 401
@@ -644,11 +747,23 @@ def test_api_keys_required_and_key_ids_bound_to_their_uploader(artifacts, levele
         running.stop()
     weak = tmp_path / "weak"
     weak.write_text("short\n")
-    assert cli.main(["serve", str(artifacts["models"]), "--keys-dir", str(tmp_path / "k"),
-                     "--api-keys-file", str(weak)]) == 1
+    assert (
+        cli.main(
+            [
+                "serve",
+                str(artifacts["models"]),
+                "--keys-dir",
+                str(tmp_path / "k"),
+                "--api-keys-file",
+                str(weak),
+            ]
+        )
+        == 1
+    )
 
 
 # ---- 5. the client under failures -------------------------------------------------------------
+
 
 class SilentServer:
     """A TCP server that reads requests and closes without answering (or never reads: `read=False`)."""
@@ -702,7 +817,9 @@ def test_client_upload_has_its_own_write_timeout():
     """A server that never reads: the upload fails after the write timeout, once, not at 10 s connect."""
     stuck = SilentServer(read=False)
     try:
-        client = FheHttpClient(stuck.url, timeout=(0.5, 600.0), write_timeout=3.0, retries=2, backoff_seconds=0.01)
+        client = FheHttpClient(
+            stuck.url, timeout=(0.5, 600.0), write_timeout=3.0, retries=2, backoff_seconds=0.01
+        )
         started = time.time()
         with pytest.raises(RemoteServerError, match="not retried"):
             client.upload_evaluation_keys(*LEVELED, b"k" * (64 << 20))
@@ -723,8 +840,10 @@ def test_upload_disconnect_is_one_log_line(artifacts, server):
     try:
         for _ in range(5):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"POST /models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: 1000000\r\n\r\n" + b"k" * 5000)
+            sock.sendall(
+                b"POST /models/FCSmall/modules/seq_0/shapes/po_1_10_pc/keys HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 1000000\r\n\r\n" + b"k" * 5000
+            )
             time.sleep(0.2)
             sock.close()
         deadline = time.time() + 10
@@ -756,7 +875,11 @@ def test_every_limit_is_a_documented_flag():
         flag = "--" + name.replace("_", "-")
         assert f"`{flag}`" in documented, flag
         assert parser.parse_args(["models", "--keys-dir", "k"]).__dict__[name] == getattr(
-            ServerSettings("m", "k"), name)
-    parsed = server_module.settings_from_args(parser.parse_args(
-        ["models", "--keys-dir", "k", "--max-keys-per-model", "none", "--key-ttl-seconds", "60"]))
+            ServerSettings("m", "k"), name
+        )
+    parsed = server_module.settings_from_args(
+        parser.parse_args(
+            ["models", "--keys-dir", "k", "--max-keys-per-model", "none", "--key-ttl-seconds", "60"]
+        )
+    )
     assert parsed.max_keys_per_model is None and parsed.key_ttl_seconds == 60.0

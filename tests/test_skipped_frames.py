@@ -38,16 +38,19 @@ def _model():
 def test_skipped_frame_warns_that_everything_is_in_the_clear():
     model = _model()
     compiled = torch.compile(model, backend="fhe", options={"inputset": INPUTSET, "n_bits": 4})
-    with pytest.warns(ClearTextWarning, match=r"no graph of 'forward' .*test_skipped_frames.py.*RNN"), \
-            torch.no_grad():
+    with (
+        pytest.warns(ClearTextWarning, match=r"no graph of 'forward' .*test_skipped_frames.py.*RNN"),
+        torch.no_grad(),
+    ):
         out = compiled(INPUTSET[:3])
     assert fhe_backend.partitions(compiled) == []
     assert torch.equal(out, model(INPUTSET[:3]))  # eager torch, as the warning says
 
 
 def test_skipped_frame_raises_with_require_full_fhe():
-    compiled = torch.compile(_model(), backend="fhe", options={
-        "inputset": INPUTSET, "n_bits": 4, "require_full_fhe": True})
+    compiled = torch.compile(
+        _model(), backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "require_full_fhe": True}
+    )
     with pytest.raises(fhe_backend.UnsupportedOpError, match="require_full_fhe"), torch.no_grad():
         compiled(INPUTSET[:3])
 
@@ -63,8 +66,11 @@ def test_other_backends_are_not_reported():
 def test_allow_rnn_keeps_the_gru_in_torch_and_the_head_in_fhe(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     model = _model()
-    compiled = torch.compile(model, backend="fhe", options={
-        "inputset": INPUTSET, "n_bits": 6, "rounding_threshold_bits": 6, "fhe": "disable"})
+    compiled = torch.compile(
+        model,
+        backend="fhe",
+        options={"inputset": INPUTSET, "n_bits": 6, "rounding_threshold_bits": 6, "fhe": "disable"},
+    )
     with torch.no_grad():
         out = compiled(INPUTSET[:16])
         expected = model(INPUTSET[:16])

@@ -20,7 +20,7 @@ import fhe_backend
 from fhe_backend.compile import build_quantized_module
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT = {"p_error": 2 ** -40}  # simulate == execute == disable with exact (or no) rounding
+EXACT = {"p_error": 2**-40}  # simulate == execute == disable with exact (or no) rounding
 
 
 def _tiny_model() -> nn.Module:
@@ -49,13 +49,17 @@ def test_recompiling_the_same_model_with_other_options_starts_fresh(insecure_con
     the second circuit is the one a fresh process builds, and it runs with its own keys."""
     model = _tiny_model()
     options = {"inputset": INPUTSET, "fhe": "execute", "configuration": insecure_configuration, **EXACT}
-    first = torch.compile(model, backend="fhe", options={**options, "n_bits": 3, "rounding_threshold_bits": 3})
+    first = torch.compile(
+        model, backend="fhe", options={**options, "n_bits": 3, "rounding_threshold_bits": 3}
+    )
     with torch.no_grad():
         first_out = first(SAMPLES[:1])
     (first_partition,) = fhe_backend.partitions(first)
     torch._dynamo.reset()
 
-    second = torch.compile(model, backend="fhe", options={**options, "n_bits": 4, "rounding_threshold_bits": 4})
+    second = torch.compile(
+        model, backend="fhe", options={**options, "n_bits": 4, "rounding_threshold_bits": 4}
+    )
     with torch.no_grad():
         executed = second(SAMPLES)
         with fhe_backend.fhe_mode("disable"):
@@ -65,8 +69,14 @@ def test_recompiling_the_same_model_with_other_options_starts_fresh(insecure_con
     assert second_partition.circuit is not first_partition.circuit
     assert torch.equal(executed, disabled)
 
-    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert fresh.returncode == 0, fresh.stderr
     values, complexity = fresh.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     assert torch.equal(disabled, torch.tensor(eval(values)))  # noqa: S307 - our own repr
@@ -95,8 +105,9 @@ def test_threads_each_get_their_own_mode():
     """One compiled model, two threads: one in disable, one in simulate (4-bit lookups, 3-bit
     output; simulate differs from disable for this model, so a shared mode would show)."""
     model = _tiny_model()
-    compiled = torch.compile(model, backend="fhe", options={
-        "inputset": INPUTSET, "n_bits": 3, "fhe": "torch", **EXACT})
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": INPUTSET, "n_bits": 3, "fhe": "torch", **EXACT}
+    )
     with torch.no_grad():
         compiled(SAMPLES)
         expected = {}
@@ -133,7 +144,7 @@ def test_uneven_calibration_batches_keep_every_sample():
     assert disabled.shape == simulated.shape == (7, 2)
     np.testing.assert_array_equal(disabled, simulated)
     for i in range(7):
-        np.testing.assert_array_equal(module.forward(x[i:i + 1], fhe="simulate"), simulated[i:i + 1])
+        np.testing.assert_array_equal(module.forward(x[i : i + 1], fhe="simulate"), simulated[i : i + 1])
 
 
 def test_fhe_mode_rejects_unknown_modes():
@@ -156,8 +167,10 @@ def test_a_captured_graph_never_runs_with_another_modules_weights():
         expected_first, expected_second = first(SAMPLES), second(SAMPLES)
         step = 4 * float(expected_first.max() - expected_first.min()) / 63
         assert float((compiled_first(SAMPLES) - expected_first).abs().max()) <= step
-        assert float((compiled_second(SAMPLES) - expected_second).abs().max()) <= 4 * float(
-            expected_second.max() - expected_second.min()) / 63
+        assert (
+            float((compiled_second(SAMPLES) - expected_second).abs().max())
+            <= 4 * float(expected_second.max() - expected_second.min()) / 63
+        )
         first[2].bias.add_(1.0)
         with pytest.warns(UserWarning, match="weights changed in place"):
             updated = compiled_first(SAMPLES)

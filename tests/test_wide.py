@@ -95,9 +95,18 @@ def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuratio
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     x = torch.randn(300, 48, generator=torch.Generator().manual_seed(1)) * 2
-    compiled = torch.compile(model, backend="fhe", options={
-        "inputset": x, "n_bits": 8, "rounding_threshold_bits": 4, "fhe": "disable",
-        "configuration": insecure_configuration, "p_error": 2 ** -40})
+    compiled = torch.compile(
+        model,
+        backend="fhe",
+        options={
+            "inputset": x,
+            "n_bits": 8,
+            "rounding_threshold_bits": 4,
+            "fhe": "disable",
+            "configuration": insecure_configuration,
+            "p_error": 2**-40,
+        },
+    )
     with torch.no_grad():
         disabled = compiled(x[:2])
         (partition,) = fhe_backend.partitions(compiled)

@@ -47,8 +47,11 @@ class ComputeCrashed(Exception):
     """The child process died during a computation (`exitcode`: negative for a signal)."""
 
     def __init__(self, exitcode: Optional[int]):
-        described = (f"signal {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
-                     and -exitcode in signal.Signals._value2member_map_ else f"exit code {exitcode}")
+        described = (
+            f"signal {signal.Signals(-exitcode).name}"
+            if exitcode is not None and exitcode < 0 and -exitcode in signal.Signals._value2member_map_
+            else f"exit code {exitcode}"
+        )
         super().__init__(f"the computation process died ({described})")
         self.exitcode = exitcode
 
@@ -69,8 +72,11 @@ class ComputeProcess:
         """Start (or restart) the child."""
         parent_end, child_end = socket.socketpair()
         with child_end:
-            self.process = subprocess.Popen([sys.executable, "-I", __file__, str(child_end.fileno())],
-                                            pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", __file__, str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
         self.connection = Connection(parent_end.detach())
         with self._lock:
             self.cached.clear()
@@ -80,8 +86,9 @@ class ComputeProcess:
         """Whether the child runs."""
         return self.process is not None and self.process.poll() is None
 
-    def run(self, circuit_dir: Path, key_id: str, load_keys: Callable[[], bytes],
-            sample: Sequence[bytes]) -> Tuple[bytes, ...]:
+    def run(
+        self, circuit_dir: Path, key_id: str, load_keys: Callable[[], bytes], sample: Sequence[bytes]
+    ) -> Tuple[bytes, ...]:
         """Run one sample; `load_keys` is called only when the child does not hold the keys.
 
         Raises `ComputeError` for an error Concrete reported, `ComputeCrashed` when the child
@@ -128,8 +135,9 @@ class ComputeProcess:
 
     def _make_room(self, size: int) -> List[str]:
         evict = []
-        while self.cached and (len(self.cached) + 1 > self.cache_keys
-                               or sum(self.cached.values()) + size > self.cache_bytes):
+        while self.cached and (
+            len(self.cached) + 1 > self.cache_keys or sum(self.cached.values()) + size > self.cache_bytes
+        ):
             evict.append(self.cached.popitem(last=False)[0])
         return evict
 
@@ -214,9 +222,12 @@ class ComputePool:
     def stats(self) -> Dict[str, int]:
         """Busy computations and the keys cached in the children (for ``GET /health``)."""
         with self._lock:
-            return {"max_concurrent_computes": self.size, "running_computes": self._busy,
-                    "cached_keys": sum(len(p.cached) for p in self._all),
-                    "cached_key_bytes": sum(sum(p.cached.values()) for p in self._all)}
+            return {
+                "max_concurrent_computes": self.size,
+                "running_computes": self._busy,
+                "cached_keys": sum(len(p.cached) for p in self._all),
+                "cached_key_bytes": sum(sum(p.cached.values()) for p in self._all),
+            }
 
     def stop(self) -> None:
         """Stop every child."""
@@ -261,7 +272,9 @@ def _child_main(connection) -> None:
                 keys[key_id] = fhe.EvaluationKeys.deserialize(data)
                 del data
             elif key_id not in keys:
-                connection.send(("error", "circuit", "internal: keys expected in the compute cache are missing"))
+                connection.send(
+                    ("error", "circuit", "internal: keys expected in the compute cache are missing")
+                )
                 continue
         except (RuntimeError, ValueError) as error:
             connection.send(("error", "keys", _first_line(error)))

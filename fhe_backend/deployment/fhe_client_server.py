@@ -75,7 +75,8 @@ def check_versions(saved: Dict[str, str], where: Union[str, Path]) -> None:
         details = ", ".join(f"{name}: saved {old!r}, running {new!r}" for name, (old, new) in wrong.items())
         raise VersionMismatchError(
             f"{where} was saved with other package versions ({details}); install the saved "
-            "versions or save the artifacts again with the running ones")
+            "versions or save the artifacts again with the running ones"
+        )
 
 
 @dataclass
@@ -98,46 +99,66 @@ class ProcessingSpec:
         dtypes = []
         for node in _output_nodes(partition.graph_module):
             meta = node.meta.get("val")
-            dtypes.append(str(meta.dtype).replace("torch.", "") if isinstance(meta, torch.Tensor) else "float32")
-        return cls(list(program.input_quantizers), list(program.output_dequantizers),
-                   list(partition.rows_per_sample), [tuple(s) for s in partition.statistics["input_shape"]],
-                   dtypes, partition.module_path)
+            dtypes.append(
+                str(meta.dtype).replace("torch.", "") if isinstance(meta, torch.Tensor) else "float32"
+            )
+        return cls(
+            list(program.input_quantizers),
+            list(program.output_dequantizers),
+            list(partition.rows_per_sample),
+            [tuple(s) for s in partition.statistics["input_shape"]],
+            dtypes,
+            partition.module_path,
+        )
 
     def to_json(self) -> str:
         """JSON text (no pickle)."""
-        return json.dumps({
-            "input_quantizers": [q.to_dict() for q in self.input_quantizers],
-            "output_dequantizers": [d.to_dict() for d in self.output_dequantizers],
-            "rows_per_sample": self.rows_per_sample,
-            "input_shapes": [list(s) for s in self.input_shapes],
-            "output_dtypes": self.output_dtypes,
-            "module_path": self.module_path,
-        })
+        return json.dumps(
+            {
+                "input_quantizers": [q.to_dict() for q in self.input_quantizers],
+                "output_dequantizers": [d.to_dict() for d in self.output_dequantizers],
+                "rows_per_sample": self.rows_per_sample,
+                "input_shapes": [list(s) for s in self.input_shapes],
+                "output_dtypes": self.output_dtypes,
+                "module_path": self.module_path,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: Union[str, bytes]) -> "ProcessingSpec":
         """Inverse of `to_json`."""
         data = json.loads(text)
-        return cls([UniformQuantizer.from_dict(q) for q in data["input_quantizers"]],
-                   [OutputDequantizer.from_dict(d) for d in data["output_dequantizers"]],
-                   [int(r) for r in data["rows_per_sample"]],
-                   [tuple(int(d) for d in s) for s in data["input_shapes"]],
-                   list(data.get("output_dtypes", [])), data.get("module_path", ""))
+        return cls(
+            [UniformQuantizer.from_dict(q) for q in data["input_quantizers"]],
+            [OutputDequantizer.from_dict(d) for d in data["output_dequantizers"]],
+            [int(r) for r in data["rows_per_sample"]],
+            [tuple(int(d) for d in s) for s in data["input_shapes"]],
+            list(data.get("output_dtypes", [])),
+            data.get("module_path", ""),
+        )
 
     def split_samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
         """Batch-major integer inputs -> one tuple of arrays per sample."""
         rows = self.rows_per_sample
         total = q_inputs[0].shape[0]
         if total % rows[0]:
-            raise DeploymentError(f"the input has {total} rows, not a multiple of the {rows[0]} "
-                                  f"rows of one sample (sample shape {self.input_shapes[0]})")
-        return [tuple(q[i * r:(i + 1) * r] for q, r in zip(q_inputs, rows)) for i in range(total // rows[0])]
+            raise DeploymentError(
+                f"the input has {total} rows, not a multiple of the {rows[0]} "
+                f"rows of one sample (sample shape {self.input_shapes[0]})"
+            )
+        return [
+            tuple(q[i * r : (i + 1) * r] for q, r in zip(q_inputs, rows)) for i in range(total // rows[0])
+        ]
 
     def to_torch(self, outputs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, ...]:
         """Dequantized float arrays -> tensors of the recorded output dtypes."""
         tensors = []
         for index, value in enumerate(outputs):
-            dtype = getattr(torch, self.output_dtypes[index]) if index < len(self.output_dtypes) else torch.float32
+            dtype = (
+                getattr(torch, self.output_dtypes[index])
+                if index < len(self.output_dtypes)
+                else torch.float32
+            )
             tensor = torch.from_numpy(np.asarray(value))
             tensors.append(tensor.to(dtype) if dtype.is_floating_point else tensor.round().to(dtype))
         return tuple(tensors)
@@ -159,7 +180,8 @@ def partition_of(model: Any):
         raise DeploymentError(
             f"FHEModelDev needs one FHE partition; {type(model).__name__} has {len(found)}. Pass "
             "an FhePartition (fhe_backend.partitions(compiled_model)[i]) or a model compiled to "
-            "exactly one partition")
+            "exactly one partition"
+        )
     return found[0]
 
 
@@ -180,26 +202,33 @@ class FHEModelDev:
         """
         mode_name = str(getattr(mode, "value", mode)).lower()
         if mode_name not in DEPLOYMENT_MODES:
-            raise DeploymentError(f"FHEModelDev.save(mode={mode!r}): Mode must be either "
-                                  "'inference' or 'training'")
+            raise DeploymentError(
+                f"FHEModelDev.save(mode={mode!r}): Mode must be either 'inference' or 'training'"
+            )
         if mode_name == "training":
-            raise DeploymentError("FHEModelDev.save(mode='training'): Training FHE circuit does not "
-                                  "exist: fhe_backend deploys inference circuits (LoRA training "
-                                  "runs through HybridFHEModel / LoraTrainer instead)")
+            raise DeploymentError(
+                "FHEModelDev.save(mode='training'): Training FHE circuit does not "
+                "exist: fhe_backend deploys inference circuits (LoRA training "
+                "runs through HybridFHEModel / LoraTrainer instead)"
+            )
         partition = partition_of(self.model)
         partition._require_compiled()
         for name in (CLIENT_ZIP, SERVER_ZIP):
             if (self.path_dir / name).exists():
-                raise DeploymentError(f"{self.path_dir / name} already exists: choose an empty folder "
-                                      "or delete the old artifacts")
+                raise DeploymentError(
+                    f"{self.path_dir / name} already exists: choose an empty folder "
+                    "or delete the old artifacts"
+                )
         self.path_dir.mkdir(parents=True, exist_ok=True)
         circuit = partition.circuit
         circuit.enable_fhe_execution()
         processing = ProcessingSpec.from_partition(partition)
         versions = json.dumps(package_versions())
         circuit.server.save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
-        server_info = {"input_shapes": [list(s) for s in processing.input_shapes],
-                       "module_path": processing.module_path}
+        server_info = {
+            "input_shapes": [list(s) for s in processing.input_shapes],
+            "module_path": processing.module_path,
+        }
         _append_to_zip(self.path_dir / SERVER_ZIP, {VERSIONS: versions, SERVER_INFO: json.dumps(server_info)})
         with zipfile.ZipFile(self.path_dir / CLIENT_ZIP, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(CLIENT_SPECS, circuit.client.specs.serialize())
@@ -255,8 +284,9 @@ class FHEModelClient:
         if path is not None and path.exists() and not force:
             self.client.keys.load(path)
             return
-        self.client.keys.generate(force=True, secret_seed=secrets.randbits(128),
-                                  encryption_seed=secrets.randbits(128))
+        self.client.keys.generate(
+            force=True, secret_seed=secrets.randbits(128), encryption_seed=secrets.randbits(128)
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
@@ -299,7 +329,9 @@ class FHEModelClient:
             values = item if isinstance(item, tuple) else (item,)
             decrypted = self.client.decrypt(*[fhe.Value.deserialize(v) for v in values])
             per_sample.append(decrypted if isinstance(decrypted, tuple) else (decrypted,))
-        outputs = tuple(np.concatenate([np.asarray(p[i]) for p in per_sample]) for i in range(len(per_sample[0])))
+        outputs = tuple(
+            np.concatenate([np.asarray(p[i]) for p in per_sample]) for i in range(len(per_sample[0]))
+        )
         return outputs[0] if len(outputs) == 1 else outputs
 
     def deserialize_decrypt_dequantize(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
@@ -336,8 +368,11 @@ class FHEModelServer:
         """Byte size of this circuit's serialized key payloads (None when keys are compressed)."""
         return evaluation_key_payload_bytes(json.loads(self.specs_bytes))
 
-    def run(self, serialized_encrypted_input: Serialized,
-            serialized_evaluation_keys: Union[bytes, fhe.EvaluationKeys]) -> Serialized:
+    def run(
+        self,
+        serialized_encrypted_input: Serialized,
+        serialized_evaluation_keys: Union[bytes, fhe.EvaluationKeys],
+    ) -> Serialized:
         """Run the circuit on each sample; returns the same layout (bytes, or list of bytes)."""
         from .wire import WireFormatError, check_evaluation_keys
 
@@ -354,7 +389,9 @@ class FHEModelServer:
 
     def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
         values = item if isinstance(item, tuple) else (item,)
-        values = tuple(v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values))
+        values = tuple(
+            v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values)
+        )
         result = self.server.run(*values, evaluation_keys=keys)
         outputs = tuple(r.serialize() for r in (result if isinstance(result, tuple) else (result,)))
         return outputs[0] if len(outputs) == 1 else outputs
@@ -364,8 +401,9 @@ class FHEModelServer:
         from .wire import WireFormatError, check_ciphertext
 
         try:
-            check_ciphertext(data, json.loads(self.specs_bytes)["circuits"][0]["inputs"][position],
-                             f"input {position}")
+            check_ciphertext(
+                data, json.loads(self.specs_bytes)["circuits"][0]["inputs"][position], f"input {position}"
+            )
         except (WireFormatError, IndexError) as error:
             raise DeploymentError(f"{self.path_dir}: {error}") from None
         return fhe.Value.deserialize(data)

@@ -88,10 +88,16 @@ class FheHttpClient:
     ``--max-samples-per-request``, 64 by default, refuses more with 413).
     """
 
-    def __init__(self, base_url: str, timeout: Tuple[float, float] = DEFAULT_TIMEOUT,
-                 retries: int = 2, backoff_seconds: float = 0.5, api_key: Optional[str] = None,
-                 write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-                 max_samples_per_request: int = DEFAULT_MAX_SAMPLES_PER_REQUEST):
+    def __init__(
+        self,
+        base_url: str,
+        timeout: Tuple[float, float] = DEFAULT_TIMEOUT,
+        retries: int = 2,
+        backoff_seconds: float = 0.5,
+        api_key: Optional[str] = None,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        max_samples_per_request: int = DEFAULT_MAX_SAMPLES_PER_REQUEST,
+    ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.write_timeout = write_timeout
@@ -128,8 +134,9 @@ class FheHttpClient:
         """Input shapes (as `tuple_to_underscore_str` strings) a module is compiled for."""
         return self._json("GET", _module_url(model_name, module_name) + "/shapes")["input_shapes"]
 
-    def download_client(self, model_name: str, module_name: str, input_shape: str,
-                        destination: Union[str, Path]) -> Path:
+    def download_client(
+        self, model_name: str, module_name: str, input_shape: str, destination: Union[str, Path]
+    ) -> Path:
         """Save the module's client.zip (client specs and quantizers) into `destination`."""
         response = self._request("GET", _shape_url(model_name, module_name, input_shape) + "/client")
         target = Path(destination) / CLIENT_ZIP
@@ -137,26 +144,42 @@ class FheHttpClient:
         target.write_bytes(response.content)
         return target
 
-    def upload_evaluation_keys(self, model_name: str, module_name: str, input_shape: str,
-                               evaluation_keys: bytes) -> str:
+    def upload_evaluation_keys(
+        self, model_name: str, module_name: str, input_shape: str, evaluation_keys: bytes
+    ) -> str:
         """Upload serialized evaluation keys; returns the key id to use in `compute`."""
-        return self._json("POST", _shape_url(model_name, module_name, input_shape) + "/keys",
-                          data=evaluation_keys, headers={"Content-Type": "application/octet-stream"})["key_id"]
+        return self._json(
+            "POST",
+            _shape_url(model_name, module_name, input_shape) + "/keys",
+            data=evaluation_keys,
+            headers={"Content-Type": "application/octet-stream"},
+        )["key_id"]
 
-    def delete_evaluation_keys(self, model_name: str, module_name: str, input_shape: str, key_id: str) -> None:
+    def delete_evaluation_keys(
+        self, model_name: str, module_name: str, input_shape: str, key_id: str
+    ) -> None:
         """Ask the server to forget uploaded keys."""
         self._request("DELETE", _shape_url(model_name, module_name, input_shape) + f"/keys/{_q(key_id)}")
 
-    def compute(self, model_name: str, module_name: str, input_shape: str, key_id: str,
-                samples: Sequence[SerializedSample]) -> List[SerializedSample]:
+    def compute(
+        self,
+        model_name: str,
+        module_name: str,
+        input_shape: str,
+        key_id: str,
+        samples: Sequence[SerializedSample],
+    ) -> List[SerializedSample]:
         """Run the module on a batch of encrypted samples: ONE request per `max_samples_per_request`."""
         outputs = []
         step = max(1, self.max_samples_per_request)
         for start in range(0, len(samples), step):
-            payload = {"key_id": key_id, "inputs": [encode_sample(s) for s in samples[start:start + step]]}
-            answer = self._json("POST", _shape_url(model_name, module_name, input_shape) + "/compute",
-                                json=payload)
-            outputs += [decode_sample(sample, f"outputs[{start + i}]") for i, sample in enumerate(answer["outputs"])]
+            payload = {"key_id": key_id, "inputs": [encode_sample(s) for s in samples[start : start + step]]}
+            answer = self._json(
+                "POST", _shape_url(model_name, module_name, input_shape) + "/compute", json=payload
+            )
+            outputs += [
+                decode_sample(sample, f"outputs[{start + i}]") for i, sample in enumerate(answer["outputs"])
+            ]
         return [o[0] if len(o) == 1 else o for o in outputs]
 
     # ---- transport ----------------------------------------------------------------------
@@ -181,19 +204,24 @@ class FheHttpClient:
             except requests.ConnectionError as error:  # includes timeouts while connecting or sending
                 retry = idempotent or _never_sent(error)
                 if last or not retry:
-                    what = ("no answer within {} s".format(timeout) if isinstance(error, requests.Timeout)
-                            else "cannot reach the FHE server")
+                    what = (
+                        "no answer within {} s".format(timeout)
+                        if isinstance(error, requests.Timeout)
+                        else "cannot reach the FHE server"
+                    )
                     raise RemoteServerError(
                         f"{method} {url}: {what} after {attempt + 1} attempt(s) ({error})"
                         + ("" if retry else "; not retried: the server may have received the request")
-                        + "; check server_remote_address and that `fhe-backend serve` runs") from error
+                        + "; check server_remote_address and that `fhe-backend serve` runs"
+                    ) from error
                 self._wait(attempt, None)
                 continue
             except requests.Timeout as error:  # read timeout: the server had the whole request
                 if last or not idempotent:
-                    raise RemoteServerError(f"{method} {url}: no answer within {timeout[1]} s ({error})"
-                                            + ("" if idempotent else "; not retried: the server may have "
-                                               "received the request")) from error
+                    raise RemoteServerError(
+                        f"{method} {url}: no answer within {timeout[1]} s ({error})"
+                        + ("" if idempotent else "; not retried: the server may have received the request")
+                    ) from error
                 self._wait(attempt, None)
                 continue
             if response.status_code == 503 and not last:
@@ -205,13 +233,14 @@ class FheHttpClient:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
-            raise RemoteServerError(f"{method} {url}: HTTP {response.status_code}: {detail}",
-                                    response.status_code, detail)
+            raise RemoteServerError(
+                f"{method} {url}: HTTP {response.status_code}: {detail}", response.status_code, detail
+            )
         return response
 
     def _wait(self, attempt: int, retry_after: Optional[str]) -> None:
         """Exponential backoff with jitter; the server's Retry-After (seconds) when it sent one."""
-        delay = self.backoff_seconds * 2 ** attempt * random.uniform(0.5, 1.5)
+        delay = self.backoff_seconds * 2**attempt * random.uniform(0.5, 1.5)
         if retry_after is not None and retry_after.strip().isdigit():
             delay = max(delay, float(retry_after))
         time.sleep(min(delay, MAX_BACKOFF_SECONDS))

@@ -164,7 +164,8 @@ class FolderKeyStore(KeyStore):
         except OSError as error:
             raise KeyStoreUnavailable(
                 f"the keys folder {self.folder} is not writable ({error.strerror or error}): create it, give "
-                "the server's user write access, free disk space, or choose another --keys-dir") from error
+                "the server's user write access, free disk space, or choose another --keys-dir"
+            ) from error
 
     def add(self, record: KeyRecord, data: bytes, quota: KeyQuota) -> None:
         """Write ``<id>.evk`` then ``<id>.json`` (both via temporary files) under the folder lock."""
@@ -179,8 +180,10 @@ class FolderKeyStore(KeyStore):
                 data_path.unlink(missing_ok=True)
             except OSError:
                 pass  # the folder itself is gone
-            raise KeyStoreUnavailable(f"cannot store keys in {self.folder} ({error.strerror or error}): "
-                                      "check the keys folder (permissions, free space)") from error
+            raise KeyStoreUnavailable(
+                f"cannot store keys in {self.folder} ({error.strerror or error}): "
+                "check the keys folder (permissions, free space)"
+            ) from error
 
     def record(self, key_id: str) -> KeyRecord:
         """Read ``<id>.json``; expired keys are deleted on sight."""
@@ -189,16 +192,21 @@ class FolderKeyStore(KeyStore):
         if record is None:
             quarantined = self._read_record(self.folder / self.QUARANTINE / meta_path.name)
             if quarantined is not None:
-                raise QuarantinedKey(f"key_id '{key_id}' is quarantined: {quarantined.quarantined}; "
-                                     "upload fresh keys generated from this module's client.zip", quarantined)
+                raise QuarantinedKey(
+                    f"key_id '{key_id}' is quarantined: {quarantined.quarantined}; "
+                    "upload fresh keys generated from this module's client.zip",
+                    quarantined,
+                )
             raise UnknownKey(f"unknown key_id '{key_id}': upload evaluation keys first (POST .../keys)")
         if record.expired(time.time()):
             try:
                 self.delete(key_id)
             except UnknownKey:
                 pass
-            raise UnknownKey(f"key_id '{key_id}' has expired (the server keeps keys for a limited time, "
-                             "--key-ttl-seconds): upload the evaluation keys again")
+            raise UnknownKey(
+                f"key_id '{key_id}' has expired (the server keeps keys for a limited time, "
+                "--key-ttl-seconds): upload the evaluation keys again"
+            )
         if not data_path.is_file():
             raise UnknownKey(f"unknown key_id '{key_id}': its keys are gone; upload them again")
         return record
@@ -253,17 +261,22 @@ class FolderKeyStore(KeyStore):
         if quota.max_keys is None and quota.max_bytes is None:
             return
         now = time.time()
-        same_model = [r for r in self.records()
-                      if r.model == record.model and not r.quarantined and not r.expired(now)]
+        same_model = [
+            r for r in self.records() if r.model == record.model and not r.quarantined and not r.expired(now)
+        ]
         if quota.max_keys is not None and len(same_model) + 1 > quota.max_keys:
-            raise QuotaExceeded(f"model '{record.model}' already has {len(same_model)} stored key sets, the "
-                                f"server's limit (--max-keys-per-model {quota.max_keys}): delete unused keys "
-                                "(DELETE .../keys/<key_id>) or wait for them to expire")
+            raise QuotaExceeded(
+                f"model '{record.model}' already has {len(same_model)} stored key sets, the "
+                f"server's limit (--max-keys-per-model {quota.max_keys}): delete unused keys "
+                "(DELETE .../keys/<key_id>) or wait for them to expire"
+            )
         used = sum(r.size for r in same_model)
         if quota.max_bytes is not None and used + record.size > quota.max_bytes:
-            raise QuotaExceeded(f"model '{record.model}' holds {used} bytes of keys; {record.size} more exceed the "
-                                f"server's limit (--max-key-bytes-per-model {quota.max_bytes}): delete unused keys "
-                                "(DELETE .../keys/<key_id>) or wait for them to expire")
+            raise QuotaExceeded(
+                f"model '{record.model}' holds {used} bytes of keys; {record.size} more exceed the "
+                f"server's limit (--max-key-bytes-per-model {quota.max_bytes}): delete unused keys "
+                "(DELETE .../keys/<key_id>) or wait for them to expire"
+            )
 
     def _locked(self):
         return _FolderLock(self.folder / ".lock", self._lock)
@@ -280,8 +293,9 @@ class FolderKeyStore(KeyStore):
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as error:
-            raise KeyStoreUnavailable(f"cannot read key metadata {meta_path} ({error}): delete the file "
-                                      "or restore it") from error
+            raise KeyStoreUnavailable(
+                f"cannot read key metadata {meta_path} ({error}): delete the file or restore it"
+            ) from error
 
 
 class _FolderLock:
@@ -327,5 +341,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-__all__: List[str] = ["KeyStore", "FolderKeyStore", "KeyRecord", "KeyQuota", "KeyStoreError", "UnknownKey",
-                      "QuarantinedKey", "QuotaExceeded", "KeyStoreUnavailable", "new_key_id", "KEY_ID_PATTERN"]
+__all__: List[str] = [
+    "KeyStore",
+    "FolderKeyStore",
+    "KeyRecord",
+    "KeyQuota",
+    "KeyStoreError",
+    "UnknownKey",
+    "QuarantinedKey",
+    "QuotaExceeded",
+    "KeyStoreUnavailable",
+    "new_key_id",
+    "KEY_ID_PATTERN",
+]

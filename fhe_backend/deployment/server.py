@@ -99,22 +99,29 @@ class ServerSettings:
     keys_dir: str
     max_body_bytes: int = _limit(GiB, "largest request body, bytes (evaluation keys are the largest)")
     body_idle_timeout_seconds: float = _limit(
-        30.0, "longest wait for the next piece of a request body; slower clients get 408")
+        30.0, "longest wait for the next piece of a request body; slower clients get 408"
+    )
     body_timeout_seconds: float = _limit(600.0, "longest time to receive a whole request body (408 after)")
     max_samples_per_request: int = _limit(64, "encrypted samples in one compute request (413 above)")
     max_concurrent_computes: int = _limit(
-        2, "computations running at once per worker, each in its own child process (503 + Retry-After above)")
+        2, "computations running at once per worker, each in its own child process (503 + Retry-After above)"
+    )
     compute_queue_seconds: float = _limit(
-        10.0, "how long a compute request waits for a free compute process before the 503")
+        10.0, "how long a compute request waits for a free compute process before the 503"
+    )
     retry_after_seconds: int = _limit(5, "Retry-After of a 503 answered when every compute process is busy")
     key_cache_size: int = _limit(8, "deserialized evaluation keys kept in memory per compute process")
     key_cache_bytes: int = _limit(2 * GiB, "bytes of evaluation keys kept in memory per compute process")
-    max_keys_per_model: Optional[int] = _limit(256, "stored key sets per model (429 above; DELETE or expiry frees)")
+    max_keys_per_model: Optional[int] = _limit(
+        256, "stored key sets per model (429 above; DELETE or expiry frees)"
+    )
     max_key_bytes_per_model: Optional[int] = _limit(64 * GiB, "bytes of stored keys per model (429 above)")
     key_ttl_seconds: Optional[float] = _limit(86400.0, "stored keys expire this long after upload")
     api_keys_file: Optional[str] = _limit(
-        None, "file of API keys (one per line, at least 16 characters): every request but /health must send "
-              "'Authorization: Bearer <key>', and keys uploaded with one API key serve only that API key")
+        None,
+        "file of API keys (one per line, at least 16 characters): every request but /health must send "
+        "'Authorization: Bearer <key>', and keys uploaded with one API key serve only that API key",
+    )
     max_connections: int = _limit(512, "open connections per worker (uvicorn's limit_concurrency; 503 above)")
 
     def quota(self) -> KeyQuota:
@@ -126,6 +133,7 @@ ServerConfig = ServerSettings  # the earlier name
 
 
 # ---- errors answered with 4xx/5xx -------------------------------------------------------------
+
 
 class NotFound(Exception):
     """A requested model/module/shape/key does not exist (answered with 404)."""
@@ -148,6 +156,7 @@ class ClientDisconnected(Exception):
 
 
 # ---- models ----------------------------------------------------------------------------------
+
 
 @dataclass
 class ModuleEntry:
@@ -209,8 +218,10 @@ class ModelRegistry:
         """One servable circuit; `NotFound` lists the known shapes."""
         shapes = self.shapes(model, module)
         if shape not in shapes:
-            raise NotFound(f"unknown input shape '{shape}' of module '{module}' of model '{model}'; "
-                           f"known shapes: {sorted(shapes)}")
+            raise NotFound(
+                f"unknown input shape '{shape}' of module '{module}' of model '{model}'; "
+                f"known shapes: {sorted(shapes)}"
+            )
         return shapes[shape]
 
 
@@ -225,6 +236,7 @@ def _index_entry(shape_dir: Path) -> ModuleEntry:
 
 
 # ---- authentication ----------------------------------------------------------------------------
+
 
 def load_api_keys(path: str) -> FrozenSet[str]:
     """SHA-256 digests of the API keys of `path` (one per line; blank lines and ``#`` comments skipped).
@@ -241,9 +253,11 @@ def load_api_keys(path: str) -> FrozenSet[str]:
         if not token or token.startswith("#"):
             continue
         if len(token) < MIN_API_KEY_CHARS or not token.isprintable() or " " in token:
-            raise ValueError(f"--api-keys-file {path} line {number}: an API key must be at least "
-                             f"{MIN_API_KEY_CHARS} printable characters without spaces "
-                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+            raise ValueError(
+                f"--api-keys-file {path} line {number}: an API key must be at least "
+                f"{MIN_API_KEY_CHARS} printable characters without spaces "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         digests.add(_digest(token))
     if not digests:
         raise ValueError(f"--api-keys-file {path}: no API key in it (one per line)")
@@ -270,6 +284,7 @@ def _caller(scope: Dict[str, Any], api_keys: Optional[FrozenSet[str]]) -> Tuple[
 
 
 # ---- the HTTP guard: framing, body size, authentication ---------------------------------------
+
 
 class RequestGuard:
     """ASGI middleware run before routing: refuses what must never reach an endpoint.
@@ -302,8 +317,11 @@ class RequestGuard:
         elif scope["path"] not in OPEN_PATHS:
             allowed, digest = _caller(scope, self.api_keys)
             if not allowed:
-                problem = (401, "missing or unknown API key: send 'Authorization: Bearer <API key>' "
-                                "(the server was started with --api-keys-file)")
+                problem = (
+                    401,
+                    "missing or unknown API key: send 'Authorization: Bearer <API key>' "
+                    "(the server was started with --api-keys-file)",
+                )
             scope.setdefault("state", {})["api_key_digest"] = digest
         if problem is None:
             return await self.app(scope, receive, send)
@@ -333,10 +351,14 @@ async def read_body(request: Request, settings: ServerSettings) -> bytes:
                 raise asyncio.TimeoutError
             message = await asyncio.wait_for(request.receive(), wait)
         except asyncio.TimeoutError:
-            raise HttpError(408, f"the request body did not arrive in time ({size} bytes received; the server "
-                                 f"waits {settings.body_idle_timeout_seconds:g} s for each piece and "
-                                 f"{settings.body_timeout_seconds:g} s in all: --body-idle-timeout-seconds, "
-                                 "--body-timeout-seconds)", {"Connection": "close"}) from None
+            raise HttpError(
+                408,
+                f"the request body did not arrive in time ({size} bytes received; the server "
+                f"waits {settings.body_idle_timeout_seconds:g} s for each piece and "
+                f"{settings.body_timeout_seconds:g} s in all: --body-idle-timeout-seconds, "
+                "--body-timeout-seconds)",
+                {"Connection": "close"},
+            ) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected(f"after {size} bytes of the body")
         chunk = message.get("body", b"")
@@ -350,17 +372,22 @@ async def read_body(request: Request, settings: ServerSettings) -> bytes:
 
 # ---- the application ---------------------------------------------------------------------------
 
+
 class ComputeRequest(BaseModel):
     """Encrypted samples of one batch and the id of the keys they were encrypted for."""
 
     key_id: str = Field(pattern=KEY_ID_PATTERN, description="id returned by the keys endpoint")
-    inputs: List[List[str]] = Field(min_length=1, description="per sample: base64 ciphertext per circuit input")
+    inputs: List[List[str]] = Field(
+        min_length=1, description="per sample: base64 ciphertext per circuit input"
+    )
 
 
 def _validation_errors(errors: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Validation errors without the offending input (it may not even be JSON-encodable)."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in errors]
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in errors
+    ]
 
 
 def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) -> FastAPI:
@@ -379,15 +406,27 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        circuits = [entry.path for modules in registry.entries.values() for shapes in modules.values()
-                    for entry in shapes.values()]
+        circuits = [
+            entry.path
+            for modules in registry.entries.values()
+            for shapes in modules.values()
+            for entry in shapes.values()
+        ]
         await run_in_threadpool(pool.start, circuits)
         yield
         await run_in_threadpool(pool.stop)  # the compute processes end with the worker
 
-    app = FastAPI(title="fhe_backend model server", lifespan=lifespan,
-                  description="Runs the remote modules of hybrid FHE models on encrypted inputs.")
-    app.state.registry, app.state.keystore, app.state.settings, app.state.pool = registry, keystore, settings, pool
+    app = FastAPI(
+        title="fhe_backend model server",
+        lifespan=lifespan,
+        description="Runs the remote modules of hybrid FHE models on encrypted inputs.",
+    )
+    app.state.registry, app.state.keystore, app.state.settings, app.state.pool = (
+        registry,
+        keystore,
+        settings,
+        pool,
+    )
     app.add_middleware(RequestGuard, settings=settings, api_keys=api_keys)
 
     model_param = PathParam(pattern=NAME_PATTERN)
@@ -397,8 +436,14 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
     def answer(status: int, message: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
         return JSONResponse(status_code=status, content={"detail": message}, headers=headers)
 
-    handlers = {NotFound: 404, UnknownKey: 404, BadRequest: 400, QuarantinedKey: 400, QuotaExceeded: 429,
-                KeyStoreUnavailable: 503}
+    handlers = {
+        NotFound: 404,
+        UnknownKey: 404,
+        BadRequest: 400,
+        QuarantinedKey: 400,
+        QuotaExceeded: 429,
+        KeyStoreUnavailable: 503,
+    }
     for error_type, status in handlers.items():
         app.add_exception_handler(error_type, lambda _r, error, status=status: answer(status, str(error)))
 
@@ -412,8 +457,13 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, error: ClientDisconnected):
-        logger.info("client %s disconnected during %s %s (%s)", _client(request), request.method,
-                    request.url.path, error)
+        logger.info(
+            "client %s disconnected during %s %s (%s)",
+            _client(request),
+            request.method,
+            request.url.path,
+            error,
+        )
         return Response(status_code=499)  # nobody reads it: the connection is gone
 
     @app.get("/health")
@@ -423,8 +473,9 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
             keystore.check()
         except KeyStoreUnavailable as error:
             return JSONResponse(status_code=503, content={"status": "unavailable", "detail": str(error)})
-        return JSONResponse({"status": "ok", "keys": "writable", "models": len(registry.models()),
-                             "compute": pool.stats()})
+        return JSONResponse(
+            {"status": "ok", "keys": "writable", "models": len(registry.models()), "compute": pool.stats()}
+        )
 
     @app.get("/models")
     def list_models() -> Dict[str, List[str]]:
@@ -440,72 +491,118 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
     def list_shapes(model_name: str = model_param, module_name: str = module_param) -> Dict[str, Any]:
         """Input shapes a module is compiled for (one circuit each)."""
         shapes = registry.shapes(model_name, module_name)
-        return {"model": model_name, "module": module_name, "input_shapes": sorted(shapes),
-                "circuit_input_shapes": {name: e.input_shapes for name, e in sorted(shapes.items())}}
+        return {
+            "model": model_name,
+            "module": module_name,
+            "input_shapes": sorted(shapes),
+            "circuit_input_shapes": {name: e.input_shapes for name, e in sorted(shapes.items())},
+        }
 
-    @app.get("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/client",
-             response_class=FileResponse)
-    def client_specification(model_name: str = model_param, module_name: str = module_param,
-                             input_shape: str = shape_param):
+    @app.get(
+        "/models/{model_name}/modules/{module_name}/shapes/{input_shape}/client", response_class=FileResponse
+    )
+    def client_specification(
+        model_name: str = model_param, module_name: str = module_param, input_shape: str = shape_param
+    ):
         """The module's client.zip: Concrete client specs, quantizers, versions."""
         entry = registry.entry(model_name, module_name, input_shape)
         return FileResponse(entry.path / CLIENT_ZIP, media_type="application/zip", filename=CLIENT_ZIP)
 
-    @app.post("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/keys",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_keys(request: Request, model_name: str = model_param, module_name: str = module_param,
-                          input_shape: str = shape_param) -> Dict[str, Any]:
+    @app.post(
+        "/models/{model_name}/modules/{module_name}/shapes/{input_shape}/keys",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def upload_keys(
+        request: Request,
+        model_name: str = model_param,
+        module_name: str = module_param,
+        input_shape: str = shape_param,
+    ) -> Dict[str, Any]:
         """Store serialized evaluation keys (raw body) checked against the circuit; returns their id."""
         entry = registry.entry(model_name, module_name, input_shape)
         body = await read_body(request, settings)
         if not body:
-            raise BadRequest("evaluation_keys: empty request body; send the bytes of "
-                             "FHEModelClient.get_serialized_evaluation_keys()")
+            raise BadRequest(
+                "evaluation_keys: empty request body; send the bytes of "
+                "FHEModelClient.get_serialized_evaluation_keys()"
+            )
         try:
             await run_in_threadpool(check_evaluation_keys, body, entry.specs)
         except WireFormatError as error:
-            raise BadRequest(f"{error} (module '{module_name}', input shape {input_shape}: download its client "
-                             f"specification from .../shapes/{input_shape}/client)") from None
+            raise BadRequest(
+                f"{error} (module '{module_name}', input shape {input_shape}: download its client "
+                f"specification from .../shapes/{input_shape}/client)"
+            ) from None
         now = time.time()
         expires = now + settings.key_ttl_seconds if settings.key_ttl_seconds else None
-        record = KeyRecord(new_key_id(), model_name, module_name, input_shape, len(body), now, expires,
-                           _api_key(request))
+        record = KeyRecord(
+            new_key_id(), model_name, module_name, input_shape, len(body), now, expires, _api_key(request)
+        )
         await run_in_threadpool(keystore.expire, now)
         await run_in_threadpool(keystore.add, record, body, settings.quota())
         return {"key_id": record.key_id, "expires": expires}
 
-    @app.delete("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/keys/{key_id}",
-                status_code=204)
-    async def delete_keys(request: Request, key_id: str, model_name: str = model_param,
-                          module_name: str = module_param, input_shape: str = shape_param) -> Response:
+    @app.delete(
+        "/models/{model_name}/modules/{module_name}/shapes/{input_shape}/keys/{key_id}", status_code=204
+    )
+    async def delete_keys(
+        request: Request,
+        key_id: str,
+        model_name: str = model_param,
+        module_name: str = module_param,
+        input_shape: str = shape_param,
+    ) -> Response:
         """Forget uploaded evaluation keys (only the API key that uploaded them may)."""
         registry.entry(model_name, module_name, input_shape)
-        record = await run_in_threadpool(_owned_record, keystore, key_id, request, model_name, module_name,
-                                         input_shape, True)
+        record = await run_in_threadpool(
+            _owned_record, keystore, key_id, request, model_name, module_name, input_shape, True
+        )
         await run_in_threadpool(keystore.delete, record.key_id)
         pool.forget(record.key_id)
         return Response(status_code=204)
 
-    @app.post("/models/{model_name}/modules/{module_name}/shapes/{input_shape}/compute",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": ComputeRequest.model_json_schema()}}}})
-    async def compute(request: Request, model_name: str = model_param, module_name: str = module_param,
-                      input_shape: str = shape_param) -> Dict[str, List[List[str]]]:
+    @app.post(
+        "/models/{model_name}/modules/{module_name}/shapes/{input_shape}/compute",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ComputeRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def compute(
+        request: Request,
+        model_name: str = model_param,
+        module_name: str = module_param,
+        input_shape: str = shape_param,
+    ) -> Dict[str, List[List[str]]]:
         """Run the module on each encrypted sample with the uploaded keys."""
         entry = registry.entry(model_name, module_name, input_shape)
         body = await read_body(request, settings)
         try:
             payload = ComputeRequest.model_validate_json(body)
         except ValidationError as error:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors(
-                include_url=False, include_context=False, include_input=False)]) from None
+            raise RequestValidationError(
+                [
+                    {**e, "loc": ("body", *e["loc"])}
+                    for e in error.errors(include_url=False, include_context=False, include_input=False)
+                ]
+            ) from None
         if len(payload.inputs) > settings.max_samples_per_request:
-            raise HttpError(413, f"inputs: {len(payload.inputs)} samples, the server's limit is "
-                                 f"{settings.max_samples_per_request} per request (--max-samples-per-request): "
-                                 "split the batch")
-        record = await run_in_threadpool(_owned_record, keystore, payload.key_id, request, model_name,
-                                         module_name, input_shape, False)
+            raise HttpError(
+                413,
+                f"inputs: {len(payload.inputs)} samples, the server's limit is "
+                f"{settings.max_samples_per_request} per request (--max-samples-per-request): "
+                "split the batch",
+            )
+        record = await run_in_threadpool(
+            _owned_record, keystore, payload.key_id, request, model_name, module_name, input_shape, False
+        )
         samples = await run_in_threadpool(_decode_samples, entry, payload.inputs)
         process = await _acquire(pool, request, settings)
         try:
@@ -513,8 +610,11 @@ def create_app(settings: ServerSettings, keystore: Optional[KeyStore] = None) ->
             for index, sample in enumerate(samples):
                 if await request.is_disconnected():
                     raise ClientDisconnected(f"compute stopped after {index} of {len(samples)} samples")
-                outputs.append(await run_in_threadpool(_run_sample, process, keystore, pool, entry, record,
-                                                       sample, index))
+                outputs.append(
+                    await run_in_threadpool(
+                        _run_sample, process, keystore, pool, entry, record, sample, index
+                    )
+                )
         finally:
             pool.release(process)
         return {"outputs": outputs}
@@ -530,10 +630,13 @@ async def _acquire(pool: ComputePool, request: Request, settings: ServerSettings
         if process is not None:
             return process
         if time.monotonic() >= deadline:
-            raise HttpError(503, f"all {pool.size} computations of this worker are busy "
-                                 f"(--max-concurrent-computes, waited {settings.compute_queue_seconds:g} s, "
-                                 "--compute-queue-seconds): retry later",
-                            {"Retry-After": str(settings.retry_after_seconds)})
+            raise HttpError(
+                503,
+                f"all {pool.size} computations of this worker are busy "
+                f"(--max-concurrent-computes, waited {settings.compute_queue_seconds:g} s, "
+                "--compute-queue-seconds): retry later",
+                {"Retry-After": str(settings.retry_after_seconds)},
+            )
         if await request.is_disconnected():
             raise ClientDisconnected("while waiting for a compute process")
         await asyncio.sleep(0.05)
@@ -547,8 +650,15 @@ def _api_key(request: Request) -> Optional[str]:
     return request.scope.get("state", {}).get("api_key_digest")
 
 
-def _owned_record(keystore: KeyStore, key_id: str, request: Request, model: str, module: str, shape: str,
-                  quarantined_ok: bool) -> KeyRecord:
+def _owned_record(
+    keystore: KeyStore,
+    key_id: str,
+    request: Request,
+    model: str,
+    module: str,
+    shape: str,
+    quarantined_ok: bool,
+) -> KeyRecord:
     """The record of `key_id`, checked to belong to the caller and to this module and shape."""
     try:
         record = keystore.record(key_id)
@@ -560,8 +670,10 @@ def _owned_record(keystore: KeyStore, key_id: str, request: Request, model: str,
         raise HttpError(403, f"key_id '{key_id}' was uploaded with another API key: upload keys with yours")
     target = {"model": model, "module": module, "input_shape": shape}
     if record.target() != target:
-        raise BadRequest(f"key_id: these keys were uploaded for {record.target()}, not {target}; "
-                         "upload keys for this module and input shape")
+        raise BadRequest(
+            f"key_id: these keys were uploaded for {record.target()}, not {target}; "
+            "upload keys for this module and input shape"
+        )
     return record
 
 
@@ -571,7 +683,9 @@ def _decode_samples(entry: ModuleEntry, inputs: List[List[str]]) -> List[Tuple[b
     for index, strings in enumerate(inputs):
         field_name = f"inputs[{index}]"
         if len(strings) != len(entry.gates):
-            raise BadRequest(f"{field_name}: {len(strings)} ciphertext(s) but the circuit takes {len(entry.gates)}")
+            raise BadRequest(
+                f"{field_name}: {len(strings)} ciphertext(s) but the circuit takes {len(entry.gates)}"
+            )
         values = []
         for position, (text, gate) in enumerate(zip(strings, entry.gates)):
             try:
@@ -587,24 +701,36 @@ def _decode_samples(entry: ModuleEntry, inputs: List[List[str]]) -> List[Tuple[b
     return samples
 
 
-def _run_sample(process, keystore: KeyStore, pool: ComputePool, entry: ModuleEntry, record: KeyRecord,
-                sample: Tuple[bytes, ...], index: int) -> List[str]:
+def _run_sample(
+    process,
+    keystore: KeyStore,
+    pool: ComputePool,
+    entry: ModuleEntry,
+    record: KeyRecord,
+    sample: Tuple[bytes, ...],
+    index: int,
+) -> List[str]:
     """One sample in the compute process; crashes and key errors quarantine the keys."""
     try:
         result = process.run(entry.path, record.key_id, lambda: keystore.data(record.key_id), sample)
     except ComputeCrashed as crash:
         reason = f"a computation with them crashed ({crash}) on {time.strftime('%Y-%m-%d %H:%M:%S')}"
         _quarantine(keystore, pool, record, reason)
-        raise BadRequest(f"inputs[{index}]: computation failed: {crash} with key_id '{record.key_id}'; the keys "
-                         "are quarantined: generate fresh keys from this module's client.zip and upload them") from None
+        raise BadRequest(
+            f"inputs[{index}]: computation failed: {crash} with key_id '{record.key_id}'; the keys "
+            "are quarantined: generate fresh keys from this module's client.zip and upload them"
+        ) from None
     except ComputeError as error:
         if error.kind == "keys":
             _quarantine(keystore, pool, record, f"Concrete cannot read them ({error})")
-            raise BadRequest(f"key_id: the stored keys cannot be read ({error}); they are quarantined: "
-                             "upload fresh keys") from None
+            raise BadRequest(
+                f"key_id: the stored keys cannot be read ({error}); they are quarantined: upload fresh keys"
+            ) from None
         if error.kind == "inputs":
-            raise BadRequest(f"inputs[{index}]: the ciphertext does not fit module '{record.module}' "
-                             f"input shape {entry.input_shapes} ({error})") from None
+            raise BadRequest(
+                f"inputs[{index}]: the ciphertext does not fit module '{record.module}' "
+                f"input shape {entry.input_shapes} ({error})"
+            ) from None
         raise HttpError(500, f"computation failed on the server ({error}); see the server log") from None
     return [base64.b64encode(value).decode("ascii") for value in result]
 
@@ -623,22 +749,39 @@ def _quarantine(keystore: KeyStore, pool: ComputePool, record: KeyRecord, reason
 
 def add_arguments(parser) -> None:
     """Options of `fhe-backend serve` (every `ServerSettings` limit is a flag)."""
-    parser.add_argument("models_dir", metavar="MODELS_DIR",
-                        help="folder of <model>/<module>/<input shape>/{client,server}.zip")
+    parser.add_argument(
+        "models_dir",
+        metavar="MODELS_DIR",
+        help="folder of <model>/<module>/<input shape>/{client,server}.zip",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--keys-dir", required=True,
-                        help="where uploaded evaluation keys are stored; share it between workers and machines")
+    parser.add_argument(
+        "--keys-dir",
+        required=True,
+        help="where uploaded evaluation keys are stored; share it between workers and machines",
+    )
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     for setting in fields(ServerSettings):
         if "help" not in setting.metadata:
             continue
-        kind = {"int": int, "float": float, "Optional[int]": _optional(int),
-                "Optional[float]": _optional(float)}.get(str(setting.type), str)
-        parser.add_argument("--" + setting.name.replace("_", "-"), type=kind, default=setting.default,
-                            help=f"{setting.metadata['help']} (default {setting.default})"
-                                 + ("; 'none' for no limit" if "Optional" in str(setting.type)
-                                    and setting.default is not None else ""))
+        kind = {
+            "int": int,
+            "float": float,
+            "Optional[int]": _optional(int),
+            "Optional[float]": _optional(float),
+        }.get(str(setting.type), str)
+        parser.add_argument(
+            "--" + setting.name.replace("_", "-"),
+            type=kind,
+            default=setting.default,
+            help=f"{setting.metadata['help']} (default {setting.default})"
+            + (
+                "; 'none' for no limit"
+                if "Optional" in str(setting.type) and setting.default is not None
+                else ""
+            ),
+        )
     parser.add_argument("--ssl-keyfile", help="TLS private key (PEM): serve HTTPS directly with uvicorn")
     parser.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), with --ssl-keyfile")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
@@ -657,6 +800,7 @@ def _configure_logging(level: str) -> None:
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "0", "off") else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -695,10 +839,16 @@ def run(args) -> int:
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         print("fhe-backend serve: --ssl-keyfile and --ssl-certfile go together")
         return 2
-    uvicorn_config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level,
-                                    limit_concurrency=settings.max_connections, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                                    ssl_keyfile=args.ssl_keyfile,
-                                    ssl_certfile=args.ssl_certfile)
+    uvicorn_config = uvicorn.Config(
+        None,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+    )
     if args.workers <= 1:
         uvicorn_config.app = create_app(settings)
         uvicorn.Server(uvicorn_config).run()
@@ -741,8 +891,9 @@ class WorkerSupervisor:
                     logger.error("worker %d could not start (its error is above); stopping", process.pid)
                     status, self.stopping = 1, True
                 else:
-                    logger.warning("worker %d exited with code %s; starting another", process.pid,
-                                   process.exitcode)
+                    logger.warning(
+                        "worker %d exited with code %s; starting another", process.pid, process.exitcode
+                    )
                     self.processes[index] = self._start(context, listener)
         self._stop_all()
         listener.close()
@@ -790,5 +941,13 @@ def _serve_worker(settings: ServerSettings, uvicorn_config, listener) -> None:
         pass
 
 
-__all__ = ["ServerSettings", "ServerConfig", "create_app", "ModelRegistry", "RequestGuard", "load_api_keys",
-           "add_arguments", "run"]
+__all__ = [
+    "ServerSettings",
+    "ServerConfig",
+    "create_app",
+    "ModelRegistry",
+    "RequestGuard",
+    "load_api_keys",
+    "add_arguments",
+    "run",
+]

@@ -41,7 +41,7 @@ class _Struct:
         if offset + size > self.data_words * 8:
             return b"\0" * size  # fields beyond a (shorter, older) struct read as zero
         start = self.data_word * 8 + offset
-        return bytes(self.message.segments[self.segment][start:start + size])
+        return bytes(self.message.segments[self.segment][start : start + size])
 
     def u32(self, offset: int) -> int:
         return struct.unpack("<I", self._data(offset, 4))[0]
@@ -88,14 +88,18 @@ class _List:
         if self.element_size != 7:
             raise WireFormatError(f"{what}: expected a list of structs")
         stride = self.data_words + self.pointer_words
-        return [_Struct(self.message, self.segment, self.first_word + i * stride, self.data_words,
-                        self.pointer_words) for i in range(self.count)]
+        return [
+            _Struct(
+                self.message, self.segment, self.first_word + i * stride, self.data_words, self.pointer_words
+            )
+            for i in range(self.count)
+        ]
 
     def u32s(self, what: str) -> List[int]:
         if self.count and self.element_size != 4:
             raise WireFormatError(f"{what}: expected a list of 32-bit integers")
         start = self.first_word * 8
-        raw = bytes(self.message.segments[self.segment][start:start + 4 * self.count])
+        raw = bytes(self.message.segments[self.segment][start : start + 4 * self.count])
         return list(struct.unpack(f"<{self.count}I", raw))
 
     def byte_count(self, what: str) -> int:
@@ -129,12 +133,14 @@ class _Message:
         total = header + 8 * sum(sizes)
         if total != len(view):
             problem = "trailing bytes after" if total < len(view) else "truncated"
-            raise WireFormatError(f"{what}: {problem} the message ({len(view)} bytes, the message "
-                                  f"declares {total}): send the exact bytes Concrete serialized")
+            raise WireFormatError(
+                f"{what}: {problem} the message ({len(view)} bytes, the message "
+                f"declares {total}): send the exact bytes Concrete serialized"
+            )
         self.segments = []
         offset = header
         for size in sizes:
-            self.segments.append(view[offset:offset + 8 * size])
+            self.segments.append(view[offset : offset + 8 * size])
             offset += 8 * size
 
     def word(self, segment: int, index: int) -> int:
@@ -208,6 +214,7 @@ def _signed30(value: int) -> int:
 
 # ---- the concrete-protocol structs the server checks (field byte offsets of the schema) ---------
 
+
 def _modulus(s: _Struct) -> Dict[str, Any]:
     kind = s.u16(0)
     if kind == 0:
@@ -226,43 +233,82 @@ def _enum(values: Sequence[str], index: int, what: str) -> str:
 
 
 def _bootstrap_params(s: _Struct) -> Dict[str, Any]:
-    return {"levelCount": s.u32(0), "baseLog": s.u32(4), "glweDimension": s.u32(8),
-            "polynomialSize": s.u32(12), "variance": s.f64(16), "integerPrecision": s.u32(24),
-            "modulus": _modulus(s.struct(0, "modulus")), "keyType": _enum(KEY_TYPES, s.u16(28), "keyType"),
-            "inputLweDimension": s.u32(32)}
+    return {
+        "levelCount": s.u32(0),
+        "baseLog": s.u32(4),
+        "glweDimension": s.u32(8),
+        "polynomialSize": s.u32(12),
+        "variance": s.f64(16),
+        "integerPrecision": s.u32(24),
+        "modulus": _modulus(s.struct(0, "modulus")),
+        "keyType": _enum(KEY_TYPES, s.u16(28), "keyType"),
+        "inputLweDimension": s.u32(32),
+    }
 
 
 def _keyswitch_params(s: _Struct) -> Dict[str, Any]:
-    return {"levelCount": s.u32(0), "baseLog": s.u32(4), "variance": s.f64(8), "integerPrecision": s.u32(16),
-            "modulus": _modulus(s.struct(0, "modulus")), "keyType": _enum(KEY_TYPES, s.u16(20), "keyType"),
-            "inputLweDimension": s.u32(24), "outputLweDimension": s.u32(28)}
+    return {
+        "levelCount": s.u32(0),
+        "baseLog": s.u32(4),
+        "variance": s.f64(8),
+        "integerPrecision": s.u32(16),
+        "modulus": _modulus(s.struct(0, "modulus")),
+        "keyType": _enum(KEY_TYPES, s.u16(20), "keyType"),
+        "inputLweDimension": s.u32(24),
+        "outputLweDimension": s.u32(28),
+    }
 
 
 def _packing_params(s: _Struct) -> Dict[str, Any]:
-    return {"levelCount": s.u32(0), "baseLog": s.u32(4), "glweDimension": s.u32(8), "polynomialSize": s.u32(12),
-            "inputLweDimension": s.u32(16), "innerLweDimension": s.u32(20), "variance": s.f64(24),
-            "integerPrecision": s.u32(32), "modulus": _modulus(s.struct(0, "modulus")),
-            "keyType": _enum(KEY_TYPES, s.u16(36), "keyType")}
+    return {
+        "levelCount": s.u32(0),
+        "baseLog": s.u32(4),
+        "glweDimension": s.u32(8),
+        "polynomialSize": s.u32(12),
+        "inputLweDimension": s.u32(16),
+        "innerLweDimension": s.u32(20),
+        "variance": s.f64(24),
+        "integerPrecision": s.u32(32),
+        "modulus": _modulus(s.struct(0, "modulus")),
+        "keyType": _enum(KEY_TYPES, s.u16(36), "keyType"),
+    }
 
 
 def _key_info(s: _Struct, params) -> Dict[str, Any]:
-    return {"id": s.u32(0), "inputId": s.u32(4), "outputId": s.u32(8), "params": params(s.struct(0, "params")),
-            "compression": _enum(COMPRESSIONS, s.u16(12), "compression")}
+    return {
+        "id": s.u32(0),
+        "inputId": s.u32(4),
+        "outputId": s.u32(8),
+        "params": params(s.struct(0, "params")),
+        "compression": _enum(COMPRESSIONS, s.u16(12), "compression"),
+    }
 
 
 def _payload_bytes(message: _Message, payload: _Struct, what: str) -> int:
     blobs = payload.list(0, f"{what} payload")
-    return sum(message.read_list(blobs.segment, word, f"{what} payload").byte_count(what)
-               for word in blobs.pointers())
+    return sum(
+        message.read_list(blobs.segment, word, f"{what} payload").byte_count(what)
+        for word in blobs.pointers()
+    )
 
 
 def _bootstrap_bytes(p: Dict[str, Any]) -> int:
     glwe = p["glweDimension"] + 1
-    return p["inputLweDimension"] * p["levelCount"] * glwe * glwe * p["polynomialSize"] * p["integerPrecision"] // 8
+    return (
+        p["inputLweDimension"]
+        * p["levelCount"]
+        * glwe
+        * glwe
+        * p["polynomialSize"]
+        * p["integerPrecision"]
+        // 8
+    )
 
 
 def _keyswitch_bytes(p: Dict[str, Any]) -> int:
-    return p["inputLweDimension"] * p["levelCount"] * (p["outputLweDimension"] + 1) * p["integerPrecision"] // 8
+    return (
+        p["inputLweDimension"] * p["levelCount"] * (p["outputLweDimension"] + 1) * p["integerPrecision"] // 8
+    )
 
 
 KEY_KINDS = (  # (ServerKeyset pointer, spec name, params reader, payload size of uncompressed keys)
@@ -300,21 +346,27 @@ def _check_keys(message: _Message, specs: Dict[str, Any]) -> None:
         expected = specs["keyset"].get(name, [])
         keys = root.list(pointer, name).structs(name)
         if len(keys) != len(expected):
-            raise WireFormatError(f"evaluation_keys: {len(keys)} {name} but this circuit uses {len(expected)}: "
-                                  "they were made for another circuit")
+            raise WireFormatError(
+                f"evaluation_keys: {len(keys)} {name} but this circuit uses {len(expected)}: "
+                "they were made for another circuit"
+            )
         for index, (key, spec) in enumerate(zip(keys, expected)):
             what = f"evaluation_keys: {name}[{index}]"
             info = _key_info(key.struct(0, f"{name}[{index}].info"), params_reader)
             if info != spec:
                 differences = _differences(info, spec)
-                raise WireFormatError(f"{what} has other parameters than this circuit's ({differences}): "
-                                      "they were made for another circuit; generate keys from this module's client.zip")
+                raise WireFormatError(
+                    f"{what} has other parameters than this circuit's ({differences}): "
+                    "they were made for another circuit; generate keys from this module's client.zip"
+                )
             payload = _payload_bytes(message, key.struct(1, f"{name}[{index}].payload"), what)
             if spec.get("compression", "none") == "none":
                 wanted = size(spec["params"]) if size is not None else None
                 if wanted is None:
-                    raise WireFormatError(f"{what}: the server cannot check keys of this kind; "
-                                          "compile the model without packing keyswitch keys")
+                    raise WireFormatError(
+                        f"{what}: the server cannot check keys of this kind; "
+                        "compile the model without packing keyswitch keys"
+                    )
                 if payload != wanted:
                     raise WireFormatError(f"{what}: payload of {payload} bytes, its parameters need {wanted}")
 
@@ -334,33 +386,52 @@ def _check_value(message: _Message, gate: Dict[str, Any], what: str) -> None:
     root = message.root()
     raw = root.struct(1, "rawInfo")
     shape = raw.struct(0, "rawInfo.shape").list(0, "dimensions").u32s("dimensions")
-    found_raw: Dict[str, Any] = {"shape": {"dimensions": shape}, "integerPrecision": raw.u32(0),
-                                 "isSigned": raw.bit(32)}
+    found_raw: Dict[str, Any] = {
+        "shape": {"dimensions": shape},
+        "integerPrecision": raw.u32(0),
+        "isSigned": raw.bit(32),
+    }
     if found_raw != gate["rawInfo"]:
-        raise WireFormatError(f"{what}: a ciphertext of another shape or precision than this circuit's input "
-                              f"({_differences(found_raw, gate['rawInfo'])}): encrypt with this module's client.zip")
+        raise WireFormatError(
+            f"{what}: a ciphertext of another shape or precision than this circuit's input "
+            f"({_differences(found_raw, gate['rawInfo'])}): encrypt with this module's client.zip"
+        )
     type_info = root.struct(2, "typeInfo")
     expected = gate["typeInfo"].get("lweCiphertext")
     if type_info.u16(0) != 0 or expected is None:
         raise WireFormatError(f"{what}: not an encrypted value of this circuit's input")
     lwe = type_info.struct(0, "typeInfo.lweCiphertext")
     encryption = lwe.struct(2, "encryption")
-    found = {"concreteShape": {"dimensions": lwe.struct(1, "concreteShape").list(0, "dimensions").u32s("dimensions")},
-             "integerPrecision": lwe.u32(0), "compression": _enum(COMPRESSIONS, lwe.u16(4), "compression"),
-             "keyId": encryption.u32(0), "lweDimension": encryption.u32(4)}
-    wanted = {"concreteShape": expected["concreteShape"], "integerPrecision": expected["integerPrecision"],
-              "compression": expected.get("compression", "none"), "keyId": expected["encryption"]["keyId"],
-              "lweDimension": expected["encryption"]["lweDimension"]}
+    found = {
+        "concreteShape": {
+            "dimensions": lwe.struct(1, "concreteShape").list(0, "dimensions").u32s("dimensions")
+        },
+        "integerPrecision": lwe.u32(0),
+        "compression": _enum(COMPRESSIONS, lwe.u16(4), "compression"),
+        "keyId": encryption.u32(0),
+        "lweDimension": encryption.u32(4),
+    }
+    wanted = {
+        "concreteShape": expected["concreteShape"],
+        "integerPrecision": expected["integerPrecision"],
+        "compression": expected.get("compression", "none"),
+        "keyId": expected["encryption"]["keyId"],
+        "lweDimension": expected["encryption"]["lweDimension"],
+    }
     if found != wanted:
-        raise WireFormatError(f"{what}: ciphertext parameters differ from this circuit's input "
-                              f"({_differences(found, wanted)}): encrypt with this module's client.zip")
+        raise WireFormatError(
+            f"{what}: ciphertext parameters differ from this circuit's input "
+            f"({_differences(found, wanted)}): encrypt with this module's client.zip"
+        )
     payload = _payload_bytes(message, root.struct(0, "payload"), what)
     elements = 1
     for dimension in shape:
         elements *= dimension
     if wanted["compression"] == "none" and payload != elements * found_raw["integerPrecision"] // 8:
-        raise WireFormatError(f"{what}: payload of {payload} bytes, its shape {shape} needs "
-                              f"{elements * found_raw['integerPrecision'] // 8}")
+        raise WireFormatError(
+            f"{what}: payload of {payload} bytes, its shape {shape} needs "
+            f"{elements * found_raw['integerPrecision'] // 8}"
+        )
 
 
 @contextmanager

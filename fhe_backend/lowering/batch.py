@@ -190,8 +190,11 @@ def _keep(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
             return MixesSamples(f"broadcasts '{source.name}' along its batch {layout}")
         found.add(BatchAt(dim, layout.outer))
     if len(found) > 1:
-        return MixesSamples("combines values that hold the batch at different dims ("
-                            + ", ".join(sorted(str(f) for f in found)) + ")")
+        return MixesSamples(
+            "combines values that hold the batch at different dims ("
+            + ", ".join(sorted(str(f) for f in found))
+            + ")"
+        )
     return found.pop()
 
 
@@ -237,14 +240,23 @@ def _unlowered_rule(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
     if touched is not None:
         return touched
     if len(out) != len(shape) or not _equal(out[layout.dim], shape[layout.dim]):
-        return MixesSamples(f"has no FHE lowering and changes the batch {layout} "
-                            f"(shape {tuple(shape)} -> {tuple(out)})")
+        return MixesSamples(
+            f"has no FHE lowering and changes the batch {layout} (shape {tuple(shape)} -> {tuple(out)})"
+        )
     return _keep(node, layouts) if len(layouts) > 1 else layout
 
 
-RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
-            aten.flatten.using_ints, aten.alias.default)
+RESHAPES = (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.unsqueeze.default,
+    aten.flatten.using_ints,
+    aten.alias.default,
+)
 
 
 @batch_rule(*RESHAPES)
@@ -256,15 +268,14 @@ def reshape_rule(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
     batch = graph_batch(node.graph)
     if shape is None or out is None or batch is None:
         return MixesSamples("has no traced shape to follow the batch through")
-    prefix = _product(shape[:layout.dim]) * _expr(layout.outer)
+    prefix = _product(shape[: layout.dim]) * _expr(layout.outer)
     for dim in range(len(out)):
         outer = _exact_quotient(prefix, _product(out[:dim]))
         if outer is None:
             break
         if _exact_quotient(_expr(out[dim]), outer * batch) is not None:
             return BatchAt(dim, outer)
-    return MixesSamples(f"to shape {tuple(out)} splits the batch (at {layout} of {tuple(shape)}) "
-                        "across dims")
+    return MixesSamples(f"to shape {tuple(out)} splits the batch (at {layout} of {tuple(shape)}) across dims")
 
 
 @batch_rule(aten.permute.default)
@@ -356,7 +367,7 @@ def index_rule(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
     """x[..., idx]: tensor indices after the batch dim keep it; on or before it they mix."""
     source, layout = _only(layouts)
     indices = list(node.args[1])
-    if any(i is not None for i in indices[:layout.dim + 1]):
+    if any(i is not None for i in indices[: layout.dim + 1]):
         return MixesSamples(f"indexes with a tensor on or before {layout}, where the batch is")
     return layout
 

@@ -167,14 +167,17 @@ class LoweringContext:
             table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
         lsbs = self.program.rounding_lsbs.get(key, 0)
         if lsbs:
-            exactness = (fhe.Exactness.APPROXIMATE
-                         if self.settings.rounding_threshold_bits.method == "approximate"
-                         else fhe.Exactness.EXACT)
+            exactness = (
+                fhe.Exactness.APPROXIMATE
+                if self.settings.rounding_threshold_bits.method == "approximate"
+                else fhe.Exactness.EXACT
+            )
             expr = fhe.round_bit_pattern(expr, lsbs_to_remove=lsbs, exactness=exactness)
         return fhe.univariate(table)(expr)
 
-    def materialize(self, value: Any, n_bits: Optional[int] = None,
-                    stats: Optional[NodeStats] = None) -> Encrypted:
+    def materialize(
+        self, value: Any, n_bits: Optional[int] = None, stats: Optional[NodeStats] = None
+    ) -> Encrypted:
         """Requantize `value` to a fresh `n_bits` (default op_inputs) value: one table lookup.
 
         The output range comes from `stats` (default: this node's calibration statistics).
@@ -192,8 +195,7 @@ class LoweringContext:
 
     def as_linear_input(self, value: Any, stats: Optional[NodeStats] = None) -> Encrypted:
         """A fresh, uniformly scaled value with an integer zero-point (materialized if needed)."""
-        if (value.fresh and value.uniform
-                and float(value.zero_point) == float(np.rint(value.zero_point))):
+        if value.fresh and value.uniform and float(value.zero_point) == float(np.rint(value.zero_point)):
             return value
         return self.materialize(value, stats=stats)
 

@@ -28,8 +28,7 @@ ADD = {aten.add.Tensor, aten.add.Scalar}
 SUB = {aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
 MUL = {aten.mul.Tensor, aten.mul.Scalar}
 DIV = {aten.div.Tensor, aten.div.Scalar}
-COMPARISONS = {aten.gt.Tensor, aten.ge.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.eq.Tensor,
-               aten.ne.Tensor}
+COMPARISONS = {aten.gt.Tensor, aten.ge.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.eq.Tensor, aten.ne.Tensor}
 EXTREMA = {aten.maximum.default, aten.minimum.default}
 WHERE = {aten.where.self}
 TWO_ENCRYPTED = ADD | SUB | MUL | DIV | COMPARISONS | EXTREMA
@@ -54,20 +53,32 @@ def pointwise_reason(node: fx.Node) -> Optional[str]:
     out_shape = meta_shape(node)
     for operand in encrypted:
         shape = meta_shape(operand)
-        if shape is not None and out_shape is not None and len(shape) == len(out_shape) and shape \
-                and shape[0] != out_shape[0]:
-            return (f"{op_name(node)} broadcasts an operand of shape {tuple(shape)} along dim 0 "
-                    "(the batch): an encrypted value shared by every sample")
+        if (
+            shape is not None
+            and out_shape is not None
+            and len(shape) == len(out_shape)
+            and shape
+            and shape[0] != out_shape[0]
+        ):
+            return (
+                f"{op_name(node)} broadcasts an operand of shape {tuple(shape)} along dim 0 "
+                "(the batch): an encrypted value shared by every sample"
+            )
     if len({_root(a) for a in encrypted}) <= 1:
         return None
-    if node.target in TWO_ENCRYPTED and len(node.args) == 2 and all(
-            isinstance(a, fx.Node) for a in node.args):
+    if (
+        node.target in TWO_ENCRYPTED
+        and len(node.args) == 2
+        and all(isinstance(a, fx.Node) for a in node.args)
+    ):
         return None
     if node.target in WHERE and isinstance(node.args[0], fx.Node) and not is_constant(node.args[0]):
         return None
-    return (f"{op_name(node)} of several independently encrypted tensors has no FHE lowering "
-            "(add, sub, mul, div, comparisons, maximum, minimum and where with an encrypted "
-            "condition do)")
+    return (
+        f"{op_name(node)} of several independently encrypted tensors has no FHE lowering "
+        "(add, sub, mul, div, comparisons, maximum, minimum and where with an encrypted "
+        "condition do)"
+    )
 
 
 def _torch_constant(value: Any) -> Any:
@@ -107,7 +118,8 @@ def fold(ctx: LoweringContext, args: tuple, kwargs: dict, apply=None) -> Encrypt
         return op(*operands, **kwargs)
 
     positional = any(a.positional or not a.uniform and a.fn is None for a in encrypted) or any(
-        isinstance(a, torch.Tensor) and a.numel() > 1 for a in args)
+        isinstance(a, torch.Tensor) and a.numel() > 1 for a in args
+    )
     return Encrypted(expr, fn=fn, positional=positional)
 
 
@@ -122,8 +134,11 @@ def _affine(ctx: LoweringContext, args: tuple, kwargs: dict) -> Optional[Encrypt
         x, c = c, x
     if not (is_encrypted(x) and x.affine and not is_encrypted(c)):
         return None
-    if _shape(c) and len(_shape(c)) > len(shape_of(x.expr)) or np.broadcast_shapes(
-            _shape(c), shape_of(x.expr)) != shape_of(x.expr):
+    if (
+        _shape(c)
+        and len(_shape(c)) > len(shape_of(x.expr))
+        or np.broadcast_shapes(_shape(c), shape_of(x.expr)) != shape_of(x.expr)
+    ):
         return None
     if float(kwargs.get("alpha", 1)) != 1:
         return None
@@ -222,14 +237,16 @@ def extremum(ctx: LoweringContext, a: Encrypted, b: Encrypted, largest: bool) ->
 def select(ctx: LoweringContext, condition: Any, a: Any, b: Any) -> Encrypted:
     """where(condition, a, b) = b + condition * (a - b), condition encrypted (an encrypted mul)."""
     if not is_encrypted(condition):
-        raise LoweringError(f"{op_name(ctx.node)}: a constant condition over encrypted values is "
-                            "not lowered")
+        raise LoweringError(f"{op_name(ctx.node)}: a constant condition over encrypted values is not lowered")
     mask = with_value(condition, fn=lambda q, f=condition.value_fn(): f(q).to(torch.float64))
     mask = ctx.materialize(mask, n_bits=1, stats=NodeStats(0.0, 1.0, ()))
     if is_encrypted(b):
         base = affine(ctx, b)
-        delta = combine(ctx, a, b, -1) if is_encrypted(a) else shift(
-            with_value(base, scale=-base.scale), float(_numpy_constant(a)))
+        delta = (
+            combine(ctx, a, b, -1)
+            if is_encrypted(a)
+            else shift(with_value(base, scale=-base.scale), float(_numpy_constant(a)))
+        )
     else:
         base = None
         delta = shift(affine(ctx, a), -float(_numpy_constant(b)))
@@ -244,8 +261,13 @@ def shift(value: Encrypted, constant: float) -> Encrypted:
     return with_value(value, zero_point=value.zero_point - constant / value.scale, fresh=False)
 
 
-def multiply(ctx: LoweringContext, a: Encrypted, b: Encrypted, a_stats: Optional[NodeStats] = None,
-             b_stats: Optional[NodeStats] = None) -> Encrypted:
+def multiply(
+    ctx: LoweringContext,
+    a: Encrypted,
+    b: Encrypted,
+    a_stats: Optional[NodeStats] = None,
+    b_stats: Optional[NodeStats] = None,
+) -> Encrypted:
     """a * b of two encrypted values (broadcasting): an encrypted multiplication of fresh values.
 
     `a_stats`/`b_stats` give the float range of an operand that must be requantized and that is
@@ -257,8 +279,7 @@ def multiply(ctx: LoweringContext, a: Encrypted, b: Encrypted, a_stats: Optional
     if is_clear(b.expr):  # Concrete has no clear-clear ops: expand (q_b - z_b) around the product
         zero_point = int(np.rint(b.zero_point))
         product = a.centered * b.expr
-        return Encrypted(product - a.centered * zero_point if zero_point else product,
-                         a.scale * b.scale, 0.0)
+        return Encrypted(product - a.centered * zero_point if zero_point else product, a.scale * b.scale, 0.0)
     return Encrypted(_signed_product(ctx, a.centered, b.centered), a.scale * b.scale, 0.0)
 
 
@@ -289,8 +310,11 @@ def is_clear(expr: Any) -> bool:
 def reciprocal(ctx: LoweringContext, value: Encrypted) -> Encrypted:
     """1 / value as a pending function (non-finite results at 0 are clipped when materialized)."""
     float_fn = value.value_fn()
-    return Encrypted(value.expr, fn=lambda q: _finite(1.0 / float_fn(q).to(torch.float64)),
-                     positional=value.positional or not value.uniform)
+    return Encrypted(
+        value.expr,
+        fn=lambda q: _finite(1.0 / float_fn(q).to(torch.float64)),
+        positional=value.positional or not value.uniform,
+    )
 
 
 LARGE = 1e12  # stands for infinity in tables (clipped by the quantizer)
@@ -306,6 +330,7 @@ def observed_stats(ctx: LoweringContext, key: str, value: Encrypted) -> NodeStat
     The program's first run is on the whole quantized inputset (`calibrate_rounding`): there the
     value is concrete and its range is recorded; later runs (circuit tracing, execution) reuse it.
     """
+
     def measure() -> NodeStats:
         floats = value.value_fn()(value.expr)
         return tensor_stats(floats[torch.isfinite(floats)] if floats.is_floating_point() else floats)
@@ -325,15 +350,22 @@ def _observed(ctx: LoweringContext, key: str, expr: Any, measure) -> NodeStats:
         new = measure()
         store[full_key] = store[full_key].merge(new) if full_key in store else new
     if full_key not in store:
-        raise LoweringError(f"node '{ctx.node.name}': the range of its intermediate value '{key}' "
-                            "was not calibrated; compile the model with an inputset first")
+        raise LoweringError(
+            f"node '{ctx.node.name}': the range of its intermediate value '{key}' "
+            "was not calibrated; compile the model with an inputset first"
+        )
     return store[full_key]
 
 
 register_pointwise(pointwise, pointwise_reason)
 
-CASTS = {aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default,
-         aten.lift_fresh_copy.default}
+CASTS = {
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+}
 
 
 def _cast_reason(node: fx.Node) -> Optional[str]:

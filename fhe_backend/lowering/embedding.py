@@ -26,8 +26,7 @@ def _embedding_reason(node: fx.Node) -> Optional[str]:
 
 
 @register(aten.embedding.default, validator=_embedding_reason)
-def embedding(ctx: LoweringContext, weight, indices, padding_idx=-1, scale_grad_by_freq=False,
-              sparse=False):
+def embedding(ctx: LoweringContext, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     """nn.Embedding / F.embedding with an encrypted index and a constant table."""
     table = torch.as_tensor(weight).detach().to(torch.float64)
     rows, width = table.shape

@@ -24,8 +24,12 @@ aten = torch.ops.aten
 def _weights(ctx: LoweringContext, weight, channel_axis: int):
     """Integer weights and their scale (cached per node)."""
     per_channel = ctx.settings.per_channel_weights
-    return ctx.cache(f"weights{channel_axis}", lambda: quantize_weights(
-        constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None))
+    return ctx.cache(
+        f"weights{channel_axis}",
+        lambda: quantize_weights(
+            constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None
+        ),
+    )
 
 
 def matmul(ctx: LoweringContext, a, b) -> Encrypted:
@@ -64,8 +68,7 @@ def pad_constant(expr, pads, value: int = 0):
     fhe.zeros tensor by slice assignment.
     """
     lead = len(shape_of(expr)) - len(pads)
-    crop = tuple(slice(max(-b, 0), s - max(-a, 0))
-                 for s, (b, a) in zip(shape_of(expr)[lead:], pads))
+    crop = tuple(slice(max(-b, 0), s - max(-a, 0)) for s, (b, a) in zip(shape_of(expr)[lead:], pads))
     if any(min(b, a) < 0 for b, a in pads):
         expr = expr[(slice(None),) * lead + crop]
     pads = [(max(b, 0), max(a, 0)) for b, a in pads]
@@ -114,8 +117,9 @@ def _conv_reason(node: fx.Node) -> Optional[str]:
 
 
 @register(aten.convolution.default, validator=_conv_reason)
-def convolution(ctx: LoweringContext, x, weight, bias, stride, padding, dilation, transposed,
-                output_padding, groups):
+def convolution(
+    ctx: LoweringContext, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+):
     """conv1d/conv2d with constant weights (stride, padding, dilation, groups)."""
     x = ctx.as_linear_input(x)
     q_w, s_w = _weights(ctx, weight, 0)

@@ -109,12 +109,17 @@ def layer_norm(ctx: LoweringContext, x, normalized_shape, weight, bias, eps):
     squares = ctx.materialize(square, bits, observed_stats(ctx, "square", square))
     variance = reduce_sum(ctx, squares, axes, True, mean=True)
     variance_fn = variance.value_fn()
-    inverse_std = Encrypted(variance.expr, fn=lambda q: torch.rsqrt(
-        torch.clamp(variance_fn(q), min=0.0) + eps))
+    inverse_std = Encrypted(
+        variance.expr, fn=lambda q: torch.rsqrt(torch.clamp(variance_fn(q), min=0.0) + eps)
+    )
     # rows whose centered values all round to 0 give 0 whatever the rsqrt: leave them out of
     # the rsqrt's range (a non-finite value is not observed)
-    observed = Encrypted(variance.expr, fn=lambda q: torch.where(
-        variance_fn(q) > 0, torch.rsqrt(torch.clamp(variance_fn(q), min=0.0) + eps), torch.nan))
+    observed = Encrypted(
+        variance.expr,
+        fn=lambda q: torch.where(
+            variance_fn(q) > 0, torch.rsqrt(torch.clamp(variance_fn(q), min=0.0) + eps), torch.nan
+        ),
+    )
     inverse_std = ctx.materialize(inverse_std, bits, observed_stats(ctx, "inverse_std", observed))
     normalized = multiply(ctx, centered, inverse_std)
     trailing = tuple(normalized_shape)
@@ -177,14 +182,16 @@ def vector_norm(ctx: LoweringContext, x, ord=2, dim=None, keepdim=False, dtype=N
     """torch.linalg.vector_norm / ReduceL2 over non-batch dims (see the module docstring)."""
     dims = [dim] if isinstance(dim, int) else list(dim)
     value_fn = x.value_fn()
-    magnitude = with_value(x, fn=lambda q: value_fn(q).abs()) if x.affine else Encrypted(
-        x.expr, fn=lambda q: value_fn(q).abs(), positional=x.positional)
+    magnitude = (
+        with_value(x, fn=lambda q: value_fn(q).abs())
+        if x.affine
+        else Encrypted(x.expr, fn=lambda q: value_fn(q).abs(), positional=x.positional)
+    )
     if math.isinf(ord):
         magnitude = ctx.materialize(magnitude, stats=observed_stats(ctx, "magnitude", magnitude))
         return reduce_extreme(ctx, magnitude, dims, keepdim, largest=True)
     magnitude_fn = magnitude.value_fn()
-    power = Encrypted(magnitude.expr, fn=lambda q: magnitude_fn(q) ** ord,
-                      positional=magnitude.positional)
+    power = Encrypted(magnitude.expr, fn=lambda q: magnitude_fn(q) ** ord, positional=magnitude.positional)
     powers = ctx.materialize(power, stats=observed_stats(ctx, "power", power))
     total = reduce_sum(ctx, powers, dims, keepdim, mean=False)
     return with_value(total, fn=lambda q, f=total.value_fn(): torch.clamp(f(q), min=0.0) ** (1.0 / ord))

@@ -34,8 +34,16 @@ def _avg_reason(node: fx.Node) -> Optional[str]:
 
 
 @register(aten.avg_pool2d.default, validator=_avg_reason)
-def avg_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
+def avg_pool2d(
+    ctx: LoweringContext,
+    x,
+    kernel_size,
+    stride=(),
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
     """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size."""
     x = ctx.as_linear_input(x)
     kernel = _pairs(kernel_size)
@@ -63,19 +71,18 @@ def _max_commutes(x: Encrypted) -> bool:
         return False
     if x.uniform:
         return True
-    return all(all(d == 1 for i, d in enumerate(np.shape(a)) if i != 1)
-               for a in (x.scale, x.zero_point))
+    return all(all(d == 1 for i, d in enumerate(np.shape(a)) if i != 1) for a in (x.scale, x.zero_point))
 
 
 @register(aten.max_pool2d_with_indices.default, validator=_max_reason)
-def max_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, dilation=1,
-               ceil_mode=False):
+def max_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     """Max pooling on the integers: monotone for a positive scale that is uniform or varies only
     by channel (a convolution's per-channel weights); any other value is requantized first."""
     if not _max_commutes(x):
         x = ctx.materialize(x, stats=ctx.input_stats(0))
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
-    expr = fhe.maxpool(x.expr, kernel_shape=tuple(kernel), strides=tuple(stride),
-                       dilations=tuple(_pairs(dilation)))
+    expr = fhe.maxpool(
+        x.expr, kernel_shape=tuple(kernel), strides=tuple(stride), dilations=tuple(_pairs(dilation))
+    )
     return with_value(x, expr=expr), None

@@ -26,8 +26,9 @@ from .registry import is_constant, op_name, register
 
 
 @torch.library.custom_op("fhe::fake_quant", mutates_args=())
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
-               qmax: float) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float, qmax: float
+) -> torch.Tensor:
     """Uniform fake quantization: round to the integer grid of `scale`, clamp, dequantize."""
     q = torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
@@ -131,11 +132,14 @@ def _already_on_grid(value: Encrypted, spec: FakeQuantSpec, ctx: LoweringContext
         return False
     for quantizer in ctx.program.input_quantizers:
         if (float(quantizer.scale), float(quantizer.zero_point)) != (
-                float(value.scale), float(value.zero_point)):
+            float(value.scale),
+            float(value.zero_point),
+        ):
             continue
         offset = float(quantizer.zero_point) - spec.zero_point  # QAT integer = q - offset
-        return (offset == round(offset) and -offset >= spec.qmin
-                and 2**quantizer.n_bits - 1 - offset <= spec.qmax)
+        return (
+            offset == round(offset) and -offset >= spec.qmin and 2**quantizer.n_bits - 1 - offset <= spec.qmax
+        )
     return False
 
 

@@ -37,8 +37,9 @@ LOWERINGS: Dict[Any, Lowering] = {}
 _POINTWISE: List[Lowering] = []
 
 
-def register(*targets: Any, validator: Optional[Validator] = None,
-             batch: Optional[Callable[..., Any]] = None):
+def register(
+    *targets: Any, validator: Optional[Validator] = None, batch: Optional[Callable[..., Any]] = None
+):
     """Decorator registering a lowering `fn(ctx, *args, **kwargs)` for ATen overloads.
 
     `batch` is the op's batch rule `(node, layouts) -> BatchAt | MixesSamples` (see
@@ -105,8 +106,9 @@ def op_name(node: fx.Node) -> str:
     target = node.target
     if target is operator.getitem:
         return "getitem"
-    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
-        target, "__name__", str(target))
+    return (
+        str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    )
 
 
 # ---- helpers shared by validators -------------------------------------------------------
@@ -151,6 +153,8 @@ def batch_dim_reason(dims: Any, node: fx.Node, what: str = "dims") -> Optional[s
     shape = meta_shape(source) if source is not None else None
     batch_dim = batch_dim_of(source)
     if touches_batch_dim(dims, len(shape) if shape is not None else None, batch_dim):
-        return (f"{op_name(node)} with {what}={dims!r} acts on dim {batch_dim} (the batch); "
-                f"{ONE_SAMPLE_AT_A_TIME}")
+        return (
+            f"{op_name(node)} with {what}={dims!r} acts on dim {batch_dim} (the batch); "
+            f"{ONE_SAMPLE_AT_A_TIME}"
+        )
     return None

@@ -30,17 +30,28 @@ def move(ctx: LoweringContext, x: Any, apply: Callable[[Any], Any]) -> Any:
     if x.uniform or (x.fn is not None and not x.positional):
         return with_value(x, expr=apply(x.expr))
     expr = apply(x.expr)
-    if (x.affine and _varies_along_last_only(x.scale) and _varies_along_last_only(x.zero_point)
-            and shape_of(expr)[-1:] == shape_of(x.expr)[-1:]):
+    if (
+        x.affine
+        and _varies_along_last_only(x.scale)
+        and _varies_along_last_only(x.zero_point)
+        and shape_of(expr)[-1:] == shape_of(x.expr)[-1:]
+    ):
         keep = lambda a: a if np.ndim(a) == 0 else np.reshape(a, (1,) * (len(shape_of(expr)) - 1) + (-1,))  # noqa: E731
         return with_value(x, expr=expr, scale=keep(x.scale), zero_point=keep(x.zero_point))
     x = ctx.materialize(x)
     return with_value(x, expr=apply(x.expr))
 
 
-RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
-            aten.flatten.using_ints)
+RESHAPES = (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.unsqueeze.default,
+    aten.flatten.using_ints,
+)
 
 
 @register(*RESHAPES)
@@ -92,7 +103,7 @@ def _is_full_slice(node: fx.Node) -> bool:
     try:
         return bool(end >= size)
     except Exception:  # noqa: BLE001 - symbolic sizes that cannot be compared
-        return end >= 2 ** 62
+        return end >= 2**62
 
 
 @register(aten.slice.Tensor, validator=_slice_reason)
@@ -123,8 +134,10 @@ def cat(ctx: LoweringContext, tensors, dim=0):
     axis = dim % ndim
     expr = np.concatenate(tuple(v.expr for v in values), axis=axis)
     first = values[0]
-    if all(v.uniform and np.isclose(v.scale, first.scale) and np.isclose(v.zero_point, first.zero_point)
-           for v in values):
+    if all(
+        v.uniform and np.isclose(v.scale, first.scale) and np.isclose(v.zero_point, first.zero_point)
+        for v in values
+    ):
         return Encrypted(expr, first.scale, first.zero_point, fresh=all(v.fresh for v in values))
 
     def per_position(field: str) -> np.ndarray:
@@ -144,13 +157,15 @@ def split(ctx: LoweringContext, x, split_size_or_sizes, dim=0):
     """torch.split / torch.chunk along a non-batch dim: one slice per piece (leveled)."""
     size = shape_of(x.expr)[dim % len(shape_of(x.expr))]
     if isinstance(split_size_or_sizes, int):
-        sizes = [min(split_size_or_sizes, size - start)
-                 for start in range(0, size, max(split_size_or_sizes, 1))]
+        sizes = [
+            min(split_size_or_sizes, size - start) for start in range(0, size, max(split_size_or_sizes, 1))
+        ]
     else:
         sizes = [int(s) for s in split_size_or_sizes]
     starts = np.cumsum([0] + sizes[:-1])
-    return [slice_tensor(ctx, x, dim, int(start), int(start) + length)
-            for start, length in zip(starts, sizes)]
+    return [
+        slice_tensor(ctx, x, dim, int(start), int(start) + length) for start, length in zip(starts, sizes)
+    ]
 
 
 @register(aten.full_like.default)
@@ -161,10 +176,13 @@ def full_like(ctx: LoweringContext, x, fill_value, **kwargs):
 
 
 # multi-output ops whose extra outputs (indices, saved statistics) are not computed in FHE
-FIRST_OUTPUT_ONLY = {aten.max_pool2d_with_indices.default: "max_pool2d indices",
-                     aten.max.dim: "torch.max indices", aten.min.dim: "torch.min indices",
-                     aten.native_layer_norm.default: "layer_norm mean/rstd",
-                     aten._native_batch_norm_legit_no_training.default: "batch_norm statistics"}
+FIRST_OUTPUT_ONLY = {
+    aten.max_pool2d_with_indices.default: "max_pool2d indices",
+    aten.max.dim: "torch.max indices",
+    aten.min.dim: "torch.min indices",
+    aten.native_layer_norm.default: "layer_norm mean/rstd",
+    aten._native_batch_norm_legit_no_training.default: "batch_norm statistics",
+}
 
 
 def _getitem_reason(node: fx.Node) -> Optional[str]:

@@ -20,8 +20,9 @@ class NodeStats:
 
     def merge(self, other: "NodeStats") -> "NodeStats":
         """Union of two ranges (the shape of the first batch is kept)."""
-        return NodeStats(min(self.low, other.low), max(self.high, other.high), self.shape,
-                         self.integral and other.integral)
+        return NodeStats(
+            min(self.low, other.low), max(self.high, other.high), self.shape, self.integral and other.integral
+        )
 
 
 def tensor_stats(value: torch.Tensor) -> NodeStats:
@@ -29,8 +30,9 @@ def tensor_stats(value: torch.Tensor) -> NodeStats:
     integral = not value.is_floating_point()
     if value.numel() == 0:
         return NodeStats(0.0, 0.0, tuple(value.shape), integral)
-    low, high = torch.aminmax(value.detach().reshape(-1)) if value.dtype != torch.bool else (
-        value.min(), value.max())
+    low, high = (
+        torch.aminmax(value.detach().reshape(-1)) if value.dtype != torch.bool else (value.min(), value.max())
+    )
     return NodeStats(float(low), float(high), tuple(value.shape), integral)
 
 

@@ -49,8 +49,13 @@ def qat_input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
 class IntegerProgram:
     """The integer function of one partition, callable on numpy arrays or concrete tracers."""
 
-    def __init__(self, graph_module: fx.GraphModule, stats: Dict[str, NodeStats],
-                 settings: FheSettings, encryption_status: Sequence[str]):
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        stats: Dict[str, NodeStats],
+        settings: FheSettings,
+        encryption_status: Sequence[str],
+    ):
         self.graph_module = graph_module
         self.stats = stats
         self.settings = settings
@@ -65,9 +70,7 @@ class IntegerProgram:
         self.extreme_positions: Optional[set] = None
         self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
-        self.input_quantizers = [
-            self._input_quantizer(node) for node in self.tensor_inputs
-        ]
+        self.input_quantizers = [self._input_quantizer(node) for node in self.tensor_inputs]
         self.output_dequantizers: List[OutputDequantizer] = []
         self._value_stats: Dict[int, NodeStats] = {}
 
@@ -112,8 +115,9 @@ class IntegerProgram:
     def quantize_inputs(self, *inputs: Any) -> Tuple[np.ndarray, ...]:
         """Float tensors/arrays -> the integer inputs of the program, C-contiguous (numpy keeps a
         permuted input's strides, and Concrete reads its inputs' buffers in C order)."""
-        return tuple(np.ascontiguousarray(q.quantize(_numpy(x)))
-                     for q, x in zip(self.input_quantizers, inputs))
+        return tuple(
+            np.ascontiguousarray(q.quantize(_numpy(x))) for q, x in zip(self.input_quantizers, inputs)
+        )
 
     def dequantize_outputs(self, *outputs: Any) -> Tuple[np.ndarray, ...]:
         """Integer outputs of the program -> float arrays."""
@@ -170,8 +174,7 @@ class IntegerProgram:
             if not is_encrypted(value):
                 raise LoweringError(f"partition output '{out_node.name}' does not depend on any input")
             if not value.affine:
-                value = ctx.materialize(value, self.settings.n_bits.model_outputs,
-                                        self.stats[out_node.name])
+                value = ctx.materialize(value, self.settings.n_bits.model_outputs, self.stats[out_node.name])
             if self.recording is not None:
                 self.record_extremes(value.expr)
             results.append(value.expr)
@@ -194,16 +197,21 @@ class IntegerProgram:
         widths = {key: bit_width(low, high) for key, (low, high) in ranges.items()}
 
         def error(kept: Dict[str, int]) -> float:
-            self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items()
-                                  if bits < widths[key]}
+            self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items() if bits < widths[key]}
             return _output_error(self, sample, reference, spans)
 
         def shared(bits: int) -> Dict[str, int]:
             return {key: min(bits, width) for key, width in widths.items()}
 
         widest = min(max(widths.values(), default=0), AUTO_ROUNDING_MAX_BITS)
-        precision = next((bits for bits in range(AUTO_ROUNDING_MIN_BITS, widest)
-                          if error(shared(bits)) <= AUTO_ROUNDING_TOLERANCE), widest)
+        precision = next(
+            (
+                bits
+                for bits in range(AUTO_ROUNDING_MIN_BITS, widest)
+                if error(shared(bits)) <= AUTO_ROUNDING_TOLERANCE
+            ),
+            widest,
+        )
         kept = shared(precision)
         budget = max(AUTO_ROUNDING_TOLERANCE, error(kept))
         if budget > AUTO_ROUNDING_TOLERANCE:
@@ -211,7 +219,9 @@ class IntegerProgram:
                 f"fhe_backend: rounding_threshold_bits='auto' keeps lookups at most "
                 f"{AUTO_ROUNDING_MAX_BITS} bits wide; there the outputs are {budget:.1%} of their "
                 f"span off the unrounded program (budget {AUTO_ROUNDING_TOLERANCE:.0%}). Pass a "
-                "number of bits (e.g. 7 or 8) for more accuracy at a higher cost", stacklevel=2)
+                "number of bits (e.g. 7 or 8) for more accuracy at a higher cost",
+                stacklevel=2,
+            )
         for key in widths:
             while kept[key] > AUTO_ROUNDING_MIN_BITS and error({**kept, key: kept[key] - 1}) <= budget:
                 kept[key] -= 1
@@ -219,13 +229,17 @@ class IntegerProgram:
 
     def _place_lookups(self, ranges: Dict[str, Tuple[int, int]]) -> None:
         """Choose each lookup's clear offset from its raw range and its current rounding."""
-        self.lookup_offsets = {key: _lookup_offset(low, high, self.rounding_lsbs.get(key, 0))
-                               for key, (low, high) in ranges.items()}
+        self.lookup_offsets = {
+            key: _lookup_offset(low, high, self.rounding_lsbs.get(key, 0))
+            for key, (low, high) in ranges.items()
+        }
 
     def _placed(self, ranges: Dict[str, Tuple[int, int]]) -> Dict[str, Tuple[int, int]]:
         """The ranges the lookups see once their offsets are added."""
-        return {key: (low + self.lookup_offsets[key], high + self.lookup_offsets[key])
-                for key, (low, high) in ranges.items()}
+        return {
+            key: (low + self.lookup_offsets[key], high + self.lookup_offsets[key])
+            for key, (low, high) in ranges.items()
+        }
 
     def check_circuit_bit_widths(self) -> None:
         """Raise BitWidthError when a lookup is wider than Concrete allows (checked before
@@ -237,7 +251,8 @@ class IntegerProgram:
             f"table lookup at node '{node}' needs a {effective}-bit input (range [{low}, {high}]), "
             f"over Concrete's {MAX_TLU_BIT_WIDTH}-bit limit ({len(self.too_wide)} lookup(s) too "
             "wide). fhe='disable' runs it in the clear; for a circuit lower it with the option "
-            f"'rounding_threshold_bits' (e.g. 6) or a smaller 'n_bits' (now {self.settings.n_bits})")
+            f"'rounding_threshold_bits' (e.g. 6) or a smaller 'n_bits' (now {self.settings.n_bits})"
+        )
 
     def calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
@@ -263,6 +278,10 @@ class IntegerProgram:
                 self.rounding_lsbs[key] = bits - int(rounding.n_bits)
         self._place_lookups(raw_ranges)  # now with room for the rounding chosen
         ranges = self._placed(raw_ranges)
+        if rounding is not None and not rounding.auto:  # the final placement sets the widths:
+            for key in self.rounding_lsbs:  # Concrete keeps the wider of raw and placed
+                bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
+                self.rounding_lsbs[key] = max(1, bits - int(rounding.n_bits))
         self.too_wide = []
         for key, (low, high) in ranges.items():
             # Concrete gives the clear offset's addition the width of its encrypted operand:
@@ -294,7 +313,7 @@ def _lookup_offset(low: int, high: int, lsbs: int) -> int:
     if bits >= bit_width(low, high):
         return 0
     top = 2 ** (bits - 1) - 1
-    slack = 2 ** bits - 1 - (high - low)
+    slack = 2**bits - 1 - (high - low)
     room = min(slack, max((slack + 1) // 2, 2 ** (lsbs - 1) if lsbs else 0))
     return top - room - high
 

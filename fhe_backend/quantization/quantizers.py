@@ -52,8 +52,11 @@ class UniformQuantizer:
 
     def to_dict(self) -> dict:
         """A JSON-serializable description (used by deployment artifacts)."""
-        return {"scale": _jsonable(self.scale), "zero_point": _jsonable(self.zero_point),
-                "n_bits": self.n_bits}
+        return {
+            "scale": _jsonable(self.scale),
+            "zero_point": _jsonable(self.zero_point),
+            "n_bits": self.n_bits,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "UniformQuantizer":
@@ -102,7 +105,7 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
     else:
         axes = tuple(a for a in range(weights.ndim) if a != channel_axis % weights.ndim)
         max_abs = np.max(np.abs(weights), axis=axes, keepdims=True)
-        norms = np.sqrt(np.sum(weights ** 2, axis=axes, keepdims=True))
+        norms = np.sqrt(np.sum(weights**2, axis=axes, keepdims=True))
         widest_norm = float(np.max(norms)) if weights.size else 0.0
         # a channel's integer 2-norm stays within the widest one under one per-tensor scale
         norm_scale = norms * (np.max(max_abs) / levels / widest_norm) if widest_norm > 0 else 0.0
