@@ -35,6 +35,9 @@ from .simulation import Simulator
 logger = logging.getLogger("fhe_backend")
 
 RUN_MODES = FHE_MODES + ("remote",)
+# without a user Configuration, as Concrete ML: compressed input ciphertexts and evaluation
+# keys (same circuit cost; a 64-feature input goes from about 4 MB to 1.5 KB)
+DEFAULT_COMPRESSION = {"compress_input_ciphertexts": True, "compress_evaluation_keys": True}
 COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
 
 # a mode for the calls made inside `fhe_mode(...)`, in this thread/task only
@@ -275,6 +278,8 @@ class FhePartition(torch.nn.Module):
         if self.settings.configuration is not None:
             kwargs["configuration"] = self.settings.configuration
             note_configuration(self.settings.configuration)
+        else:
+            kwargs.update(DEFAULT_COMPRESSION)
         if self.settings.p_error is not None:
             kwargs["p_error"] = self.settings.p_error
         if self.settings.global_p_error is not None:
