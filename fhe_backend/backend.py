@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dynamo_compat import fhe_compile_wrapper
 from .dynamo_compat import install as install_safe_options_comparison
 from .errors import FheBackendError, LoweringError, OptionError, surfaced
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
@@ -549,18 +550,10 @@ _UNKNOWN = object()
 
 
 def _compile_options(model: Any) -> Any:
-    """The options dict `torch.compile` was given for this compiled module, or _UNKNOWN.
-
-    Read through dynamo's wrappers (OptimizedModule -> callback -> backend wrapper); any torch
-    version that lays them out differently gives _UNKNOWN and the lookup by parameters is used.
-    """
-    backend = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
-    for _ in range(4):
-        kwargs = getattr(backend, "kwargs", None)
-        if isinstance(kwargs, dict) and hasattr(backend, "compiler_fn"):
-            return kwargs.get("options")
-        backend = getattr(backend, "_torchdynamo_orig_backend", None)
-    return _UNKNOWN
+    """The options dict `torch.compile` was given for this compiled module, or _UNKNOWN (not
+    compiled with backend "fhe": the lookup by parameters is used)."""
+    wrapper = fhe_compile_wrapper(getattr(getattr(model, "dynamo_ctx", None), "callback", None))
+    return wrapper.kwargs.get("options") if wrapper is not None else _UNKNOWN
 
 
 def compiled_graphs(model: Any) -> List[CompiledGraph]:

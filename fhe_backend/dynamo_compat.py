@@ -10,7 +10,7 @@ they hold the same objects (tensors by identity), which is what dynamo needs to 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -36,6 +36,19 @@ def same_options(first: Any, second: Any) -> bool:
         return bool(first == second)
     except Exception:  # noqa: BLE001 - objects without a usable ==: different options
         return False
+
+
+def fhe_compile_wrapper(backend: Any) -> Optional[Any]:
+    """The `torch.compile(..., backend="fhe", options=...)` wrapper behind a dynamo callback or
+    compiler function (following `_torchdynamo_orig_backend`), or None for another backend or
+    a torch that lays its wrappers out differently."""
+    for _ in range(4):
+        if getattr(backend, "compiler_name", None) in BACKEND_NAMES and isinstance(
+            getattr(backend, "kwargs", None), dict
+        ):
+            return backend
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    return None
 
 
 def _wrapper_eq(self: Any, other: Any) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch._dynamo import callback as dynamo_callback
 from torch._dynamo.utils import counters
 
-from .dynamo_compat import BACKEND_NAMES
+from .dynamo_compat import fhe_compile_wrapper
 from .errors import ClearTextWarning, OptionError, UnsupportedOpError, surfaced
 from .settings import FheSettings
 
@@ -114,13 +114,8 @@ def _compile_frame() -> Optional[Any]:
 
 def _fhe_options(compiler_fn: Any) -> Optional[Dict]:
     """The options of a torch.compile(..., backend="fhe") wrapper, or None for other backends."""
-    backend = compiler_fn
-    for _ in range(4):
-        if getattr(backend, "compiler_name", None) in BACKEND_NAMES:
-            kwargs = getattr(backend, "kwargs", {})
-            return dict(kwargs.get("options") or {})
-        backend = getattr(backend, "_torchdynamo_orig_backend", None)
-    return None
+    wrapper = fhe_compile_wrapper(compiler_fn)
+    return dict(wrapper.kwargs.get("options") or {}) if wrapper is not None else None
 
 
 class _KeptCallbacks(list):

@@ -169,7 +169,7 @@ def measure_simulator_speed() -> None:
 def measure_gpt2_block() -> None:
     """docs/operators.md: a whole tiny GPT-2 block marked by name at n_bits=5, rounding 5, in
     simulate: PBS per partition, max logit error and top-1 agreement with eager torch."""
-    from benchmarks.models import tiny_gpt2, token_batches
+    from fhe_backend.benchmarks.models import tiny_gpt2, token_batches
 
     model, tokens = tiny_gpt2(), token_batches()
     compiled = torch.compile(

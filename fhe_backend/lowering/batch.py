@@ -246,7 +246,8 @@ def _unlowered_rule(node: fx.Node, layouts: Dict[fx.Node, BatchAt]) -> Layout:
     return _keep(node, layouts) if len(layouts) > 1 else layout
 
 
-RESHAPES = (
+# views that only reshape (lowered in shape.py); alias has no lowering but moves no data
+VIEW_RESHAPES = (
     aten.view.default,
     aten._unsafe_view.default,
     aten.reshape.default,
@@ -255,8 +256,8 @@ RESHAPES = (
     aten.squeeze.default,
     aten.unsqueeze.default,
     aten.flatten.using_ints,
-    aten.alias.default,
 )
+RESHAPES = VIEW_RESHAPES + (aten.alias.default,)
 
 
 @batch_rule(*RESHAPES)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .batch import VIEW_RESHAPES
 from .context import Encrypted, LoweringContext, shape_of, with_value
 from .linear import pad_constant
 from .registry import batch_dim_reason, is_constant, meta_shape, register
@@ -42,19 +43,7 @@ def move(ctx: LoweringContext, x: Any, apply: Callable[[Any], Any]) -> Any:
     return with_value(x, expr=apply(x.expr))
 
 
-RESHAPES = (
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.unsqueeze.default,
-    aten.flatten.using_ints,
-)
-
-
-@register(*RESHAPES)
+@register(*VIEW_RESHAPES)
 def reshape(ctx: LoweringContext, x, *args, **kwargs):
     """view, reshape, flatten, squeeze, unsqueeze: a reshape to the recorded shape."""
     return move(ctx, x, lambda e: e.reshape(ctx.out_shape(like=e)))
