@@ -20,7 +20,10 @@ SUBCOMMANDS = {
         "fhe_backend.demo",
         "train small digits models, compile them with backend 'fhe', run one encrypted",
     ),
-    "serve": ("fhe_backend.deployment.server", "serve saved FHE modules over HTTP (FastAPI on uvicorn)"),
+    "serve": (
+        "fhe_backend.deployment.server",
+        "serve saved FHE modules over HTTP (FastAPI on uvicorn, or Ray Serve with --engine ray)",
+    ),
     "bench": (
         "fhe_backend.benchmarks.runner",
         "run the benchmark targets and write results.json/.md and a plot",

@@ -1,0 +1,250 @@
+"""Ray: the model server as a Ray Serve deployment, keys kept in Ray, batches run as Ray tasks.
+
+One local Ray instance for the module (2 CPUs, no dashboard), shut down at the end. The server
+is started the way users start it, `fhe-backend serve MODELS --engine ray --address ...
+--replicas 2`, in a subprocess connected to that instance; clients talk HTTP to Ray's proxy on
+loopback. Models: the seed's FCSmall with `seq.0` remote (leveled) and FCSmall(4) with the whole
+`seq` remote (3-bit lookups), as in tests/test_server.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from fhe_backend.deployment import FHEModelClient, ray_serve
+from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError
+from fhe_backend.deployment.keystore import KeyQuota, KeyRecord, UnknownKey, new_key_id
+from fhe_backend.deployment.server import ServerSettings, create_app
+from fhe_backend.hybrid_model import HybridFHEModel
+from tests.test_server import FCSmall, client_model, free_port
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install 'fhe-backend[ray]'")
+
+LEVELED = ("FCSmall", "seq_0", "po_1_10_pc")
+
+
+def wait_until(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance for this module (loopback clients; shut down at the end)."""
+    started = ray_serve.connect(num_cpus=2, object_store_memory=512 << 20)
+    yield ray.get_runtime_context().gcs_address
+    from ray import serve
+
+    serve.shutdown()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == ray_serve.KEY_STORE_NAMESPACE:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """Compile and save the leveled and the lookup FCSmall; simulate-mode references first."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ray_server")
+    models, refs = root / "models", {}
+    fc = HybridFHEModel(FCSmall(10), ["seq_0"], model_name="FCSmall")
+    fc.compile_model(torch.randn(100, 10), n_bits=4)
+    refs["fc_x"] = torch.randn(5, 10)
+    refs["fc_sim"] = fc(refs["fc_x"], fhe="simulate")
+    partition = fc.remote_modules["seq.0"].partition
+    refs["fc_q_inputs"] = [partition.program.quantize_inputs(torch.randn(1, 10)) for _ in range(4)]
+    refs["fc_q_outputs"] = [partition.run_integers(q, "simulate")[0] for q in refs["fc_q_inputs"]]
+    fc.save_and_clear_private_info(models / "FCSmall")
+    pbs = HybridFHEModel(FCSmall(4), "seq", model_name="FCSmallPBS")
+    pbs.compile_model(torch.randn(100, 4), n_bits=3, rounding_threshold_bits=3, p_error=2**-40)
+    assert pbs.remote_modules["seq"].partition.statistics["pbs_count"] > 0
+    refs["pbs_x"] = torch.randn(2, 4)
+    refs["pbs_sim"] = pbs(refs["pbs_x"], fhe="simulate")
+    pbs.save_and_clear_private_info(models / "FCSmallPBS")
+    refs["models"], refs["keys"] = models, root / "keys"
+    return refs
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_cluster, deployed):
+    """`fhe-backend serve --engine ray --replicas 2` on the module's Ray (stopped with SIGTERM)."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "fhe_backend.cli",
+        "serve",
+        str(deployed["models"]),
+        "--keys-dir",
+        str(deployed["keys"]),
+        "--engine",
+        "ray",
+        "--address",
+        ray_cluster,
+        "--replicas",
+        "2",
+        "--replica-cpus",
+        "0.5",
+        "--port",
+        str(port),
+        "--max-body-bytes",
+        str(512 << 20),
+        "--retry-after-seconds",
+        "1",
+    ]
+    process = subprocess.Popen(command, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert process.poll() is None, f"fhe-backend serve --engine ray exited with {process.returncode}"
+        try:
+            return requests.get(url + "/health", timeout=5).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):  # the proxy starts before the replicas
+            return False
+
+    try:
+        wait_until(ready, 240, "the Ray Serve application answering /health")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_two_replicas_serve_the_same_application(ray_server, deployed):
+    assert len(ray_serve.replica_actor_names()) == 2
+    settings = ServerSettings(str(deployed["models"]), str(deployed["keys"]))
+    local = create_app(settings).openapi()
+    served = requests.get(ray_server + "/openapi.json", timeout=10).json()
+    assert served["paths"] == local["paths"] and served["components"] == local["components"]
+    assert requests.get(ray_server + "/models", timeout=10).json()["models"] == ["FCSmall", "FCSmallPBS"]
+    # the application's validation and limits, answered through Ray's proxy
+    base = ray_server + "/models/FCSmall/modules/seq_0/shapes/po_1_10_pc"
+    unknown = requests.get(ray_server + "/models/nope/modules", timeout=10)
+    assert unknown.status_code == 404 and "known models" in unknown.json()["detail"]
+    bad_id = requests.post(base + "/compute", json={"key_id": "x", "inputs": [["AA=="]]}, timeout=10)
+    assert bad_id.status_code == 422
+    too_many = requests.post(
+        base + "/compute", json={"key_id": "a" * 43, "inputs": [["AA=="]] * 65}, timeout=10
+    )
+    assert too_many.status_code == 413 and "--max-samples-per-request" in too_many.json()["detail"]
+    assert requests.post(base + "/keys", data=b"", timeout=10).status_code == 400
+
+
+def test_leveled_fcsmall_over_two_replicas_equals_simulate(ray_server, deployed, tmp_path):
+    hybrid = client_model(deployed, "FCSmall", ray_server, "seq_0")
+    hybrid.init_client(path_to_clients=tmp_path / "clients", path_to_keys=tmp_path / "keys")
+    for _ in range(4):  # requests land on both replicas; each must find the keys
+        out = hybrid(deployed["fc_x"], fhe="remote")
+        assert torch.allclose(out, deployed["fc_sim"], atol=1e-6)
+
+
+def test_lookup_fcsmall_over_ray_equals_simulate(ray_server, deployed):
+    hybrid = client_model(deployed, "FCSmallPBS", ray_server, "seq")
+    hybrid.init_client()
+    out = hybrid(deployed["pbs_x"], fhe="remote")
+    assert torch.allclose(out, deployed["pbs_sim"], atol=1e-6)
+
+
+def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_server, deployed, tmp_path):
+    http = FheHttpClient(ray_server, retries=3, backoff_seconds=0.5)
+    http.download_client(*LEVELED, tmp_path)
+    client = FHEModelClient(tmp_path, key_dir=tmp_path / "keys")
+    key_id = http.upload_evaluation_keys(*LEVELED, client.get_serialized_evaluation_keys())
+    samples = [client.encrypt_serialize_integers(q) for q in deployed["fc_q_inputs"]]
+    before = ray_serve.replica_actor_names()
+    results, failures, stop = [], [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            index = len(results) % len(samples)
+            try:
+                out = http.compute(*LEVELED, key_id, [samples[index]])
+                results.append(
+                    np.array_equal(client.deserialize_decrypt(out), deployed["fc_q_outputs"][index])
+                )
+            except RemoteServerError as error:
+                failures.append(error)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_until(lambda: len(results) >= 3, 60, "computations before the kill")
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        done_at_kill = len(results)
+        wait_until(
+            lambda: (
+                len(set(ray_serve.replica_actor_names()) - set(before)) == 1
+                and len(ray_serve.replica_actor_names()) == 2
+            ),
+            180,
+            "a replacement replica",
+        )
+        wait_until(lambda: len(results) >= done_at_kill + 3, 60, "computations after the kill")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert all(results) and len(failures) <= 1, failures
+    # the replacement serves the keys uploaded before it started
+    wait_until(lambda: requests.get(ray_server + "/health", timeout=5).status_code == 200, 60, "health")
+    for index, sample in enumerate(samples):
+        out = http.compute(*LEVELED, key_id, [sample])
+        np.testing.assert_array_equal(client.deserialize_decrypt(out), deployed["fc_q_outputs"][index])
+
+
+def test_ray_key_store_survives_its_actor_restart(ray_cluster, tmp_path):
+    store = ray_serve.start_key_store(str(tmp_path / "keys"))
+    record = KeyRecord(new_key_id(), "m", "mod", "s", 3, time.time())
+    store.add(record, b"abc", KeyQuota(max_keys=1))
+    where = ray.get(store.handle().location.remote())
+    assert where["node_id"] == ray.get_runtime_context().get_node_id()  # the head node
+    ray.kill(store.handle(), no_restart=False)  # Ray restarts it on the head node, same folder
+    fresh = ray_serve.RayKeyStore(str(tmp_path / "keys"))
+
+    def restarted() -> bool:
+        try:
+            return ray.get(fresh.handle().location.remote(), timeout=5)["pid"] != where["pid"]
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return False
+
+    wait_until(restarted, 60, "the restarted key-store actor")
+    assert fresh.record(record.key_id).size == 3
+    assert fresh.data(record.key_id) == b"abc"
+    with pytest.raises(ray_serve.QuotaExceeded, match="max-keys-per-model"):
+        fresh.add(KeyRecord(new_key_id(), "m", "mod", "s", 3, time.time()), b"abc", KeyQuota(max_keys=1))
+    fresh.delete(record.key_id)
+    with pytest.raises(UnknownKey, match="unknown key_id"):
+        fresh.record(record.key_id)
+    ray.kill(fresh.handle())
+
+
+def test_cli_refuses_bad_ray_options(tmp_path):
+    from fhe_backend.cli import main
+
+    (tmp_path / "models").mkdir()
+    base = ["serve", str(tmp_path / "models"), "--keys-dir", str(tmp_path / "keys"), "--engine", "ray"]
+    assert main([*base, "--detach"]) == 2  # a local Ray ends with the command
+    assert main([*base, "--min-replicas", "3", "--max-replicas", "2"]) == 2
+    assert main([*base, "--workers", "2"]) == 2
+
+
+def test_missing_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    with pytest.raises(ray_serve.RayNotInstalledError, match=r"pip install 'fhe-backend\[ray\]'"):
+        ray_serve.require_ray()
