@@ -1,9 +1,10 @@
-"""An FHE partition at run time: calibration, circuit compilation, keys and the run modes.
+"""An FHE partition at run time: calibration, its integer program and the run modes.
 
 `FhePartition` replaces one fused subgraph of the model. It quantizes its torch inputs, runs
 the integer program in a mode, and dequantizes: ``disable`` (the program in the clear, whole
-batch at once), ``simulate`` (``circuit.simulate``), ``execute`` (keys, encrypt, run, decrypt),
-``torch`` (the original float subgraph). Switching modes never recompiles.
+batch at once), ``simulate`` and ``execute`` (through its `CircuitRunner`: the Concrete
+circuit, its keys and the executors), ``torch`` (the original float subgraph). Switching modes
+never recompiles.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
-import inspect
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,21 +23,16 @@ import torch
 import torch.fx as fx
 from concrete import fhe
 
+from .circuit_runner import CircuitRunner, Sample
 from .errors import BitWidthError, LoweringError, NotCompiledError, OptionError
-from .exit_status import note_configuration
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
 from .settings import AUTO, FHE_MODES, FheSettings, Rounding
-from .simulation import Simulator
 
 logger = logging.getLogger("fhe_backend")
 
 RUN_MODES = FHE_MODES + ("remote",)
-# without a user Configuration, as Concrete ML: compressed input ciphertexts and evaluation
-# keys (same circuit cost; a 64-feature input goes from about 4 MB to 1.5 KB)
-DEFAULT_COMPRESSION = {"compress_input_ciphertexts": True, "compress_evaluation_keys": True}
-COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
 
 # a mode for the calls made inside `fhe_mode(...)`, in this thread/task only
 _MODE_OVERRIDE: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar(
@@ -85,7 +79,7 @@ class FhePartition(torch.nn.Module):
         object.__setattr__(self, "primary", None)  # an equal partition compiled before (not a submodule)
         self.stats: Dict[str, NodeStats] = {}
         self.program: Optional[IntegerProgram] = None
-        self._circuit: Optional[fhe.Circuit] = None
+        self.runner = CircuitRunner(name, settings, self.encryption_status)
         self.calibration_batch_size: Optional[int] = None
         self.rows_per_sample: List[int] = []
         self.lookup_ranges: Dict[str, Tuple[int, int]] = {}
@@ -94,12 +88,8 @@ class FhePartition(torch.nn.Module):
         )
         # (samples in the batch or None when unknown, the partition's tensor inputs) per batch
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
-        self._keys_ready = False
         self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
         self._clip_warned = False
-        self._simulator: Optional[Simulator] = None
-        self.compile_seconds: Optional[float] = None
-        self.keygen_seconds: Optional[float] = None
 
     # ---- modes --------------------------------------------------------------------------
 
@@ -134,21 +124,27 @@ class FhePartition(torch.nn.Module):
         """True once the circuit exists."""
         if self.primary is not None:
             return self.primary.compiled
-        return self._circuit is not None or self._deferred_inputs is not None
+        return self.runner.circuit is not None or self._deferred_inputs is not None
 
     @property
     def circuit(self) -> Optional[fhe.Circuit]:
         """The Concrete circuit (compiled on first use when it was deferred, see defer_circuit)."""
         if self.primary is not None:
             return self.primary.circuit
-        if self._circuit is None and self._deferred_inputs is not None:
+        if self.runner.circuit is None and self._deferred_inputs is not None:
             self.compile_circuit(self._deferred_inputs)
             self._deferred_inputs = None
-        return self._circuit
+        return self.runner.circuit
 
-    @circuit.setter
-    def circuit(self, value: Optional[fhe.Circuit]) -> None:
-        self._circuit = value
+    @property
+    def compile_seconds(self) -> Optional[float]:
+        """Seconds the last Concrete compilation of the circuit took."""
+        return self.runner.compile_seconds
+
+    @property
+    def keygen_seconds(self) -> Optional[float]:
+        """Seconds the last key generation (or key cache load) took."""
+        return self.runner.keygen_seconds
 
     @property
     def calibrated(self) -> bool:
@@ -176,7 +172,6 @@ class FhePartition(torch.nn.Module):
         lookups wider than Concrete allows, in mode `disable`, gets its circuit deferred
         (`defer_circuit`) instead of failing: it runs in the clear.
         """
-        start = time.perf_counter()
         q_inputs = self.quantize()
         if not circuit:
             return
@@ -184,7 +179,6 @@ class FhePartition(torch.nn.Module):
             self.defer_circuit(q_inputs)
             return
         self.compile_circuit(q_inputs)
-        self.compile_seconds = time.perf_counter() - start
 
     def quantize(self) -> List[np.ndarray]:
         """Build the integer program from the recorded statistics, without compiling a circuit.
@@ -242,7 +236,7 @@ class FhePartition(torch.nn.Module):
         start = time.perf_counter()
         self.program.check_circuit_bit_widths()
         try:
-            self.circuit = self._concrete_compile(q_inputs, artifacts)
+            self._concrete_compile(q_inputs, artifacts)
         except RuntimeError as error:
             if "NoParametersFound" not in str(error):
                 raise self._concrete_error(error) from error
@@ -258,37 +252,20 @@ class FhePartition(torch.nn.Module):
                 dataclasses.replace(self.settings, rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs
             )
             try:
-                self.circuit = self._concrete_compile(q_inputs, artifacts)
+                self._concrete_compile(q_inputs, artifacts)
             except RuntimeError as retry_error:
                 if "NoParametersFound" not in str(retry_error):
                     raise self._concrete_error(retry_error) from retry_error
                 raise self._no_parameters_error() from retry_error
-        self._keys_ready = False
-        self.compile_seconds = time.perf_counter() - start
+        self.runner.compile_seconds = time.perf_counter() - start
         self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
 
     def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
-        samples = self._bounding_samples(q_inputs, self._samples(q_inputs))
-        compiler = fhe.Compiler(
-            self._traceable(), {f"x{i}": status for i, status in enumerate(self.encryption_status)}
-        )
-        kwargs: Dict[str, Any] = dict(
-            fhe_simulation=True, fhe_execution=False, show_mlir=self.settings.show_mlir
-        )
-        if self.settings.configuration is not None:
-            kwargs["configuration"] = self.settings.configuration
-            note_configuration(self.settings.configuration)
-        else:
-            kwargs.update(DEFAULT_COMPRESSION)
-        if self.settings.p_error is not None:
-            kwargs["p_error"] = self.settings.p_error
-        if self.settings.global_p_error is not None:
-            kwargs["global_p_error"] = self.settings.global_p_error
-        return compiler.compile([s if len(s) > 1 else s[0] for s in samples], artifacts=artifacts, **kwargs)
+        return self.runner.compile(self.program, q_inputs, self._samples(q_inputs), artifacts)
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""
-        self.settings = settings
+        self.settings = self.runner.settings = settings
         self.program = IntegerProgram(self.graph_module, self.stats, settings, self.encryption_status)
         self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
         self.program.check_circuit_bit_widths()
@@ -340,31 +317,7 @@ class FhePartition(torch.nn.Module):
             stacklevel=3,
         )
 
-    def _bounding_samples(
-        self, q_inputs: Sequence[np.ndarray], samples: List[Tuple[np.ndarray, ...]]
-    ) -> List[Tuple[np.ndarray, ...]]:
-        """The samples Concrete measures its bounds on: every sample where the calibration met
-        the extreme input of a lookup or an output (so Concrete sizes them as the whole inputset
-        does), plus COMPILE_INPUTSET others drawn at random. Concrete evaluates its graph sample
-        by sample, so this subset is what keeps compilation fast on large inputsets."""
-        if len(samples) <= COMPILE_INPUTSET:
-            return samples
-        extremes = self.program.extreme_samples(q_inputs, len(samples))
-        drawn = np.random.default_rng(0).choice(len(samples), COMPILE_INPUTSET, replace=False)
-        return [samples[i] for i in sorted(extremes | {int(i) for i in drawn})]
-
-    def _traceable(self):
-        program, count = self.program, len(self.encryption_status)
-
-        def circuit_function(**kwargs):
-            return program(*[kwargs[f"x{i}"] for i in range(count)])
-
-        circuit_function.__signature__ = inspect.Signature(
-            [inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)]
-        )
-        return circuit_function
-
-    def _samples(self, q_inputs: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, ...]]:
+    def _samples(self, q_inputs: Sequence[np.ndarray]) -> List[Sample]:
         """Split batch-major integer inputs into per-sample tuples (an uneven split raises)."""
         count = q_inputs[0].shape[0] // self.rows_per_sample[0]
         if any(q.shape[0] != count * r for q, r in zip(q_inputs, self.rows_per_sample)):
@@ -383,25 +336,8 @@ class FhePartition(torch.nn.Module):
     def keygen(self, force: bool = False) -> None:
         """Generate (or load from `key_cache_dir`) the keys of the circuit, once."""
         self._require_compiled()
-        if self._keys_ready and not force:
-            return
-        self.circuit.enable_fhe_execution()
-        start = time.perf_counter()
-        cache_dir = self.settings.key_cache_dir
-        if cache_dir and not force:
-            # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys of
-            # another circuit must never be loaded for this one
-            digest = hashlib.sha256(
-                self.circuit.mlir.encode() + self.circuit.client.specs.serialize()
-            ).hexdigest()[:16]
-            path = Path(cache_dir) / f"{self.name}-{digest}.keys"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
-        else:
-            self.circuit.keygen(force=force)
-        self._keys_ready = True
-        self.keygen_seconds = time.perf_counter() - start
-        self._log(f"keys ready in {self.keygen_seconds:.2f}s")
+        if self.runner.keygen(force):
+            self._log(f"keys ready in {self.keygen_seconds:.2f}s")
 
     # ---- running ------------------------------------------------------------------------
 
@@ -461,12 +397,7 @@ class FhePartition(torch.nn.Module):
             return _as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
             self.keygen()
-            run = self.circuit.encrypt_run_decrypt
-        else:
-            if self._simulator is None or self._simulator.circuit is not self.circuit:
-                self._simulator = Simulator(self.circuit)
-            run = self._simulator
-        per_sample = [_as_tuple(run(*sample)) for sample in self._samples(q_inputs)]
+        per_sample = self.runner.run(self._samples(q_inputs), mode)
         return tuple(np.concatenate(parts) for parts in zip(*per_sample))
 
     def _to_torch(self, outputs: Sequence[np.ndarray], like: Sequence[torch.Tensor]) -> Any:
@@ -521,20 +452,14 @@ class FhePartition(torch.nn.Module):
     def statistics(self) -> Dict[str, Any]:
         """Circuit cost figures: pbs_count, max_bit_width, max_tlu_bit_width, complexity, ..."""
         self._require_compiled()
-        circuit = self.circuit
-        program = self.program
         tlu_widths = [
-            bit_width(low, high) - program.rounding_lsbs.get(key, 0)
+            bit_width(low, high) - self.program.rounding_lsbs.get(key, 0)
             for key, (low, high) in self.lookup_ranges.items()
         ]
         return {
-            "pbs_count": int(circuit.programmable_bootstrap_count),
-            "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+            **self.runner.statistics,
             "max_tlu_bit_width": int(max(tlu_widths, default=0)),
-            "complexity": float(circuit.complexity),
             "input_shape": self._sample_shapes(),
-            "p_error": float(circuit.p_error),
-            "global_p_error": float(circuit.global_p_error),
         }
 
     def _sample_shapes(self) -> List[Tuple[int, ...]]:

@@ -14,6 +14,8 @@ DEFAULT_FHE_MODE = "simulate"
 FHE_MODES = ("disable", "simulate", "execute", "torch")
 ROUNDING_METHODS = ("exact", "approximate")
 ENCRYPTION_STATUSES = ("encrypted", "clear")
+# how `execute` runs a batch's samples (see fhe_backend.circuit_runner): "auto" is "threads"
+RUNNERS = ("auto", "local", "threads", "ray")
 MAX_TLU_BIT_WIDTH = 16
 # quantizers may be wider than a lookup: such a model runs in the clear (fhe="disable", to check
 # post-training quantization as Concrete ML allows) and fails only when compiled to a circuit
@@ -148,6 +150,7 @@ class FheSettings:
     key_cache_dir: Optional[str] = None
     per_channel_weights: bool = True
     show_mlir: bool = False
+    runner: str = "auto"
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "FheSettings":
@@ -212,6 +215,11 @@ def _validated(values: dict) -> dict:
                 "input, at least one 'encrypted'"
             )
         values["inputs_encryption_status"] = status
+    if values["runner"] not in RUNNERS:
+        raise OptionError(
+            f"option 'runner' = {values['runner']!r}: allowed {RUNNERS} (how `execute` spreads a "
+            "batch's samples: 'local' one after another, 'threads' one per core, 'ray' on a Ray cluster)"
+        )
     if values["key_cache_dir"] is not None:
         values["key_cache_dir"] = str(values["key_cache_dir"])
     return values

@@ -226,12 +226,12 @@ def test_graphs_that_mix_samples_calibrate_one_batch_at_a_time(monkeypatch):
 
 
 def test_concrete_measures_bounds_on_the_extreme_samples(mlp_and_data, monkeypatch):
-    import fhe_backend.runtime as runtime
+    import fhe_backend.circuit_runner as circuit_runner
 
     model, inputset, _ = mlp_and_data
-    monkeypatch.setattr(runtime, "COMPILE_INPUTSET", len(inputset))
+    monkeypatch.setattr(circuit_runner, "COMPILE_INPUTSET", len(inputset))
     _, everything = _compile(model, inputset, 6)
-    monkeypatch.setattr(runtime, "COMPILE_INPUTSET", 3)
+    monkeypatch.setattr(circuit_runner, "COMPILE_INPUTSET", 3)
     compiled, subset = _compile(model, inputset, 6)
 
     def typed_graph(partition):  # every node with its integer type (bit-width), no bounds

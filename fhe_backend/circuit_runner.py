@@ -1,0 +1,244 @@
+"""The Concrete side of one FHE partition: its circuit, its keys, and running samples.
+
+`CircuitRunner` compiles an integer program into a Concrete circuit, generates (or loads)
+its keys, and runs per-sample integer inputs in ``simulate`` or ``execute``. Encrypted runs go
+through a `SampleExecutor` chosen by the ``runner`` option: one sample after another
+(``local``), a thread pool with one worker per core (``threads``: Concrete's runtime releases
+the GIL while it evaluates), or a Ray cluster (``ray``, `fhe_backend.deployment.ray_runner`).
+Every executor encrypts and decrypts in this process: private keys never leave it.
+
+What the program means (quantization, rows per sample, errors naming lookups) stays with
+`fhe_backend.runtime.FhePartition`, which owns one runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+from concrete import fhe
+
+from .errors import OptionError
+from .exit_status import note_configuration
+from .quantization.program import IntegerProgram
+from .settings import FheSettings
+from .simulation import Simulator
+
+logger = logging.getLogger("fhe_backend")
+
+Sample = Tuple[np.ndarray, ...]
+# without a user Configuration, as Concrete ML: compressed input ciphertexts and evaluation
+# keys (same circuit cost; a 64-feature input goes from about 4 MB to 1.5 KB)
+DEFAULT_COMPRESSION = {"compress_input_ciphertexts": True, "compress_evaluation_keys": True}
+COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
+
+
+class SampleExecutor(Protocol):
+    """Runs a circuit with real keys on many samples (clear integers in, clear integers out)."""
+
+    def execute(self, circuit: fhe.Circuit, samples: Sequence[Sample]) -> List[Sample]:
+        """Encrypt each sample here, evaluate it, decrypt it here; results in sample order."""
+        ...
+
+
+class SequentialExecutor:
+    """One sample after another, in this thread."""
+
+    def execute(self, circuit: fhe.Circuit, samples: Sequence[Sample]) -> List[Sample]:
+        """`encrypt_run_decrypt` on each sample in turn."""
+        return [_as_tuple(circuit.encrypt_run_decrypt(*sample)) for sample in samples]
+
+
+class ThreadExecutor:
+    """One worker thread per core (`workers`), each running whole samples."""
+
+    def __init__(self, workers: Optional[int] = None):
+        self.workers = workers or os.cpu_count() or 1
+
+    def execute(self, circuit: fhe.Circuit, samples: Sequence[Sample]) -> List[Sample]:
+        """`encrypt_run_decrypt` on the samples, `workers` at a time, results in sample order."""
+        if len(samples) < 2 or self.workers < 2:
+            return SequentialExecutor().execute(circuit, samples)
+        with ThreadPoolExecutor(min(self.workers, len(samples)), thread_name_prefix="fhe-execute") as pool:
+            return list(pool.map(lambda sample: _as_tuple(circuit.encrypt_run_decrypt(*sample)), samples))
+
+
+# runner name -> factory; "ray" registers itself when its module is imported (optional extra)
+EXECUTORS: Dict[str, Callable[[], SampleExecutor]] = {
+    "local": SequentialExecutor,
+    "threads": ThreadExecutor,
+}
+LAZY_EXECUTORS = {"ray": "fhe_backend.deployment.ray_runner"}
+
+
+def register_executor(name: str, factory: Callable[[], SampleExecutor]) -> None:
+    """Make `options={"runner": name}` run encrypted samples through `factory()`'s executor."""
+    EXECUTORS[name] = factory
+
+
+def executor_for(name: str) -> SampleExecutor:
+    """The executor of a ``runner`` option value (``auto`` is ``threads``)."""
+    name = "threads" if name == "auto" else name
+    if name not in EXECUTORS and name in LAZY_EXECUTORS:
+        try:
+            importlib.import_module(LAZY_EXECUTORS[name])
+        except ImportError as error:
+            raise OptionError(
+                f"option 'runner' = {name!r} needs the optional dependency it names "
+                f"(pip install 'fhe-backend[{name}]'): {error}"
+            ) from error
+    if name not in EXECUTORS:
+        raise OptionError(
+            f"option 'runner' = {name!r}: known runners are {sorted(set(EXECUTORS) | set(LAZY_EXECUTORS))}"
+        )
+    return EXECUTORS[name]()
+
+
+class CircuitRunner:
+    """The circuit of one partition, its keys, and its simulated or encrypted runs."""
+
+    def __init__(self, name: str, settings: FheSettings, encryption_status: Sequence[str]):
+        self.name = name
+        self.settings = settings
+        self.encryption_status = tuple(encryption_status)
+        self.circuit: Optional[fhe.Circuit] = None
+        self.compile_seconds: Optional[float] = None
+        self.keygen_seconds: Optional[float] = None
+        self._keys_ready = False
+        self._simulator: Optional[Simulator] = None
+
+    # ---- compilation --------------------------------------------------------------------
+
+    def compile(
+        self,
+        program: IntegerProgram,
+        q_inputs: Sequence[np.ndarray],
+        samples: List[Sample],
+        artifacts: Any = None,
+    ) -> fhe.Circuit:
+        """Compile `program` on its per-sample inputset; Concrete's errors propagate as raised.
+
+        `q_inputs` are the same samples batch-major (to find the extreme ones); `artifacts` (a
+        `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR.
+        """
+        start = time.perf_counter()
+        bounding = self._bounding_samples(program, q_inputs, samples)
+        compiler = fhe.Compiler(
+            _traceable(program, len(self.encryption_status)),
+            {f"x{i}": status for i, status in enumerate(self.encryption_status)},
+        )
+        self.circuit = compiler.compile(
+            [s if len(s) > 1 else s[0] for s in bounding], artifacts=artifacts, **self._compile_options()
+        )
+        self._keys_ready = False
+        self.compile_seconds = time.perf_counter() - start
+        return self.circuit
+
+    def _compile_options(self) -> Dict[str, Any]:
+        settings = self.settings
+        options: Dict[str, Any] = dict(fhe_simulation=True, fhe_execution=False, show_mlir=settings.show_mlir)
+        if settings.configuration is not None:
+            options["configuration"] = settings.configuration
+            note_configuration(settings.configuration)
+        else:
+            options.update(DEFAULT_COMPRESSION)
+        if settings.p_error is not None:
+            options["p_error"] = settings.p_error
+        if settings.global_p_error is not None:
+            options["global_p_error"] = settings.global_p_error
+        return options
+
+    @staticmethod
+    def _bounding_samples(
+        program: IntegerProgram, q_inputs: Sequence[np.ndarray], samples: List[Sample]
+    ) -> List[Sample]:
+        """The samples Concrete measures its bounds on: every sample where the calibration met
+        the extreme input of a lookup or an output (so Concrete sizes them as the whole inputset
+        does), plus COMPILE_INPUTSET others drawn at random. Concrete evaluates its graph sample
+        by sample, so this subset is what keeps compilation fast on large inputsets."""
+        if len(samples) <= COMPILE_INPUTSET:
+            return samples
+        extremes = program.extreme_samples(q_inputs, len(samples))
+        drawn = np.random.default_rng(0).choice(len(samples), COMPILE_INPUTSET, replace=False)
+        return [samples[i] for i in sorted(extremes | {int(i) for i in drawn})]
+
+    # ---- keys ---------------------------------------------------------------------------
+
+    @property
+    def keys_ready(self) -> bool:
+        """True once the keys of the current circuit are generated or loaded."""
+        return self._keys_ready
+
+    def keygen(self, force: bool = False) -> bool:
+        """Generate (or load from the `key_cache_dir` option's folder) the circuit's keys, once.
+
+        Returns True when keys were made or loaded by this call.
+        """
+        if self._keys_ready and not force:
+            return False
+        self.circuit.enable_fhe_execution()
+        start = time.perf_counter()
+        cache_dir = self.settings.key_cache_dir
+        if cache_dir and not force:
+            # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys of
+            # another circuit must never be loaded for this one
+            digest = hashlib.sha256(
+                self.circuit.mlir.encode() + self.circuit.client.specs.serialize()
+            ).hexdigest()[:16]
+            path = Path(cache_dir) / f"{self.name}-{digest}.keys"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
+        else:
+            self.circuit.keygen(force=force)
+        self._keys_ready = True
+        self.keygen_seconds = time.perf_counter() - start
+        return True
+
+    # ---- running ------------------------------------------------------------------------
+
+    def run(self, samples: Sequence[Sample], mode: str) -> List[Sample]:
+        """Per-sample integer outputs in ``simulate`` or ``execute`` (keys generated first)."""
+        if mode == "execute":
+            self.keygen()
+            return executor_for(self.settings.runner).execute(self.circuit, samples)
+        if self._simulator is None or self._simulator.circuit is not self.circuit:
+            self._simulator = Simulator(self.circuit)
+        return [_as_tuple(self._simulator(*sample)) for sample in samples]
+
+    # ---- inspection ---------------------------------------------------------------------
+
+    @property
+    def statistics(self) -> Dict[str, Any]:
+        """Concrete's cost figures: pbs_count, max_bit_width, complexity, p_error, global_p_error."""
+        circuit = self.circuit
+        return {
+            "pbs_count": int(circuit.programmable_bootstrap_count),
+            "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+            "complexity": float(circuit.complexity),
+            "p_error": float(circuit.p_error),
+            "global_p_error": float(circuit.global_p_error),
+        }
+
+
+def _traceable(program: IntegerProgram, count: int) -> Callable[..., Any]:
+    """`program` as a function of named arguments x0..x{count-1}, as `fhe.Compiler` traces it."""
+
+    def circuit_function(**kwargs):
+        return program(*[kwargs[f"x{i}"] for i in range(count)])
+
+    circuit_function.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)]
+    )
+    return circuit_function
+
+
+def _as_tuple(value: Any) -> Tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)

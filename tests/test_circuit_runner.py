@@ -1,0 +1,101 @@
+"""The circuit runner: executors spread a batch's encrypted samples, results never change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fhe_backend
+from fhe_backend.circuit_runner import (
+    EXECUTORS,
+    SequentialExecutor,
+    ThreadExecutor,
+    executor_for,
+    register_executor,
+)
+from fhe_backend.errors import OptionError
+from tests.harness import compile_fhe
+
+
+@pytest.fixture(scope="module")
+def tiny_threads_model(tmp_path_factory):
+    """A tiny 3-bit model (lookups of at most 4 bits) run with `runner="threads"`."""
+    from concrete import fhe
+
+    from tests.conftest import KEY_CACHE
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    configuration = fhe.Configuration(
+        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
+    )
+    compiled = compile_fhe(
+        model,
+        torch.randn(100, 3),
+        n_bits=3,
+        rounding_threshold_bits=4,
+        p_error=2.0**-40,
+        configuration=configuration,
+        runner="threads",
+    )
+    with torch.no_grad():
+        compiled(torch.randn(1, 3))
+    return compiled
+
+
+def test_a_batch_on_threads_equals_simulate_and_one_after_another(tiny_threads_model):
+    compiled = tiny_threads_model
+    (partition,) = fhe_backend.partitions(compiled)
+    x = torch.randn(5, 3)
+    with torch.no_grad(), fhe_backend.fhe_mode("simulate"):
+        simulated = compiled(x)
+    with torch.no_grad(), fhe_backend.fhe_mode("execute"):
+        executed = compiled(x)
+    assert torch.equal(executed, simulated)
+    # the executors themselves, on the same integer samples: same results, same order
+    q_inputs = partition.program.quantize_inputs(x)
+    samples = partition._samples(q_inputs)
+    one_by_one = SequentialExecutor().execute(partition.circuit, samples)
+    threaded = ThreadExecutor(workers=3).execute(partition.circuit, samples)
+    assert len(threaded) == len(samples) == 5
+    for a, b in zip(one_by_one, threaded):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+class _Counting(SequentialExecutor):
+    """One after another, remembering how many samples each call got."""
+
+    calls: list = []
+
+    def execute(self, circuit, samples):
+        self.calls.append(len(samples))
+        return super().execute(circuit, samples)
+
+
+def test_execute_goes_through_the_executor_the_runner_option_names(tiny_threads_model):
+    compiled = tiny_threads_model
+    (partition,) = fhe_backend.partitions(compiled)
+    original = EXECUTORS["threads"]
+    register_executor("threads", _Counting)
+    try:
+        with torch.no_grad(), fhe_backend.fhe_mode("execute"):
+            compiled(torch.randn(4, 3))
+    finally:
+        register_executor("threads", original)
+    assert _Counting.calls == [4]  # the whole batch, in one call
+
+
+def test_runner_option_is_validated():
+    with pytest.raises(OptionError, match="option 'runner' = 'gpu'.*'threads'"):
+        fhe_backend.FheSettings.from_options({"runner": "gpu"})
+    assert fhe_backend.FheSettings.from_options({"runner": "ray"}).runner == "ray"
+    with pytest.raises(OptionError, match="known runners"):
+        executor_for("nowhere")
+    assert isinstance(executor_for("auto"), ThreadExecutor)
+    register_executor("counting", _Counting)
+    try:
+        assert isinstance(executor_for("counting"), _Counting)
+    finally:
+        EXECUTORS.pop("counting")
