@@ -27,6 +27,10 @@ AUTO_ROUNDING_MIN_BITS = 2
 # "auto" keeps lookups at most this wide: from 7 bits on, Concrete's keys and bootstraps grow
 # steeply (digits CNN: key generation 8 s with 6-bit lookups, 28-32 s once one is 7 bits)
 AUTO_ROUNDING_MAX_BITS = 6
+# precision_search: task metrics, and defaults of its tolerance and held-out share
+PRECISION_METRICS = ("argmax", "accuracy", "mse")
+DEFAULT_PRECISION_TOLERANCE = 0.01
+DEFAULT_PRECISION_HOLDOUT = 0.25
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,80 @@ class Rounding:
 
 
 @dataclass(frozen=True, eq=False)
+class PrecisionSearch:
+    """Search the lowest bit-widths whose task metric stays within `tolerance` of float.
+
+    Run per FHE partition on its calibration inputs, in the clear (the integer program, as in
+    `fhe="disable"`): a held-out share (`holdout`, every k-th distinct sample) scores each
+    candidate against the float graph. `metric`: "argmax" (share of held-out samples whose
+    argmax over the last dim differs from float's), "accuracy" (float accuracy minus the
+    candidate's against `labels`, one integer label per inputset sample, in order), "mse" (mean
+    squared error over the float output's variance). The user's `n_bits` and
+    `rounding_threshold_bits` are upper bounds. See `fhe_backend.quantization.precision_search`.
+    """
+
+    metric: str = "argmax"
+    tolerance: float = DEFAULT_PRECISION_TOLERANCE
+    holdout: float = DEFAULT_PRECISION_HOLDOUT
+    labels: Any = None
+    min_bits: int = AUTO_ROUNDING_MIN_BITS
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional["PrecisionSearch"]:
+        """Build from None/False (off), True (defaults), a metric name, or a dict of fields."""
+        if value is None or value is False or isinstance(value, PrecisionSearch):
+            return value or None
+        if value is True:
+            return cls()
+        if isinstance(value, str):
+            value = {"metric": value}
+        if not isinstance(value, Mapping):
+            raise OptionError(
+                f"option 'precision_search' = {value!r}: expected None, True, a metric name in "
+                f"{PRECISION_METRICS}, or a dict with keys 'metric', 'tolerance', 'holdout', "
+                "'labels', 'min_bits'"
+            )
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise OptionError(
+                f"option 'precision_search': unknown keys {unknown}; allowed keys are {sorted(allowed)}"
+            )
+        search = cls(**value)
+        if search.metric not in PRECISION_METRICS:
+            raise OptionError(
+                f"option 'precision_search' metric = {search.metric!r}: allowed {PRECISION_METRICS}"
+            )
+        for key, bounds, lowest in (("tolerance", "[0, 1)", 0.0), ("holdout", "(0, 1)", 1e-9)):
+            number = getattr(search, key)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not lowest <= number < 1:
+                raise OptionError(
+                    f"option 'precision_search' {key} = {number!r}: expected a float in {bounds}"
+                )
+        if isinstance(search.min_bits, bool) or not isinstance(search.min_bits, int) or search.min_bits < 1:
+            raise OptionError(
+                f"option 'precision_search' min_bits = {search.min_bits!r}: expected an int >= 1"
+            )
+        if (search.metric == "accuracy") != (search.labels is not None):
+            raise OptionError(
+                "option 'precision_search': metric 'accuracy' needs 'labels' (one integer label per "
+                "inputset sample, in order) and the other metrics take none; "
+                f"got metric {search.metric!r} with labels {'given' if search.labels is not None else 'missing'}"
+            )
+        if search.labels is not None:
+            import numpy as np
+
+            labels = np.asarray(search.labels)
+            if labels.ndim != 1 or labels.dtype.kind not in "iu":
+                raise OptionError(
+                    f"option 'precision_search' labels: expected a 1-d array of integer class labels, "
+                    f"got shape {labels.shape} and dtype {labels.dtype}"
+                )
+            search = dataclasses.replace(search, labels=labels)
+        return search
+
+
+@dataclass(frozen=True, eq=False)
 class FheSettings:
     """Every option of the backend, validated. Build it with `FheSettings.from_options`."""
 
@@ -150,6 +228,7 @@ class FheSettings:
     key_cache_dir: Optional[str] = None
     per_channel_weights: bool = True
     show_mlir: bool = False
+    precision_search: Optional[PrecisionSearch] = None
     runner: str = "auto"
 
     @classmethod
@@ -172,6 +251,7 @@ class FheSettings:
 def _validated(values: dict) -> dict:
     values["n_bits"] = NBits.parse(values["n_bits"])
     values["rounding_threshold_bits"] = Rounding.parse(values["rounding_threshold_bits"])
+    values["precision_search"] = PrecisionSearch.parse(values["precision_search"])
     for key in ("p_error", "global_p_error"):
         value = values[key]
         if value is not None and (
