@@ -65,6 +65,9 @@ class IntegerProgram:
         # lookups over Concrete's limit: (node, bits, low, high); an error only for a circuit
         self.too_wide: List[Tuple[str, int, int, int]] = []
         self.lookup_offsets: Dict[str, int] = {}
+        # precision_search: bits kept by each lookup (key -> bits) over rounding_threshold_bits
+        self.lookup_precision: Dict[str, int] = {}
+        self.precision_choice: Any = None  # the search's PrecisionChoice, when it ran
         self.recording: Optional[Dict[str, Tuple[int, int]]] = None
         # while extreme_samples collects them: where in the batch (row / rows) extremes lie
         self.extreme_positions: Optional[set] = None
@@ -258,7 +261,12 @@ class IntegerProgram:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
 
         Returns the integer input range of each lookup as it sees it (centered when that saves a bit).
+        With the option `precision_search`, the bit-widths are searched first (`precision_search.py`).
         """
+        if self.settings.precision_search is not None:
+            from .precision_search import search_precision
+
+            search_precision(self, q_inputs)
         self.rounding_lsbs = {}
         self.recording = {}
         self.lookup_offsets = {}
@@ -274,14 +282,16 @@ class IntegerProgram:
             self._search_rounding(q_inputs, ranges)
         for key, (low, high) in ranges.items():
             bits = bit_width(low, high)
-            if rounding is not None and not rounding.auto and bits > int(rounding.n_bits):
-                self.rounding_lsbs[key] = bits - int(rounding.n_bits)
+            kept = self.lookup_precision.get(key, rounding.n_bits) if rounding is not None else None
+            if rounding is not None and not rounding.auto and bits > int(kept):
+                self.rounding_lsbs[key] = bits - int(kept)
         self._place_lookups(raw_ranges)  # now with room for the rounding chosen
         ranges = self._placed(raw_ranges)
         if rounding is not None and not rounding.auto:  # the final placement sets the widths:
             for key in self.rounding_lsbs:  # Concrete keeps the wider of raw and placed
                 bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
-                self.rounding_lsbs[key] = max(1, bits - int(rounding.n_bits))
+                kept = self.lookup_precision.get(key, rounding.n_bits)
+                self.rounding_lsbs[key] = max(1, bits - int(kept))
         self.too_wide = []
         for key, (low, high) in ranges.items():
             # Concrete gives the clear offset's addition the width of its encrypted operand:

@@ -1,0 +1,346 @@
+"""Precision search: the lowest bit-widths whose task metric stays within a tolerance of float.
+
+Circuits cost what their lookups and accumulators cost, and Concrete's parameters grow steeply
+with the lookups' precision: on the digits MLP, 5-bit lookups cost a third of 6-bit ones at the
+same accuracy. The option `precision_search` (`fhe_backend.settings.PrecisionSearch`) searches,
+per FHE partition and in the clear (the integer program, as in ``fhe="disable"``):
+
+1. the lowest lookup precision (`rounding_threshold_bits`) at which the user's `n_bits` keep the
+   metric within the tolerance, then, at that precision, the activation and weight bits
+   (`op_inputs`, `op_weights`) with the narrowest accumulators that keep it;
+2. lookup by lookup in graph order, one bit less while the metric holds.
+
+Every candidate is an `IntegerProgram` calibrated on the whole quantized inputset exactly as the
+final one is, and scored on a held-out share of its distinct samples (every k-th one) against
+the float graph on the same inputs, so the program compiled at the end scores on that share what
+the search measured. The user's `n_bits` and `rounding_threshold_bits` are upper bounds; without
+a rounding option the search rounds with Concrete's approximate method (one PBS per lookup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import OptionError
+from ..settings import AUTO_ROUNDING_MAX_BITS, FheSettings, NBits, PrecisionSearch, Rounding
+from .program import IntegerProgram
+from .quantizers import bit_width
+
+logger = logging.getLogger("fhe_backend")
+
+# the metric is scored on few samples below this: each one weighs more than a point
+FEW_HOLDOUT_SAMPLES = 100
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration: activation and weight bits, lookup precision, per-lookup overrides."""
+
+    op_inputs: int
+    op_weights: int
+    rounding_bits: Optional[int]  # None: no rounding (the user's unrounded program)
+    lookup_bits: Tuple[Tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A candidate scored on the held-out samples."""
+
+    candidate: Candidate
+    loss: float  # metric degradation against float (what the tolerance bounds)
+    kept_bits: Dict[str, int]  # bits each lookup reads after rounding
+    accumulator_bits: int  # widest integer: lookup inputs and partition outputs
+
+    @property
+    def cost(self) -> Tuple[int, int, int]:
+        """What a circuit pays, most important first: widest lookup, widest integer, all lookups."""
+        return (max(self.kept_bits.values(), default=0), self.accumulator_bits, sum(self.kept_bits.values()))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What the search chose for one partition, and how it scored."""
+
+    n_bits: NBits
+    rounding: Optional[Rounding]
+    lookup_bits: Dict[str, int]  # bits each lookup reads after rounding (per-lookup overrides)
+    metric: str
+    loss: float
+    tolerance: float
+    float_score: Optional[float]  # float accuracy on the held-out samples ("accuracy" only)
+    holdout_samples: int
+    evaluations: int
+    within_tolerance: bool
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        rounding = "none" if self.rounding is None else f"{self.rounding.method} {self.rounding.n_bits}"
+        return (
+            f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
+            f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
+            f"{self.metric} loss {self.loss:.4f} (tolerance {self.tolerance}) on "
+            f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
+        )
+
+
+class _Scorer:
+    """Scores integer programs on the held-out samples of one partition's inputset."""
+
+    def __init__(self, program: IntegerProgram, q_inputs: Sequence[np.ndarray], spec: PrecisionSearch):
+        self.program = program
+        self.spec = spec
+        self.q_inputs = [np.asarray(q) for q in q_inputs]
+        distinct = _distinct_samples(self.q_inputs, program)
+        self.holdout = distinct[_every_kth(len(distinct), spec.holdout)]
+        if not len(self.holdout):
+            raise OptionError(
+                f"option 'precision_search': holdout {spec.holdout} of {len(distinct)} distinct "
+                "inputset samples leaves none to score; give more samples or a larger holdout"
+            )
+        if len(self.holdout) < FEW_HOLDOUT_SAMPLES:
+            warnings.warn(
+                f"fhe_backend: precision_search scores on {len(self.holdout)} held-out samples "
+                f"(< {FEW_HOLDOUT_SAMPLES}): one sample is worth {1 / len(self.holdout):.1%}; give a "
+                "larger inputset or 'holdout' share",
+                stacklevel=5,
+            )
+        self.reference = self._float_outputs()
+        self.labels = self._labels(distinct)
+        self.float_score = _accuracy(self.reference[0], self.labels) if self.labels is not None else None
+        self.evaluations: Dict[Candidate, Evaluation] = {}
+
+    def _float_outputs(self) -> List[np.ndarray]:
+        """The float graph's outputs on the held-out samples (dequantized integer inputs)."""
+        from ..backend import _solve_symbol  # noqa: PLC0415 - the backend imports this package
+
+        program = self.program
+        tensors = {}
+        for node, quantizer, q in zip(program.tensor_inputs, program.input_quantizers, self.q_inputs):
+            value = torch.from_numpy(quantizer.dequantize(q[self.holdout]))
+            traced = node.meta.get("val")
+            tensors[node] = value.to(traced.dtype if isinstance(traced, torch.Tensor) else torch.float32)
+        # symbolic sizes (a graph dynamo recompiled for dynamic shapes) from the tensors' shapes
+        args = [tensors[n] if n in tensors else _solve_symbol(n, tensors) for n in program.placeholders]
+        with torch.no_grad():
+            outputs = program.graph_module(*args)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return [o.detach().to(torch.float64).numpy() for o in outputs if isinstance(o, torch.Tensor)]
+
+    def _labels(self, distinct: np.ndarray) -> Optional[np.ndarray]:
+        """The labels of the held-out samples; rows past the labels must repeat earlier samples."""
+        labels = self.spec.labels
+        if labels is None:
+            return None
+        if len(labels) > len(self.q_inputs[0]) or distinct[-1] >= len(labels):
+            raise OptionError(
+                f"option 'precision_search' labels: {len(labels)} labels for an inputset of "
+                f"at least {distinct[-1] + 1} samples; give one label per inputset sample, in order"
+            )
+        if len(self.reference) != 1 or self.reference[0].ndim != 2:
+            raise OptionError(
+                "option 'precision_search' metric 'accuracy' scores a partition with one (samples, "
+                f"classes) output; this one has outputs of shapes {[r.shape for r in self.reference]}. "
+                "Use metric 'mse' (or 'argmax') for partitions that are not the whole classifier"
+            )
+        return np.asarray(labels)[self.holdout]
+
+    def loss(self, outputs: Sequence[np.ndarray]) -> float:
+        """How much worse than float the outputs are, in the metric's unit."""
+        metric = self.spec.metric
+        if metric == "accuracy":
+            return float(self.float_score - _accuracy(outputs[0], self.labels))
+        losses = []
+        for output, reference in zip(outputs, self.reference):
+            output = np.asarray(output, dtype=np.float64).reshape(reference.shape)
+            if metric == "argmax":
+                losses.append(float(np.mean(output.argmax(-1) != reference.argmax(-1))))
+            else:
+                variance = max(float(np.var(reference)), 1e-12)
+                losses.append(float(np.mean((output - reference) ** 2)) / variance)
+        return max(losses, default=0.0)
+
+    def evaluate(self, candidate: Candidate, base: FheSettings, method: str) -> Evaluation:
+        """Build, calibrate and score the program of a candidate (memoized)."""
+        if candidate in self.evaluations:
+            return self.evaluations[candidate]
+        program = IntegerProgram(
+            self.program.graph_module,
+            self.program.stats,
+            candidate_settings(base, candidate, method),
+            self.program.encryption_status,
+        )
+        program.lookup_precision = dict(candidate.lookup_bits)
+        ranges = program.calibrate_rounding(self.q_inputs)
+        outputs = _as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
+        kept = {
+            key: bit_width(low, high) - program.rounding_lsbs.get(key, 0)
+            for key, (low, high) in ranges.items()
+        }
+        widths = [bit_width(low, high) for low, high in ranges.values()]
+        widths += [bit_width(int(np.min(o)), int(np.max(o))) for o in outputs if np.size(o)]
+        evaluation = Evaluation(
+            candidate,
+            self.loss(program.dequantize_outputs(*outputs)),
+            kept,
+            max(widths, default=0),
+        )
+        self.evaluations[candidate] = evaluation
+        logger.debug("precision_search %s: loss %.4f, cost %s", candidate, evaluation.loss, evaluation.cost)
+        return evaluation
+
+
+def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> FheSettings:
+    """The settings of one candidate (no further search)."""
+    n_bits = dataclasses.replace(base.n_bits, op_inputs=candidate.op_inputs, op_weights=candidate.op_weights)
+    rounding = None if candidate.rounding_bits is None else Rounding(candidate.rounding_bits, method)
+    return base.replace(n_bits=n_bits, rounding_threshold_bits=rounding, precision_search=None)
+
+
+def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) -> PrecisionChoice:
+    """Search the partition's bit-widths and set them on `program` (settings, per-lookup bits).
+
+    Called by `IntegerProgram.calibrate_rounding` when the option `precision_search` is set;
+    returns (and stores as `program.precision_choice`) the choice. When no configuration within
+    the user's bounds meets the tolerance, the user's own configuration is kept, with a warning.
+    """
+    spec = program.settings.precision_search
+    assert spec is not None  # noqa: S101 - only called with the option set
+    base = program.settings.replace(precision_search=None)
+    user_rounding = base.rounding_threshold_bits
+    method = user_rounding.method if user_rounding is not None else "approximate"
+    top_bits = (
+        AUTO_ROUNDING_MAX_BITS if user_rounding is None or user_rounding.auto else int(user_rounding.n_bits)
+    )
+    low = spec.min_bits
+    scorer = _Scorer(program, q_inputs, spec)
+    tolerance = spec.tolerance
+
+    def evaluate(candidate: Candidate) -> Evaluation:
+        return scorer.evaluate(candidate, base, method)
+
+    widest_inputs, widest_weights = base.n_bits.op_inputs, base.n_bits.op_weights
+    best = _lowest_precision(
+        evaluate, widest_inputs, widest_weights, range(low, top_bits + 1), low, tolerance
+    )
+    if best is not None:
+        best = _per_lookup(evaluate, best, low, tolerance)
+    else:
+        user = Candidate(widest_inputs, widest_weights, None if user_rounding is None else top_bits)
+        best = evaluate(user)
+        if best.loss > tolerance:
+            warnings.warn(
+                f"fhe_backend: precision_search found no configuration within {spec.metric} "
+                f"tolerance {tolerance} up to n_bits {base.n_bits.op_inputs}/{base.n_bits.op_weights} "
+                f"and {top_bits}-bit lookups: the loss is {best.loss:.4f} there; keeping that "
+                "configuration. Raise 'n_bits' / 'rounding_threshold_bits' or the tolerance",
+                stacklevel=4,
+            )
+    chosen = candidate_settings(base, best.candidate, method)
+    program.settings = chosen
+    program.lookup_precision = dict(best.candidate.lookup_bits)
+    program.constants.clear()
+    choice = PrecisionChoice(
+        n_bits=chosen.n_bits,
+        rounding=chosen.rounding_threshold_bits,
+        lookup_bits=dict(best.kept_bits),
+        metric=spec.metric,
+        loss=best.loss,
+        tolerance=tolerance,
+        float_score=scorer.float_score,
+        holdout_samples=len(scorer.holdout),
+        evaluations=len(scorer.evaluations),
+        within_tolerance=best.loss <= tolerance,
+    )
+    program.precision_choice = choice
+    logger.info("precision_search: %s", choice.describe())
+    if base.verbose:
+        print(f"[fhe_backend] precision_search: {choice.describe()}")
+    return choice
+
+
+def _lowest_precision(
+    evaluate, widest_inputs: int, widest_weights: int, precisions, low: int, tolerance: float
+):
+    """Stage 1: the lowest lookup precision the widest activations and weights allow, then the
+    activation / weight bits with the cheapest circuit at that precision (None if none passes).
+
+    Lower bits are tried from the widest down; a pair is skipped when a pair at least as wide in
+    both failed (accuracy falls with fewer bits), which prunes but never admits a failing pair.
+    """
+    for bits in precisions:
+        widest = evaluate(Candidate(widest_inputs, widest_weights, bits))
+        if widest.loss > tolerance:
+            continue
+        passing: List[Evaluation] = [widest]
+        failed: List[Tuple[int, int]] = []
+        for inputs in range(widest_inputs, low - 1, -1):
+            for weights in range(widest_weights, low - 1, -1):
+                if (inputs, weights) == (widest_inputs, widest_weights):
+                    continue
+                if any(i >= inputs and w >= weights for i, w in failed):
+                    continue
+                evaluation = evaluate(Candidate(inputs, weights, bits))
+                if evaluation.loss <= tolerance:
+                    passing.append(evaluation)
+                else:
+                    failed.append((inputs, weights))
+        return min(
+            passing,
+            key=lambda e: (e.cost, e.loss, -e.candidate.op_inputs, -e.candidate.op_weights),
+        )
+    return None
+
+
+def _per_lookup(evaluate, best: Evaluation, low: int, tolerance: float) -> Evaluation:
+    """Stage 2: lookup by lookup in graph order, one bit less while the metric holds."""
+    for key in list(best.kept_bits):
+        while best.kept_bits[key] > low:
+            overrides = {**dict(best.candidate.lookup_bits), **{key: best.kept_bits[key] - 1}}
+            trial = evaluate(
+                dataclasses.replace(best.candidate, lookup_bits=tuple(sorted(overrides.items())))
+            )
+            if trial.loss > tolerance or trial.kept_bits[key] >= best.kept_bits[key]:
+                break
+            best = trial
+    return best
+
+
+def _distinct_samples(q_inputs: Sequence[np.ndarray], program: IntegerProgram) -> np.ndarray:
+    """Row indices of the first occurrence of each distinct sample, in order.
+
+    The backend completes the calibration chunks of a static graph with samples from the start
+    of the inputset; those repeats (and duplicates in the data) are scored once.
+    """
+    rows = {len(q) for q in q_inputs}
+    if len(rows) != 1:
+        raise OptionError(
+            "option 'precision_search' needs partition inputs with one row per sample; this "
+            f"partition's inputs have {sorted(rows)} rows"
+        )
+    flat = np.concatenate([np.asarray(q).reshape(len(q), -1) for q in q_inputs], axis=1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _every_kth(count: int, share: float) -> np.ndarray:
+    """Positions of an evenly spread `share` of `count` items (deterministic, no random draw)."""
+    positions = np.arange(count)
+    return positions[np.floor((positions + 1) * share) > np.floor(positions * share)]
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(logits).reshape(len(labels), -1).argmax(-1) == labels))
+
+
+def _as_tuple(value: Any) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+__all__ = ["Candidate", "Evaluation", "PrecisionChoice", "candidate_settings", "search_precision"]
