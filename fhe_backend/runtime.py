@@ -270,14 +270,18 @@ class FhePartition(torch.nn.Module):
         self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
         self.program.check_circuit_bit_widths()
 
-    def _widest_lookups(self, count: int = 3) -> str:
-        widths = sorted(
+    def _lookup_widths(self) -> List[Tuple[int, str]]:
+        """(bits read after rounding, lookup key) of every lookup, widest first."""
+        return sorted(
             (
                 (bit_width(low, high) - self.program.rounding_lsbs.get(key, 0), key)
                 for key, (low, high) in self.lookup_ranges.items()
             ),
             reverse=True,
         )
+
+    def _widest_lookups(self, count: int = 3) -> str:
+        widths = self._lookup_widths()
         return ", ".join(f"{bits} bits at '{key.split(':')[0]}'" for bits, key in widths[:count]) or "none"
 
     def _concrete_error(self, error: Exception) -> LoweringError:
@@ -290,13 +294,21 @@ class FhePartition(torch.nn.Module):
         )
 
     def _no_parameters_error(self) -> BitWidthError:
+        widest = self._lookup_widths()[0][0] if self.lookup_ranges else 0
+        smaller = max(2, widest - 1)
+        rounding = (
+            f"a smaller 'rounding_threshold_bits' (e.g. {smaller} or "
+            f"{{'n_bits': {smaller}, 'method': 'approximate'}}), "
+            if widest > 2
+            else ""
+        )
+        n_bits = self.settings.n_bits.op_inputs
         return BitWidthError(
             f"partition '{self.name}' ({self.module_path or 'model'}): Concrete found no crypto "
             f"parameters (NoParametersFound) for its {len(self.lookup_ranges)} lookup(s); widest: "
             f"{self._widest_lookups()} (rounding {self.settings.rounding_threshold_bits}, n_bits "
-            f"{self.settings.n_bits}). Lower them with a smaller 'rounding_threshold_bits' (e.g. 5 or "
-            "{'n_bits': 5, 'method': 'approximate'}), a smaller 'n_bits', or a larger 'p_error' / "
-            "'global_p_error'"
+            f"{self.settings.n_bits}). Lower them with {rounding}a smaller 'n_bits' (e.g. "
+            f"{max(2, n_bits - 1)}), or allow a larger 'p_error' / 'global_p_error'"
         )
 
     def defer_circuit(self, q_inputs: Sequence[np.ndarray]) -> None:
@@ -452,13 +464,10 @@ class FhePartition(torch.nn.Module):
     def statistics(self) -> Dict[str, Any]:
         """Circuit cost figures: pbs_count, max_bit_width, max_tlu_bit_width, complexity, ..."""
         self._require_compiled()
-        tlu_widths = [
-            bit_width(low, high) - self.program.rounding_lsbs.get(key, 0)
-            for key, (low, high) in self.lookup_ranges.items()
-        ]
+        widths = self._lookup_widths()
         return {
             **self.runner.statistics,
-            "max_tlu_bit_width": int(max(tlu_widths, default=0)),
+            "max_tlu_bit_width": int(widths[0][0] if widths else 0),
             "input_shape": self._sample_shapes(),
         }
 

@@ -87,6 +87,10 @@ def test_no_parameters_found_retries_with_rounding():
     # 'auto' keeps the mean output error within 1% of the span; the max within 12 output steps
     assert float((disabled - expected).abs().max()) <= quantization_tolerance(expected, 7, steps=12)
     assert float((out - disabled).abs().max()) <= quantization_tolerance(expected, 7, steps=12)
+    # were there still no parameters, the advice asks for less than what the lookups have now
+    widest = partition.statistics["max_tlu_bit_width"]
+    advice = str(partition._no_parameters_error())
+    assert f"'rounding_threshold_bits' (e.g. {widest - 1} or" in advice and "'n_bits' (e.g. 6)" in advice
 
 
 def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuration):
