@@ -248,3 +248,96 @@ def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.serve", None)
     with pytest.raises(ray_serve.RayNotInstalledError, match=r"pip install 'fhe-backend\[ray\]'"):
         ray_serve.require_ray()
+
+
+# ---- distributed batch execution ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lookup_model(ray_cluster, tmp_path_factory):
+    """A tiny compiled MLP (3-bit inputs, lookups of at most 4 bits) with cached insecure keys."""
+    from concrete import fhe
+
+    from fhe_backend.deployment import ray_runner
+    from tests.conftest import KEY_CACHE
+    from tests.harness import compile_fhe
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    configuration = fhe.Configuration(
+        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
+    )
+    compiled = compile_fhe(
+        model,
+        torch.randn(100, 3),
+        n_bits=3,
+        rounding_threshold_bits=4,
+        configuration=configuration,
+        key_cache_dir=str(tmp_path_factory.mktemp("ray_keys")),
+        runner="ray",
+    )
+    x = torch.randn(16, 3)
+    with torch.no_grad():
+        simulated = compiled(x)
+    # two workers of half a CPU each: the served replicas hold one CPU of the module's two
+    ray_runner.configure(workers=2, cpus_per_worker=0.5)
+    yield compiled, x, simulated
+    ray_runner.shutdown_workers()
+
+
+def test_ray_runner_batch_equals_local_execute_exactly(lookup_model):
+    import fhe_backend
+    from fhe_backend.circuit_runner import SequentialExecutor
+    from fhe_backend.deployment import ray_runner
+
+    compiled, x, simulated = lookup_model
+    (partition,) = fhe_backend.partitions(compiled)
+    assert partition.runner.settings.runner == "ray" and partition.statistics["max_tlu_bit_width"] <= 4
+    fhe_backend.set_fhe_mode(compiled, "execute")
+    with torch.no_grad():
+        executed = compiled(x)  # 16 samples: encrypted here, evaluated by 2 Ray workers, decrypted here
+    assert torch.equal(executed, simulated)
+    pool = ray_runner.worker_pool()
+    assert len(pool.actors) == 2 and len({ray.get(a.pid.remote()) for a in pool.actors}) == 2
+    # the same circuit, keys and integer samples: the Ray runner returns what the local one does
+    circuit = partition.runner.circuit
+    value = circuit.graph.input_nodes[0].output  # every integer the circuit's input type allows
+    draw = np.random.default_rng(0).integers(value.dtype.min(), value.dtype.max() + 1, (16, *value.shape))
+    samples = [(sample,) for sample in draw]
+    local = SequentialExecutor().execute(circuit, samples)
+    distributed = ray_runner.RayExecutor().execute(circuit, samples)
+    for a, b in zip(local, distributed):
+        assert len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_private_keys_stay_in_the_client(lookup_model):
+    """What the workers receive: the server archive, evaluation keys, ciphertexts; never the keyset."""
+    import fhe_backend
+    from fhe_backend.deployment import ray_runner
+
+    compiled, _, _ = lookup_model
+    (partition,) = fhe_backend.partitions(compiled)
+    circuit = partition.runner.circuit
+    ray_runner.RayExecutor().execute(circuit, [(np.zeros((1, 3), dtype=np.int64),)])
+    _, server, keys, _ = ray_runner.RayExecutor._cache[circuit]
+    shipped = ray.get(keys[1][0])
+    assert shipped == circuit.keys.evaluation.serialize()
+    assert shipped != circuit.keys.serialize()  # the whole keyset (with the secret keys) is not sent
+
+
+def test_run_server_on_ray_equals_fhe_model_server(deployed, ray_cluster, tmp_path):
+    from fhe_backend.deployment import FHEModelServer, ray_runner
+
+    folder = deployed["models"] / "FCSmall" / "seq_0" / "po_1_10_pc"
+    client = FHEModelClient(folder, key_dir=tmp_path / "keys")
+    keys = client.get_serialized_evaluation_keys()
+    samples = [client.encrypt_serialize_integers(q) for q in deployed["fc_q_inputs"]]
+    outputs = ray_runner.run_server_on_ray(folder, samples, keys)
+    local = FHEModelServer(folder).run(samples, keys)
+    for output, reference, expected in zip(outputs, local, deployed["fc_q_outputs"]):
+        np.testing.assert_array_equal(client.deserialize_decrypt(output), expected)
+        np.testing.assert_array_equal(
+            client.deserialize_decrypt(output), client.deserialize_decrypt(reference)
+        )
+    with pytest.raises(ray_serve.FheBackendError, match=r"inputs\[0\]"):
+        ray_runner.run_server_on_ray(folder, [b"not a ciphertext"], keys)
