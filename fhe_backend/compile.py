@@ -347,7 +347,9 @@ class QuantizedModule:
             )
         source = torch.load(io.BytesIO(base64.b64decode(metadata["source"])), weights_only=False)
         settings = _settings(
-            n_bits=source["n_bits"], rounding_threshold_bits=source["rounding_threshold_bits"]
+            n_bits=source["n_bits"],
+            rounding_threshold_bits=source["rounding_threshold_bits"],
+            precision_search=source.get("precision_search"),  # searched again: same choice
         )
         return _build(
             source["model"], source["inputset"], settings, source["reduce_sum_copy"], source["import_qat"]
@@ -419,11 +421,13 @@ def compile_torch_model(
     inputs_encryption_status: Optional[Sequence[str]] = None,
     reduce_sum_copy: bool = False,
     device: str = "cpu",
+    precision_search: Any = None,
 ) -> QuantizedModule:
     """Quantize a torch model on the inputset and compile it into one FHE circuit.
 
     Parameters mean what they mean in Concrete ML (see docs/concrete-ml.md); every operator of
-    the model must have an FHE lowering.
+    the model must have an FHE lowering. `precision_search` (not in Concrete ML) searches the
+    lowest bit-widths within a task-metric tolerance (`fhe_backend.settings.PrecisionSearch`).
     """
     if not isinstance(torch_model, torch.nn.Module):
         raise OptionError(
@@ -450,6 +454,7 @@ def compile_torch_model(
         inputs_encryption_status=inputs_encryption_status,
         reduce_sum_copy=reduce_sum_copy,
         device=device,
+        precision_search=precision_search,
         import_qat=import_qat,
     )
 
@@ -508,12 +513,15 @@ def compile_brevitas_qat_model(
     inputs_encryption_status: Optional[Sequence[str]] = None,
     reduce_sum_copy: bool = False,
     device: str = "cpu",
+    precision_search: Any = None,
 ) -> QuantizedModule:
     """Compile a trained Brevitas QAT model with its own scales, zero-points and bit-widths.
 
     `n_bits` only sets the quantizers Brevitas does not define (model inputs/outputs, default
     8 bits): None, an int, or a dict with 'model_inputs' / 'model_outputs'.
     `output_onnx_file`, when given, receives a QONNX export of the model (Brevitas' exporter).
+    `precision_search` (not in Concrete ML) searches the lowest lookup precision within a
+    task-metric tolerance (`fhe_backend.settings.PrecisionSearch`; Brevitas fixes the other bits).
     """
     if not isinstance(torch_model, torch.nn.Module) or not _has_brevitas_layers(torch_model):
         raise ModelTypeError(
@@ -538,6 +546,7 @@ def compile_brevitas_qat_model(
         inputs_encryption_status=inputs_encryption_status,
         reduce_sum_copy=reduce_sum_copy,
         device=device,
+        precision_search=precision_search,
         import_qat=False,
     )
 
@@ -558,6 +567,7 @@ def _compile(
     reduce_sum_copy: bool,
     device: str,
     import_qat: bool,
+    precision_search: Any = None,
 ) -> QuantizedModule:
     """Build the quantized module, then compile its circuit with the compilation options."""
     _check_artifacts(artifacts)
@@ -570,6 +580,7 @@ def _compile(
         global_p_error=global_p_error,
         inputs_encryption_status=inputs_encryption_status,
         verbose=verbose,
+        precision_search=precision_search,
     )
     quantized = _build(model, inputset, settings, reduce_sum_copy, import_qat)
     quantized.compile(
@@ -835,6 +846,7 @@ def _source(
         "inputset": tuple(columns) if len(columns) > 1 else columns[0],
         "n_bits": settings.n_bits,
         "rounding_threshold_bits": settings.rounding_threshold_bits,
+        "precision_search": settings.precision_search,
         "reduce_sum_copy": reduce_sum_copy,
         "import_qat": import_qat,
     }

@@ -30,7 +30,7 @@ AUTO_ROUNDING_MAX_BITS = 6
 # precision_search: task metrics, and defaults of its tolerance and held-out share
 PRECISION_METRICS = ("argmax", "accuracy", "mse")
 DEFAULT_PRECISION_TOLERANCE = 0.01
-DEFAULT_PRECISION_HOLDOUT = 0.25
+DEFAULT_PRECISION_HOLDOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -138,15 +138,16 @@ class Rounding:
 
 @dataclass(frozen=True, eq=False)
 class PrecisionSearch:
-    """Search the lowest bit-widths whose task metric stays within `tolerance` of float.
+    """Search the lowest bit-widths whose task metric stays within `tolerance`.
 
     Run per FHE partition on its calibration inputs, in the clear (the integer program, as in
-    `fhe="disable"`): a held-out share (`holdout`, every k-th distinct sample) scores each
-    candidate against the float graph. `metric`: "argmax" (share of held-out samples whose
-    argmax over the last dim differs from float's), "accuracy" (float accuracy minus the
-    candidate's against `labels`, one integer label per inputset sample, in order), "mse" (mean
-    squared error over the float output's variance). The user's `n_bits` and
-    `rounding_threshold_bits` are upper bounds. See `fhe_backend.quantization.precision_search`.
+    `fhe="disable"`), scored on a held-out share (`holdout`, every k-th distinct sample) against
+    the float graph. `metric`: "argmax" (share of samples whose argmax over the last dim is not
+    float's), "accuracy" (float accuracy minus the candidate's against `labels`, one integer
+    label per inputset sample, in order), "mse" (mean squared error over the float output's
+    variance). A candidate passes when its loss is at most `tolerance` above the loss of the
+    program at the given `n_bits` and `rounding_threshold_bits`, which are upper bounds. See
+    `fhe_backend.quantization.precision_search`.
     """
 
     metric: str = "argmax"

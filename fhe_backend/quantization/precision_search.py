@@ -1,4 +1,4 @@
-"""Precision search: the lowest bit-widths whose task metric stays within a tolerance of float.
+"""Precision search: the lowest bit-widths whose task metric stays within a tolerance.
 
 Circuits cost what their lookups and accumulators cost, and Concrete's parameters grow steeply
 with the lookups' precision: on the digits MLP, 5-bit lookups cost a third of 6-bit ones at the
@@ -10,11 +10,14 @@ per FHE partition and in the clear (the integer program, as in ``fhe="disable"``
    (`op_inputs`, `op_weights`) with the narrowest accumulators that keep it;
 2. lookup by lookup in graph order, one bit less while the metric holds.
 
-Every candidate is an `IntegerProgram` calibrated on the whole quantized inputset exactly as the
-final one is, and scored on a held-out share of its distinct samples (every k-th one) against
-the float graph on the same inputs, so the program compiled at the end scores on that share what
-the search measured. The user's `n_bits` and `rounding_threshold_bits` are upper bounds; without
-a rounding option the search rounds with Concrete's approximate method (one PBS per lookup).
+The metric is a loss against the float graph (argmax disagreement, accuracy lost, or relative
+mean squared error); a candidate passes when its loss exceeds the loss of the program at the
+user's bounds (their `n_bits` and rounding, which no candidate exceeds) by at most the
+tolerance: "within one point of what the bits you gave reach". Every candidate is an
+`IntegerProgram` calibrated on the whole quantized inputset exactly as the final one is, and
+scored on a held-out share of its distinct samples (every k-th one), so the program compiled at
+the end scores on that share what the search measured. Without a rounding option the search
+rounds with Concrete's approximate method (one PBS per lookup).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Evaluation:
     """A candidate scored on the held-out samples."""
 
     candidate: Candidate
-    loss: float  # metric degradation against float (what the tolerance bounds)
+    loss: float  # metric degradation against float
     kept_bits: Dict[str, int]  # bits each lookup reads after rounding
     accumulator_bits: int  # widest integer: lookup inputs and partition outputs
 
@@ -72,12 +75,12 @@ class PrecisionChoice:
     rounding: Optional[Rounding]
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding (per-lookup overrides)
     metric: str
-    loss: float
-    tolerance: float
+    loss: float  # the chosen program's, against float
+    bounds_loss: float  # the program's at the user's n_bits and rounding (the reference)
+    tolerance: float  # loss - bounds_loss is at most this
     float_score: Optional[float]  # float accuracy on the held-out samples ("accuracy" only)
     holdout_samples: int
     evaluations: int
-    within_tolerance: bool
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -85,7 +88,8 @@ class PrecisionChoice:
         return (
             f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
             f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
-            f"{self.metric} loss {self.loss:.4f} (tolerance {self.tolerance}) on "
+            f"{self.metric} loss {self.loss:.4f} against float ({self.bounds_loss:.4f} at the "
+            f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
         )
 
@@ -160,7 +164,7 @@ class _Scorer:
         for output, reference in zip(outputs, self.reference):
             output = np.asarray(output, dtype=np.float64).reshape(reference.shape)
             if metric == "argmax":
-                losses.append(float(np.mean(output.argmax(-1) != reference.argmax(-1))))
+                losses.append(_argmax_disagreement(output, reference))
             else:
                 variance = max(float(np.var(reference)), 1e-12)
                 losses.append(float(np.mean((output - reference) ** 2)) / variance)
@@ -207,8 +211,9 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
     """Search the partition's bit-widths and set them on `program` (settings, per-lookup bits).
 
     Called by `IntegerProgram.calibrate_rounding` when the option `precision_search` is set;
-    returns (and stores as `program.precision_choice`) the choice. When no configuration within
-    the user's bounds meets the tolerance, the user's own configuration is kept, with a warning.
+    returns (and stores as `program.precision_choice`) the choice. A candidate is admitted when
+    its loss against float exceeds the loss of the program at the user's bounds (their `n_bits`
+    and rounding) by at most the tolerance; when none is cheaper, the bounds are kept.
     """
     spec = program.settings.precision_search
     assert spec is not None  # noqa: S101 - only called with the option set
@@ -218,30 +223,20 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
     top_bits = (
         AUTO_ROUNDING_MAX_BITS if user_rounding is None or user_rounding.auto else int(user_rounding.n_bits)
     )
-    low = spec.min_bits
     scorer = _Scorer(program, q_inputs, spec)
-    tolerance = spec.tolerance
 
     def evaluate(candidate: Candidate) -> Evaluation:
         return scorer.evaluate(candidate, base, method)
 
     widest_inputs, widest_weights = base.n_bits.op_inputs, base.n_bits.op_weights
+    bounds = evaluate(Candidate(widest_inputs, widest_weights, None if user_rounding is None else top_bits))
+    limit = bounds.loss + spec.tolerance
     best = _lowest_precision(
-        evaluate, widest_inputs, widest_weights, range(low, top_bits + 1), low, tolerance
+        evaluate, widest_inputs, widest_weights, range(spec.min_bits, top_bits + 1), spec.min_bits, limit
     )
-    if best is not None:
-        best = _per_lookup(evaluate, best, low, tolerance)
-    else:
-        user = Candidate(widest_inputs, widest_weights, None if user_rounding is None else top_bits)
-        best = evaluate(user)
-        if best.loss > tolerance:
-            warnings.warn(
-                f"fhe_backend: precision_search found no configuration within {spec.metric} "
-                f"tolerance {tolerance} up to n_bits {base.n_bits.op_inputs}/{base.n_bits.op_weights} "
-                f"and {top_bits}-bit lookups: the loss is {best.loss:.4f} there; keeping that "
-                "configuration. Raise 'n_bits' / 'rounding_threshold_bits' or the tolerance",
-                stacklevel=4,
-            )
+    best = _per_lookup(evaluate, best, spec.min_bits, limit) if best is not None else bounds
+    if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
+        best = bounds
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
     program.lookup_precision = dict(best.candidate.lookup_bits)
@@ -252,11 +247,11 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
         lookup_bits=dict(best.kept_bits),
         metric=spec.metric,
         loss=best.loss,
-        tolerance=tolerance,
+        bounds_loss=bounds.loss,
+        tolerance=spec.tolerance,
         float_score=scorer.float_score,
         holdout_samples=len(scorer.holdout),
         evaluations=len(scorer.evaluations),
-        within_tolerance=best.loss <= tolerance,
     )
     program.precision_choice = choice
     logger.info("precision_search: %s", choice.describe())
@@ -265,9 +260,7 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
     return choice
 
 
-def _lowest_precision(
-    evaluate, widest_inputs: int, widest_weights: int, precisions, low: int, tolerance: float
-):
+def _lowest_precision(evaluate, widest_inputs: int, widest_weights: int, precisions, low: int, limit: float):
     """Stage 1: the lowest lookup precision the widest activations and weights allow, then the
     activation / weight bits with the cheapest circuit at that precision (None if none passes).
 
@@ -276,7 +269,7 @@ def _lowest_precision(
     """
     for bits in precisions:
         widest = evaluate(Candidate(widest_inputs, widest_weights, bits))
-        if widest.loss > tolerance:
+        if widest.loss > limit:
             continue
         passing: List[Evaluation] = [widest]
         failed: List[Tuple[int, int]] = []
@@ -287,7 +280,7 @@ def _lowest_precision(
                 if any(i >= inputs and w >= weights for i, w in failed):
                     continue
                 evaluation = evaluate(Candidate(inputs, weights, bits))
-                if evaluation.loss <= tolerance:
+                if evaluation.loss <= limit:
                     passing.append(evaluation)
                 else:
                     failed.append((inputs, weights))
@@ -298,7 +291,7 @@ def _lowest_precision(
     return None
 
 
-def _per_lookup(evaluate, best: Evaluation, low: int, tolerance: float) -> Evaluation:
+def _per_lookup(evaluate, best: Evaluation, low: int, limit: float) -> Evaluation:
     """Stage 2: lookup by lookup in graph order, one bit less while the metric holds."""
     for key in list(best.kept_bits):
         while best.kept_bits[key] > low:
@@ -306,7 +299,7 @@ def _per_lookup(evaluate, best: Evaluation, low: int, tolerance: float) -> Evalu
             trial = evaluate(
                 dataclasses.replace(best.candidate, lookup_bits=tuple(sorted(overrides.items())))
             )
-            if trial.loss > tolerance or trial.kept_bits[key] >= best.kept_bits[key]:
+            if trial.loss > limit or trial.kept_bits[key] >= best.kept_bits[key]:
                 break
             best = trial
     return best
@@ -333,6 +326,14 @@ def _every_kth(count: int, share: float) -> np.ndarray:
     """Positions of an evenly spread `share` of `count` items (deterministic, no random draw)."""
     positions = np.arange(count)
     return positions[np.floor((positions + 1) * share) > np.floor(positions * share)]
+
+
+def _argmax_disagreement(output: np.ndarray, reference: np.ndarray) -> float:
+    """Share of rows (over the last dim) whose argmax is not a float argmax: where float has a
+    tie (a QAT network's logits often do), any of the tied classes agrees."""
+    chosen = np.take_along_axis(reference, output.argmax(-1)[..., None], -1)[..., 0]
+    ties = 1e-6 * (np.max(np.abs(reference), axis=-1) + 1e-12)
+    return float(np.mean(chosen < reference.max(-1) - ties))
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -1,0 +1,228 @@
+"""The option `precision_search`: the lowest bit-widths whose task metric stays within tolerance.
+
+A tiny classifier (8-16-16-4, trained on four Gaussian blobs) is compiled with and without the
+search; the disable-mode metric is recomputed here, independently of the search's code, on the
+held-out share it documents (every k-th sample).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fhe_backend.compile import compile_torch_model
+from fhe_backend.errors import OptionError
+from fhe_backend.settings import FheSettings
+
+BOUNDS = dict(n_bits=6, rounding_threshold_bits={"n_bits": 6, "method": "approximate"}, p_error=2**-40)
+HOLDOUT = 0.5
+
+
+def _blobs(samples: int, seed: int):
+    generator = np.random.default_rng(seed)
+    centers = generator.normal(0, 2.0, size=(4, 8))
+    labels = generator.integers(0, 4, size=samples)
+    x = centers[labels] + generator.normal(0, 1.3, size=(samples, 8))
+    return x.astype(np.float32), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    x, y = _blobs(400, 0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    return model.eval(), inputs, labels.numpy()
+
+
+def _holdout(count: int, share: float = HOLDOUT) -> np.ndarray:
+    """Every k-th position, as documented: k where floor((k+1)*share) > floor(k*share)."""
+    positions = np.arange(count)
+    return positions[np.floor((positions + 1) * share) > np.floor(positions * share)]
+
+
+def _disagreement(module, model, x: torch.Tensor) -> float:
+    """Share of held-out samples whose disable-mode argmax is not the float argmax, where the
+    float model reads the same quantized inputs."""
+    rows = _holdout(len(x))
+    quantizer = module.partition.program.input_quantizers[0]
+    dequantized = torch.from_numpy(quantizer.dequantize(quantizer.quantize(x[rows].numpy()))).float()
+    with torch.no_grad():
+        reference = model(dequantized).numpy()
+    output = np.asarray(module.forward(x[rows].numpy(), fhe="disable"))
+    return float(np.mean(output.argmax(-1) != reference.argmax(-1)))
+
+
+@pytest.fixture(scope="module")
+def bounds(classifier):
+    model, x, _ = classifier
+    return compile_torch_model(model, x, **BOUNDS)
+
+
+@pytest.fixture(scope="module")
+def searched(classifier):
+    model, x, _ = classifier
+    spec = {"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT}
+    return compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+
+
+def _lookup_bits(module) -> list:
+    program = module.partition.program
+    ranges = module.partition.lookup_ranges
+    return sorted(max(1, _width(*ranges[key]) - program.rounding_lsbs.get(key, 0)) for key in ranges)
+
+
+def _width(low: int, high: int) -> int:
+    from fhe_backend.quantization.quantizers import bit_width
+
+    return bit_width(low, high)
+
+
+def test_the_search_lowers_bits_and_its_disable_metric_is_within_tolerance(classifier, bounds, searched):
+    model, x, _ = classifier
+    choice = searched.partition.program.precision_choice
+    assert choice is not None and choice.metric == "argmax"
+    bounds_loss = _disagreement(bounds, model, x)
+    loss = _disagreement(searched, model, x)
+    # the search measured what disable gives on the held-out share, and stayed within tolerance
+    assert choice.bounds_loss == pytest.approx(bounds_loss, abs=1e-12)
+    assert choice.loss == pytest.approx(loss, abs=1e-12)
+    assert loss <= bounds_loss + 0.02 + 1e-12
+    assert choice.holdout_samples == len(_holdout(len(x)))
+    # cheaper: narrower lookups than the 6 bits of the bounds, and never wider anywhere
+    assert max(_lookup_bits(searched)) < max(_lookup_bits(bounds))
+    assert all(s <= b for s, b in zip(_lookup_bits(searched), _lookup_bits(bounds)))
+    assert searched.partition.statistics["complexity"] < bounds.partition.statistics["complexity"]
+
+
+def test_no_candidate_cheaper_than_the_choice_is_within_tolerance_at_lower_precision(classifier, searched):
+    """Every program the search scored at a lookup precision below the chosen one failed the
+    tolerance (the choice is the lowest precision that holds), and the choice itself holds."""
+    from fhe_backend.quantization import precision_search
+
+    model, x, _ = classifier
+    scored = []
+    original = precision_search._Scorer.evaluate
+
+    def recording(self, candidate, base, method):
+        evaluation = original(self, candidate, base, method)
+        scored.append(evaluation)
+        return evaluation
+
+    spec = {"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_search._Scorer, "evaluate", recording)
+        again = compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    choice = again.partition.program.precision_choice
+    limit = choice.bounds_loss + 0.02
+    assert choice.loss <= limit
+    chosen_precision = again.partition.program.settings.rounding_threshold_bits.n_bits
+    lower = [
+        e for e in scored if e.candidate.rounding_bits < chosen_precision and not e.candidate.lookup_bits
+    ]
+    assert lower, "the search tried no lower precision"
+    assert all(e.loss > limit for e in lower)
+
+
+def test_the_search_is_deterministic(classifier, searched):
+    model, x, _ = classifier
+    spec = {"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT}
+    again = compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    first, second = searched.partition.program, again.partition.program
+    assert first.settings.n_bits == second.settings.n_bits
+    assert first.settings.rounding_threshold_bits == second.settings.rounding_threshold_bits
+    assert first.lookup_precision == second.lookup_precision
+    assert first.rounding_lsbs == second.rounding_lsbs
+    np.testing.assert_array_equal(
+        searched.forward(x[:50].numpy(), fhe="disable"), again.forward(x[:50].numpy(), fhe="disable")
+    )
+
+
+def test_the_searched_circuit_simulates_like_its_integer_program(classifier):
+    """Exact rounding: the circuit compiled once at the end gives in simulate what the searched
+    integer program gives in disable (p_error 2**-40: no bootstrap error on these samples)."""
+    model, x, _ = classifier
+    module = compile_torch_model(
+        model,
+        x,
+        n_bits=6,
+        rounding_threshold_bits=6,
+        p_error=2**-40,
+        precision_search={"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT},
+    )
+    assert module.partition.program.settings.rounding_threshold_bits.method == "exact"
+    sample = x[:40].numpy()
+    disable = np.asarray(module.forward(sample, fhe="disable"))
+    simulate = np.asarray(module.forward(sample, fhe="simulate"))
+    np.testing.assert_allclose(simulate, disable, rtol=0, atol=1e-9)
+    # and against eager torch: the argmax agrees on the samples where float's margin exceeds the
+    # output error disable shows on the inputset
+    with torch.no_grad():
+        eager = model(torch.from_numpy(sample)).numpy()
+    assert np.mean(simulate.argmax(-1) == eager.argmax(-1)) >= 0.9
+
+
+def test_accuracy_metric_with_labels(classifier, bounds):
+    model, x, y = classifier
+    spec = {"metric": "accuracy", "labels": y, "tolerance": 0.01, "holdout": HOLDOUT}
+    module = compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    choice = module.partition.program.precision_choice
+    rows = _holdout(len(x))
+    accuracy = np.mean(np.asarray(module.forward(x[rows].numpy(), fhe="disable")).argmax(-1) == y[rows])
+    bounds_accuracy = np.mean(
+        np.asarray(bounds.forward(x[rows].numpy(), fhe="disable")).argmax(-1) == y[rows]
+    )
+    assert choice.float_score - accuracy == pytest.approx(choice.loss, abs=1e-12)
+    assert accuracy >= bounds_accuracy - 0.01 - 1e-12
+
+
+def test_mse_metric_on_a_regression():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    x = torch.randn(300, 4)
+    module = compile_torch_model(
+        model,
+        x,
+        n_bits=6,
+        rounding_threshold_bits={"n_bits": 6, "method": "approximate"},
+        precision_search={"metric": "mse", "tolerance": 0.01},
+    )
+    choice = module.partition.program.precision_choice
+    with torch.no_grad():
+        reference = model(x).numpy()
+    output = np.asarray(module.forward(x.numpy(), fhe="disable"))
+    relative = np.mean((output - reference) ** 2) / np.var(reference)
+    assert choice.loss <= choice.bounds_loss + 0.01
+    assert relative < 0.05  # on every sample, not only the held-out ones
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"metric": "top5"}, "allowed ('argmax', 'accuracy', 'mse')"),
+        ({"tolerance": 1.5}, "tolerance = 1.5"),
+        ({"holdout": 0}, "holdout = 0"),
+        ({"metric": "accuracy"}, "needs 'labels'"),
+        ({"labels": [0, 1]}, "needs 'labels'"),
+        ({"metric": "accuracy", "labels": [[0, 1]]}, "1-d array of integer class labels"),
+        ({"grid": 3}, "unknown keys ['grid']"),
+        (7, "expected None, True, a metric name"),
+    ],
+)
+def test_bad_options_say_what_to_fix(value, message):
+    with pytest.raises(OptionError, match=None) as error:
+        FheSettings.from_options({"precision_search": value})
+    assert message in str(error.value)
+
+
+def test_labels_that_do_not_match_the_inputset_are_refused(classifier):
+    model, x, y = classifier
+    with pytest.raises(OptionError, match="labels"):
+        compile_torch_model(model, x, precision_search={"metric": "accuracy", "labels": y[:100]}, **BOUNDS)
