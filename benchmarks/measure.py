@@ -155,6 +155,24 @@ def circuit_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
     }
 
 
+def precision_figures(partitions: Sequence[Any]) -> Dict[str, Any]:
+    """What `precision_search` chose for each partition ({} when it did not run): the widest
+    activation / weight bits, the widest lookup, and each partition's choice in words."""
+    choices = [
+        choice
+        for choice in (getattr(getattr(p, "program", None), "precision_choice", None) for p in partitions)
+        if choice is not None
+    ]
+    if not choices:
+        return {}
+    return {
+        "searched_op_inputs": max(c.n_bits.op_inputs for c in choices),
+        "searched_op_weights": max(c.n_bits.op_weights for c in choices),
+        "searched_lookup_bits": max(max(c.lookup_bits.values(), default=0) for c in choices),
+        "precision_search": [c.describe() for c in choices],
+    }
+
+
 def keygen_times(row: Dict[str, Any], partitions: Sequence[Any]) -> None:
     """Generate fresh keys for every partition: wall and CPU seconds, serialized key size."""
     _, row["keygen_seconds"], row["keygen_cpu_seconds"] = timed_with_cpu(
@@ -331,6 +349,7 @@ def measure_digits(
     )
     row["left_in_torch"] = getattr(run, "left_in_torch", [])
     row.update(circuit_figures(partitions))
+    row.update(precision_figures(partitions))
 
     def score(outputs: torch.Tensor, rows: slice) -> float:
         return accuracy(outputs, data["y_test"][rows])

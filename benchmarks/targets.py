@@ -38,7 +38,7 @@ class Target:
         """Options of the "Concrete ML defaults" row: no error probability (Concrete ML's own
         default, `p_error=2**-40` per lookup) and the configuration of issue 9."""
         options = self.options if self.concrete_ml_options is None else self.concrete_ml_options
-        return {k: v for k, v in options.items() if k not in ERROR_OPTIONS}
+        return {k: v for k, v in options.items() if k not in ERROR_OPTIONS + OUR_ONLY_OPTIONS}
 
     def with_error(self, error: Dict[str, float]) -> "Target":
         """This target compiled at an error probability ({} keeps the target's own)."""
@@ -49,6 +49,11 @@ class Target:
 REFERENCE = {"n_bits": 6, "rounding_threshold_bits": 6}  # issue 9's Concrete ML configuration
 FAST_ROUNDING = {"n_bits": "auto", "method": "approximate"}
 ERROR_OPTIONS = ("p_error", "global_p_error")
+OUR_ONLY_OPTIONS = ("precision_search",)  # options Concrete ML does not have (left out of its rows)
+# "_small" targets: precision_search within these bounds, the like-for-like configuration of
+# Concrete ML (n_bits 6, its approximate rounding at 6 bits), so that both start from the same bits
+APPROXIMATE_6 = {"n_bits": 6, "method": "approximate"}
+SEARCH = {"metric": "argmax", "tolerance": 0.02}
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
@@ -93,6 +98,34 @@ TARGETS: List[Target] = [
         "digits",
         "qat",
         {"rounding_threshold_bits": FAST_ROUNDING},
+        qat=True,
+        concrete_ml_options={},
+    ),
+    Target(
+        "mlp_small",
+        "digits MLP, precision_search (argmax agreement with float within 2 points of the program "
+        "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
+        "digits",
+        "mlp",
+        {"n_bits": 6, "rounding_threshold_bits": APPROXIMATE_6, "precision_search": SEARCH},
+        concrete_ml_options=REFERENCE,
+    ),
+    Target(
+        "cnn_small",
+        "digits CNN, precision_search (argmax agreement with float within 2 points of the program "
+        "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
+        "digits",
+        "cnn",
+        {"n_bits": 6, "rounding_threshold_bits": APPROXIMATE_6, "precision_search": SEARCH},
+        concrete_ml_options=REFERENCE,
+    ),
+    Target(
+        "qat_small",
+        "Brevitas QATSimpleNet 3-bit, precision_search of the lookups (argmax agreement within 2 "
+        "points of approximate rounding 6) (vs Concrete ML's compile_brevitas_qat_model defaults)",
+        "digits",
+        "qat",
+        {"rounding_threshold_bits": APPROXIMATE_6, "precision_search": SEARCH},
         qat=True,
         concrete_ml_options={},
     ),
@@ -194,12 +227,14 @@ def error_label(
 def rounding_label(options: Dict[str, Any]) -> str:
     """The rounding of a row: ``none``, ``exact 6``, ``approximate auto``, ..."""
     rounding = options.get("rounding_threshold_bits")
+    search = options.get("precision_search")
+    suffix = f" + search ({search['metric']} {search.get('tolerance')})" if isinstance(search, dict) else ""
     if rounding is None:
-        return "none"
+        return "none" + suffix
     if isinstance(rounding, dict):
         method = str(getattr(rounding.get("method"), "value", rounding.get("method") or "exact")).lower()
-        return f"{method} {rounding.get('n_bits')}"
-    return f"exact {rounding}"
+        return f"{method} {rounding.get('n_bits')}{suffix}"
+    return f"exact {rounding}{suffix}"
 
 
 def concrete_ml_like_for_like(
@@ -213,7 +248,7 @@ def concrete_ml_like_for_like(
     `CONCRETE_ML_AUTO_ROUNDING_BITS` (or the bits ours asked for).
     """
     name, value, _ = effective_error(options, defaults)
-    result = {k: v for k, v in options.items() if k not in ERROR_OPTIONS}
+    result = {k: v for k, v in options.items() if k not in ERROR_OPTIONS + OUR_ONLY_OPTIONS}
     result[name] = value
     rounding = result.get("rounding_threshold_bits")
     if rounding is not None:

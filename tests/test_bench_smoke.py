@@ -428,6 +428,20 @@ def test_comparison_jobs_like_for_like_and_defaults_rows():
     }
 
 
+def test_precision_search_targets_give_concrete_ml_the_same_bounds_without_the_search():
+    """Concrete ML has no precision search: like for like, it compiles at the bounds our search
+    starts from (n_bits 6, approximate rounding 6), at the same error probability."""
+    target = BY_NAME["mlp_small"].with_error({"p_error": 2.0**-40})
+    assert "precision_search" in target.options
+    assert concrete_ml_like_for_like(target.options, {"p_error": None, "global_p_error": None}) == {
+        "n_bits": 6,
+        "rounding_threshold_bits": {"n_bits": 6, "method": "approximate"},
+        "p_error": 2.0**-40,
+    }
+    assert "precision_search" not in BY_NAME["qat_small"].concrete_ml_defaults
+    assert rounding_label(target.options) == "approximate 6 + search (argmax 0.02)"
+
+
 def test_target_selection():
     assert [t.name for t in select([""])] == [t.name for t in TARGETS]
     assert [t.name for t in select(["qat", "mlp"])] == ["mlp", "qat"]
