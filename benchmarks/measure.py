@@ -41,6 +41,7 @@ class BenchConfig:
     out: Path = Path("bench-results")
     batch: int = 0  # with execute: one encrypted batch of this many samples, timed with its CPU time
     configuration: Optional[Dict[str, Any]] = None  # concrete.fhe.Configuration keyword arguments
+    runner: Optional[str] = None  # execute's runner option (local, threads, ray); None: the target's
 
 
 def concrete_configuration(kwargs: Dict[str, Any]) -> Any:
@@ -67,6 +68,20 @@ def compile_options(target: Target, config: BenchConfig) -> Dict[str, Any]:
 
 
 # ---- generic helpers ------------------------------------------------------------------------
+
+
+def use_runner(partitions: Sequence[Any], runner: Optional[str]) -> None:
+    """Run the compiled partitions' encrypted batches through `runner` (the ``runner`` option of
+    `fhe_backend.circuit_runner`; ``ray``: a Ray cluster), whichever compile API built them."""
+    if runner is None:
+        return
+    from dataclasses import replace
+
+    from fhe_backend.circuit_runner import executor_for
+
+    executor_for(runner)  # an unknown runner, or Ray missing, fails before key generation
+    for partition in partitions:
+        partition.runner.settings = replace(partition.runner.settings, runner=runner)
 
 
 class PeakMemory:
@@ -237,6 +252,8 @@ def evaluate_modes(
         row[f"{mode}_samples_per_second"] = count / seconds
     if not config.execute:
         return
+    use_runner(partitions, config.runner)
+    row["execute_runner"] = config.runner or "default"
     progress("key generation")
     keygen_times(row, partitions)
     times, cpu_times, outputs = [], [], []

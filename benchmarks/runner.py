@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "approximate_rounding_config takes a dict of fhe.ApproximateRoundingConfig's "
         "fields",
     )
+    parser.add_argument(
+        "--runner",
+        default=None,
+        help="with --execute, how encrypted batches run: local, threads, or ray (a Ray cluster: "
+        "RAY_ADDRESS, else a local instance; pip install 'fhe-backend[ray]') (default: the option's default)",
+    )
     parser.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     parser.add_argument(
         "--compare-python",
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out).resolve(),
         batch=args.batch,
         configuration=parse_configuration(args.configuration),
+        runner=args.runner,
     )
     config.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])

@@ -89,8 +89,14 @@ def free_port() -> int:
 class ServerProcess:
     """`fhe-backend serve` in its own process group, with its memory sampled in the background."""
 
-    def __init__(self, models: Path, keys: Path, workers: int, extra: List[str]):
+    def __init__(self, models: Path, keys: Path, workers: int, extra: List[str], engine: str = "uvicorn"):
         self.port = free_port()
+        # uvicorn: `workers` worker processes; ray: a local Ray instance with `workers` replicas
+        scale = (
+            ["--workers", str(workers)]
+            if engine == "uvicorn"
+            else ["--engine", "ray", "--replicas", str(workers), "--ray-num-cpus", str(os.cpu_count() or 2)]
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable,
@@ -104,8 +110,7 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--workers",
-            str(workers),
+            *scale,
             "--log-level",
             "warning",
             *extra,
@@ -126,7 +131,7 @@ class ServerProcess:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     self.sampler.start()
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # Ray's proxy listens before the app runs
                 pass
             time.sleep(0.3)
         raise TimeoutError("the server did not start")
@@ -185,14 +190,17 @@ def one_client(url: str, model: Dict[str, Any], index: int, folder: Path) -> Dic
     key_id = http.upload_evaluation_keys(*target, keys)
     upload = time.perf_counter() - started
     latencies, equal = [], 0
+    first_compute = time.time()
     for q_inputs, expected in zip(model["inputs"][index], model["expected"][index]):
         sample: Any = client.encrypt_serialize_integers(q_inputs)  # one sample's ciphertexts
         started = time.perf_counter()
         result = http.compute(*target, key_id, [sample])
         latencies.append(time.perf_counter() - started)
         equal += bool(np.array_equal(client.deserialize_decrypt(result), expected))
+    computes_done = time.time()
     http.delete_evaluation_keys(*target, key_id)
     return {
+        "computes": (first_compute, computes_done),
         "keygen": keygen,
         "upload": upload,
         "latencies": latencies,
@@ -212,7 +220,7 @@ def run_model(kind: str, args, root: Path) -> Dict[str, Any]:
     """Build one model, serve it, load it with `args.clients` clients; one results row."""
     models = root / f"models_{kind}"
     model = build(kind, models, args.samples, args.clients)
-    server = ServerProcess(models, root / f"keys_{kind}", args.workers, args.server_args)
+    server = ServerProcess(models, root / f"keys_{kind}", args.workers, args.server_args, args.engine)
     try:
         server.wait_ready()
         time.sleep(args.warmup_seconds)  # compute processes import Concrete and load (compile) the circuits
@@ -234,7 +242,11 @@ def run_model(kind: str, args, root: Path) -> Dict[str, Any]:
         "model": kind,
         "pbs_per_sample": model["pbs"],
         "clients": args.clients,
+        "engine": args.engine,
         "workers": args.workers,
+        # compute requests over the span from the first one sent to the last one answered
+        "requests_per_second": len(latencies)
+        / (max(r["computes"][1] for r in results) - min(r["computes"][0] for r in results)),
         "requests": len(latencies),
         "equal_to_simulate": sum(r["equal"] for r in results),
         "key_bytes": results[0]["key_bytes"],
@@ -254,16 +266,18 @@ def run_model(kind: str, args, root: Path) -> Dict[str, Any]:
 def table(rows: List[Dict[str, Any]]) -> str:
     """A markdown table of the results rows."""
     lines = [
-        "| model | PBS/sample | clients x requests | equal to simulate | eval. keys | upload p50/p95 | "
-        "compute p50/p95 | 503 retries | server memory (PSS) idle / peak / retained |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | engine x workers | PBS/sample | clients x requests | equal to simulate | eval. keys | "
+        "upload p50/p95 | compute p50/p95 | req/s | 503 retries | server memory (PSS) idle / peak / retained |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['pbs_per_sample']} | {r['clients']} x {r['requests'] // r['clients']} | "
+            f"| {r['model']} | {r.get('engine', 'uvicorn')} x {r['workers']} | {r['pbs_per_sample']} | "
+            f"{r['clients']} x {r['requests'] // r['clients']} | "
             f"{r['equal_to_simulate']}/{r['requests']} | {r['key_bytes'] / 1e6:.1f} MB | "
             f"{r['upload_s_p50']:.2f} / {r['upload_s_p95']:.2f} s | "
-            f"{r['compute_s_p50']:.2f} / {r['compute_s_p95']:.2f} s | {r['retries_503']} | "
+            f"{r['compute_s_p50']:.2f} / {r['compute_s_p95']:.2f} s | {r.get('requests_per_second', 0):.2f} | "
+            f"{r['retries_503']} | "
             f"{r['rss_idle_mb']:.0f} / {r['rss_peak_mb']:.0f} / {r['rss_retained_mb']:.0f} MB |"
         )
     return "\n".join(lines)
@@ -276,7 +290,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--samples", type=int, default=2, help="compute requests per client (one sample each)"
     )
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="uvicorn worker processes, or Ray replicas with --engine ray"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="fhe-backend serve --engine: ray starts a local Ray instance with --workers replicas",
+    )
     parser.add_argument("--models", default="leveled,lookup", help=f"comma-separated, of {sorted(MODELS)}")
     parser.add_argument(
         "--warmup-seconds",

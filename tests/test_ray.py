@@ -30,8 +30,6 @@ from tests.test_server import FCSmall, client_model, free_port
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install 'fhe-backend[ray]'")
 
-LEVELED = ("FCSmall", "seq_0", "po_1_10_pc")
-
 
 def wait_until(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
@@ -74,6 +72,9 @@ def deployed(tmp_path_factory):
     assert pbs.remote_modules["seq"].partition.statistics["pbs_count"] > 0
     refs["pbs_x"] = torch.randn(2, 4)
     refs["pbs_sim"] = pbs(refs["pbs_x"], fhe="simulate")
+    partition = pbs.remote_modules["seq"].partition
+    refs["pbs_q_inputs"] = [partition.program.quantize_inputs(torch.randn(1, 4)) for _ in range(3)]
+    refs["pbs_q_outputs"] = [partition.run_integers(q, "simulate")[0] for q in refs["pbs_q_inputs"]]
     pbs.save_and_clear_private_info(models / "FCSmallPBS")
     refs["models"], refs["keys"] = models, root / "keys"
     return refs
@@ -163,29 +164,35 @@ def test_lookup_fcsmall_over_ray_equals_simulate(ray_server, deployed):
 
 
 def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_server, deployed, tmp_path):
-    http = FheHttpClient(ray_server, retries=3, backoff_seconds=0.5)
-    http.download_client(*LEVELED, tmp_path)
+    """Two clients keep both replicas busy with lookup computations; one replica is killed."""
+    target = ("FCSmallPBS", "seq", FheHttpClient(ray_server).list_shapes("FCSmallPBS", "seq")[0])
+    setup = FheHttpClient(ray_server)
+    setup.download_client(*target, tmp_path)
     client = FHEModelClient(tmp_path, key_dir=tmp_path / "keys")
-    key_id = http.upload_evaluation_keys(*LEVELED, client.get_serialized_evaluation_keys())
-    samples = [client.encrypt_serialize_integers(q) for q in deployed["fc_q_inputs"]]
+    key_id = setup.upload_evaluation_keys(*target, client.get_serialized_evaluation_keys())
+    batch = [client.encrypt_serialize_integers(q) for q in deployed["pbs_q_inputs"]]
     before = ray_serve.replica_actor_names()
-    results, failures, stop = [], [], threading.Event()
+    results, failures, server_errors, stop = [], [], [], threading.Event()
 
     def load() -> None:
+        http = FheHttpClient(ray_server, retries=3, backoff_seconds=0.5)
+        http.session.hooks["response"].append(
+            lambda r, *a, **k: server_errors.append(r.status_code) if r.status_code >= 500 else None
+        )
         while not stop.is_set():
-            index = len(results) % len(samples)
             try:
-                out = http.compute(*LEVELED, key_id, [samples[index]])
-                results.append(
-                    np.array_equal(client.deserialize_decrypt(out), deployed["fc_q_outputs"][index])
-                )
+                outputs = http.compute(*target, key_id, batch)
             except RemoteServerError as error:
                 failures.append(error)
+                continue
+            decrypted = [client.deserialize_decrypt(o) for o in outputs]
+            results.append(all(np.array_equal(d, e) for d, e in zip(decrypted, deployed["pbs_q_outputs"])))
 
-    thread = threading.Thread(target=load)
-    thread.start()
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
     try:
-        wait_until(lambda: len(results) >= 3, 60, "computations before the kill")
+        wait_until(lambda: len(results) >= 2, 120, "computations before the kill")
         ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
         done_at_kill = len(results)
         wait_until(
@@ -196,16 +203,21 @@ def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_serv
             180,
             "a replacement replica",
         )
-        wait_until(lambda: len(results) >= done_at_kill + 3, 60, "computations after the kill")
+        wait_until(lambda: len(results) >= done_at_kill + 2, 120, "computations after the kill")
     finally:
         stop.set()
-        thread.join(60)
-    assert all(results) and len(failures) <= 1, failures
+        for thread in threads:
+            thread.join(120)
+    # a request running on the killed replica is answered 500 by Ray's proxy and retried once
+    assert not failures and all(results), failures
+    assert len(server_errors) <= 2, server_errors
     # the replacement serves the keys uploaded before it started
     wait_until(lambda: requests.get(ray_server + "/health", timeout=5).status_code == 200, 60, "health")
-    for index, sample in enumerate(samples):
-        out = http.compute(*LEVELED, key_id, [sample])
-        np.testing.assert_array_equal(client.deserialize_decrypt(out), deployed["fc_q_outputs"][index])
+    http = FheHttpClient(ray_server)
+    for _ in range(2):  # both replicas, whichever answers
+        outputs = http.compute(*target, key_id, batch)
+        for output, expected in zip(outputs, deployed["pbs_q_outputs"]):
+            np.testing.assert_array_equal(client.deserialize_decrypt(output), expected)
 
 
 def test_ray_key_store_survives_its_actor_restart(ray_cluster, tmp_path):

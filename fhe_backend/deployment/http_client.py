@@ -82,8 +82,11 @@ class FheHttpClient:
     uploads fail and be re-sent).
     retries / backoff_seconds: GET and DELETE requests are retried on connection errors and
     timeouts; POST requests (key uploads, computations) only when the server never received
-    them (connection refused or not established) or answered 503 (busy, nothing done). Waits
-    grow exponentially with jitter, and follow the server's ``Retry-After``.
+    them (connection refused or not established) or answered 503 (busy, nothing done);
+    computations also on a lost connection or a 500/502/504 that is not the application's own
+    answer (the replica or worker running it died: a computation changes nothing on the
+    server). Waits grow
+    exponentially with jitter, and follow the server's ``Retry-After``.
     max_samples_per_request: larger batches are sent as several compute requests (the server's
     ``--max-samples-per-request``, 64 by default, refuses more with 413).
     """
@@ -175,7 +178,10 @@ class FheHttpClient:
         for start in range(0, len(samples), step):
             payload = {"key_id": key_id, "inputs": [encode_sample(s) for s in samples[start : start + step]]}
             answer = self._json(
-                "POST", _shape_url(model_name, module_name, input_shape) + "/compute", json=payload
+                "POST",
+                _shape_url(model_name, module_name, input_shape) + "/compute",
+                json=payload,
+                pure=True,
             )
             outputs += [
                 decode_sample(sample, f"outputs[{start + i}]") for i, sample in enumerate(answer["outputs"])
@@ -187,7 +193,10 @@ class FheHttpClient:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, path: str, pure: bool = False, **kwargs: Any) -> requests.Response:
+        """Send with retries (see the class doc). `pure`: the request changes nothing on the server
+        (a computation), so a 5xx that did not come from the application (a Ray Serve replica or
+        a worker behind a load balancer dying mid-request) is retried like a 503."""
         url = self.base_url + path
         ignore_sigpipe()
         idempotent = method in IDEMPOTENT_METHODS
@@ -202,7 +211,7 @@ class FheHttpClient:
             try:
                 response = self.session.request(method, url, timeout=timeout, headers=headers, **kwargs)
             except requests.ConnectionError as error:  # includes timeouts while connecting or sending
-                retry = idempotent or _never_sent(error)
+                retry = idempotent or pure or _never_sent(error)
                 if last or not retry:
                     what = (
                         "no answer within {} s".format(timeout)
@@ -227,6 +236,14 @@ class FheHttpClient:
             if response.status_code == 503 and not last:
                 self._wait(attempt, response.headers.get("Retry-After"))
                 continue
+            if (
+                pure
+                and response.status_code in (500, 502, 504)
+                and not last
+                and not _from_application(response)
+            ):
+                self._wait(attempt, None)
+                continue
             break
         if response.status_code >= 400:
             try:
@@ -247,6 +264,15 @@ class FheHttpClient:
         # a pooled connection idle that long may be closed by the server as the retry reuses it
         # (a reset that looks like a request it received): retry on fresh connections
         self.session.close()
+
+
+def _from_application(response: requests.Response) -> bool:
+    """Whether an error answer is the FHE application's own (JSON with a ``detail``), not a proxy's."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "detail" in body
 
 
 def _never_sent(error: requests.ConnectionError) -> bool:

@@ -503,10 +503,18 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         _on_signals(lambda *_: stop.set())
         while not stop.wait(1.0):
             pass
-        serve.delete(APP_NAME)
+        if args.address:  # the cluster stays up: take the application off it
+            remover = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+            remover.start()
+            remover.join(60)
+            if remover.is_alive():
+                print(
+                    f"fhe-backend serve: the cluster did not remove '{APP_NAME}' within 60 s: `serve shutdown`"
+                )
     finally:
         if started and not args.detach:
-            serve.shutdown()
+            # a local instance stops with everything on it (a signal to the whole process group,
+            # Ctrl-C in a terminal, reaches Ray's own processes too: no Serve call could finish)
             ray.shutdown()
     return 0
 
