@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .backend import DECOMPOSITIONS, CompiledGraph, compile_aten_graph
 from .errors import FheBackendError, LoweringError, NotCompiledError, OptionError, UnsupportedOpError
+from .graph_utils import as_tuple
 from .partition import module_path
 from .quantization.calibration import batches
 from .quantization.quantizers import bit_width
@@ -180,7 +181,7 @@ class QuantizedModule:
         _check_artifacts(artifacts)
         self.partition.settings = settings
         columns = [torch.cat(column) for column in zip(*batches(inputs))]
-        q_inputs = self._partition_inputs(_as_tuple(self.quantize_input(*columns)))
+        q_inputs = self._partition_inputs(as_tuple(self.quantize_input(*columns)))
         try:
             self.partition.compile_circuit(q_inputs, artifacts=artifacts)
         except (ValueError, AssertionError) as error:
@@ -240,13 +241,13 @@ class QuantizedModule:
         ``{"output": its float value}`` (what its integers decode to), for comparing
         intermediate values with torch.
         """
-        q_x = _as_tuple(self.quantize_input(*x))
+        q_x = as_tuple(self.quantize_input(*x))
         if debug and _mode(fhe) == "disable":
             values: Dict[str, Dict[Any, np.ndarray]] = {}
             with _recording_values(self, values):
-                q_y = _as_tuple(self.quantized_forward(*q_x, fhe="disable"))
+                q_y = as_tuple(self.quantized_forward(*q_x, fhe="disable"))
             return self.post_processing(self.dequantize_output(*q_y)), values
-        q_y = _as_tuple(self.quantized_forward(*q_x, fhe=fhe))
+        q_y = as_tuple(self.quantized_forward(*q_x, fhe=fhe))
         return self.post_processing(self.dequantize_output(*q_y))
 
     __call__ = forward
@@ -1025,10 +1026,6 @@ def _export_qonnx(model: torch.nn.Module, inputset: InputSet, path: Path) -> Non
 
 def _as_array(value: Any) -> Any:
     return value if isinstance(value, (torch.Tensor, np.ndarray)) else np.asarray(value, dtype=np.float64)
-
-
-def _as_tuple(value: Any) -> Tuple[Any, ...]:
-    return value if isinstance(value, tuple) else (value,)
 
 
 def _single_or_tuple(values: Sequence[Any]) -> Any:

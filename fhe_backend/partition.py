@@ -19,6 +19,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
+from .graph_utils import source_line
 from .lowering.batch import (
     BATCH_MAJOR,
     BatchAt,
@@ -82,13 +83,6 @@ def normalize_module_path(raw: str) -> str:
     path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".").replace("..", ".")
-
-
-def source_line(node: fx.Node) -> str:
-    """'file:line' of the user code that produced the node, when known."""
-    trace = node.meta.get("stack_trace") or ""
-    matches = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    return f"{matches[-1][0]}:{matches[-1][1]}" if matches else ""
 
 
 class _InTarget(OperatorSupportBase):

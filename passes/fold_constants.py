@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fhe_backend.graph_utils import fetch_attr
 from fhe_backend.lowering.batch import graph_batch
-
-
-def _constant_value(graph_module: fx.GraphModule, node: fx.Node):
-    value = graph_module
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _is_random(node: fx.Node) -> bool:
@@ -66,7 +60,7 @@ def fold_constants(graph_module: fx.GraphModule, settings=None) -> fx.GraphModul
     values = {}
     for node in list(graph_module.graph.nodes):
         if node.op == "get_attr":
-            values[node] = _constant_value(graph_module, node)
+            values[node] = fetch_attr(graph_module, node.target)
             continue
         if node.op != "call_function" or _is_random(node):
             continue

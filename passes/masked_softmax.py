@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .fold_constants import _constant_value
+from fhe_backend.graph_utils import fetch_attr
 
 aten = torch.ops.aten
 SOFTMAXES = {aten._softmax.default, aten._safe_softmax.default}
@@ -34,7 +34,7 @@ MASKED_BELOW = -1e30  # -inf and dtype-min (HF's mask value) count as masked
 def _float_constant(graph_module: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = _constant_value(graph_module, node)
+    value = fetch_attr(graph_module, node.target)
     return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 

@@ -104,8 +104,10 @@ def test_seed_qat_example_matches_brevitas(qat_example):
     expected = _eager(torch_model, x_test)
     assert simulated.shape == expected.shape == (20, 2)
     np.testing.assert_array_equal(simulated, clear)
-    # Brevitas' own scales and integers are used: equal up to float rounding
-    np.testing.assert_allclose(simulated, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
+    # Brevitas' own scales and integers are used: equal up to float rounding and the float bias,
+    # which the circuit adds rounded to the output step (so that clients never see the bias)
+    half_step = 0.5 * float(quantized_module.output_dequantizers[0].scale)
+    np.testing.assert_allclose(simulated, expected, atol=half_step + 1e-4 * max(1.0, np.abs(expected).max()))
     assert quantized_module.statistics["max_tlu_bit_width"] <= 8
 
 
@@ -242,7 +244,8 @@ def test_import_qat_accepts_a_brevitas_model():
     inputset = torch.randn(100, N_FEAT)
     quantized = build_quantized_module(model, inputset, import_qat=True)
     x_test = torch.randn(10, N_FEAT)
-    np.testing.assert_allclose(quantized.forward(x_test), _eager(model, x_test), atol=1e-4)
+    half_step = 0.5 * float(quantized.output_dequantizers[0].scale)  # the bias, rounded in the circuit
+    np.testing.assert_allclose(quantized.forward(x_test), _eager(model, x_test), atol=half_step + 1e-4)
 
 
 def test_unsupported_operators_are_listed():

@@ -147,7 +147,8 @@ def _raw_range(program, key, low, high):
 
 
 def test_auto_rounding_finds_the_lowest_shared_precision(mlp_and_data):
-    from fhe_backend.quantization.program import _as_tuple, _output_error
+    from fhe_backend.graph_utils import as_tuple
+    from fhe_backend.quantization.program import _output_error
     from fhe_backend.settings import AUTO_ROUNDING_TOLERANCE
 
     model, inputset, _ = mlp_and_data
@@ -158,7 +159,7 @@ def test_auto_rounding_finds_the_lowest_shared_precision(mlp_and_data):
     kept = {key: widths[key] - chosen.get(key, 0) for key in widths}
     q_inputs = program.quantize_inputs(inputset)
     program.rounding_lsbs = {}
-    reference = program.dequantize_outputs(*_as_tuple(program(*q_inputs)))
+    reference = program.dequantize_outputs(*as_tuple(program(*q_inputs)))
     spans = [max(float(r.max() - r.min()), 1e-9) for r in reference]
 
     def error(lsbs):

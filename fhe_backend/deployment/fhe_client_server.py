@@ -33,6 +33,7 @@ import torch
 from concrete import fhe
 
 from ..errors import FheBackendError
+from ..graph_utils import output_nodes
 from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
 
 CLIENT_ZIP = "client.zip"
@@ -93,11 +94,9 @@ class ProcessingSpec:
     @classmethod
     def from_partition(cls, partition: Any) -> "ProcessingSpec":
         """The spec of a compiled `FhePartition`."""
-        from ..runtime import _output_nodes
-
         program = partition.program
         dtypes = []
-        for node in _output_nodes(partition.graph_module):
+        for node in output_nodes(partition.graph_module):
             meta = node.meta.get("val")
             dtypes.append(
                 str(meta.dtype).replace("torch.", "") if isinstance(meta, torch.Tensor) else "float32"

@@ -26,12 +26,13 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import OptionError
+from ..graph_utils import as_tuple
 from ..settings import AUTO_ROUNDING_MAX_BITS, FheSettings, NBits, PrecisionSearch, Rounding
 from .program import IntegerProgram
 from .quantizers import bit_width
@@ -182,7 +183,7 @@ class _Scorer:
         )
         program.lookup_precision = dict(candidate.lookup_bits)
         ranges = program.calibrate_rounding(self.q_inputs)
-        outputs = _as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
+        outputs = as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
         kept = {
             key: bit_width(low, high) - program.rounding_lsbs.get(key, 0)
             for key, (low, high) in ranges.items()
@@ -338,10 +339,6 @@ def _argmax_disagreement(output: np.ndarray, reference: np.ndarray) -> float:
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(logits).reshape(len(labels), -1).argmax(-1) == labels))
-
-
-def _as_tuple(value: Any) -> tuple:
-    return value if isinstance(value, tuple) else (value,)
 
 
 __all__ = ["Candidate", "Evaluation", "PrecisionChoice", "candidate_settings", "search_precision"]

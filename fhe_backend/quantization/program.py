@@ -10,6 +10,8 @@ lowering runs for a node comes from `fhe_backend.lowering.registry`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +21,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from ..errors import BitWidthError, LoweringError
+from ..graph_utils import as_tuple, fetch_attr, output_nodes, source_line
 from ..lowering.context import Encrypted, LoweringContext, is_encrypted
 from ..lowering.quant import fake_quant_spec
 from ..lowering.registry import lowering_for
@@ -33,6 +36,17 @@ from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
+# A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
+# would reach an output take per-tensor weights instead, with floor(log2(spread of the rows'
+# scales)) more bits, at most this many: each row's weight step stays within twice its
+# per-channel step while the rows' scales are within 2**(this + 1) of each other.
+OUTPUT_WEIGHT_EXTRA_BITS = 4
+WEIGHTED_OPS = (
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.convolution.default,
+)
 
 
 def qat_input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
@@ -76,6 +90,9 @@ class IntegerProgram:
         self.input_quantizers = [self._input_quantizer(node) for node in self.tensor_inputs]
         self.output_dequantizers: List[OutputDequantizer] = []
         self._value_stats: Dict[int, NodeStats] = {}
+        # linear ops feeding an output with per-tensor weights: node name -> extra weight bits
+        self.one_scale_nodes: Dict[str, int] = {}
+        self._relower = False
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -108,7 +125,8 @@ class IntegerProgram:
             positions = self.extreme_positions
         finally:
             self.recording, self.extreme_positions = recording, None
-        return {min(int(position * samples), samples - 1) for position in positions}
+        # row / rows is exact in reals, not in floats (29 / 200 * 200 = 28.999...)
+        return {min(int(position * samples + 1e-9), samples - 1) for position in positions}
 
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""
@@ -128,13 +146,23 @@ class IntegerProgram:
 
     def __call__(self, *q_inputs: Any):
         """Run the program on integer inputs (numpy arrays or concrete tracers)."""
+        result = self._run(q_inputs)
+        if self._relower:  # linear ops moved to one weight scale (see _one_output_scale): again
+            self._relower = False
+            self.constants.clear()
+            if self.recording is not None:
+                self.recording.clear()
+            result = self._run(q_inputs)
+        return result
+
+    def _run(self, q_inputs: Sequence[Any]):
         env: Dict[fx.Node, Any] = {}
         inputs = iter(q_inputs)
         for node in self.graph_module.graph.nodes:
             if node.op == "placeholder":
                 env[node] = self._placeholder(node, inputs)
             elif node.op == "get_attr":
-                env[node] = _fetch_attr(self.graph_module, node.target)
+                env[node] = fetch_attr(self.graph_module, node.target)
             elif node.op == "call_function":
                 env[node] = self._call(node, env)
             elif node.op == "output":
@@ -154,6 +182,12 @@ class IntegerProgram:
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         ctx = LoweringContext(self, node)
+        if node.name in self.one_scale_nodes:  # per-tensor weights: the output has one scale
+            n_bits = self.settings.n_bits
+            wider = dataclasses.replace(
+                n_bits, op_weights=n_bits.op_weights + self.one_scale_nodes[node.name]
+            )
+            ctx.settings = self.settings.replace(per_channel_weights=False, n_bits=wider)
         if not any(is_encrypted(a) for a in tree_leaves((args, kwargs))):
             return node.target(*args, **kwargs)  # constant folding
         try:
@@ -163,7 +197,7 @@ class IntegerProgram:
         except Exception as error:
             raise LoweringError(
                 f"lowering {node.target} failed at node '{node.name}'"
-                f"{_source_hint(node)}: {type(error).__name__}: {error}"
+                f"{_where(node)}: {type(error).__name__}: {error}"
             ) from error
         if is_encrypted(result) and node.name in self.stats:
             self._value_stats[id(result)] = self.stats[node.name]
@@ -171,19 +205,55 @@ class IntegerProgram:
 
     def _outputs(self, node: fx.Node, env: Dict[fx.Node, Any]):
         results, dequantizers = [], []
-        for out_node in _flat_outputs(node):
+        outputs_ctx = LoweringContext(self, node)  # its lookups: "output:i", apart from the nodes'
+        for out_node in output_nodes(node):
             value = env[out_node]
             ctx = LoweringContext(self, out_node)
             if not is_encrypted(value):
                 raise LoweringError(f"partition output '{out_node.name}' does not depend on any input")
             if not value.affine:
                 value = ctx.materialize(value, self.settings.n_bits.model_outputs, self.stats[out_node.name])
+            self._one_output_scale(out_node, env)
+            if _scale_spread(value) > 1.0 and self._has_lookups():
+                # other per-position scales (a gain) in a circuit with lookups: one more lookup
+                # costs less than the wider leveled values `public_output` would make
+                value = outputs_ctx.materialize(
+                    value, self.settings.n_bits.model_outputs, self.stats[out_node.name]
+                )
+            expr, scale = public_output(value, self.settings.n_bits.model_outputs)
             if self.recording is not None:
-                self.record_extremes(value.expr)
-            results.append(value.expr)
-            dequantizers.append(OutputDequantizer(value.scale, value.zero_point))
+                self.record_extremes(expr)
+            results.append(expr)
+            dequantizers.append(OutputDequantizer(scale, 0.0))
         self.output_dequantizers = dequantizers
         return results[0] if len(results) == 1 else tuple(results)
+
+    def _has_lookups(self) -> bool:
+        """Whether the program has table lookups (those recorded so far, in a calibration run)."""
+        return bool(self.recording) if self.recording is not None else bool(self.lookup_offsets)
+
+    def _one_output_scale(self, out_node: fx.Node, env: Dict[fx.Node, Any]) -> None:
+        """Give the output one scale at its source: the linear ops whose per-channel weight
+        scales reach `out_node` through leveled ops take per-tensor weights (with up to
+        OUTPUT_WEIGHT_EXTRA_BITS more bits) from the next run on (`__call__` runs again at once).
+
+        Per-channel output scales would tell the client each row's largest weight. Only on a
+        numpy run (the first run is the calibration's); what remains goes to `public_output`.
+        """
+        if _scale_spread(env[out_node]) == 1.0 or not isinstance(env[out_node].expr, np.ndarray):
+            return
+        stack, seen = [out_node], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            spread = [n for n in node.all_input_nodes if _scale_spread(env.get(n)) > 1.0]
+            stack.extend(spread)
+            if not spread and node.target in WEIGHTED_OPS and node.name not in self.one_scale_nodes:
+                extra = math.floor(math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS)))
+                self.one_scale_nodes[node.name] = extra
+                self._relower = True
 
     def _search_rounding(self, q_inputs: Sequence[np.ndarray], ranges: Dict[str, Tuple[int, int]]) -> None:
         """rounding_threshold_bits="auto": the fewest bits per lookup within the error budget.
@@ -195,7 +265,7 @@ class IntegerProgram:
         error at the widest precision allowed, with a warning, when that is already above it).
         """
         sample = list(q_inputs)
-        reference = self.dequantize_outputs(*_as_tuple(self(*sample)))
+        reference = self.dequantize_outputs(*as_tuple(self(*sample)))
         spans = [max(float(np.ptp(r)), 1e-9) for r in reference]
         widths = {key: bit_width(low, high) for key, (low, high) in ranges.items()}
 
@@ -303,6 +373,41 @@ class IntegerProgram:
         return ranges
 
 
+def public_output(value: Encrypted, precision_bits: int) -> Tuple[Any, float]:
+    """An affine output as the client may read it: (integer expression, one scale), zero-point 0.
+
+    The client dequantizes with what it is given: a float zero-point (where a bias ends up)
+    would tell it the bias, per-position scales each row's largest weight or a per-channel
+    constant. The zero-point, rounded, is subtracted inside the circuit (error at most half a
+    step of the scale). Per-channel weight scales were already made one at their source
+    (`IntegerProgram._one_output_scale`); other per-position scales (a constant vector multiplied
+    in, a norm's gain) of a circuit without lookups are brought onto one scale S, the smallest |scale| over
+    2**precision_bits, by clear integer multipliers rint(scale / S): leveled, the output grows by
+    precision_bits plus log2 of the scales' spread, the error is at most
+    |y| * 2**-(precision_bits + 1) + S / 2.
+    """
+    scale = np.asarray(value.scale, dtype=np.float64)
+    expr = value.expr
+    if np.ndim(scale) and np.ptp(scale) > 0:
+        common = float(np.min(np.abs(scale))) / 2**precision_bits
+        expr = expr * np.rint(scale / common).astype(np.int64)
+    else:
+        common = float(scale.reshape(-1)[0]) if scale.size else 1.0
+    offset = np.rint(np.asarray(value.zero_point, dtype=np.float64) * scale / common).astype(np.int64)
+    if np.any(offset):
+        expr = expr - (offset if np.ndim(offset) else int(offset))
+    return expr, common
+
+
+def _scale_spread(value: Any) -> float:
+    """Largest over smallest |scale| of an affine encrypted value (1.0 when uniform)."""
+    if not is_encrypted(value) or not value.affine or not np.ndim(value.scale):
+        return 1.0
+    scale = np.abs(np.asarray(value.scale, dtype=np.float64))
+    low = float(scale.min()) if scale.size else 1.0
+    return float(scale.max()) / low if low > 0 else math.inf
+
+
 def _lookup_offset(low: int, high: int, lsbs: int) -> int:
     """The clear integer added before a lookup whose input spans [low, high] on the inputset.
 
@@ -330,36 +435,17 @@ def _lookup_offset(low: int, high: int, lsbs: int) -> int:
 
 def _output_error(program: "IntegerProgram", q_inputs, reference, spans) -> float:
     """Worst mean absolute output error, as a share of each output's span."""
-    outputs = program.dequantize_outputs(*_as_tuple(program(*q_inputs)))
+    outputs = program.dequantize_outputs(*as_tuple(program(*q_inputs)))
     return max(float(np.mean(np.abs(out - ref))) / span for out, ref, span in zip(outputs, reference, spans))
 
 
-def _as_tuple(value: Any) -> tuple:
-    return value if isinstance(value, tuple) else (value,)
+def _where(node: fx.Node) -> str:
+    """' (file:line)' of the user code behind `node`, '' when unknown."""
+    line = source_line(node)
+    return f" ({line})" if line else ""
 
 
 def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _flat_outputs(output_node: fx.Node) -> List[fx.Node]:
-    args = output_node.args[0]
-    return list(args) if isinstance(args, (tuple, list)) else [args]
-
-
-def _source_hint(node: fx.Node) -> str:
-    trace = node.meta.get("stack_trace")
-    if not trace:
-        return ""
-    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
-    location = [line for line in lines if line.startswith("File ")]
-    return f" ({location[-1]})" if location else ""
