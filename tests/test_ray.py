@@ -9,6 +9,7 @@ loopback. Models: the seed's FCSmall with `seq.0` remote (leveled) and FCSmall(4
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -353,3 +354,27 @@ def test_run_server_on_ray_equals_fhe_model_server(deployed, ray_cluster, tmp_pa
         )
     with pytest.raises(ray_serve.FheBackendError, match=r"inputs\[0\]"):
         ray_runner.run_server_on_ray(folder, [b"not a ciphertext"], keys)
+
+
+def test_autoscaling_and_limits_map_to_serve_options(tmp_path):
+    from fhe_backend.deployment.server import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [str(tmp_path), "--keys-dir", str(tmp_path), "--engine", "ray", "--max-replicas", "4"]
+        + ["--max-concurrent-computes", "3", "--max-connections", "50"]
+    )
+    options = ray_serve.ray_settings_from_args(args).deployment_options(settings_from_args(args))
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 3,
+    }
+    assert "num_replicas" not in options and options["max_queued_requests"] == 50
+    assert options["max_ongoing_requests"] >= 3
+    fixed = ray_serve.RayServeSettings(replicas=3).deployment_options(settings_from_args(args))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    with pytest.raises(ValueError, match="--max-replicas"):
+        ray_serve.RayServeSettings(min_replicas=2)
