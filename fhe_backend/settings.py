@@ -89,8 +89,10 @@ class NBits:
 class Rounding:
     """Accumulator rounding before each table lookup: keep `n_bits` most significant bits.
 
-    `n_bits="auto"` picks, lookup by lookup, the fewest bits that keep the partition's outputs
-    within `AUTO_ROUNDING_TOLERANCE` of the unrounded program on the calibration set.
+    `n_bits="auto"` first finds the lowest precision that every lookup of the partition can
+    share (at most `AUTO_ROUNDING_MAX_BITS`) with the outputs within `AUTO_ROUNDING_TOLERANCE`
+    of the unrounded program on the calibration set, then lowers single lookups further, in
+    graph order, while the outputs stay within that budget (`IntegerProgram._search_rounding`).
     """
 
     n_bits: Union[int, str]

@@ -37,9 +37,10 @@ from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
 # A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
-# would reach an output take per-tensor weights instead, with floor(log2(spread of the rows'
-# scales)) more bits, at most this many: each row's weight step stays within twice its
-# per-channel step while the rows' scales are within 2**(this + 1) of each other.
+# would reach an output take per-tensor weights instead, with log2(spread of the rows' scales)
+# more bits, at most this many: rounded up in a leveled circuit (each row keeps its per-channel
+# step while the rows' scales are within 2**this), down where lookups share the output's width
+# (a row's step at most twice its per-channel one, within 2**(this + 1)).
 OUTPUT_WEIGHT_EXTRA_BITS = 4
 WEIGHTED_OPS = (
     torch.ops.aten.mm.default,
@@ -251,7 +252,8 @@ class IntegerProgram:
             spread = [n for n in node.all_input_nodes if _scale_spread(env.get(n)) > 1.0]
             stack.extend(spread)
             if not spread and node.target in WEIGHTED_OPS and node.name not in self.one_scale_nodes:
-                extra = math.floor(math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS)))
+                bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
+                extra = math.floor(bits) if self._has_lookups() else math.ceil(bits)
                 self.one_scale_nodes[node.name] = extra
                 self._relower = True
 
