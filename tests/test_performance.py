@@ -272,3 +272,25 @@ def test_simulator_gives_what_concrete_simulate_gives(mlp_and_data):
     reference = [partition.circuit.simulate(*sample) for sample in samples]
     assert all(f.dtype == np.int64 and f.shape == r.shape for f, r in zip(fast, reference))
     assert sum(not np.array_equal(f, r) for f, r in zip(fast, reference)) <= 1
+
+
+def test_a_small_average_pool_feeds_the_next_convolution_without_a_lookup():
+    """conv -> ReLU -> 2x2 avg-pool -> conv -> ReLU: the pool's window sum is the second conv's
+    input as it is, so the only lookups are the two ReLUs (no requantization of the pool), and
+    the results stay within the quantization tolerance of eager torch."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten()
+    ).eval()
+    inputset, x = torch.randn(200, 1, 6, 6), torch.randn(12, 1, 6, 6)
+    compiled, partition = _compile(model, inputset, {"n_bits": 6, "method": "approximate"})
+    assert partition.statistics["pbs_count"] == 3 * 6 * 6 + 2 * 1 * 1  # one per ReLU output
+    assert len(partition.lookup_ranges) == 2  # the first ReLU (read by the pool) and the second
+    with torch.no_grad():
+        reference = model(x)
+        with fhe_backend.fhe_mode("disable"):
+            disable = compiled(x)
+        simulate = compiled(x)
+    tolerance = quantization_tolerance(reference, 6, steps=4.5)
+    assert float((disable - reference).abs().max()) <= tolerance
+    assert float((simulate - reference).abs().max()) <= tolerance

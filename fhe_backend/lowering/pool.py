@@ -15,6 +15,11 @@ from .registry import register
 
 aten = torch.ops.aten
 
+# an average pool's window sum feeds the next linear op directly (no requantizing lookup) when
+# it adds at most this many bits to its input: on the digits CNN (2x2 pool before a conv) that
+# saved 64 of 352 PBS and 18% of the complexity, at the same accuracy or better
+POOL_SUM_FRESH_BITS = 2
+
 
 def _pairs(value, ndim: int = 2):
     value = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -44,7 +49,10 @@ def avg_pool2d(
     count_include_pad=True,
     divisor_override=None,
 ):
-    """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size."""
+    """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size.
+
+    A window of at most 2**POOL_SUM_FRESH_BITS elements leaves a sum the next linear op reads
+    without a lookup (its accumulator gets that many more bits)."""
     x = ctx.as_linear_input(x)
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
@@ -52,7 +60,10 @@ def avg_pool2d(
     channels = shape_of(x.expr)[1]
     ones = np.ones((channels, 1, *kernel), dtype=np.int64)
     acc = fhe.conv(pad_trailing(x.centered, padding), ones, None, strides=stride, group=channels)
-    return Encrypted(acc, x.scale / int(np.prod(kernel)), 0.0)
+    window = int(np.prod(kernel))
+    # the window sum is an integer with zero-point 0: a small one is a linear op's input as it is
+    fresh = window <= 2**POOL_SUM_FRESH_BITS
+    return Encrypted(acc, x.scale / window, 0.0, fresh=fresh)
 
 
 def _max_reason(node: fx.Node) -> Optional[str]:
