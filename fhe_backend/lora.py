@@ -14,7 +14,10 @@ the bias is split over as many such columns as needed to keep its weight rows no
 the weights, so it does not coarsen the per-channel weight quantization.
 
 API as in Concrete ML's ``concrete.ml.torch.lora``: `LoraTraining`, `LoraTrainer`,
-`get_remote_names`, `setup_logger`, `grad_to`, `optimizer_to`.
+`get_remote_names`, `setup_logger`, `grad_to`, `optimizer_to`. `LoraTrainer` compiles and
+trains; shipping the compiled linears (server artifacts, the client connection, the client
+model without the frozen weights) is `fhe_backend.lora_deployment.LoraDeployment`, to which its
+deployment methods delegate.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import FheBackendError, NotCompiledError, OptionError
+from .lora_deployment import LoraDeployment
 from .runtime import RUN_MODES, FhePartition
 from .settings import FheSettings
 
@@ -650,7 +654,7 @@ class LoraTrainer:
         self.gradient_stats: Dict[str, List[float]] = {}
         self.eval_history: List[Tuple[int, Dict[str, float]]] = []
         self.remote_names: List[str] = []
-        self.remote_clients: Dict[str, Any] = {}
+        self.deployment = LoraDeployment(self._remote_matmuls, self.logger)
         self.start_epoch, self.global_step, self._skip_batches = 1, 0, 0
         self._epoch_batches_done = 0
         self._steps_per_epoch: Optional[int] = None
@@ -712,7 +716,7 @@ class LoraTrainer:
 
     def partitions(self) -> Dict[str, FhePartition]:
         """The FHE partitions of the frozen linears, by remote module name (for deployment)."""
-        return {name: m.partition for name, m in self._remote_matmuls().items() if m.partition is not None}
+        return self.deployment.partitions()
 
     def set_fhe_mode(self, fhe: str) -> None:
         """Run the remote linears in `fhe` mode (the others, e.g. lm_head, stay clear torch)."""
@@ -737,16 +741,17 @@ class LoraTrainer:
         for matmul in remote.values():
             matmul.mode = fhe
 
-    # ---- deployment (fhe="remote") ------------------------------------------------------
+    # ---- deployment (fhe="remote"): `fhe_backend.lora_deployment.LoraDeployment` ---------
+
+    @property
+    def remote_clients(self) -> Dict[str, Any]:
+        """The hybrid-model RemoteModules connected by `init_client`, by remote module name."""
+        return self.deployment.remote_clients
 
     def save_server_artifacts(self, path: str) -> List[str]:
         """Write each remote linear's ``client.zip``/``server.zip`` under
-        ``path/<module>/<input shape>/`` (the layout of `fhe_backend.hybrid_model`): serve the
-        parent folder with ``fhe-backend serve``, `path`'s name being the model name."""
-        written = []
-        for remote in self._remote_clients(None, Path(path).name).values():
-            written.append(str(remote.save_artifacts(Path(path) / remote.url_name)))
-        return written
+        ``path/<module>/<input shape>/`` (see `LoraDeployment.save_server_artifacts`)."""
+        return self.deployment.save_server_artifacts(path)
 
     def init_client(
         self,
@@ -757,27 +762,7 @@ class LoraTrainer:
     ) -> None:
         """Connect every remote linear to the FHE server (keys generated here, evaluation keys
         uploaded), so that ``train(..., fhe="remote")`` runs them on the server."""
-        self.remote_clients = self._remote_clients(server_remote_address, model_name)
-        for remote in self.remote_clients.values():
-            folder = remote.url_name
-            remote.init_fhe_client(
-                Path(path_to_clients) / folder if path_to_clients else None,
-                Path(path_to_keys) / folder if path_to_keys else None,
-            )
-
-    def _remote_clients(self, server_remote_address: Optional[str], model_name: str) -> Dict[str, Any]:
-        """A hybrid-model RemoteModule around each remote linear's partition."""
-        from .hybrid_model import RemoteModule
-
-        clients = {}
-        for name, matmul in self._remote_matmuls().items():
-            if matmul.partition is None:
-                raise NotCompiledError(f"'{name}' is not compiled: call LoraTrainer.compile(inputset) first")
-            remote = RemoteModule(None, server_remote_address, module_name=name, model_name=model_name)
-            remote.graph, remote.partition = matmul.graph, matmul.partition
-            remote.input_shape = tuple(matmul.partition.statistics["input_shape"][0])
-            clients[name] = remote
-        return clients
+        self.deployment.init_client(server_remote_address, model_name, path_to_clients, path_to_keys)
 
     # ---- training -------------------------------------------------------------------------
 
@@ -976,32 +961,7 @@ class LoraTrainer:
 
         After this the remote linears run only in FHE modes (simulate, execute, remote).
         """
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        remote = self._remote_matmuls()
-        for matmul in remote.values():
-            matmul.clear_private_info()
-            if matmul.mode == "torch" and matmul.partition is not None:
-                matmul.mode = "simulate"
-        model = self.lora_training_module.inference_model
-        torch.save(model.state_dict(), directory / "client_model_state.pt")
-        specs = {
-            name: {
-                "input_quantizers": [q.to_dict() for q in m.partition.program.input_quantizers],
-                "anchor": m.anchor,
-                "bias_columns": m.bias_columns,
-                "dynamic": m.dynamic,
-                "rows_per_circuit": m.rows_per_circuit,
-            }
-            for name, m in remote.items()
-            if m.partition is not None
-        }
-        torch.save({"remote_names": list(remote), "remote_specs": specs}, directory / "remote_modules.pt")
-        self.logger.info(
-            "saved the client model to %s; private weights of %d remote module(s) cleared",
-            directory,
-            len(remote),
-        )
+        self.deployment.save_and_clear_private_info(path, self.lora_training_module.inference_model)
 
 
 def _training_args(training_args: Any) -> Dict[str, Any]:

@@ -6,18 +6,14 @@ model's output range at the chosen bit-width, scaled by the number of quantized 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 import fhe_backend
+from fhe_backend.graph_utils import as_tuple
 from fhe_backend.settings import DEFAULT_MODEL_BITS
-
-
-def as_tuple(value: Any) -> Tuple[Any, ...]:
-    """Wrap a single value in a tuple."""
-    return value if isinstance(value, tuple) else (value,)
 
 
 def compile_fhe(model: torch.nn.Module, inputset: Any, **options: Any):
