@@ -28,6 +28,7 @@ from concrete import fhe
 
 from .errors import OptionError
 from .exit_status import note_configuration
+from .graph_utils import as_tuple
 from .quantization.program import IntegerProgram
 from .settings import FheSettings
 from .simulation import Simulator
@@ -54,7 +55,7 @@ class SequentialExecutor:
 
     def execute(self, circuit: fhe.Circuit, samples: Sequence[Sample]) -> List[Sample]:
         """`encrypt_run_decrypt` on each sample in turn."""
-        return [_as_tuple(circuit.encrypt_run_decrypt(*sample)) for sample in samples]
+        return [as_tuple(circuit.encrypt_run_decrypt(*sample)) for sample in samples]
 
 
 class ThreadExecutor:
@@ -68,7 +69,7 @@ class ThreadExecutor:
         if len(samples) < 2 or self.workers < 2:
             return SequentialExecutor().execute(circuit, samples)
         with ThreadPoolExecutor(min(self.workers, len(samples)), thread_name_prefix="fhe-execute") as pool:
-            return list(pool.map(lambda sample: _as_tuple(circuit.encrypt_run_decrypt(*sample)), samples))
+            return list(pool.map(lambda sample: as_tuple(circuit.encrypt_run_decrypt(*sample)), samples))
 
 
 # runner name -> factory; "ray" registers itself when its module is imported (optional extra)
@@ -211,7 +212,7 @@ class CircuitRunner:
             return executor_for(self.settings.runner).execute(self.circuit, samples)
         if self._simulator is None or self._simulator.circuit is not self.circuit:
             self._simulator = Simulator(self.circuit)
-        return [_as_tuple(self._simulator(*sample)) for sample in samples]
+        return [as_tuple(self._simulator(*sample)) for sample in samples]
 
     # ---- inspection ---------------------------------------------------------------------
 
@@ -238,7 +239,3 @@ def _traceable(program: IntegerProgram, count: int) -> Callable[..., Any]:
         [inspect.Parameter(f"x{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(count)]
     )
     return circuit_function
-
-
-def _as_tuple(value: Any) -> Tuple[Any, ...]:
-    return value if isinstance(value, tuple) else (value,)

@@ -25,6 +25,7 @@ from concrete import fhe
 
 from .circuit_runner import CircuitRunner, Sample
 from .errors import BitWidthError, LoweringError, NotCompiledError, OptionError
+from .graph_utils import as_tuple, fetch_attr, output_nodes
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
@@ -403,17 +404,17 @@ class FhePartition(torch.nn.Module):
         """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
         mode = mode or self.mode
         if mode == "disable" and self.program is not None:
-            return _as_tuple(self.program(*q_inputs))
+            return as_tuple(self.program(*q_inputs))
         self._require_compiled()
         if mode == "remote":
-            return _as_tuple(self.remote_runner(q_inputs))
+            return as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
             self.keygen()
         per_sample = self.runner.run(self._samples(q_inputs), mode)
         return tuple(np.concatenate(parts) for parts in zip(*per_sample))
 
     def _to_torch(self, outputs: Sequence[np.ndarray], like: Sequence[torch.Tensor]) -> Any:
-        out_nodes = _output_nodes(self.graph_module)
+        out_nodes = output_nodes(self.graph_module)
         device = like[0].device if like else None
         tensors = []
         for node, value in zip(out_nodes, outputs):
@@ -441,13 +442,11 @@ class FhePartition(torch.nn.Module):
                 else None
             )
             if node.op == "get_attr":
-                constant = self.graph_module
-                for part in node.target.split("."):
-                    constant = getattr(constant, part)
+                constant = fetch_attr(self.graph_module, node.target)
                 parts.append(
                     (
                         "constant",
-                        hashlib.sha256(constant.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+                        hashlib.sha256(constant.cpu().contiguous().numpy().tobytes()).hexdigest(),
                     )
                 )
             elif node.op in ("placeholder", "call_function"):
@@ -492,16 +491,6 @@ class FhePartition(torch.nn.Module):
     def extra_repr(self) -> str:
         """Name, mode and module path, shown by print(model)."""
         return f"name={self.name!r}, mode={self._mode!r}, module={self.module_path!r}"
-
-
-def _as_tuple(value: Any) -> Tuple[Any, ...]:
-    return value if isinstance(value, tuple) else (value,)
-
-
-def _output_nodes(graph_module: fx.GraphModule) -> List[fx.Node]:
-    output = next(n for n in graph_module.graph.nodes if n.op == "output")
-    args = output.args[0]
-    return list(args) if isinstance(args, (tuple, list)) else [args]
 
 
 def _returns_tuple(graph_module: fx.GraphModule) -> bool:
