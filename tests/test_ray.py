@@ -378,3 +378,15 @@ def test_autoscaling_and_limits_map_to_serve_options(tmp_path):
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     with pytest.raises(ValueError, match="--max-replicas"):
         ray_serve.RayServeSettings(min_replicas=2)
+
+
+def test_ray_runner_says_when_workers_cannot_be_placed(ray_cluster, monkeypatch):
+    from fhe_backend.deployment import ray_runner
+
+    monkeypatch.setattr(ray_runner, "WORKER_START_SECONDS", 2)
+    ray_runner.configure(workers=1, cpus_per_worker=64)  # more CPUs than the module's Ray has
+    try:
+        with pytest.raises(ray_runner.RayWorkersUnavailable, match="cpus_per_worker"):
+            ray_runner.worker_pool()
+    finally:
+        ray_runner.configure()

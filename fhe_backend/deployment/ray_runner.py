@@ -31,10 +31,16 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..circuit_runner import Sample, register_executor
+from ..errors import FheBackendError
 from .ray_serve import connect, require_ray
 
 SerializedSample = Tuple[bytes, ...]
 WORKER_CACHE = 4  # circuits and key sets one worker keeps loaded
+WORKER_START_SECONDS = 300  # a new worker imports torch and Concrete
+
+
+class RayWorkersUnavailable(FheBackendError, RuntimeError):
+    """The ``ray`` runner's workers could not be placed on the cluster (no free CPUs)."""
 
 
 @dataclass
@@ -132,6 +138,19 @@ class _Pool:
             num_cpus=settings.cpus_per_worker, max_restarts=2, max_task_retries=2
         )
         self.actors = [actor.remote() for _ in range(count)]
+        # a worker Ray cannot place (every CPU reserved) would make a batch wait forever
+        ready, _ = ray.wait(
+            [a.pid.remote() for a in self.actors], num_returns=count, timeout=WORKER_START_SECONDS
+        )
+        if len(ready) < count:
+            for handle in self.actors:
+                ray.kill(handle)
+            raise RayWorkersUnavailable(
+                f"runner 'ray': {count - len(ready)} of {count} workers ({settings.cpus_per_worker:g} CPU each) "
+                f"did not start within {WORKER_START_SECONDS} s; the cluster has "
+                f"{ray.available_resources().get('CPU', 0):g} CPUs free of {ray.cluster_resources().get('CPU', 0):g}: "
+                "add nodes, or ray_runner.configure(workers=..., cpus_per_worker=...) with fewer"
+            )
 
     def valid(self) -> bool:
         ray = require_ray("the ray runner")
@@ -273,6 +292,7 @@ register_executor("ray", RayExecutor)
 __all__: List[str] = [
     "RayExecutor",
     "RayRunnerSettings",
+    "RayWorkersUnavailable",
     "CircuitWorker",
     "configure",
     "worker_pool",
