@@ -22,6 +22,7 @@ serialized results out.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -134,6 +135,11 @@ class _Pool:
         )
         # a call running on a worker that dies is run again on its restarted process (evaluation
         # is a pure function of the ciphertexts and keys)
+        # the worker class travels by value: a worker process imports Concrete, not this package
+        # (and torch with it), which halves its start-up
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
         actor = ray.remote(CircuitWorker).options(
             num_cpus=settings.cpus_per_worker, max_restarts=2, max_task_retries=2
         )
