@@ -152,8 +152,14 @@ class LoweringContext:
             self.program.constants[full_key] = build()
         return self.program.constants[full_key]
 
-    def lookup(self, expr: Any, table: Callable[[np.ndarray], np.ndarray]) -> Any:
-        """One table lookup, after rounding the input to `rounding_threshold_bits` if set."""
+    def lookup(self, expr: Any, table: Callable[[np.ndarray], np.ndarray], exact: bool = False) -> Any:
+        """One table lookup, after rounding the input to `rounding_threshold_bits` if set.
+
+        `exact` lookups read their input unrounded and unshifted (a copy of a narrow value that
+        must stay exact, e.g. the correction term of an encrypted product).
+        """
+        if exact:
+            return fhe.univariate(table)(expr)
         key = f"{self.node.name}:{next(self._lookups)}"
         if self.program.recording is not None:
             low, high = self.program.record_extremes(expr)

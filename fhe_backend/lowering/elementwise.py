@@ -287,8 +287,14 @@ def _signed_product(ctx: LoweringContext, a: Any, b: Any) -> Any:
     """a * b of two encrypted integer tensors.
 
     Concrete 2.11 miscomputes the product of a signed and an unsigned encrypted tensor (in
-    simulation and execution), so a non-negative operand facing a signed one is shifted to a
-    signed range first (by its minimum + 1, the smallest growth): a * b = (a - k) * b + k * b.
+    simulation and execution), so one operand is shifted first: the signed one to non-negative
+    values (a * b = a * (b + k) - k * a) or the non-negative one to a signed range (a * b =
+    (a - k) * b + k * b). The correction term k * x is an exact table lookup on x, not a leveled
+    multiplication: a leveled one would give x, an operand of the product, the product's
+    bit-width (Concrete's operands of an encrypted multiplication share one precision, and an
+    addition shares its operands' precision), so the multiplication's internal lookups would be
+    as wide as its result (e.g. 12 bits instead of 7 in a LayerNorm). The operand with fewer
+    elements (the broadcast one) carries the correction.
     """
     count = next(ctx.products)
     ranges = [observed_integers(ctx, f"product{count}:{side}", v) for side, v in (("a", a), ("b", b))]
@@ -297,8 +303,12 @@ def _signed_product(ctx: LoweringContext, a: Any, b: Any) -> Any:
         return a * b
     if signed[0]:
         a, b, ranges = b, a, ranges[::-1]
-    shift_by = int(ranges[0].low) + 1  # `a` is the non-negative operand: a - shift_by reaches -1
-    return (a - shift_by) * b + b * shift_by
+    # `a` is the non-negative operand, `b` the signed one
+    if int(np.prod(shape_of(a))) <= int(np.prod(shape_of(b))):
+        shift_by = -int(ranges[1].low)  # b + shift_by >= 0: the correction is -shift_by * a
+        return a * (b + shift_by) + ctx.lookup(a, lambda q: -shift_by * np.asarray(q), exact=True)
+    shift_by = int(ranges[0].low) + 1  # a - shift_by reaches -1: the correction is shift_by * b
+    return (a - shift_by) * b + ctx.lookup(b, lambda q: shift_by * np.asarray(q), exact=True)
 
 
 def is_clear(expr: Any) -> bool:
