@@ -315,7 +315,7 @@ def test_ray_runner_batch_equals_local_execute_exactly(lookup_model):
     # the same circuit, keys and integer samples: the Ray runner returns what the local one does
     circuit = partition.runner.circuit
     value = circuit.graph.input_nodes[0].output  # every integer the circuit's input type allows
-    draw = np.random.default_rng(0).integers(value.dtype.min(), value.dtype.max() + 1, (16, *value.shape))
+    draw = np.random.default_rng(0).integers(value.dtype.min(), value.dtype.max() + 1, (8, *value.shape))
     samples = [(sample,) for sample in draw]
     local = SequentialExecutor().execute(circuit, samples)
     distributed = ray_runner.RayExecutor().execute(circuit, samples)

@@ -128,7 +128,7 @@ class _Pool:
     def __init__(self, settings: RayRunnerSettings) -> None:
         ray = require_ray("the ray runner")
         if not ray.is_initialized():
-            connect(settings.address or os.environ.get("RAY_ADDRESS"))
+            connect(settings.address)  # else RAY_ADDRESS, else a local instance
         self.job = ray.get_runtime_context().get_job_id()
         count = settings.workers or max(
             1, int(ray.cluster_resources().get("CPU", 1) // max(settings.cpus_per_worker, 1e-3))

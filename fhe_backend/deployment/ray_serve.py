@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import hashlib
 import logging
+import os
 import signal
 import threading
 from dataclasses import asdict, dataclass
@@ -77,18 +78,22 @@ def connect(
     num_cpus: Optional[int] = None,
     object_store_memory: Optional[int] = None,
 ) -> bool:
-    """Connect to Ray: `address` (``auto``, ``ray://host:10001``, ``host:6379``) or, when None, a new
-    local Ray instance (no dashboard). Returns whether this call started Ray (so the caller shuts
-    it down); a process already connected keeps its connection.
+    """Connect to Ray: `address` (``auto``, ``ray://host:10001``, ``host:6379``), else the
+    ``RAY_ADDRESS`` environment variable, else a new local Ray instance (no dashboard; never a
+    cluster found on this machine). Returns whether this call connected (so the caller shuts the
+    connection, and a local instance with it, down); a process already connected keeps its
+    connection.
     """
     ray = require_ray()
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, namespace=KEY_STORE_NAMESPACE, log_to_driver=False)
         return True
     # a local instance: Ray's own ports use this machine's address; the HTTP proxy binds --host
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=object_store_memory,
         include_dashboard=False,
@@ -134,8 +139,6 @@ class KeyStoreHost:
 
     def location(self) -> Dict[str, Any]:
         """Where the keys live: the node's id, the actor's process id and the folder."""
-        import os
-
         import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "folder": self.folder}
@@ -410,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--address",
         help="Ray cluster to deploy to: 'auto' (this node's cluster), 'ray://HEAD:10001' (Ray client) "
-        "or 'HEAD:6379'; default: start a local Ray instance",
+        "or 'HEAD:6379'; default: RAY_ADDRESS when set, else a new local Ray instance",
     )
     scale = group.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
@@ -467,7 +470,8 @@ def run(args: argparse.Namespace, settings: Any) -> int:
             "terminate TLS in a proxy or load balancer in front of Ray's HTTP proxies"
         )
         return 2
-    if args.detach and not args.address:
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if args.detach and not address:
         print("fhe-backend serve: --detach needs --address (a local Ray instance ends with the command)")
         return 2
     try:
@@ -483,7 +487,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         except ValueError as error:
             print(f"fhe-backend serve: {error}")
             return 1
-    started = connect(args.address, num_cpus=args.ray_num_cpus)
+    started = connect(address, num_cpus=args.ray_num_cpus)
     ray = require_ray()
     from ray import serve
 
@@ -503,7 +507,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         _on_signals(lambda *_: stop.set())
         while not stop.wait(1.0):
             pass
-        if args.address:  # the cluster stays up: take the application off it
+        if address:  # the cluster stays up: take the application off it
             remover = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
             remover.start()
             remover.join(60)
