@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 import time
 import warnings
 import weakref
@@ -32,6 +33,7 @@ from .errors import FheBackendError, LoweringError, OptionError, surfaced
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .passes import PassManager
 from .quantization.calibration import batches
+from .replay import Replay, dynamo_call, fed_by_call
 from .runtime import FhePartition, fhe_mode
 from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
 from .skipped_frames import install as install_skipped_frame_checks
@@ -72,6 +74,51 @@ class CompileSession:
         self.reusable: Dict[Any, "weakref.ref[FhePartition]"] = {}
         self.mode: Optional[str] = None
         self.number = next(_SESSION_NUMBERS)  # creation order
+        self.replay: Optional[Replay] = None  # runs the compiled model again (graph breaks)
+        self.replay_batch_size: Optional[int] = None  # samples of the batch being replayed
+        self._replay_thread: Optional[int] = None
+
+    @property
+    def replaying(self) -> bool:
+        """True while the compiled model runs on the inputset to calibrate its graphs (in the
+        thread that runs it: other threads' calls are ordinary calls)."""
+        return self._replay_thread == threading.get_ident()
+
+    def pending_partitions(self) -> List[FhePartition]:
+        """Partitions of the session's graphs that have no integer program yet."""
+        pending: List[FhePartition] = []
+        for graph in self.compiled_graphs():
+            pending.extend(p for p in graph.partitions if p.primary is None and not p.calibrated)
+        return pending
+
+    def calibrate_by_replay(self) -> None:
+        """Run the compiled model on the inputset under fhe_mode("calibrate"): every graph, also
+        those after a graph break, records the values that reach it; then each partition that
+        recorded some is quantized and compiled. Graphs calibrated already run in float torch.
+
+        The inputset is cut into batches of the size of the call being compiled, so that the
+        model runs through the graphs dynamo compiled for it (see `Replay.chunks`).
+        """
+        inputset = self.replay.chunks(batches(self.settings.inputset))
+        self._replay_thread = threading.get_ident()
+        try:
+            with torch.no_grad(), fhe_mode("calibrate"):
+                for batch in inputset:
+                    self.replay_batch_size = _batch_size(batch)
+                    for partition_ in self.pending_partitions():
+                        partition_.calibration_batch_size = self.replay_batch_size
+                    self.replay(batch)
+        finally:
+            self.replay_batch_size, self._replay_thread = None, None
+        recorded = [p for p in self.pending_partitions() if _has_calibration_data(p)]
+        for index, partition_ in enumerate(recorded):
+            _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(recorded)})")
+            partition_.compile()
+        logger.info(
+            "graphs after a graph break calibrated on %d batches of the inputset (%d partitions)",
+            len(inputset),
+            len(recorded),
+        )
 
     def compiled_graphs(self) -> List["CompiledGraph"]:
         """The session's live graphs, oldest first."""
@@ -129,6 +176,9 @@ class CompiledGraph(torch.nn.Module):
         self.user_inputs = user_inputs
         self.settings = settings
         self.session: Optional[CompileSession] = None  # set by the backend; keeps it alive
+        # the inputset does not reach this graph as it is (a graph after a break): calibrated by
+        # running the compiled model on the inputset at its first call (CompileSession.replay)
+        self.calibrate_by_replay = False
 
     def calibrate(self, inputset: Any, compile_circuits: bool = True) -> None:
         """Calibrate every partition on the inputset and compile their circuits.
@@ -260,15 +310,42 @@ class CompiledGraph(torch.nn.Module):
         return args
 
     def forward(self, *args: Any) -> Any:
-        """Run the graph; on the first call without an inputset, calibrate on these inputs."""
+        """Run the graph; on the first call, calibrate it first: a graph after a graph break on
+        the values that reach it when the model runs on the inputset, without an inputset on
+        these inputs."""
+        session = self.session
+        if session is not None and session.replaying:
+            return self._replay_step(session, args)
         if any(not p.calibrated for p in self.partitions):
-            warnings.warn(
-                "fhe_backend: no 'inputset' option, calibrating on the first call's "
-                "inputs; pass a representative inputset (hundreds of samples) for accuracy",
-                stacklevel=2,
-            )
+            replay = session.replay if session is not None else None
+            if self.calibrate_by_replay and replay is not None and replay.alive:
+                session.calibrate_by_replay()
+        if any(not p.calibrated for p in self.partitions):
+            if self.calibrate_by_replay:
+                message = (
+                    "fhe_backend: the inputset never reached this graph (it follows a graph break, "
+                    "e.g. a branch the inputset did not take): calibrating it on this call's inputs "
+                    "only; give an inputset that runs through every branch"
+                )
+            else:
+                message = (
+                    "fhe_backend: no 'inputset' option, calibrating on the first call's "
+                    "inputs; pass a representative inputset (hundreds of samples) for accuracy"
+                )
+            warnings.warn(message, stacklevel=2)
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             self.calibrate([tuple(tensors)])
+        return self.split(*args)
+
+    def _replay_step(self, session: CompileSession, args: Sequence[Any]) -> Any:
+        """One call while the session replays the inputset: graphs still to calibrate record
+        their inputs (fhe_mode "calibrate"), calibrated ones run the float torch graph."""
+        pending = [p for p in self.partitions if not p.calibrated]
+        if not pending:
+            with fhe_mode("torch"):
+                return self.split(*args)
+        for partition_ in pending:
+            (partition_.primary or partition_).calibration_batch_size = session.replay_batch_size
         return self.split(*args)
 
 
@@ -315,9 +392,21 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optiona
             stacklevel=3,
         )
 
+    call = dynamo_call(options) if settings.inputset is not None else None
+    if call is not None and session.replay is None:
+        session.replay = call[0]
+    # a graph whose inputs are not the tensors the model was called with follows a graph break:
+    # the inputset does not reach it as it is (calibrated by replaying the model, at its first call)
+    after_break = call is not None and not fed_by_call(
+        [x for x, flag in zip(sources, constant_flags) if not flag], call[1]
+    )
+
     def compile_for(aten_gm: fx.GraphModule, values: Sequence[Any]) -> CompiledGraph:
         with unset_fake_temporarily():
-            compiled = compile_aten_graph(aten_gm, values, constant_flags, settings, session=session)
+            compiled = compile_aten_graph(
+                aten_gm, values, constant_flags, settings, session=session, calibrate=not after_break
+            )
+        compiled.calibrate_by_replay = after_break
         if session.mode is not None:
             for partition_ in compiled.partitions:
                 partition_.mode = session.mode
@@ -413,8 +502,10 @@ def compile_aten_graph(
     settings: FheSettings,
     groups: Optional[List[TargetGroup]] = None,
     session: Optional[CompileSession] = None,
+    calibrate: bool = True,
 ) -> CompiledGraph:
-    """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given.
+    """Bake constants, run the passes, partition, and calibrate/compile when an inputset is given
+    (and `calibrate`: a graph after a graph break is calibrated later, see CompileSession.replay).
 
     Partitions equal to one compiled earlier in the same `session` (dynamo recompiling the
     same model for another batch size) share its circuit and keys instead of recompiling.
@@ -444,7 +535,7 @@ def compile_aten_graph(
         session.share_equal_partitions(partitions)
     compiled = CompiledGraph(split, partitions, left, user_inputs, settings)
     compiled.session = session
-    if settings.inputset is not None:
+    if settings.inputset is not None and calibrate:
         compiled.calibrate(settings.inputset)
     return compiled
 
@@ -509,6 +600,11 @@ def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
             "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
         )
     return int(solved)
+
+
+def _has_calibration_data(partition_: FhePartition) -> bool:
+    """True when the partition recorded calibration inputs (the inputset reached it)."""
+    return bool(getattr(partition_, "_calibration_inputs", None))
 
 
 def _batch_size(batch: Sequence[torch.Tensor]) -> int:

@@ -2,14 +2,17 @@
 a tiny BERT, a GRU classifier; and the batch rules that decide where each value keeps the batch.
 
 Numbers are checked in simulate against eager torch, with tolerances derived from the
-quantization step (`quantization_tolerance`); the attention models need `rounding_threshold_bits`
-to fit Concrete's parameter search.
+quantization step (`quantization_tolerance`); the attention models (MultiheadAttention, encoder
+layers, BERT) need `rounding_threshold_bits` to fit Concrete's parameter search.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,9 +20,11 @@ from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fhe_backend
+from fhe_backend.backend import compiled_graphs
 from fhe_backend.lowering.batch import BATCH_MAJOR, BatchAt, MixesSamples
 from fhe_backend.partition import batch_layouts
 from tests.harness import compile_fhe, quantization_tolerance
+from tests.test_explain import Branchy  # a data-dependent branch: a graph break at its `if`
 
 aten = torch.ops.aten
 
@@ -84,6 +89,24 @@ def test_a_batch_rule_declared_with_a_lowering_decides(monkeypatch):
     )
     _, layouts = layouts_by_target(lambda x: torch.cumsum(x, 1) * 2, torch.randn(5, 3))
     assert list(layouts.values())[0] is declared
+
+
+def test_extreme_samples_follow_the_batch_inside_attention_views():
+    """Concrete measures bounds on the samples holding each lookup's extremes (runtime's
+    _bounding_samples): in a (seq, batch * heads, d) view the sample is found on dim 1, not
+    taken from the sequence position on dim 0."""
+    from fhe_backend.quantization.program import IntegerProgram
+
+    program = IntegerProgram.__new__(IntegerProgram)
+    values = np.zeros((3, 4 * 2, 5), dtype=np.int64)  # seq 3, batch 4 x heads 2, head_dim 5
+    values[0, 2 * 2 + 1, 3] = 9  # maximum: sample 2 (head 1), at sequence position 0
+    values[2, 1 * 2, 0] = -9  # minimum: sample 1 (head 0), at sequence position 2
+    program.extreme_positions = set()
+    assert program.record_extremes(values, BatchAt(1, 1)) == (-9, 9)
+    assert {int(position * 4) for position in program.extreme_positions} == {1, 2}
+    program.extreme_positions = set()
+    program.record_extremes(values.transpose(1, 0, 2))  # batch-major: dim 0 by default
+    assert {int(position * 4) for position in program.extreme_positions} == {1, 2}
 
 
 class Attention(nn.Module):
@@ -153,40 +176,83 @@ def test_multihead_attention_runs_in_fhe():
     _assert_close(actual, expected, ATTENTION_OPTIONS["n_bits"], steps=6)
 
 
-# The whole encoder layer's circuit does not find Concrete parameters at the default error
-# probability (NoParametersFound at every n_bits / rounding tried, 4 to 6 bits; the attention
-# alone, and attention + residual or + LayerNorm, do compile): these tests run the integer
-# program in `disable` at n_bits=8, where lookups wider than 16 bits defer the circuit.
-ENCODER_OPTIONS = dict(n_bits=8, fhe="disable")
+# Whole encoder layers and BERT compile with the attention's options: the encrypted products
+# (attention scores, softmax normalization, LayerNorm's rsqrt) keep narrow operands (at most 9
+# bits at n_bits=6: the softmax's exponents also feed their sum), so Concrete's multiplication
+# lookups stay at most 10 bits wide (test_products_keep_narrow_operands)
+ENCODER_OPTIONS = ATTENTION_OPTIONS
 
 
-@pytest.fixture
-def fast_path(request):
+def _mul_operand_widths(circuit) -> list:
+    """Bit-widths of the operands of the circuit's encrypted multiplications (MLIR mul_eint /
+    matmul_eint_eint): Concrete computes each product with lookups one bit wider."""
+    return [
+        int(width)
+        for line in circuit.mlir.splitlines()
+        if 'mul_eint"' in line or "matmul_eint_eint" in line
+        for width in re.findall(r"E?s?int<(\d+)>", line.split(") -> ")[0])
+    ]
+
+
+class MixedSignProduct(nn.Module):
+    """LayerNorm: its centered values (signed) times the inverse deviation (non-negative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(x * 3)
+
+
+def test_products_keep_narrow_operands():
+    """The correction term of a signed x non-negative product is a lookup, not a leveled
+    multiplication that would give the product's operands the product's bit-width (LayerNorm's
+    multiplication took 12-bit operands and Concrete found no parameters for whole encoder
+    layers); the result equals the integer program exactly."""
+    torch.manual_seed(0)
+    model = MixedSignProduct().eval()
+    inputset = torch.randn(100, 4, 8)
+    compiled = compile_fhe(model, inputset, n_bits=5, p_error=2.0**-40)
+    with torch.no_grad():
+        simulated = compiled(inputset[:8])
+        with fhe_backend.fhe_mode("disable"):
+            disabled = compiled(inputset[:8])
+    assert torch.equal(simulated, disabled)
+    (partition,) = fhe_backend.partitions(compiled)
+    widths = _mul_operand_widths(partition.circuit)
+    assert widths and max(widths) <= 5 + 2, widths  # n_bits + 1 (sign shift) + 1 (Concrete)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "slow"])
+def encoder_layer(request):
+    """nn.TransformerEncoderLayer(16, 2, 32, batch_first=True) compiled in simulate on one
+    torch path (fused eval fast path, or the slow path), with its eager outputs."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(request.param)
-    yield request.param
-    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        torch.manual_seed(0)
+        model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+        inputset = torch.randn(100, 6, 16)
+        yield _run(model, inputset, inputset[:6], **ENCODER_OPTIONS)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-@pytest.mark.parametrize("fast_path", [True, False], indirect=True, ids=["fused", "slow"])
-def test_transformer_encoder_layer_runs_in_fhe(fast_path):
-    """nn.TransformerEncoderLayer(16, 2, 32, batch_first=True): in eval/no_grad the fused
-    `_transformer_encoder_layer_fwd` (decomposed before partitioning) and the slow path both
-    become ONE FHE partition with nothing left in torch."""
-    torch.manual_seed(0)
-    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
-    inputset = torch.randn(120, 6, 16)
-    compiled = compile_fhe(model, inputset, **ENCODER_OPTIONS)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        actual, expected = compiled(inputset[:6]), model(inputset[:6])
-    assert not [w for w in caught if "instead of FHE" in str(w.message)]
+def test_transformer_encoder_layer_runs_in_fhe(encoder_layer):
+    """In eval/no_grad the fused `_transformer_encoder_layer_fwd` (decomposed before
+    partitioning) and the slow path both become ONE FHE partition with nothing left in torch,
+    whose circuit matches eager torch in simulate."""
+    compiled, actual, expected, fallbacks = encoder_layer
+    assert not fallbacks, fallbacks
     assert len(fhe_backend.partitions(compiled)) == 1
     in_fhe = _fhe_targets(compiled)
     assert "aten._transformer_encoder_layer_fwd.default" not in in_fhe
     assert {"aten.native_layer_norm.default", "aten.bmm.default", "aten.relu.default"} <= in_fhe
     assert any("softmax" in target for target in in_fhe)
-    _assert_close(actual, expected, ENCODER_OPTIONS["n_bits"], steps=8)
+    (partition,) = fhe_backend.partitions(compiled)
+    assert partition.circuit is not None and max(_mul_operand_widths(partition.circuit)) <= 9
+    _assert_close(actual, expected, ENCODER_OPTIONS["n_bits"], steps=6)
 
 
 def tiny_bert():
@@ -218,17 +284,15 @@ class BertEncoder(nn.Module):
 
 def test_tiny_bert_runs_in_fhe():
     """The token_type_ids buffer expanded to the calibration batch is folded to one row (no
-    constant of the traced batch size), so the whole encoder is one partition."""
+    constant of the traced batch size), so the whole encoder (embeddings, attention, three
+    LayerNorms, GELU MLP) is one partition, simulated within tolerance of eager torch."""
     model = BertEncoder().eval()
-    tokens = torch.randint(0, 30, (120, 6), generator=torch.Generator().manual_seed(0))
-    compiled = compile_fhe(model, tokens, **ENCODER_OPTIONS)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        actual, expected = compiled(tokens[:4]), model(tokens[:4])
-    assert not [w for w in caught if "instead of FHE" in str(w.message)]
+    tokens = torch.randint(0, 30, (100, 6), generator=torch.Generator().manual_seed(0))
+    compiled, actual, expected, fallbacks = _run(model, tokens, tokens[:4], **ENCODER_OPTIONS)
+    assert not fallbacks, fallbacks
     assert len(fhe_backend.partitions(compiled)) == 1
     assert {"aten.embedding.default", "aten.bmm.default", "aten.gelu.default"} <= _fhe_targets(compiled)
-    _assert_close(actual, expected, ENCODER_OPTIONS["n_bits"], steps=8)
+    _assert_close(actual, expected, ENCODER_OPTIONS["n_bits"], steps=6)
 
 
 class GRUClassifier(nn.Module):
@@ -259,3 +323,66 @@ def test_gru_classifier_runs_its_head_in_fhe_and_warns_that_the_rnn_is_in_the_cl
     (partition,) = fhe_backend.partitions(compiled)
     assert "aten.addmm.default" in {str(n.target) for n in partition.graph_module.graph.nodes}
     _assert_close(actual, expected, 6)
+
+
+# ---- graph breaks ------------------------------------------------------------------------
+
+
+class ItemAndPrint(nn.Module):
+    """`.item()` and a print between two layers: two graph breaks; the second layer's input has
+    the first one's shape, so calibrating it on the inputset would go unnoticed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * 3
+        peak = h.max().item()
+        print("peak activation", peak)
+        return self.b(h)
+
+
+BREAK_INPUTSET = torch.randn(120, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=[Branchy, ItemAndPrint], ids=["branch", "item-print"])
+def model_with_breaks(request):
+    """The model compiled with an inputset, its first call in simulate and eager torch."""
+    torch.manual_seed(0)
+    model = request.param().eval()
+    compiled = compile_fhe(model, BREAK_INPUTSET, n_bits=6, fhe="simulate")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = compiled(BREAK_INPUTSET[:8])
+    with torch.no_grad():
+        expected = model(BREAK_INPUTSET[:8])
+    calibration_warnings = [str(w.message) for w in caught if "calibrat" in str(w.message)]
+    assert not calibration_warnings, calibration_warnings  # no fallback to the call's inputs
+    return model, compiled, actual, expected
+
+
+def test_each_graph_after_a_break_is_calibrated_on_the_values_that_reach_it(model_with_breaks):
+    """The graph after the break takes `h` (the first layer's ReLU output): it is calibrated
+    on h over the inputset (by running the compiled model on it), not on the inputset itself,
+    and the whole model matches eager torch in simulate."""
+    model, compiled, actual, expected = model_with_breaks
+    graphs = [g for g in compiled_graphs(compiled) if g.partitions]
+    assert len(graphs) >= 2, "no graph break"
+    with torch.no_grad():
+        h = torch.relu(model.a(BREAK_INPUTSET)) * (3 if isinstance(model, ItemAndPrint) else 1)
+    (after,) = graphs[-1].partitions
+    after = after.primary or after
+    (input_node,) = after.program.tensor_inputs
+    stats = after.stats[input_node.name]
+    assert stats.low == pytest.approx(float(h.min()), abs=1e-5)
+    assert stats.high == pytest.approx(float(h.max()), rel=1e-5)
+    _assert_close(actual, expected, 6)
+
+
+def test_explain_reports_the_graph_breaks_with_their_line(model_with_breaks):
+    model = model_with_breaks[0]
+    report = fhe_backend.explain(model, BREAK_INPUTSET, n_bits=4)
+    assert report.graph_breaks and report.graph_count >= 2
+    source = inspect.getsourcefile(type(model))
+    assert all(b.source.startswith(f"{source}:") for b in report.graph_breaks), report.graph_breaks

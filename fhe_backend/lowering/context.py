@@ -104,8 +104,8 @@ class ProgramState(Protocol):
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
 
-    def record_extremes(self, expr: Any) -> Tuple[int, int]:
-        """(min, max) of a batch-major integer array."""
+    def record_extremes(self, expr: Any, layout: Any = None) -> Tuple[int, int]:
+        """(min, max) of an integer array whose batch lies as `layout` says (dim 0 by default)."""
 
     def value_stats(self, value: Encrypted, ctx: "LoweringContext") -> NodeStats:
         """Float statistics of the node that produced `value`."""
@@ -145,6 +145,14 @@ class LoweringContext:
         recorded_out[dim_out] = shape_of(like)[dim_in] * recorded_out[dim_out] // recorded_in[dim_in]
         return tuple(recorded_out)
 
+    def _batch_layout(self, expr: Any) -> Any:
+        """Where the batch lies in a lookup's input: the node's layout (`meta["fhe_batch"]`) when
+        the input has the node's rank, else None (dim 0)."""
+        stats = self.program.stats.get(self.node.name)
+        if stats is None or len(shape_of(expr)) != len(stats.shape):
+            return None
+        return self.node.meta.get("fhe_batch")
+
     def cache(self, key: str, build: Callable[[], Any]) -> Any:
         """Memoize constants derived from the graph (quantized weights) across runs."""
         full_key = (self.node.name, key)
@@ -162,7 +170,7 @@ class LoweringContext:
             return fhe.univariate(table)(expr)
         key = f"{self.node.name}:{next(self._lookups)}"
         if self.program.recording is not None:
-            low, high = self.program.record_extremes(expr)
+            low, high = self.program.record_extremes(expr, self._batch_layout(expr))
             old = self.program.recording.get(key)
             if old is not None:
                 low, high = min(low, old[0]), max(high, old[1])

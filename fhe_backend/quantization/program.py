@@ -105,16 +105,23 @@ class IntegerProgram:
             return UniformQuantizer(1.0, 0, bit_width(stats.low, stats.high))
         return UniformQuantizer.from_range(stats.low, stats.high, self.settings.n_bits.model_inputs)
 
-    def record_extremes(self, expr: Any) -> Tuple[int, int]:
-        """(min, max) of a batch-major integer array; while `extreme_samples` runs, also where
-        in the batch they lie."""
+    def record_extremes(self, expr: Any, layout: Any = None) -> Tuple[int, int]:
+        """(min, max) of an integer array; while `extreme_samples` runs, also where in the batch
+        they lie. `layout` (a `BatchAt`: the batch in dim `dim`, after `outer` positions of it,
+        e.g. attention's (seq, batch * heads, d) views) says where the batch is; batch-major
+        on dim 0 by default."""
         array = np.asarray(expr)
         if not array.size:
             return 0, 0
         if self.extreme_positions is not None:
-            flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
-            for row in (np.argmin(flat) // flat.shape[1], np.argmax(flat) // flat.shape[1]):
-                self.extreme_positions.add(float(row) / flat.shape[0])
+            shape = array.shape or (1,)
+            dim, outer = getattr(layout, "dim", 0), getattr(layout, "outer", 1)
+            if not (isinstance(outer, int) and outer > 0 and dim < len(shape) and shape[dim] % outer == 0):
+                dim, outer = 0, 1
+            block = shape[dim] // outer  # the batch's positions along `dim`, repeated `outer` times
+            for flat_index in (np.argmin(array), np.argmax(array)):
+                position = int(np.unravel_index(flat_index, shape)[dim]) % block
+                self.extreme_positions.add(float(position) / block)
         return int(array.min()), int(array.max())
 
     def extreme_samples(self, q_inputs: Sequence[np.ndarray], samples: int) -> set:
