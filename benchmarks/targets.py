@@ -53,7 +53,7 @@ OUR_ONLY_OPTIONS = ("precision_search",)  # options Concrete ML does not have (l
 # "_small" targets: precision_search within these bounds, the like-for-like configuration of
 # Concrete ML (n_bits 6, its approximate rounding at 6 bits), so that both start from the same bits
 APPROXIMATE_6 = {"n_bits": 6, "method": "approximate"}
-SEARCH = {"metric": "argmax", "tolerance": 0.02}
+SEARCH = {"metric": "argmax", "tolerance": 0.01}
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
@@ -103,7 +103,7 @@ TARGETS: List[Target] = [
     ),
     Target(
         "mlp_small",
-        "digits MLP, precision_search (argmax agreement with float within 2 points of the program "
+        "digits MLP, precision_search (argmax agreement with float within 1 point of the program "
         "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
         "digits",
         "mlp",
@@ -112,7 +112,7 @@ TARGETS: List[Target] = [
     ),
     Target(
         "cnn_small",
-        "digits CNN, precision_search (argmax agreement with float within 2 points of the program "
+        "digits CNN, precision_search (argmax agreement with float within 1 point of the program "
         "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
         "digits",
         "cnn",
@@ -121,7 +121,7 @@ TARGETS: List[Target] = [
     ),
     Target(
         "qat_small",
-        "Brevitas QATSimpleNet 3-bit, precision_search of the lookups (argmax agreement within 2 "
+        "Brevitas QATSimpleNet 3-bit, precision_search of the lookups (argmax agreement within 1 "
         "points of approximate rounding 6) (vs Concrete ML's compile_brevitas_qat_model defaults)",
         "digits",
         "qat",
