@@ -386,3 +386,27 @@ def test_explain_reports_the_graph_breaks_with_their_line(model_with_breaks):
     assert report.graph_breaks and report.graph_count >= 2
     source = inspect.getsourcefile(type(model))
     assert all(b.source.startswith(f"{source}:") for b in report.graph_breaks), report.graph_breaks
+
+
+class ShiftedBranch(nn.Module):
+    """A branch the inputset never takes (inputs far above zero take the second one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) if x.mean() < 5 else self.c(h)
+
+
+def test_a_graph_the_inputset_never_reaches_warns_and_calibrates_on_its_first_call():
+    torch.manual_seed(0)
+    inputset = torch.randn(100, 4)
+    compiled = compile_fhe(ShiftedBranch().eval(), inputset, n_bits=4, fhe="disable")
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*calibrat")
+            compiled(inputset[:4])  # the inputset's branch: calibrated by the replay
+        with pytest.warns(UserWarning, match="the inputset never reached this graph"):
+            compiled(inputset[:4] + 10)
