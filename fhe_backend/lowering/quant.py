@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..graph_utils import fetch_attr
 from ..quantization.quantizers import UniformQuantizer
 from .context import Encrypted, LoweringContext, is_encrypted
 from .elementwise import fold
@@ -92,12 +93,7 @@ def _scalar(value: Any) -> Optional[float]:
 
 def constant_value(graph_module: fx.GraphModule, arg: Any) -> Any:
     """The value of a get_attr node (or the argument itself when it is not a node)."""
-    if isinstance(arg, fx.Node):
-        value = graph_module
-        for part in arg.target.split("."):
-            value = getattr(value, part)
-        return value
-    return arg
+    return fetch_attr(graph_module, arg.target) if isinstance(arg, fx.Node) else arg
 
 
 def fake_quant_spec(node: fx.Node, values: Optional[tuple] = None) -> Optional[FakeQuantSpec]:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from ..errors import BitWidthError, LoweringError
 from ..graph_utils import as_tuple, fetch_attr, output_nodes, source_line
 from ..lowering.context import Encrypted, LoweringContext, is_encrypted
-from ..lowering.quant import fake_quant_spec
+from ..lowering.quant import FAKE_QUANT, fake_quant_spec
 from ..lowering.registry import lowering_for
 from ..settings import (
     AUTO_ROUNDING_MAX_BITS,
@@ -48,6 +48,14 @@ WEIGHTED_OPS = (
     torch.ops.aten.addmm.default,
     torch.ops.aten.convolution.default,
 )
+# ops that join parts of different scales: each part keeps its own (an activation's or an input's)
+JOINING_OPS = (torch.ops.aten.cat.default, torch.ops.aten.stack.default)
+# The circuit adds a float bias rounded to the output step. In a QAT program (Brevitas' own
+# integers: the bias's rounding would be the only error against Brevitas) the output's step is
+# made 2**this finer first (Brevitas' 3-bit digits MLP: max error 0.007 instead of 0.11, argmax
+# agreement 99.8% instead of 98.4%, +9% complexity; 8 bits: exact, 2.1x). Elsewhere the rounding
+# (half of input step x weight step) is below one input element's quantization error: kept.
+QAT_BIAS_BITS = 4
 
 
 def qat_input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
@@ -94,6 +102,8 @@ class IntegerProgram:
         # linear ops feeding an output with per-tensor weights: node name -> extra weight bits
         self.one_scale_nodes: Dict[str, int] = {}
         self._relower = False
+        self.output_bias_bits: Dict[str, int] = {}  # output node -> bits of finer step for its bias
+        self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -221,14 +231,17 @@ class IntegerProgram:
                 raise LoweringError(f"partition output '{out_node.name}' does not depend on any input")
             if not value.affine:
                 value = ctx.materialize(value, self.settings.n_bits.model_outputs, self.stats[out_node.name])
-            self._one_output_scale(out_node, env)
-            if _scale_spread(value) > 1.0 and self._has_lookups():
+            joined = self._one_output_scale(out_node, env)
+            if _scale_spread(value) > 1.0 and not joined and self._has_lookups():
                 # other per-position scales (a gain) in a circuit with lookups: one more lookup
                 # costs less than the wider leveled values `public_output` would make
                 value = outputs_ctx.materialize(
                     value, self.settings.n_bits.model_outputs, self.stats[out_node.name]
                 )
-            expr, scale = public_output(value, self.settings.n_bits.model_outputs)
+            if self.qat and self.recording is not None and isinstance(value.expr, np.ndarray):
+                self.output_bias_bits[out_node.name] = QAT_BIAS_BITS if _fractional_bias(value) else 0
+            bias_bits = self.output_bias_bits.get(out_node.name, 0)
+            expr, scale = public_output(value, self.settings.n_bits.model_outputs, bias_bits, joined)
             if self.recording is not None:
                 self.record_extremes(expr)
             results.append(expr)
@@ -240,16 +253,20 @@ class IntegerProgram:
         """Whether the program has table lookups (those recorded so far, in a calibration run)."""
         return bool(self.recording) if self.recording is not None else bool(self.lookup_offsets)
 
-    def _one_output_scale(self, out_node: fx.Node, env: Dict[fx.Node, Any]) -> None:
+    def _one_output_scale(self, out_node: fx.Node, env: Dict[fx.Node, Any]) -> bool:
         """Give the output one scale at its source: the linear ops whose per-channel weight
         scales reach `out_node` through leveled ops take per-tensor weights (with up to
         OUTPUT_WEIGHT_EXTRA_BITS more bits) from the next run on (`__call__` runs again at once).
 
-        Per-channel output scales would tell the client each row's largest weight. Only on a
-        numpy run (the first run is the calibration's); what remains goes to `public_output`.
+        Per-channel output scales would tell the client each row's largest weight. Marks only on
+        a numpy run (the first run is the calibration's); what remains goes to `public_output`.
+        Returns True when the remaining per-position scales come only from joining parts
+        (`JOINING_OPS`: each part's own scale, kept), False when a constant brought them.
         """
-        if _scale_spread(env[out_node]) == 1.0 or not isinstance(env[out_node].expr, np.ndarray):
-            return
+        if _scale_spread(env[out_node]) == 1.0:
+            return False
+        numpy_run = isinstance(env[out_node].expr, np.ndarray)
+        joined = True
         stack, seen = [out_node], set()
         while stack:
             node = stack.pop()
@@ -258,11 +275,16 @@ class IntegerProgram:
             seen.add(node)
             spread = [n for n in node.all_input_nodes if _scale_spread(env.get(n)) > 1.0]
             stack.extend(spread)
-            if not spread and node.target in WEIGHTED_OPS and node.name not in self.one_scale_nodes:
+            if spread or node.target in JOINING_OPS:
+                continue
+            if node.target not in WEIGHTED_OPS:
+                joined = False  # a constant vector multiplied in, a norm's gain
+            elif numpy_run and node.name not in self.one_scale_nodes:
                 bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
                 extra = math.floor(bits) if self._has_lookups() else math.ceil(bits)
                 self.one_scale_nodes[node.name] = extra
                 self._relower = True
+        return joined
 
     def _search_rounding(self, q_inputs: Sequence[np.ndarray], ranges: Dict[str, Tuple[int, int]]) -> None:
         """rounding_threshold_bits="auto": the fewest bits per lookup within the error budget.
@@ -382,30 +404,48 @@ class IntegerProgram:
         return ranges
 
 
-def public_output(value: Encrypted, precision_bits: int) -> Tuple[Any, float]:
-    """An affine output as the client may read it: (integer expression, one scale), zero-point 0.
+def public_output(
+    value: Encrypted, precision_bits: int, bias_bits: int = 0, joined: bool = False
+) -> Tuple[Any, Any]:
+    """An affine output as the client may read it: (integer expression, scale), zero-point 0.
 
     The client dequantizes with what it is given: a float zero-point (where a bias ends up)
     would tell it the bias, per-position scales each row's largest weight or a per-channel
     constant. The zero-point, rounded, is subtracted inside the circuit (error at most half a
     step of the scale). Per-channel weight scales were already made one at their source
-    (`IntegerProgram._one_output_scale`); other per-position scales (a constant vector multiplied
-    in, a norm's gain) of a circuit without lookups are brought onto one scale S, the smallest |scale| over
-    2**precision_bits, by clear integer multipliers rint(scale / S): leveled, the output grows by
-    precision_bits plus log2 of the scales' spread, the error is at most
-    |y| * 2**-(precision_bits + 1) + S / 2.
+    (`IntegerProgram._one_output_scale`). Other per-position scales (a constant vector
+    multiplied in, a norm's gain) of a circuit without lookups are brought onto one scale S, the
+    smallest |scale| over 2**precision_bits, by clear integer multipliers rint(scale / S):
+    leveled, the output grows by precision_bits plus log2 of the scales' spread, the error is
+    at most |y| * 2**-(precision_bits + 1) + S / 2. `joined`: the per-position scales are those
+    of joined parts (a torch.cat of an activation and an input): kept, one per part.
+    With `bias_bits`, the step is first made 2**bias_bits times finer (the integer multiplied)
+    so that the bias is rounded on it.
     """
     scale = np.asarray(value.scale, dtype=np.float64)
     expr = value.expr
-    if np.ndim(scale) and np.ptp(scale) > 0:
+    common: Any
+    if joined and np.ndim(scale) and np.ptp(scale) > 0:
+        common = scale
+    elif np.ndim(scale) and np.ptp(scale) > 0:
         common = float(np.min(np.abs(scale))) / 2**precision_bits
         expr = expr * np.rint(scale / common).astype(np.int64)
     else:
         common = float(scale.reshape(-1)[0]) if scale.size else 1.0
+    if bias_bits:
+        expr, common = expr * 2**bias_bits, common / 2**bias_bits
     offset = np.rint(np.asarray(value.zero_point, dtype=np.float64) * scale / common).astype(np.int64)
     if np.any(offset):
         expr = expr - (offset if np.ndim(offset) else int(offset))
     return expr, common
+
+
+def _fractional_bias(value: Encrypted) -> bool:
+    """Whether a uniformly scaled output's zero-point (its bias) falls off the integer grid."""
+    scale = np.asarray(value.scale, dtype=np.float64)
+    zero_point = np.asarray(value.zero_point, dtype=np.float64)
+    uniform = not (np.ndim(scale) and np.ptp(scale) > 0)  # else public_output multiplies anyway
+    return uniform and bool(np.any(np.abs(zero_point - np.rint(zero_point)) > 1e-6))
 
 
 def _scale_spread(value: Any) -> float:
