@@ -110,7 +110,7 @@ class CompileSession:
                     self.replay(batch)
         finally:
             self.replay_batch_size, self._replay_thread = None, None
-        recorded = [p for p in self.pending_partitions() if _has_calibration_data(p)]
+        recorded = [p for p in self.pending_partitions() if p.has_calibration_data]
         for index, partition_ in enumerate(recorded):
             _progress(self.settings, f"compiling {partition_.name} ({index + 1}/{len(recorded)})")
             partition_.compile()
@@ -600,11 +600,6 @@ def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
             "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
         )
     return int(solved)
-
-
-def _has_calibration_data(partition_: FhePartition) -> bool:
-    """True when the partition recorded calibration inputs (the inputset reached it)."""
-    return bool(getattr(partition_, "_calibration_inputs", None))
 
 
 def _batch_size(batch: Sequence[torch.Tensor]) -> int:

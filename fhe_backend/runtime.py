@@ -148,6 +148,11 @@ class FhePartition(torch.nn.Module):
         return self.runner.keygen_seconds
 
     @property
+    def has_calibration_data(self) -> bool:
+        """True while calibration batches are recorded and not yet quantized."""
+        return bool(self._calibration_inputs)
+
+    @property
     def calibrated(self) -> bool:
         """True once the integer program exists (the circuit may still be deferred)."""
         if self.primary is not None:
@@ -259,7 +264,8 @@ class FhePartition(torch.nn.Module):
                     raise self._concrete_error(retry_error) from retry_error
                 raise self._no_parameters_error() from retry_error
         self.runner.compile_seconds = time.perf_counter() - start
-        self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+        if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
+            self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
 
     def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
         return self.runner.compile(self.program, q_inputs, self._samples(q_inputs), artifacts)
@@ -295,21 +301,27 @@ class FhePartition(torch.nn.Module):
         )
 
     def _no_parameters_error(self) -> BitWidthError:
-        widest = self._lookup_widths()[0][0] if self.lookup_ranges else 0
-        smaller = max(2, widest - 1)
-        rounding = (
-            f"a smaller 'rounding_threshold_bits' (e.g. {smaller} or "
-            f"{{'n_bits': {smaller}, 'method': 'approximate'}}), "
-            if widest > 2
-            else ""
-        )
+        rounding = self.settings.rounding_threshold_bits
+        if rounding is None or rounding.auto:
+            widest = self._lookup_widths()[0][0] if self.lookup_ranges else 0
+            kept = max(2, widest - 1)
+            tried = " ('auto' was tried)" if rounding is not None else ""
+            rounding_advice = f"a 'rounding_threshold_bits'{tried} such as {kept}"
+        else:
+            kept = max(2, int(rounding.n_bits) - 1)
+            rounding_advice = f"a smaller 'rounding_threshold_bits' (now {rounding.n_bits}: try {kept}"
+            if rounding.method == "exact":
+                rounding_advice += f", or {{'n_bits': {rounding.n_bits}, 'method': 'approximate'}}"
+            rounding_advice += ")"
         n_bits = self.settings.n_bits.op_inputs
         return BitWidthError(
             f"partition '{self.name}' ({self.module_path or 'model'}): Concrete found no crypto "
             f"parameters (NoParametersFound) for its {len(self.lookup_ranges)} lookup(s); widest: "
-            f"{self._widest_lookups()} (rounding {self.settings.rounding_threshold_bits}, n_bits "
-            f"{self.settings.n_bits}). Lower them with {rounding}a smaller 'n_bits' (e.g. "
-            f"{max(2, n_bits - 1)}), or allow a larger 'p_error' / 'global_p_error'"
+            f"{self._widest_lookups()} (rounding {rounding}, n_bits {self.settings.n_bits}). Lower "
+            f"them with {rounding_advice}, a smaller 'n_bits' (now {n_bits}: try {max(2, n_bits - 1)}; "
+            "encrypted multiplications such as attention scores, softmax and LayerNorm use lookups "
+            "one bit wider than their operands, which rounding does not narrow), or a larger "
+            "'p_error' / 'global_p_error'"
         )
 
     def defer_circuit(self, q_inputs: Sequence[np.ndarray]) -> None:

@@ -90,7 +90,11 @@ def test_no_parameters_found_retries_with_rounding():
     # were there still no parameters, the advice asks for less than what the lookups have now
     widest = partition.statistics["max_tlu_bit_width"]
     advice = str(partition._no_parameters_error())
-    assert f"'rounding_threshold_bits' (e.g. {widest - 1} or" in advice and "'n_bits' (e.g. 6)" in advice
+    assert f"'rounding_threshold_bits' ('auto' was tried) such as {widest - 1}" in advice
+    assert "'n_bits' (now 7: try 6;" in advice
+    partition.settings = partition.settings.replace(rounding_threshold_bits=5)
+    advice = str(partition._no_parameters_error())
+    assert "(now 5: try 4, or {'n_bits': 5, 'method': 'approximate'})" in advice
 
 
 def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuration):
