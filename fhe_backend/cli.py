@@ -21,7 +21,7 @@ SUBCOMMANDS = {
         "train small digits models, compile them with backend 'fhe', run one encrypted",
     ),
     "serve": (
-        "fhe_backend.deployment.server",
+        "fhe_backend.deployment.serve_command",
         "serve saved FHE modules over HTTP (FastAPI on uvicorn, or Ray Serve with --engine ray)",
     ),
     "bench": (

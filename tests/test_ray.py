@@ -357,7 +357,8 @@ def test_run_server_on_ray_equals_fhe_model_server(deployed, ray_cluster, tmp_pa
 
 
 def test_autoscaling_and_limits_map_to_serve_options(tmp_path):
-    from fhe_backend.deployment.server import add_arguments, settings_from_args
+    from fhe_backend.deployment.serve_command import add_arguments
+    from fhe_backend.deployment.server import settings_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

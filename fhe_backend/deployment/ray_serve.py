@@ -459,8 +459,19 @@ def ray_settings_from_args(args: argparse.Namespace) -> RayServeSettings:
     )
 
 
-def run(args: argparse.Namespace, settings: Any) -> int:
-    """``fhe-backend serve --engine ray``: deploy, then serve until SIGINT/SIGTERM (or `--detach`)."""
+def run(args: argparse.Namespace, settings: Any = None) -> int:
+    """``fhe-backend serve --engine ray``: deploy, then serve until SIGINT/SIGTERM (or `--detach`).
+
+    `args`: the parsed options of ``fhe-backend serve`` (`serve_command.add_arguments`);
+    `settings`: the application's `ServerSettings` (default: built from `args`).
+    """
+    if not Path(args.models_dir).is_dir():
+        print(f"fhe-backend serve: MODELS_DIR {args.models_dir} is not a folder")
+        return 2
+    if settings is None:
+        from .server import settings_from_args
+
+        settings = settings_from_args(args)
     if args.workers and args.workers > 1:
         print("fhe-backend serve: --workers is the uvicorn engine's; with --engine ray use --replicas")
         return 2

@@ -785,16 +785,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ssl-keyfile", help="TLS private key (PEM): serve HTTPS directly with uvicorn")
     parser.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), with --ssl-keyfile")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    parser.add_argument(
-        "--engine",
-        choices=("uvicorn", "ray"),
-        default="uvicorn",
-        help="uvicorn: this machine (--workers); ray: a Ray Serve deployment over a Ray cluster "
-        "(fhe_backend.deployment.ray_serve; pip install 'fhe-backend[ray]') (default uvicorn)",
-    )
-    from .ray_serve import add_arguments as add_ray_arguments  # imports no Ray
-
-    add_ray_arguments(parser)
 
 
 def _configure_logging(level: str) -> None:
@@ -842,10 +832,6 @@ def run(args) -> int:
         return 2
     settings = settings_from_args(args)
     _configure_logging(args.log_level)
-    if getattr(args, "engine", "uvicorn") == "ray":  # the keys folder may be on the head node
-        from . import ray_serve
-
-        return ray_serve.run(args, settings)
     problem = startup_problem(settings)
     if problem:
         print(f"fhe-backend serve: {problem}")
