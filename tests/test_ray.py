@@ -54,29 +54,31 @@ def ray_cluster():
         ray.shutdown()
 
 
+def save_fcsmall(refs, models, key, name, dim, remote, batch, samples, **options) -> None:
+    """Compile FCSmall(dim) with `remote` in FHE, keep simulate references under `key`, save it."""
+    hybrid = HybridFHEModel(FCSmall(dim), remote, model_name=name)
+    hybrid.compile_model(torch.randn(100, dim), **options)
+    refs[f"{key}_x"] = torch.randn(batch, dim)
+    refs[f"{key}_sim"] = hybrid(refs[f"{key}_x"], fhe="simulate")
+    partition = next(iter(hybrid.remote_modules.values())).partition
+    refs[f"{key}_q_inputs"] = [partition.program.quantize_inputs(torch.randn(1, dim)) for _ in range(samples)]
+    refs[f"{key}_q_outputs"] = [partition.run_integers(q, "simulate")[0] for q in refs[f"{key}_q_inputs"]]
+    refs[f"{key}_pbs"] = partition.statistics["pbs_count"]
+    hybrid.save_and_clear_private_info(models / name)
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """Compile and save the leveled and the lookup FCSmall; simulate-mode references first."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("ray_server")
     models, refs = root / "models", {}
-    fc = HybridFHEModel(FCSmall(10), ["seq_0"], model_name="FCSmall")
-    fc.compile_model(torch.randn(100, 10), n_bits=4)
-    refs["fc_x"] = torch.randn(5, 10)
-    refs["fc_sim"] = fc(refs["fc_x"], fhe="simulate")
-    partition = fc.remote_modules["seq.0"].partition
-    refs["fc_q_inputs"] = [partition.program.quantize_inputs(torch.randn(1, 10)) for _ in range(4)]
-    refs["fc_q_outputs"] = [partition.run_integers(q, "simulate")[0] for q in refs["fc_q_inputs"]]
-    fc.save_and_clear_private_info(models / "FCSmall")
-    pbs = HybridFHEModel(FCSmall(4), "seq", model_name="FCSmallPBS")
-    pbs.compile_model(torch.randn(100, 4), n_bits=3, rounding_threshold_bits=3, p_error=2**-40)
-    assert pbs.remote_modules["seq"].partition.statistics["pbs_count"] > 0
-    refs["pbs_x"] = torch.randn(2, 4)
-    refs["pbs_sim"] = pbs(refs["pbs_x"], fhe="simulate")
-    partition = pbs.remote_modules["seq"].partition
-    refs["pbs_q_inputs"] = [partition.program.quantize_inputs(torch.randn(1, 4)) for _ in range(3)]
-    refs["pbs_q_outputs"] = [partition.run_integers(q, "simulate")[0] for q in refs["pbs_q_inputs"]]
-    pbs.save_and_clear_private_info(models / "FCSmallPBS")
+    save_fcsmall(refs, models, "fc", "FCSmall", 10, ["seq_0"], batch=5, samples=4, n_bits=4)
+    save_fcsmall(
+        refs, models, "pbs", "FCSmallPBS", 4, "seq", batch=2, samples=3,
+        n_bits=3, rounding_threshold_bits=3, p_error=2**-40,
+    )  # fmt: skip
+    assert refs["pbs_pbs"] > 0
     refs["models"], refs["keys"] = models, root / "keys"
     return refs
 
