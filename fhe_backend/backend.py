@@ -18,7 +18,6 @@ import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import sympy
 import torch
 import torch.fx as fx
 from functorch.compile import aot_module_simplified
@@ -29,7 +28,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .dynamo_compat import fhe_compile_wrapper
 from .dynamo_compat import install as install_safe_options_comparison
-from .errors import FheBackendError, LoweringError, OptionError, surfaced
+from .errors import FheBackendError, OptionError, surfaced
+from .graph_utils import solve_symbol
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .passes import PassManager
 from .quantization.calibration import batches
@@ -306,7 +306,7 @@ class CompiledGraph(torch.nn.Module):
             if node in by_node:
                 args.append(by_node[node])
             else:
-                args.append(_solve_symbol(node, by_node))
+                args.append(solve_symbol(node, by_node))
         return args
 
     def forward(self, *args: Any) -> Any:
@@ -573,33 +573,6 @@ def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str
             f"entries but the model has {len(tensors)} tensor input(s)"
         )
     return {node.name: s for node, s in zip(tensors, status)}
-
-
-def _solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
-    """The value of a symbolic-size input for these tensors.
-
-    Dynamo passes sizes such as ``s0`` or ``s0*16`` (a reshape of a dynamic batch) as graph
-    inputs: each free symbol is bound from a dimension of a tensor input that is exactly that
-    symbol, then the expression is evaluated.
-    """
-    value = node.meta.get("val")
-    expr = getattr(getattr(value, "node", None), "expr", None)
-    if expr is None:
-        return value
-    bindings: Dict[Any, Any] = {}
-    for tensor_node, tensor in tensors.items():
-        for dim, size in enumerate(tensor_node.meta["val"].shape):
-            size_expr = getattr(getattr(size, "node", None), "expr", None)
-            if size_expr is not None and size_expr.is_Symbol:
-                bindings.setdefault(size_expr, sympy.Integer(int(tensor.shape[dim])))
-    solved = sympy.sympify(expr).xreplace(bindings)
-    if not solved.is_number:
-        raise LoweringError(
-            f"cannot compute the symbolic size input '{node.name}' = {expr} of a graph dynamo "
-            f"recompiled: its symbols {sorted(map(str, solved.free_symbols))} are no dimension of "
-            "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
-        )
-    return int(solved)
 
 
 def _batch_size(batch: Sequence[torch.Tensor]) -> int:

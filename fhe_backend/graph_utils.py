@@ -1,16 +1,19 @@
 """Small helpers on FX graphs and call results, shared by the pipeline's stages.
 
-A leaf module (it imports only torch): the passes, the partitioner, the integer program, the
-runtime and the compile API use these instead of keeping private copies.
+A leaf module (it imports only torch, sympy and the errors): the passes, the partitioner, the
+integer program, the runtime and the compile API use these instead of keeping private copies.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
+import sympy
 import torch
 import torch.fx as fx
+
+from .errors import LoweringError
 
 
 def as_tuple(value: Any) -> Tuple[Any, ...]:
@@ -42,3 +45,30 @@ def source_line(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     matches = re.findall(r'File "([^"]+)", line (\d+)', trace)
     return f"{matches[-1][0]}:{matches[-1][1]}" if matches else ""
+
+
+def solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
+    """The value of a symbolic-size input for these tensors.
+
+    Dynamo passes sizes such as ``s0`` or ``s0*16`` (a reshape of a dynamic batch) as graph
+    inputs: each free symbol is bound from a dimension of a tensor input that is exactly that
+    symbol, then the expression is evaluated.
+    """
+    value = node.meta.get("val")
+    expr = getattr(getattr(value, "node", None), "expr", None)
+    if expr is None:
+        return value
+    bindings: Dict[Any, Any] = {}
+    for tensor_node, tensor in tensors.items():
+        for dim, size in enumerate(tensor_node.meta["val"].shape):
+            size_expr = getattr(getattr(size, "node", None), "expr", None)
+            if size_expr is not None and size_expr.is_Symbol:
+                bindings.setdefault(size_expr, sympy.Integer(int(tensor.shape[dim])))
+    solved = sympy.sympify(expr).xreplace(bindings)
+    if not solved.is_number:
+        raise LoweringError(
+            f"cannot compute the symbolic size input '{node.name}' = {expr} of a graph dynamo "
+            f"recompiled: its symbols {sorted(map(str, solved.free_symbols))} are no dimension of "
+            "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
+        )
+    return int(solved)

@@ -27,6 +27,7 @@ from .circuit_runner import CircuitRunner, Sample
 from .errors import BitWidthError, LoweringError, NotCompiledError, OptionError
 from .graph_utils import as_tuple, fetch_attr, output_nodes
 from .quantization.calibration import NodeStats, StatsRecorder
+from .quantization.precision_search import search_precision
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
 from .settings import AUTO, FHE_MODES, FheSettings, Rounding
@@ -200,7 +201,7 @@ class FhePartition(torch.nn.Module):
             np.concatenate(q)
             for q in zip(*[self.program.quantize_inputs(*[torch.cat(col) for col in columns])])
         ]
-        self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
+        self.lookup_ranges = self._calibrate_rounding(q_inputs)
         self._calibration_inputs = []
         return q_inputs
 
@@ -270,11 +271,18 @@ class FhePartition(torch.nn.Module):
     def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
         return self.runner.compile(self.program, q_inputs, self._samples(q_inputs), artifacts)
 
+    def _calibrate_rounding(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
+        """The program's lookup ranges on the inputset, its bit-widths searched first when the
+        option `precision_search` is set."""
+        if self.settings.precision_search is not None:
+            search_precision(self.program, q_inputs)
+        return self.program.calibrate_rounding(q_inputs)
+
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""
         self.settings = self.runner.settings = settings
         self.program = IntegerProgram(self.graph_module, self.stats, settings, self.encryption_status)
-        self.lookup_ranges = self.program.calibrate_rounding(q_inputs)
+        self.lookup_ranges = self._calibrate_rounding(q_inputs)
         self.program.check_circuit_bit_widths()
 
     def _lookup_widths(self) -> List[Tuple[int, str]]:

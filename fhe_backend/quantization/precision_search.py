@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError
-from ..graph_utils import as_tuple
+from ..graph_utils import as_tuple, solve_symbol
 from ..settings import AUTO_ROUNDING_MAX_BITS, FheSettings, NBits, PrecisionSearch, Rounding
 from .program import IntegerProgram
 from .quantizers import bit_width
@@ -123,7 +123,6 @@ class _Scorer:
 
     def _float_outputs(self) -> List[np.ndarray]:
         """The float graph's outputs on the held-out samples (dequantized integer inputs)."""
-        from ..backend import _solve_symbol  # noqa: PLC0415 - the backend imports this package
 
         program = self.program
         tensors = {}
@@ -132,7 +131,7 @@ class _Scorer:
             traced = node.meta.get("val")
             tensors[node] = value.to(traced.dtype if isinstance(traced, torch.Tensor) else torch.float32)
         # symbolic sizes (a graph dynamo recompiled for dynamic shapes) from the tensors' shapes
-        args = [tensors[n] if n in tensors else _solve_symbol(n, tensors) for n in program.placeholders]
+        args = [tensors[n] if n in tensors else solve_symbol(n, tensors) for n in program.placeholders]
         with torch.no_grad():
             outputs = program.graph_module(*args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
@@ -211,8 +210,9 @@ def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> 
 def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) -> PrecisionChoice:
     """Search the partition's bit-widths and set them on `program` (settings, per-lookup bits).
 
-    Called by `IntegerProgram.calibrate_rounding` when the option `precision_search` is set;
-    returns (and stores as `program.precision_choice`) the choice. A candidate is admitted when
+    Called by `FhePartition` before `IntegerProgram.calibrate_rounding` when the option
+    `precision_search` is set; returns (and stores as `program.precision_choice`) the choice.
+    A candidate is admitted when
     its loss against float exceeds the loss of the program at the user's bounds (their `n_bits`
     and rounding) by at most the tolerance; when none is cheaper, the bounds are kept.
     """

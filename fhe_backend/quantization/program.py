@@ -362,12 +362,9 @@ class IntegerProgram:
         """Run on the quantized inputset; size each lookup's rounding; check bit-widths.
 
         Returns the integer input range of each lookup as it sees it (centered when that saves a bit).
-        With the option `precision_search`, the bit-widths are searched first (`precision_search.py`).
+        With the option `precision_search`, the partition searches the bit-widths first
+        (`precision_search.search_precision`).
         """
-        if self.settings.precision_search is not None:
-            from .precision_search import search_precision
-
-            search_precision(self, q_inputs)
         self.rounding_lsbs = {}
         self.recording = {}
         self.lookup_offsets = {}
