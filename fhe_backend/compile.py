@@ -423,12 +423,15 @@ def compile_torch_model(
     reduce_sum_copy: bool = False,
     device: str = "cpu",
     precision_search: Any = None,
+    runner: str = "auto",
 ) -> QuantizedModule:
     """Quantize a torch model on the inputset and compile it into one FHE circuit.
 
     Parameters mean what they mean in Concrete ML (see docs/concrete-ml.md); every operator of
     the model must have an FHE lowering. `precision_search` (not in Concrete ML) searches the
-    lowest bit-widths within a task-metric tolerance (`fhe_backend.settings.PrecisionSearch`).
+    lowest bit-widths within a task-metric tolerance (`fhe_backend.settings.PrecisionSearch`);
+    `runner` (not in Concrete ML) is how `fhe="execute"` runs a batch's samples: "auto"/"threads"
+    (one per core), "local", or "ray" (see docs/ray.md).
     """
     if not isinstance(torch_model, torch.nn.Module):
         raise OptionError(
@@ -456,6 +459,7 @@ def compile_torch_model(
         reduce_sum_copy=reduce_sum_copy,
         device=device,
         precision_search=precision_search,
+        runner=runner,
         import_qat=import_qat,
     )
 
@@ -515,6 +519,7 @@ def compile_brevitas_qat_model(
     reduce_sum_copy: bool = False,
     device: str = "cpu",
     precision_search: Any = None,
+    runner: str = "auto",
 ) -> QuantizedModule:
     """Compile a trained Brevitas QAT model with its own scales, zero-points and bit-widths.
 
@@ -523,6 +528,8 @@ def compile_brevitas_qat_model(
     `output_onnx_file`, when given, receives a QONNX export of the model (Brevitas' exporter).
     `precision_search` (not in Concrete ML) searches the lowest lookup precision within a
     task-metric tolerance (`fhe_backend.settings.PrecisionSearch`; Brevitas fixes the other bits).
+    `runner` (not in Concrete ML): how `fhe="execute"` runs a batch's samples, as in
+    `compile_torch_model`.
     """
     if not isinstance(torch_model, torch.nn.Module) or not _has_brevitas_layers(torch_model):
         raise ModelTypeError(
@@ -548,6 +555,7 @@ def compile_brevitas_qat_model(
         reduce_sum_copy=reduce_sum_copy,
         device=device,
         precision_search=precision_search,
+        runner=runner,
         import_qat=False,
     )
 
@@ -569,6 +577,7 @@ def _compile(
     device: str,
     import_qat: bool,
     precision_search: Any = None,
+    runner: str = "auto",
 ) -> QuantizedModule:
     """Build the quantized module, then compile its circuit with the compilation options."""
     _check_artifacts(artifacts)
@@ -582,6 +591,7 @@ def _compile(
         inputs_encryption_status=inputs_encryption_status,
         verbose=verbose,
         precision_search=precision_search,
+        runner=runner,
     )
     quantized = _build(model, inputset, settings, reduce_sum_copy, import_qat)
     quantized.compile(

@@ -178,8 +178,12 @@ class RemoteModule(nn.Module):
         p_error: Optional[float] = None,
         configuration: Any = None,
         device: str = "cpu",
+        runner: str = "auto",
     ) -> None:
-        """Compile the private module (one FHE partition of the backend) on the recorded activations."""
+        """Compile the private module (one FHE partition of the backend) on the recorded activations.
+
+        `runner` is how local `execute` runs a batch's samples (see `compile_torch_model`).
+        """
         if not self.calibration_data:
             raise NotCompiledError(
                 f"remote module '{self.module_name}' received no input during "
@@ -202,6 +206,7 @@ class RemoteModule(nn.Module):
             configuration=configuration,
             verbose=bool(self.verbose),
             device=device,
+            runner=runner,
         )
         self.private_module = module
         self.private_q_module = quantized
@@ -485,11 +490,13 @@ class HybridFHEModel:
         device: str = "cpu",
         configuration: Any = None,
         use_dynamic_quantization: bool = False,
+        runner: str = "auto",
     ) -> None:
         """Run the model once on `x` (calibration) and compile every remote module to FHE.
 
         Arguments follow Concrete ML's. `device` is 'cpu' or 'cuda' (GPU build of
-        concrete-python). `use_dynamic_quantization=True` needs Concrete ML's GLWE linear-layer
+        concrete-python). `runner` (not in Concrete ML) is how local `fhe="execute"` runs a
+        batch's samples: "auto"/"threads", "local" or "ray". `use_dynamic_quantization=True` needs Concrete ML's GLWE linear-layer
         backend, which does not exist here: it raises, as Concrete ML does without that backend.
         """
         if use_dynamic_quantization:
@@ -508,7 +515,7 @@ class HybridFHEModel:
             self.set_fhe_mode(HybridFHEMode.TORCH)
             raise
         for remote in self.remote_modules.values():
-            remote.compile(n_bits, rounding_threshold_bits, p_error, configuration, device)
+            remote.compile(n_bits, rounding_threshold_bits, p_error, configuration, device, runner)
 
     def forward(self, x: Any, fhe: Union[None, str, HybridFHEMode] = None) -> Any:
         """Run the model; with `fhe` given, every remote module runs in that mode first.

@@ -99,3 +99,18 @@ def test_runner_option_is_validated():
         assert isinstance(executor_for("counting"), _Counting)
     finally:
         EXECUTORS.pop("counting")
+
+
+def test_the_concrete_ml_style_apis_take_the_runner():
+    from fhe_backend.compile import compile_torch_model
+    from fhe_backend.hybrid_model import HybridFHEModel
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(50, 3)
+    quantized = compile_torch_model(model, x, n_bits=3, rounding_threshold_bits=4, runner="local")
+    assert quantized.partition.runner.settings.runner == "local"
+    with pytest.raises(OptionError, match="option 'runner' = 'gpu'"):
+        compile_torch_model(model, x, n_bits=3, runner="gpu")
+    hybrid = HybridFHEModel(model, "0", model_name="runner")
+    hybrid.compile_model(x, n_bits=3, runner="local")
+    assert hybrid.remote_modules["0"].partition.runner.settings.runner == "local"
