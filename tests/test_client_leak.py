@@ -178,3 +178,32 @@ def test_lookup_circuit_with_a_gain_hides_bias_gain_and_row_maxima(tmp_path):
     np.testing.assert_array_equal(
         partition.run_integers(q, "simulate")[0], partition.run_integers(q, "disable")[0]
     )
+
+
+def test_lora_linear_client_zip_hides_bias_and_column_maxima(tmp_path):
+    """A frozen LoRA linear (bias as an input column): its client.zip holds one output scale."""
+    from fhe_backend.lora import FheMatmul
+    from fhe_backend.settings import FheSettings
+
+    layer = _private_linear(in_features=5)
+    matmul = FheMatmul(layer.weight.detach().t(), layer.bias.detach(), name="frozen")
+    partition = matmul.compile(FheSettings.from_options({"n_bits": 6}))
+    FHEModelDev(tmp_path, partition).save()
+    _assert_nothing_private(_client_arrays(tmp_path), layer)
+    x = torch.randn(20, 5)
+    with torch.no_grad():
+        reference = layer(x).double().numpy()
+        matmul.mode = "simulate"
+        simulated = matmul(x).double().numpy()
+    # each row runs scaled to [-1, 1] with the bias columns appended: half an input step through
+    # |M|, twice each column's per-channel weight step through |x|, half an output step
+    rows, row_scale = (t.double().numpy() for t in matmul.normalize(x))
+    circuit = matmul._circuit_matrix().double().numpy()
+    input_step = float(partition.program.input_quantizers[0].scale)
+    _, column_steps = quantize_weights(circuit, 6, 1)
+    output_step = float(partition.program.output_dequantizers[0].scale)
+    per_row = 0.5 * input_step * np.abs(circuit).sum(0) + np.outer(
+        np.abs(rows).sum(1) + 0.5 * input_step * rows.shape[1], 2 * column_steps.ravel()
+    )
+    bound = row_scale * (per_row + 0.5 * output_step) + 1e-6
+    assert np.all(np.abs(simulated - reference) <= bound), float(np.abs(simulated - reference).max())

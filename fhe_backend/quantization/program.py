@@ -39,8 +39,8 @@ CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on eac
 # A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
 # would reach an output take per-tensor weights instead, with log2(spread of the rows' scales)
 # more bits, at most this many: rounded up in a leveled circuit (each row keeps its per-channel
-# step while the rows' scales are within 2**this), down where lookups share the output's width
-# (a row's step at most twice its per-channel one, within 2**(this + 1)).
+# step while the rows' scales are within 2**this), down where the circuit bootstraps (lookups or
+# encrypted products share the output's width; a row's step at most twice its per-channel one).
 OUTPUT_WEIGHT_EXTRA_BITS = 4
 WEIGHTED_OPS = (
     torch.ops.aten.mm.default,
@@ -48,6 +48,8 @@ WEIGHTED_OPS = (
     torch.ops.aten.addmm.default,
     torch.ops.aten.convolution.default,
 )
+# products of two encrypted values: Concrete bootstraps inside them (see _bootstraps)
+PRODUCT_OPS = (torch.ops.aten.mul.Tensor, torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
 # ops that join parts of different scales: each part keeps its own (an activation's or an input's)
 JOINING_OPS = (torch.ops.aten.cat.default, torch.ops.aten.stack.default)
 # The circuit adds a float bias rounded to the output step. In a QAT program (Brevitas' own
@@ -104,6 +106,7 @@ class IntegerProgram:
         self._relower = False
         self.output_bias_bits: Dict[str, int] = {}  # output node -> bits of finer step for its bias
         self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
+        self.encrypted_products = False  # set when a run meets a product of encrypted values
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -206,6 +209,8 @@ class IntegerProgram:
                 n_bits, op_weights=n_bits.op_weights + self.one_scale_nodes[node.name]
             )
             ctx.settings = self.settings.replace(per_channel_weights=False, n_bits=wider)
+        if node.target in PRODUCT_OPS and sum(is_encrypted(a) for a in args) > 1:
+            self.encrypted_products = True
         if not any(is_encrypted(a) for a in tree_leaves((args, kwargs))):
             return node.target(*args, **kwargs)  # constant folding
         try:
@@ -232,9 +237,10 @@ class IntegerProgram:
             if not value.affine:
                 value = ctx.materialize(value, self.settings.n_bits.model_outputs, self.stats[out_node.name])
             joined = self._one_output_scale(out_node, env)
-            if _scale_spread(value) > 1.0 and not joined and self._has_lookups():
-                # other per-position scales (a gain) in a circuit with lookups: one more lookup
-                # costs less than the wider leveled values `public_output` would make
+            if _scale_spread(value) > 1.0 and not joined and self._bootstraps():
+                # other per-position scales (a gain) in a circuit that bootstraps: one more lookup
+                # costs less than the wider values `public_output` would make (Concrete finds no
+                # parameters for them where lookups or encrypted products share their width)
                 value = outputs_ctx.materialize(
                     value, self.settings.n_bits.model_outputs, self.stats[out_node.name]
                 )
@@ -252,6 +258,10 @@ class IntegerProgram:
     def _has_lookups(self) -> bool:
         """Whether the program has table lookups (those recorded so far, in a calibration run)."""
         return bool(self.recording) if self.recording is not None else bool(self.lookup_offsets)
+
+    def _bootstraps(self) -> bool:
+        """Whether the circuit bootstraps: table lookups, or products of encrypted values."""
+        return self.encrypted_products or self._has_lookups()
 
     def _one_output_scale(self, out_node: fx.Node, env: Dict[fx.Node, Any]) -> bool:
         """Give the output one scale at its source: the linear ops whose per-channel weight
@@ -281,7 +291,7 @@ class IntegerProgram:
                 joined = False  # a constant vector multiplied in, a norm's gain
             elif numpy_run and node.name not in self.one_scale_nodes:
                 bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
-                extra = math.floor(bits) if self._has_lookups() else math.ceil(bits)
+                extra = math.floor(bits) if self._bootstraps() else math.ceil(bits)
                 self.one_scale_nodes[node.name] = extra
                 self._relower = True
         return joined
