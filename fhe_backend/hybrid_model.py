@@ -35,6 +35,7 @@ from .deployment.fhe_client_server import (
     package_versions,
 )
 from .errors import NotCompiledError, OptionError
+from .graph_utils import as_tuple
 
 __all__ = [
     "HybridFHEMode",
@@ -254,7 +255,7 @@ class RemoteModule(nn.Module):
         samples = samples if isinstance(samples, list) else [samples]
         results = self.http.compute(self.model_name, self.url_name, shape, self.key_ids[shape], samples)
         decrypted = client.deserialize_decrypt(results)
-        return decrypted if isinstance(decrypted, tuple) else (decrypted,)
+        return as_tuple(decrypted)
 
     def remote_call(self, x: torch.Tensor) -> torch.Tensor:
         """Run the module on the FHE server: quantize, encrypt, send, decrypt, dequantize."""

@@ -33,7 +33,7 @@ import torch
 from concrete import fhe
 
 from ..errors import FheBackendError
-from ..graph_utils import output_nodes
+from ..graph_utils import as_tuple, output_nodes
 from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
 
 CLIENT_ZIP = "client.zip"
@@ -305,7 +305,7 @@ class FHEModelClient:
 
     def quantize_encrypt_serialize(self, x: Any) -> Serialized:
         """Float input(s) -> bytes for one sample, or a list of per-sample bytes for a batch."""
-        inputs = x if isinstance(x, tuple) else (x,)
+        inputs = as_tuple(x)
         q_inputs = tuple(q.quantize(_numpy(v)) for q, v in zip(self.processing.input_quantizers, inputs))
         return self.encrypt_serialize_integers(q_inputs)
 
@@ -315,7 +315,7 @@ class FHEModelClient:
         items = []
         for sample in self.processing.split_samples(q_inputs):
             encrypted = self.client.encrypt(*sample)
-            values = encrypted if isinstance(encrypted, tuple) else (encrypted,)
+            values = as_tuple(encrypted)
             serialized = tuple(v.serialize() for v in values)
             items.append(serialized[0] if len(serialized) == 1 else serialized)
         return items[0] if len(items) == 1 else items
@@ -325,9 +325,9 @@ class FHEModelClient:
         items = y if isinstance(y, list) else [y]
         per_sample = []
         for item in items:
-            values = item if isinstance(item, tuple) else (item,)
+            values = as_tuple(item)
             decrypted = self.client.decrypt(*[fhe.Value.deserialize(v) for v in values])
-            per_sample.append(decrypted if isinstance(decrypted, tuple) else (decrypted,))
+            per_sample.append(as_tuple(decrypted))
         outputs = tuple(
             np.concatenate([np.asarray(p[i]) for p in per_sample]) for i in range(len(per_sample[0]))
         )
@@ -336,7 +336,7 @@ class FHEModelClient:
     def deserialize_decrypt_dequantize(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
         """Serialized result(s) -> float array(s)."""
         decrypted = self.deserialize_decrypt(y)
-        outputs = decrypted if isinstance(decrypted, tuple) else (decrypted,)
+        outputs = as_tuple(decrypted)
         floats = tuple(d.dequantize(o) for d, o in zip(self.processing.output_dequantizers, outputs))
         return floats[0] if len(floats) == 1 else floats
 
@@ -387,12 +387,12 @@ class FHEModelServer:
         return results if isinstance(items, list) else results[0]
 
     def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
-        values = item if isinstance(item, tuple) else (item,)
+        values = as_tuple(item)
         values = tuple(
             v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values)
         )
         result = self.server.run(*values, evaluation_keys=keys)
-        outputs = tuple(r.serialize() for r in (result if isinstance(result, tuple) else (result,)))
+        outputs = tuple(r.serialize() for r in as_tuple(result))
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _checked_value(self, data: bytes, position: int) -> fhe.Value:
