@@ -63,7 +63,9 @@ def test_report_torch_nodes_and_coverage(report_and_model):
 def test_report_generates_no_keys(report_and_model):
     report, _ = report_and_model
     assert len(report.fhe_modules) == 2
-    assert all(p.compiled and not p.runner.keys_ready and p.keygen_seconds is None for p in report.fhe_modules)
+    assert all(
+        p.compiled and not p.runner.keys_ready and p.keygen_seconds is None for p in report.fhe_modules
+    )
 
 
 def test_report_string_is_a_table(report_and_model):
