@@ -75,13 +75,11 @@ def use_runner(partitions: Sequence[Any], runner: Optional[str]) -> None:
     `fhe_backend.circuit_runner`; ``ray``: a Ray cluster), whichever compile API built them."""
     if runner is None:
         return
-    from dataclasses import replace
-
     from fhe_backend.circuit_runner import executor_for
 
     executor_for(runner)  # an unknown runner, or Ray missing, fails before key generation
     for partition in partitions:
-        partition.runner.settings = replace(partition.runner.settings, runner=runner)
+        partition.settings = partition.settings.replace(runner=runner)
 
 
 class PeakMemory:

@@ -74,7 +74,7 @@ class FhePartition(torch.nn.Module):
         super().__init__()
         self.name = name
         self.graph_module = graph_module
-        self.settings = settings
+        self._settings = settings
         self.module_path = module_path
         self.encryption_status = tuple(encryption_status)
         self._mode = settings.fhe
@@ -92,6 +92,15 @@ class FhePartition(torch.nn.Module):
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
         self._clip_warned = False
+
+    @property
+    def settings(self) -> FheSettings:
+        """The partition's settings (its circuit runner always compiles and runs with these)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: FheSettings) -> None:
+        self._settings = self.runner.settings = value
 
     # ---- modes --------------------------------------------------------------------------
 
@@ -280,7 +289,7 @@ class FhePartition(torch.nn.Module):
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""
-        self.settings = self.runner.settings = settings
+        self.settings = settings
         self.program = IntegerProgram(self.graph_module, self.stats, settings, self.encryption_status)
         self.lookup_ranges = self._calibrate_rounding(q_inputs)
         self.program.check_circuit_bit_widths()

@@ -114,3 +114,14 @@ def test_the_concrete_ml_style_apis_take_the_runner():
     hybrid = HybridFHEModel(model, "0", model_name="runner")
     hybrid.compile_model(x, n_bits=3, runner="local")
     assert hybrid.remote_modules["0"].partition.runner.settings.runner == "local"
+
+
+def test_settings_changed_on_the_partition_reach_its_circuit_runner(tiny_threads_model):
+    (partition,) = fhe_backend.partitions(tiny_threads_model)
+    original = partition.settings
+    try:
+        partition.settings = original.replace(show_mlir=True, runner="local")
+        assert partition.runner.settings is partition.settings
+        assert partition.runner._compile_options()["show_mlir"] is True
+    finally:
+        partition.settings = original
