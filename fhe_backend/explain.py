@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from .errors import OptionError
+from .graph_utils import output_nodes
 from .partition import TorchNode, _is_compute
 from .quantization.calibration import batches
 from .runtime import FhePartition
@@ -239,8 +240,7 @@ def partition_report(partition: FhePartition) -> PartitionReport:
     input_shapes = [tuple(s) for s in statistics["input_shape"]]
     first_input = partition.program.tensor_inputs[0].name
     rows_ratio = partition.rows_per_sample[0] / partition.stats[first_input].shape[0]
-    output_node = next(n for n in graph.nodes if n.op == "output")
-    outputs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else [output_node.args[0]]
+    outputs = output_nodes(graph)
     output_shapes = []
     for node in outputs:
         shape = partition.stats[node.name].shape

@@ -16,6 +16,8 @@ from typing import Callable, Tuple
 import numpy as np
 from concrete import fhe
 
+from .graph_utils import as_tuple
+
 log = logging.getLogger("fhe_backend")
 
 
@@ -59,4 +61,4 @@ class Simulator:
 
     def _concrete(self, *sample: np.ndarray) -> Tuple[np.ndarray, ...]:
         result = self.circuit.simulate(*sample)
-        return result if isinstance(result, tuple) else (result,)
+        return as_tuple(result)

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import requests
 import urllib3
 
+from ..graph_utils import as_tuple
 from .fhe_client_server import CLIENT_ZIP, DeploymentError, SerializedSample
 
 DEFAULT_TIMEOUT = (10.0, 600.0)  # (connect, read) seconds: FHE computations can take minutes
@@ -56,8 +57,7 @@ def ignore_sigpipe() -> None:
 
 def encode_sample(item: SerializedSample) -> List[str]:
     """One sample's ciphertext(s) -> base64 strings (one per circuit input)."""
-    values = item if isinstance(item, tuple) else (item,)
-    return [base64.b64encode(v).decode("ascii") for v in values]
+    return [base64.b64encode(v).decode("ascii") for v in as_tuple(item)]
 
 
 def decode_sample(strings: Sequence[str], field: str) -> Tuple[bytes, ...]:
