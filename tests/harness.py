@@ -16,6 +16,28 @@ from fhe_backend.graph_utils import as_tuple
 from fhe_backend.settings import DEFAULT_MODEL_BITS
 
 
+def compile_tiny_real_key_mlp(seed: int, **options: Any):
+    """Linear(3, 4) -> ReLU -> Linear(4, 2) compiled at 3 bits with lookups of at most 4 bits and
+    Concrete's insecure key cache (tests only): keys in seconds, for real-key tests."""
+    from concrete import fhe
+
+    from tests.conftest import KEY_CACHE
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    configuration = fhe.Configuration(
+        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
+    )
+    return compile_fhe(
+        model,
+        torch.randn(100, 3),
+        n_bits=3,
+        rounding_threshold_bits=4,
+        configuration=configuration,
+        **options,
+    )
+
+
 def compile_fhe(model: torch.nn.Module, inputset: Any, **options: Any):
     """torch.compile(model, backend="fhe") with an inputset, a fresh dynamo cache."""
     torch._dynamo.reset()

@@ -16,30 +16,13 @@ from fhe_backend.circuit_runner import (
     register_executor,
 )
 from fhe_backend.errors import OptionError
-from tests.harness import compile_fhe
+from tests.harness import compile_tiny_real_key_mlp
 
 
 @pytest.fixture(scope="module")
-def tiny_threads_model(tmp_path_factory):
+def tiny_threads_model():
     """A tiny 3-bit model (lookups of at most 4 bits) run with `runner="threads"`."""
-    from concrete import fhe
-
-    from tests.conftest import KEY_CACHE
-
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    configuration = fhe.Configuration(
-        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
-    )
-    compiled = compile_fhe(
-        model,
-        torch.randn(100, 3),
-        n_bits=3,
-        rounding_threshold_bits=4,
-        p_error=2.0**-40,
-        configuration=configuration,
-        runner="threads",
-    )
+    compiled = compile_tiny_real_key_mlp(5, p_error=2.0**-40, runner="threads")
     with torch.no_grad():
         compiled(torch.randn(1, 3))
     return compiled

@@ -271,25 +271,11 @@ def test_missing_ray_names_the_extra(monkeypatch):
 @pytest.fixture(scope="module")
 def lookup_model(ray_cluster, tmp_path_factory):
     """A tiny compiled MLP (3-bit inputs, lookups of at most 4 bits) with cached insecure keys."""
-    from concrete import fhe
-
     from fhe_backend.deployment import ray_runner
-    from tests.conftest import KEY_CACHE
-    from tests.harness import compile_fhe
+    from tests.harness import compile_tiny_real_key_mlp
 
-    torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
-    configuration = fhe.Configuration(
-        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=KEY_CACHE
-    )
-    compiled = compile_fhe(
-        model,
-        torch.randn(100, 3),
-        n_bits=3,
-        rounding_threshold_bits=4,
-        configuration=configuration,
-        key_cache_dir=str(tmp_path_factory.mktemp("ray_keys")),
-        runner="ray",
+    compiled = compile_tiny_real_key_mlp(
+        2, key_cache_dir=str(tmp_path_factory.mktemp("ray_keys")), runner="ray"
     )
     x = torch.randn(16, 3)
     with torch.no_grad():
