@@ -111,7 +111,6 @@ class CircuitRunner:
         self.settings = settings
         self.encryption_status = tuple(encryption_status)
         self.circuit: Optional[fhe.Circuit] = None
-        self.compile_seconds: Optional[float] = None
         self.keygen_seconds: Optional[float] = None
         self._keys_ready = False
         self._simulator: Optional[Simulator] = None
@@ -130,7 +129,6 @@ class CircuitRunner:
         `q_inputs` are the same samples batch-major (to find the extreme ones); `artifacts` (a
         `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR.
         """
-        start = time.perf_counter()
         bounding = self._bounding_samples(program, q_inputs, samples)
         compiler = fhe.Compiler(
             _traceable(program, len(self.encryption_status)),
@@ -140,7 +138,6 @@ class CircuitRunner:
             [s if len(s) > 1 else s[0] for s in bounding], artifacts=artifacts, **self._compile_options()
         )
         self._keys_ready = False
-        self.compile_seconds = time.perf_counter() - start
         return self.circuit
 
     def _compile_options(self) -> Dict[str, Any]:

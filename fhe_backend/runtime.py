@@ -92,6 +92,8 @@ class FhePartition(torch.nn.Module):
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
         self._clip_warned = False
+        # seconds the last circuit compilation took (its checks and any retry included)
+        self.compile_seconds: Optional[float] = None
 
     @property
     def settings(self) -> FheSettings:
@@ -146,11 +148,6 @@ class FhePartition(torch.nn.Module):
             self.compile_circuit(self._deferred_inputs)
             self._deferred_inputs = None
         return self.runner.circuit
-
-    @property
-    def compile_seconds(self) -> Optional[float]:
-        """Seconds the last Concrete compilation of the circuit took."""
-        return self.runner.compile_seconds
 
     @property
     def keygen_seconds(self) -> Optional[float]:
@@ -273,7 +270,7 @@ class FhePartition(torch.nn.Module):
                 if "NoParametersFound" not in str(retry_error):
                     raise self._concrete_error(retry_error) from retry_error
                 raise self._no_parameters_error() from retry_error
-        self.runner.compile_seconds = time.perf_counter() - start
+        self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
 
