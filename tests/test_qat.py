@@ -177,3 +177,72 @@ def test_tiny_qat_circuit_execute_equals_simulate(insecure_configuration):
         expected = model(x[:3])
     torch.testing.assert_close(executed, simulated)
     torch.testing.assert_close(simulated, getattr(expected, "value", expected))
+
+
+@pytest.fixture(scope="module")
+def rounded_simple_net(simple_net, digits):
+    """The trained QATSimpleNet compiled with 4-bit approximate lookups (shifts aligned)."""
+    from fhe_backend.compile import compile_brevitas_qat_model
+
+    model = simple_net[0]
+    x_train = digits[0]
+    module = compile_brevitas_qat_model(
+        model, x_train, rounding_threshold_bits={"n_bits": 4, "method": "approximate"}
+    )
+    return model, module
+
+
+def test_rounded_qat_lookups_align_their_grid_with_the_thresholds(rounded_simple_net, digits):
+    model, module = rounded_simple_net
+    x_train = digits[0]
+    program = module.partition.program
+    assert set(program.lookup_shifts) <= set(program.rounding_lsbs) and program.lookup_shifts
+    for key, shifts in program.lookup_shifts.items():  # one clear shift per position, < one step
+        assert shifts.shape == (30,) and 0 <= shifts.min() and shifts.max() < 2 ** program.rounding_lsbs[key]
+    with torch.no_grad():
+        expected = model(x_train).numpy()
+    q_inputs = program.quantize_inputs(x_train)
+
+    def error() -> float:
+        (out,) = program.dequantize_outputs(program(*q_inputs))
+        return float(np.mean(np.abs(out - expected)))
+
+    aligned = error()
+    shifts, program.lookup_shifts = program.lookup_shifts, {}
+    try:
+        unaligned = error()  # the grid the placement alone gives (the old behaviour)
+    finally:
+        program.lookup_shifts = shifts
+    assert aligned < 0.9 * unaligned
+    # the shifts are clear constants of the circuit: disable runs the program with them
+    np.testing.assert_allclose(
+        np.asarray(module.forward(x_train[:50].numpy(), fhe="disable")),
+        program.dequantize_outputs(program(*program.quantize_inputs(x_train[:50])))[0],
+    )
+
+
+def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
+    from fhe_backend.compile import compile_brevitas_qat_model
+    from fhe_backend.quantization.program import QAT_BIAS_BITS
+    from fhe_backend.quantization.quantizers import bit_width
+
+    model, _, _, _ = simple_net
+    x_train = digits[0]
+    module = compile_brevitas_qat_model(
+        model,
+        x_train,
+        rounding_threshold_bits={"n_bits": 6, "method": "approximate"},
+        precision_search={"metric": "argmax", "tolerance": 0.02},
+    )
+    program, choice = module.partition.program, module.partition.program.precision_choice
+    assert choice.loss <= choice.bounds_loss + 0.02
+    # 4 bits made the output the circuit's widest integer (11 bits for 7); the search takes fewer
+    (bias_bits,) = program.output_bias_bits.values()
+    assert bias_bits == program.qat_bias_bits < QAT_BIAS_BITS
+    with torch.no_grad():
+        output_scale = float(model.quant3(torch.zeros(1, 30)).scale) * float(model.fc3.quant_weight().scale)
+    assert np.all(np.isclose(program.output_dequantizers[0].scale * 2**bias_bits, output_scale))
+    q_out = program(*program.quantize_inputs(x_train))
+    with_four_bits = q_out * 2 ** (QAT_BIAS_BITS - bias_bits)
+    max_bit_width = module.partition.statistics["max_bit_width"]
+    assert max_bit_width < bit_width(int(with_four_bits.min()), int(with_four_bits.max()))

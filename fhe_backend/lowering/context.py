@@ -101,6 +101,10 @@ class ProgramState(Protocol):
     constants: Dict[Any, Any]
     rounding_lsbs: Dict[str, int]
     lookup_offsets: Dict[str, int]
+    # per-position clear shifts added on top of a lookup's offset (aligned rounding, QAT)
+    lookup_shifts: Dict[str, np.ndarray]
+    # while set: each lookup's unshifted input and table, by key (to choose the shifts)
+    lookup_samples: Optional[Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray]]]]
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
 
@@ -175,8 +179,13 @@ class LoweringContext:
             if old is not None:
                 low, high = min(low, old[0]), max(high, old[1])
             self.program.recording[key] = (low, high)
-        offset = self.program.lookup_offsets.get(key, 0)
-        if offset:  # a clear addition that centers the range: one bit less to round and look up
+        if self.program.lookup_samples is not None:
+            self.program.lookup_samples[key] = (expr, table)
+        offset: Any = self.program.lookup_offsets.get(key, 0)
+        shift = self.program.lookup_shifts.get(key)
+        if shift is not None:  # per-position: aligns the rounding grid (IntegerProgram._align_rounding)
+            offset = offset + shift
+        if np.any(offset):  # a clear addition that centers the range: one bit less to round and look up
             expr, inner = expr + offset, table
             table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
         lsbs = self.program.rounding_lsbs.get(key, 0)

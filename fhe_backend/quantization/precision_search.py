@@ -51,6 +51,7 @@ class Candidate:
     op_weights: int
     rounding_bits: Optional[int]  # None: no rounding (the user's unrounded program)
     lookup_bits: Tuple[Tuple[str, int], ...] = ()
+    qat_bias_bits: Optional[int] = None  # QAT outputs' bias step (IntegerProgram.qat_bias_bits)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ class _Scorer:
             self.program.encryption_status,
         )
         program.lookup_precision = dict(candidate.lookup_bits)
+        if candidate.qat_bias_bits is not None:
+            program.qat_bias_bits = candidate.qat_bias_bits
         ranges = program.calibrate_rounding(self.q_inputs)
         outputs = as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
         kept = {
@@ -236,11 +239,15 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
         evaluate, widest_inputs, widest_weights, range(spec.min_bits, top_bits + 1), spec.min_bits, limit
     )
     best = _per_lookup(evaluate, best, spec.min_bits, limit) if best is not None else bounds
+    if program.qat:
+        best = _qat_bias(evaluate, best, program.qat_bias_bits, limit)
     if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
         best = bounds
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
     program.lookup_precision = dict(best.candidate.lookup_bits)
+    if best.candidate.qat_bias_bits is not None:
+        program.qat_bias_bits = best.candidate.qat_bias_bits
     program.constants.clear()
     choice = PrecisionChoice(
         n_bits=chosen.n_bits,
@@ -302,6 +309,18 @@ def _per_lookup(evaluate, best: Evaluation, low: int, limit: float) -> Evaluatio
             )
             if trial.loss > limit or trial.kept_bits[key] >= best.kept_bits[key]:
                 break
+            best = trial
+    return best
+
+
+def _qat_bias(evaluate, best: Evaluation, widest: int, limit: float) -> Evaluation:
+    """Stage 3 (QAT): fewer bits for the output bias's finer step, while the metric holds, kept
+    only where they make the circuit cheaper (a narrower widest integer)."""
+    for bits in range(widest - 1, -1, -1):
+        trial = evaluate(dataclasses.replace(best.candidate, qat_bias_bits=bits))
+        if trial.loss > limit:
+            break
+        if trial.cost < best.cost:
             best = trial
     return best
 
