@@ -27,8 +27,8 @@ The error bound (`error_bound`) propagates an element-wise bound on |quantized -
 the graph, for each test sample, from the scales the quantizers use:
 - model inputs: half a step of the input quantizer (`model_inputs` bits over the calibrated
   range; test samples are calibration samples, so nothing is clipped);
-- a linear layer: |W| e + |W - W_q| (|h| + e), with W_q the weights as `quantize_weights`
-  quantizes them (per output channel, `op_weights` bits);
+- a linear layer: |W| e + |W - W_q| (|h| + e), with W_q the compiled program's weights
+  (per output channel, `op_weights` bits);
 - an activation with Lipschitz constant L: L e;
 - a product a * b: |a| e_b + |b| e_a + e_a e_b; sums add errors, means average them, max takes
   the largest;
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
-from fhe_backend.quantization.quantizers import UniformQuantizer, quantize_weights
+from fhe_backend.quantization.quantizers import UniformQuantizer
 from tests.harness import find_cause
 
 EXAMPLES = int(os.environ.get("FHE_DIFF_EXAMPLES", "18"))
@@ -85,9 +85,10 @@ ACTIVATIONS = {
 class Quant:
     """Per-value ranges (recorded on the calibration set) and the error each value may gain."""
 
-    def __init__(self, n_bits: int, rounding: Optional[Dict[str, Any]]):
+    def __init__(self, n_bits: int, rounding: Optional[Dict[str, Any]], weights: List[np.ndarray]):
         self.n_bits = n_bits
         self.rounding = rounding
+        self.weights = weights  # the compiled program's weights, dequantized
         self.recording = True
         self.ranges: Dict[str, Tuple[float, float]] = {}
 
@@ -127,11 +128,15 @@ def _linear(generator: torch.Generator, fan_in: int, fan_out: int) -> nn.Linear:
     return layer
 
 
-def _weight_error(layer: nn.Linear, n_bits: int) -> torch.Tensor:
-    """|W - W_q| with W_q the weights as the backend quantizes them (per output channel)."""
+def _weight_error(layer: nn.Linear, quant: "Quant") -> torch.Tensor:
+    """|W - W_q| with W_q the weights as the backend quantized them: the compiled program's
+    integer weights times their scales (per output channel, each scale capped by the data, see
+    `quantize_weights`), found as the program's weights nearest to the layer's."""
     weight = layer.weight.detach().double().numpy()
-    q, scale = quantize_weights(weight, n_bits, 0)
-    return torch.from_numpy(np.abs(weight - q * scale)).float()
+    candidates = [w.T for w in quant.weights if w.T.shape == weight.shape]
+    assert candidates, f"no quantized weights of shape {weight.shape} in the program"
+    nearest = min(candidates, key=lambda w: float(np.abs(weight - w).max()))
+    return torch.from_numpy(np.abs(weight - nearest)).float()
 
 
 class LinearStep(nn.Module):
@@ -149,7 +154,7 @@ class LinearStep(nn.Module):
     def propagate(self, name, h, e, quant):
         out = self.layer(h)
         weight = self.layer.weight.detach()
-        e = e @ weight.abs().T + (h.abs() + e) @ _weight_error(self.layer, quant.n_bits).T
+        e = e @ weight.abs().T + (h.abs() + e) @ _weight_error(self.layer, quant).T
         return out, quant.requantized(name, out, e)
 
 
@@ -439,6 +444,18 @@ class Runner:
             return self.quantized.statistics["max_bit_width"]
         return max(p.statistics["max_bit_width"] for p in fhe_backend.partitions(self.compiled))
 
+    def weights(self) -> List[np.ndarray]:
+        """Every weight matrix of the compiled program(s), dequantized (integers x scales)."""
+        partitions = (
+            [self.quantized.partition] if self.compiled is None else fhe_backend.partitions(self.compiled)
+        )
+        return [
+            np.asarray(value[0], dtype=np.float64) * value[1]
+            for partition in partitions
+            for key, value in partition.program.constants.items()
+            if isinstance(key, tuple) and str(key[-1]).startswith("weights")
+        ]
+
     def run(self, xs: Tuple[torch.Tensor, ...], mode: str) -> np.ndarray:
         """Float outputs of the compiled case on `xs` in `mode`."""
         if self.compiled is None:
@@ -576,7 +593,7 @@ def check_case(case: Case) -> None:
     assert simulated.shape == expected.shape, _message(case, "simulate shape", simulated, expected)
 
     # the error bound of each output element, from the scales
-    quant = Quant(case.n_bits, case.rounding)
+    quant = Quant(case.n_bits, case.rounding, runner.weights())
     input_errors = []
     for column in columns:
         quantizer = UniformQuantizer.from_range(float(column.min()), float(column.max()), case.n_bits)

@@ -21,15 +21,29 @@ from .registry import batch_dim_reason, is_constant, meta_shape, op_name, regist
 aten = torch.ops.aten
 
 
-def _weights(ctx: LoweringContext, weight, channel_axis: int):
-    """Integer weights and their scale (cached per node)."""
+def _weights(ctx: LoweringContext, weight, channel_axis: int, accumulate=None, out_axis: int = -1):
+    """Integer weights and their scale (cached per node).
+
+    `accumulate(integer weights)` gives the layer's integer accumulator on this run's inputs;
+    on a numpy run (calibration) it keeps per-channel weights within the accumulator width of
+    per-tensor ones (`quantize_weights`).
+    """
     per_channel = ctx.settings.per_channel_weights
     return ctx.cache(
         f"weights{channel_axis}",
         lambda: quantize_weights(
-            constant_array(weight), ctx.settings.n_bits.op_weights, channel_axis if per_channel else None
+            constant_array(weight),
+            ctx.settings.n_bits.op_weights,
+            channel_axis if per_channel else None,
+            accumulate,
+            out_axis,
         ),
     )
+
+
+def _on_calibration_data(operand, accumulate):
+    """`accumulate` when the operand is a numpy array (a calibration run), else None."""
+    return accumulate if isinstance(operand, np.ndarray) else None
 
 
 def matmul(ctx: LoweringContext, a, b) -> Encrypted:
@@ -41,11 +55,13 @@ def matmul(ctx: LoweringContext, a, b) -> Encrypted:
         return Encrypted(a.centered @ b.centered, a.scale * b.scale, 0.0)
     if is_encrypted(a):
         a = ctx.as_linear_input(a)
-        q_w, s_w = _weights(ctx, b, -1)
-        return Encrypted(a.centered @ q_w, a.scale * s_w, 0.0)
+        x = a.centered
+        q_w, s_w = _weights(ctx, b, -1, _on_calibration_data(x, lambda q: x @ q), -1)
+        return Encrypted(x @ q_w, a.scale * s_w, 0.0)
     b = ctx.as_linear_input(b)
-    q_w, s_w = _weights(ctx, a, -2)
-    return Encrypted(q_w @ b.centered, b.scale * s_w, 0.0)
+    x = b.centered
+    q_w, s_w = _weights(ctx, a, -2, _on_calibration_data(x, lambda q: q @ x), -2)
+    return Encrypted(q_w @ x, b.scale * s_w, 0.0)
 
 
 def _with_bias(value: Encrypted, bias, beta: float = 1.0) -> Encrypted:
@@ -122,14 +138,19 @@ def convolution(
 ):
     """conv1d/conv2d with constant weights (stride, padding, dilation, groups)."""
     x = ctx.as_linear_input(x)
-    q_w, s_w = _weights(ctx, weight, 0)
-    inputs, kernel = pad_trailing(x.centered, list(padding)), q_w
-    if q_w.ndim == 3:  # Concrete has no 1d convolution: run it as 2d over a unit height
-        inputs, kernel = inputs.reshape((*shape_of(inputs)[:2], 1, shape_of(inputs)[2])), q_w[:, :, None, :]
+    inputs = pad_trailing(x.centered, list(padding))
+    one_d = len(shape_of(inputs)) == 3  # Concrete has no 1d convolution: 2d over a unit height
+    if one_d:
+        inputs = inputs.reshape((*shape_of(inputs)[:2], 1, shape_of(inputs)[2]))
         stride, dilation = [1, *stride], [1, *dilation]
-    acc = fhe.conv(inputs, kernel, None, strides=list(stride), dilations=list(dilation), group=groups)
-    if q_w.ndim == 3:
-        acc = acc.reshape((*shape_of(acc)[:2], shape_of(acc)[3]))
+
+    def accumulate(kernel):
+        kernel = kernel[:, :, None, :] if one_d else kernel
+        acc = fhe.conv(inputs, kernel, None, strides=list(stride), dilations=list(dilation), group=groups)
+        return acc.reshape((*shape_of(acc)[:2], shape_of(acc)[3])) if one_d else acc
+
+    q_w, s_w = _weights(ctx, weight, 0, _on_calibration_data(inputs, accumulate), 1)
+    acc = accumulate(q_w)
     channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
     scale = x.scale * np.reshape(s_w, channel_shape)
     bias = None if bias is None else constant_array(bias).reshape(channel_shape)

@@ -16,8 +16,11 @@ from .registry import register
 aten = torch.ops.aten
 
 # an average pool's window sum feeds the next linear op directly (no requantizing lookup) when
-# it adds at most this many bits to its input: on the digits CNN (2x2 pool before a conv) that
-# saved 64 of 352 PBS and 18% of the complexity, at the same accuracy or better
+# it adds at most this many bits to its input and lookups round approximately: on the digits CNN
+# (2x2 pool before a conv) that saved 64 of 352 PBS and 18% of the complexity, at the same
+# accuracy or better. With exact rounding each of those bits costs a bootstrap per lookup of the
+# next layer and widens its parameters (digits CNN, exact 6: 2624 PBS but 6.35e11 against 2752
+# and 5.69e11 with the lookup); without rounding the next lookup itself would be 2 bits wider.
 POOL_SUM_FRESH_BITS = 2
 
 
@@ -51,8 +54,8 @@ def avg_pool2d(
 ):
     """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size.
 
-    A window of at most 2**POOL_SUM_FRESH_BITS elements leaves a sum the next linear op reads
-    without a lookup (its accumulator gets that many more bits)."""
+    With approximate rounding, a window of at most 2**POOL_SUM_FRESH_BITS elements leaves a sum
+    the next linear op reads without a lookup (its accumulator gets that many more bits)."""
     x = ctx.as_linear_input(x)
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
@@ -62,7 +65,8 @@ def avg_pool2d(
     acc = fhe.conv(pad_trailing(x.centered, padding), ones, None, strides=stride, group=channels)
     window = int(np.prod(kernel))
     # the window sum is an integer with zero-point 0: a small one is a linear op's input as it is
-    fresh = window <= 2**POOL_SUM_FRESH_BITS
+    rounding = ctx.settings.rounding_threshold_bits
+    fresh = window <= 2**POOL_SUM_FRESH_BITS and rounding is not None and rounding.method == "approximate"
     return Encrypted(acc, x.scale / window, 0.0, fresh=fresh)
 
 

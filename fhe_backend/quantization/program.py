@@ -534,8 +534,12 @@ def _lookup_offset(low: int, high: int, lsbs: int) -> int:
     if lsbs:
         # a rounded lookup reads a non-negative input: Concrete 2.11 simulates exact rounding of
         # signed values wrongly (e.g. [-17, 8] rounded by 3 bits then looked up: 18 of 26 values
-        # differ from its own graph evaluation), while the unsigned shift never costs a bit
-        return max(0, margin - low)
+        # differ from its own graph evaluation). The shifted range keeps the raw range's bits
+        # where they leave room for rounding's carry (each bit more costs a bootstrap in exact
+        # rounding): the margin below is then at most half of what they leave free. Without
+        # that room Concrete's rounding takes a bit more anyway, and the margin is whole.
+        free = 2 ** bit_width(low, high) - 1 - (high - low) - 2 ** (lsbs - 1)
+        return (margin if free < 0 else min(margin, free // 2)) - low
     bits = bit_width(low - middle - margin, high - middle + margin)
     if bits >= bit_width(low, high):
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -90,12 +90,25 @@ def dequantize(q: Any, scale: ArrayLike, zero_point: ArrayLike) -> np.ndarray:
     return (np.asarray(q, dtype=np.float64) - zero_point) * scale
 
 
-def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, None]):
+def quantize_weights(
+    weights: np.ndarray,
+    n_bits: int,
+    channel_axis: Union[int, None],
+    accumulate: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    out_axis: int = -1,
+):
     """Symmetric weight quantization, per output channel when `channel_axis` is given.
 
     Returns (integer weights, scale) with scale broadcastable against `weights`; symmetric
     weights have no zero-point, so no correction term appears in the integer program.
     Weights that already are integers within the range (QAT weights) are kept exactly.
+
+    Per channel, each channel is stretched to the full range only as far as (a) its integer
+    2-norm stays within the widest channel's under one per-tensor scale (the noise a dot
+    product adds grows with that norm) and, given `accumulate` (integer weights -> the layer's
+    integer accumulator on the calibration inputs, output channels on `out_axis`), (b) the
+    accumulator stays within the bits per-tensor weights give it: every bit of accumulator
+    costs a bootstrap in exact rounding and widens what a lookup reads.
     """
     weights = np.asarray(weights, dtype=np.float64)
     levels = max(1, 2 ** (n_bits - 1) - 1)
@@ -107,14 +120,55 @@ def quantize_weights(weights: np.ndarray, n_bits: int, channel_axis: Union[int, 
         max_abs = np.max(np.abs(weights), axis=axes, keepdims=True)
         norms = np.sqrt(np.sum(weights**2, axis=axes, keepdims=True))
         widest_norm = float(np.max(norms)) if weights.size else 0.0
+        tensor_scale = float(np.max(max_abs)) / levels if weights.size else 0.0
         # a channel's integer 2-norm stays within the widest one under one per-tensor scale
-        norm_scale = norms * (np.max(max_abs) / levels / widest_norm) if widest_norm > 0 else 0.0
+        norm_scale = norms * (tensor_scale / widest_norm) if widest_norm > 0 else 0.0
         scale = np.maximum(max_abs / levels, norm_scale)
+        if accumulate is not None and tensor_scale > 0:
+            scale = _within_tensor_accumulator(weights, levels, scale, tensor_scale, accumulate, out_axis)
         scale = np.where(scale > 0, scale, 1.0)
     if np.all(weights == np.rint(weights)) and np.all(max_abs <= levels):
         return weights.astype(np.int64), np.ones_like(scale)  # already integers (QAT): exact
     q = np.clip(np.rint(weights / scale), -levels, levels).astype(np.int64)
     return q, scale
+
+
+def _within_tensor_accumulator(
+    weights: np.ndarray,
+    levels: int,
+    scale: np.ndarray,
+    tensor_scale: float,
+    accumulate: Callable[[np.ndarray], np.ndarray],
+    out_axis: int,
+) -> np.ndarray:
+    """Per-channel scales no finer than keeps the accumulator in per-tensor weights' bits.
+
+    Channel c's accumulator under per-tensor weights spans [low_c, high_c]; its own scale
+    stretches that by tensor_scale / scale_c. The stretch is capped so that the channel stays in
+    the range the per-tensor accumulator's bit-width holds; a channel that the rounding of its
+    weights still takes out of that range keeps the per-tensor scale (each output channel's
+    accumulator depends on its own weights only, so that channel is then back in range).
+    """
+
+    def channel_ranges(step: Any):
+        q = np.clip(np.rint(weights / step), -levels, levels).astype(np.int64)
+        acc = np.asarray(accumulate(q))
+        moved = np.moveaxis(acc, out_axis, 0).reshape(acc.shape[out_axis], -1)
+        return moved.min(axis=1).astype(np.float64), moved.max(axis=1).astype(np.float64)
+
+    low, high = channel_ranges(tensor_scale)
+    if not low.size:
+        return scale
+    width = bit_width(low.min(), high.max())
+    bottom, top = (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if low.min() < 0 else (0, 2**width - 1)
+    stretch = np.minimum(
+        np.where(high > 0, top / np.maximum(high, 1), np.inf),
+        np.where(low < 0, bottom / np.minimum(low, -1), np.inf),
+    )
+    capped = np.maximum(scale, tensor_scale / np.maximum(stretch, 1.0).reshape(np.shape(scale)))
+    low, high = channel_ranges(capped)
+    outside = ((low < bottom) | (high > top)).reshape(np.shape(scale))
+    return np.where(outside, tensor_scale, capped)
 
 
 def _jsonable(value: ArrayLike):
