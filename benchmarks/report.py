@@ -248,7 +248,10 @@ def comparison_rows(rows: List[Dict[str, Any]], reference: Dict[str, Dict[str, A
         ordered.append(_display(row))
         other = reference.get(row_key(row))
         if other is not None:
-            ordered.append(_display(dict(other, key=row_key(row)), _who(other)))
+            shown = dict(other, key=row_key(row))
+            if other.get("reused_from"):
+                shown["status"] = f"{other.get('status')} (reused)"
+            ordered.append(_display(shown, _who(other)))
         defaults = reference.get(row["target"] + DEFAULTS_SUFFIX)
         if defaults is not None and last_of_target[row["target"]] == row_key(row):
             shown = dict(defaults, key=row["target"])
@@ -361,10 +364,16 @@ def markdown(
         )
     if reference is not None:
         info = comparison_info or {}
+        reused = sorted({str(r["reused_from"]) for r in reference.values() if r.get("reused_from")})
         lines += [
             "",
             f"## Against Concrete ML {info.get('concrete-ml', '')} "
-            f"(python {info.get('python', '?')}, torch {info.get('torch', '?')}), same run",
+            f"(python {info.get('python', '?')}, torch {info.get('torch', '?')}), "
+            + (
+                f"rows marked reused read from {', '.join(reused)} (same jobs, weights, data)"
+                if reused
+                else "same run"
+            ),
             "",
             "Each row of this project is followed by Concrete ML compiled like for like (the "
             "same error probability and `n_bits`; its approximate rounding where ours rounds "

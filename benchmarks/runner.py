@@ -100,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "same targets through Concrete ML (like for like, and with its defaults) "
         "and add ratio columns",
     )
+    parser.add_argument(
+        "--concrete-ml-results",
+        default=None,
+        metavar="DIR",
+        help="with --compare-python, reuse Concrete ML's measurements from an earlier run's "
+        "output folder for every compilation that is the same there (same options, execute "
+        "settings, configuration, trained weights and data); only the others run",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     reference, info = None, None
     if args.compare_python:
-        reference, info = compare_with_concrete_ml(args.compare_python, variants, rows, config)
+        reuse = Path(args.concrete_ml_results).resolve() if args.concrete_ml_results else None
+        reference, info = compare_with_concrete_ml(args.compare_python, variants, rows, config, reuse)
         add_ratios(rows, reference)
     env["load_average_end"] = load_average()
     paths = write_all(config.out, rows, env, reference, info)
@@ -267,26 +276,79 @@ def _job(target: Target, key: str, options: Dict[str, Any], role: str, error: st
     )
 
 
+def _job_document(jobs: List[Dict[str, Any]], config: BenchConfig) -> Dict[str, Any]:
+    return {
+        "targets": jobs,
+        "models": str(config.out / "models"),
+        "execute": config.execute,
+        "samples": config.samples,
+        "eval_samples": config.eval_samples,
+        "batch": config.batch,
+        "configuration": config.configuration,
+    }
+
+
+def reusable_results(
+    folder: Path, jobs: List[Dict[str, Any]], config: BenchConfig
+) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """Concrete ML's results of an earlier run (`folder`) for the jobs that are the same there:
+    same job (options, role, error probability), same execute settings and configuration, and
+    the same trained weights and data. Returns ({key: result}, that run's environment)."""
+    import numpy as np
+    import torch
+
+    try:
+        earlier = json.loads((folder / "concrete_ml_job.json").read_text())
+        document = json.loads((folder / "concrete_ml_results.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"fhe-backend bench: --concrete-ml-results {folder}: {error}") from error
+    settings = {k: v for k, v in _job_document([], config).items() if k not in ("targets", "models")}
+    if any(earlier.get(k) != v for k, v in settings.items()):
+        _say(f"[concrete-ml] {folder}: other execute settings or configuration, nothing reused")
+        return {}, {}
+    results = {result.get("key"): result for result in document.get("results", [])}
+
+    def same_file(name: str) -> bool:
+        mine, theirs = config.out / "models" / name, folder / "models" / name
+        if not (mine.exists() and theirs.exists()):
+            return False
+        if name.endswith(".npz"):
+            with np.load(mine) as a, np.load(theirs) as b:
+                return sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+        a, b = torch.load(mine), torch.load(theirs)
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    reused = {}
+    for job in jobs:
+        old = next((j for j in earlier.get("targets", []) if j == job), None)
+        result = results.get(job["key"])
+        data = "digits.npz" if job["kind"] == "digits" else None
+        if old is None or result is None or result.get("status") != "ok":
+            continue
+        if not same_file(f"{job['name']}.pt") or (data and not same_file(data)):
+            continue
+        reused[job["key"]] = dict(result, reused_from=str(folder))
+    return reused, document.get("environment", {})
+
+
 def compare_with_concrete_ml(
-    python: str, variants: List[Tuple[Target, str]], rows: List[Dict[str, Any]], config: BenchConfig
+    python: str,
+    variants: List[Tuple[Target, str]],
+    rows: List[Dict[str, Any]],
+    config: BenchConfig,
+    reuse: Optional[Path] = None,
 ):
-    """Run compare_concrete_ml.py in the other environment; (rows by key, its versions)."""
-    jobs = concrete_ml_jobs(variants, rows)
+    """Run compare_concrete_ml.py in the other environment; (rows by key, its versions).
+
+    With `reuse` (an earlier run's output folder), the compilations that are the same there
+    are not run again: their results are read from it (marked `reused_from`)."""
+    all_jobs = concrete_ml_jobs(variants, rows)
+    reused, reused_environment = reusable_results(reuse, all_jobs, config) if reuse else ({}, {})
+    if reused:
+        _say(f"[concrete-ml] reusing {len(reused)} result(s) from {reuse}: {', '.join(reused)}")
+    jobs = [job for job in all_jobs if job["key"] not in reused]
     job_path, result_path = config.out / "concrete_ml_job.json", config.out / "concrete_ml_results.json"
-    job_path.write_text(
-        json.dumps(
-            {
-                "targets": jobs,
-                "models": str(config.out / "models"),
-                "execute": config.execute,
-                "samples": config.samples,
-                "eval_samples": config.eval_samples,
-                "batch": config.batch,
-                "configuration": config.configuration,
-            },
-            indent=2,
-        )
-    )
+    job_path.write_text(json.dumps(_job_document(jobs, config), indent=2))
     skipped = {
         key: {
             "target": t.name,
@@ -302,7 +364,10 @@ def compare_with_concrete_ml(
     failure = None
     result_path.unlink(missing_ok=True)  # never read a previous run's results
     try:
-        _run_echoing_stderr([python, str(COMPARE_SCRIPT), str(job_path), str(result_path)], repo_root)
+        if jobs:
+            _run_echoing_stderr([python, str(COMPARE_SCRIPT), str(job_path), str(result_path)], repo_root)
+        else:
+            result_path.write_text(json.dumps({"results": [], "environment": reused_environment}))
     except (OSError, subprocess.CalledProcessError) as error:
         failure = f"{type(error).__name__}: {error}"
         if isinstance(error, subprocess.CalledProcessError) and error.stderr:
@@ -313,9 +378,9 @@ def compare_with_concrete_ml(
     except (OSError, ValueError) as error:
         failure = failure or f"{type(error).__name__}: {error}"
         document = {"results": []}
-    reference = {}
+    measured = dict(reused)
     for index, job in enumerate(jobs):
-        result = (
+        measured[job["key"]] = (
             document["results"][index]
             if index < len(document["results"])
             else {
@@ -328,6 +393,17 @@ def compare_with_concrete_ml(
                 "error": failure,
             }
         )
+    # the folder holds every compilation's result, measured or reused: a later run can reuse it
+    job_path.write_text(json.dumps(_job_document(all_jobs, config), indent=2))
+    environment = document.get("environment") or reused_environment
+    result_path.write_text(
+        json.dumps(
+            {"results": [measured[job["key"]] for job in all_jobs], "environment": environment}, indent=2
+        )
+    )
+    reference = {}
+    for job in all_jobs:
+        result = measured[job["key"]]
         reference[job["key"]] = result
         for alias in job["aliases"]:
             reference[alias] = dict(
@@ -337,7 +413,6 @@ def compare_with_concrete_ml(
                 same_as=job["key"],
                 error_probability=f"{job['error_probability']} (Concrete ML default)",
             )
-    environment = document.get("environment", {})
     return {**skipped, **reference}, ({**environment, "error": failure} if failure else environment)
 
 

@@ -124,6 +124,50 @@ def test_relative_out_reaches_the_comparison_process(bench_run):
     assert "FileNotFoundError" not in (out / "results.md").read_text()
 
 
+def test_concrete_ml_results_of_an_earlier_run_are_reused_only_for_the_same_compilation(bench_run, tmp_path):
+    """--concrete-ml-results: a compilation that is the same in an earlier run's folder (job,
+    execute settings, trained weights, data) is read from it, not run again; other weights or
+    other settings are not reused."""
+    import shutil
+
+    from fhe_backend.benchmarks.runner import compare_with_concrete_ml, reusable_results
+
+    _, out = bench_run
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out, earlier)
+    results_path = earlier / "concrete_ml_results.json"
+    written = json.loads(results_path.read_text())
+    written["results"][0].update(status="ok", pbs_count=576, complexity=1.07e11)
+    results_path.write_text(json.dumps(written))
+    job = json.loads((out / "concrete_ml_job.json").read_text())
+    config = BenchConfig(
+        execute=job["execute"], samples=job["samples"], eval_samples=job["eval_samples"], out=out
+    )
+
+    reused, _ = reusable_results(earlier, job["targets"], config)
+    assert set(reused) == {"mlp"} and reused["mlp"]["pbs_count"] == 576
+    assert reused["mlp"]["reused_from"] == str(earlier)
+    # the same figures reach the report's reference, aliases included, without running anything
+    row = _document(out)["results"][0]
+    target = BY_NAME["mlp"].with_error(parse_error("p_error=2**-40"))
+    again = tmp_path / "again"
+    shutil.copytree(out / "models", again / "models")
+    reference, _ = compare_with_concrete_ml(
+        "/nonexistent/python", [(target, "mlp")], [row], BenchConfig(eval_samples=120, out=again), earlier
+    )
+    assert reference["mlp"]["complexity"] == 1.07e11
+    assert reference["mlp (Concrete ML defaults)"]["same_as"] == "mlp"
+    assert json.loads((again / "concrete_ml_results.json").read_text())["results"][0]["pbs_count"] == 576
+
+    other_settings = BenchConfig(execute=job["execute"], samples=job["samples"], eval_samples=50, out=out)
+    assert reusable_results(earlier, job["targets"], other_settings)[0] == {}
+    weights = torch.load(earlier / "models" / "mlp.pt")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1e-3
+    torch.save(weights, earlier / "models" / "mlp.pt")
+    assert reusable_results(earlier, job["targets"], config)[0] == {}
+
+
 def _tables(text: str):
     """The markdown tables of a report: (header cells, [row cells])."""
     tables, current = [], None
