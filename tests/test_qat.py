@@ -246,3 +246,29 @@ def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
     with_four_bits = q_out * 2 ** (QAT_BIAS_BITS - bias_bits)
     max_bit_width = module.partition.statistics["max_bit_width"]
     assert max_bit_width < bit_width(int(with_four_bits.min()), int(with_four_bits.max()))
+
+
+def test_tiny_qat_circuit_with_aligned_exact_rounding_executes_as_disable(insecure_configuration):
+    """Per-position shifts before an exact rounding: execute == simulate == disable."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        qnn.QuantIdentity(bit_width=3, return_quant_tensor=True),
+        qnn.QuantLinear(6, 4, True, weight_bit_width=3, bias_quant=None),
+        qnn.QuantReLU(bit_width=2),
+    ).eval()
+    x = torch.rand(200, 6)
+    options = dict(
+        rounding_threshold_bits={"n_bits": 3, "method": "exact"}, configuration=insecure_configuration
+    )
+    compiled = compile_fhe(model, x, fhe="disable", **options)
+    with torch.no_grad():
+        disabled = compiled(x[:3])
+        (partition,) = fhe_backend.partitions(compiled)
+        assert partition.program.lookup_shifts  # the case under test: shifted lookups
+        assert partition.statistics["max_tlu_bit_width"] <= 4
+        fhe_backend.set_fhe_mode(compiled, "simulate")
+        simulated = compiled(x[:3])
+        fhe_backend.set_fhe_mode(compiled, "execute")
+        executed = compiled(x[:3])
+    torch.testing.assert_close(simulated, disabled)
+    torch.testing.assert_close(executed, disabled)
