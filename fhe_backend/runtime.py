@@ -281,8 +281,16 @@ class FhePartition(torch.nn.Module):
         """The program's lookup ranges on the inputset, its bit-widths searched first when the
         option `precision_search` is set."""
         if self.settings.precision_search is not None:
-            search_precision(self.program, q_inputs)
+            search_precision(
+                self.program, q_inputs, lambda program: self._candidate_circuit(program, q_inputs)
+            )
         return self.program.calibrate_rounding(q_inputs)
+
+    def _candidate_circuit(self, program: IntegerProgram, q_inputs: Sequence[np.ndarray]) -> fhe.Circuit:
+        """A precision-search candidate compiled with this partition's settings (no keys; the
+        partition's own circuit is untouched)."""
+        runner = CircuitRunner(self.name, self.settings, self.encryption_status)
+        return runner.compile(program, q_inputs, self._samples(q_inputs))
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ logger = logging.getLogger("fhe_backend")
 
 # the metric is scored on few samples below this: each one weighs more than a point
 FEW_HOLDOUT_SAMPLES = 100
+# passing candidates compiled by Concrete (no keys) to compare complexity and key bytes
+MAX_COMPARED = 4
 
 
 @dataclass(frozen=True)
@@ -85,17 +87,40 @@ class PrecisionChoice:
     float_score: Optional[float]  # float accuracy on the held-out samples ("accuracy" only)
     holdout_samples: int
     evaluations: int
+    # the passing candidates compiled by Concrete to choose among them, chosen one included
+    compared: Tuple["CircuitCost", ...] = ()
 
     def describe(self) -> str:
         """One line for logs and reports."""
         rounding = "none" if self.rounding is None else f"{self.rounding.method} {self.rounding.n_bits}"
-        return (
+        line = (
             f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
             f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
             f"{self.metric} loss {self.loss:.4f} against float ({self.bounds_loss:.4f} at the "
             f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
         )
+        if len(self.compared) > 1:
+            chosen = min(self.compared, key=CircuitCost.rank)
+            line += (
+                f"; {len(self.compared)} compiled, chosen: complexity {chosen.complexity:.3g}, "
+                f"keys {chosen.key_bytes / 1e6:.0f} MB"
+            )
+        return line
+
+
+@dataclass(frozen=True)
+class CircuitCost:
+    """Concrete's figures for one passing candidate (compiled, no keys generated)."""
+
+    lookup_bits: Dict[str, int]  # bits each lookup reads after rounding
+    complexity: float  # Concrete's cost of one evaluation
+    key_bytes: int  # bootstrap + keyswitch keys, uncompressed (key generation time follows it)
+
+    def rank(self) -> Tuple[float, float]:
+        """Smaller is better: complexity times key bytes (a relative gain on either side weighs
+        the same), then complexity."""
+        return (self.complexity * self.key_bytes, self.complexity)
 
 
 class _Scorer:
@@ -173,10 +198,10 @@ class _Scorer:
                 losses.append(float(np.mean((output - reference) ** 2)) / variance)
         return max(losses, default=0.0)
 
-    def evaluate(self, candidate: Candidate, base: FheSettings, method: str) -> Evaluation:
-        """Build, calibrate and score the program of a candidate (memoized)."""
-        if candidate in self.evaluations:
-            return self.evaluations[candidate]
+    def program_of(
+        self, candidate: Candidate, base: FheSettings, method: str
+    ) -> Tuple[IntegerProgram, Dict[str, Tuple[int, int]]]:
+        """The candidate's integer program, calibrated on the whole inputset, and its lookup ranges."""
         program = IntegerProgram(
             self.program.graph_module,
             self.program.stats,
@@ -186,7 +211,13 @@ class _Scorer:
         program.lookup_precision = dict(candidate.lookup_bits)
         if candidate.qat_bias_bits is not None:
             program.qat_bias_bits = candidate.qat_bias_bits
-        ranges = program.calibrate_rounding(self.q_inputs)
+        return program, program.calibrate_rounding(self.q_inputs)
+
+    def evaluate(self, candidate: Candidate, base: FheSettings, method: str) -> Evaluation:
+        """Build, calibrate and score the program of a candidate (memoized)."""
+        if candidate in self.evaluations:
+            return self.evaluations[candidate]
+        program, ranges = self.program_of(candidate, base, method)
         outputs = as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
         kept = {
             key: bit_width(low, high) - program.rounding_lsbs.get(key, 0)
@@ -212,7 +243,11 @@ def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> 
     return base.replace(n_bits=n_bits, rounding_threshold_bits=rounding, precision_search=None)
 
 
-def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) -> PrecisionChoice:
+def search_precision(
+    program: IntegerProgram,
+    q_inputs: Sequence[np.ndarray],
+    compile_circuit: Optional[Callable[[IntegerProgram], Any]] = None,
+) -> PrecisionChoice:
     """Search the partition's bit-widths and set them on `program` (settings, per-lookup bits).
 
     Called by `FhePartition` before `IntegerProgram.calibrate_rounding` when the option
@@ -220,6 +255,9 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
     A candidate is admitted when
     its loss against float exceeds the loss of the program at the user's bounds (their `n_bits`
     and rounding) by at most the tolerance; when none is cheaper, the bounds are kept.
+    With `compile_circuit` (integer program -> Concrete circuit, no keys), the passing
+    candidates on the way from one shared lookup precision to the per-lookup choice are compiled
+    and the one with the least complexity times key bytes is kept (`_by_circuit_cost`).
     """
     spec = program.settings.precision_search
     assert spec is not None  # noqa: S101 - only called with the option set
@@ -240,11 +278,17 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
     best = _lowest_precision(
         evaluate, widest_inputs, widest_weights, range(spec.min_bits, top_bits + 1), spec.min_bits, limit
     )
-    best = _per_lookup(evaluate, best, spec.min_bits, limit) if best is not None else bounds
+    shortlist: List[Evaluation] = [best] if best is not None else []
+    best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist) if best is not None else bounds
     if program.qat:
         best = _qat_bias(evaluate, best, program.qat_bias_bits, limit)
     if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
-        best = bounds
+        best, shortlist = bounds, []
+    compared: Tuple[CircuitCost, ...] = ()
+    if compile_circuit is not None:
+        best, compared = _by_circuit_cost(
+            [*shortlist, best], lambda c: scorer.program_of(c, base, method)[0], compile_circuit
+        )
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
     program.lookup_precision = dict(best.candidate.lookup_bits)
@@ -262,6 +306,7 @@ def search_precision(program: IntegerProgram, q_inputs: Sequence[np.ndarray]) ->
         float_score=scorer.float_score,
         holdout_samples=len(scorer.holdout),
         evaluations=len(scorer.evaluations),
+        compared=compared,
     )
     program.precision_choice = choice
     logger.info("precision_search: %s", choice.describe())
@@ -301,8 +346,11 @@ def _lowest_precision(evaluate, widest_inputs: int, widest_weights: int, precisi
     return None
 
 
-def _per_lookup(evaluate, best: Evaluation, low: int, limit: float) -> Evaluation:
-    """Stage 2: lookup by lookup in graph order, one bit less while the metric holds."""
+def _per_lookup(
+    evaluate, best: Evaluation, low: int, limit: float, path: Optional[List[Evaluation]] = None
+) -> Evaluation:
+    """Stage 2: lookup by lookup in graph order, one bit less while the metric holds (each step
+    kept is appended to `path`)."""
     for key in list(best.kept_bits):
         while best.kept_bits[key] > low:
             overrides = {**dict(best.candidate.lookup_bits), **{key: best.kept_bits[key] - 1}}
@@ -312,7 +360,58 @@ def _per_lookup(evaluate, best: Evaluation, low: int, limit: float) -> Evaluatio
             if trial.loss > limit or trial.kept_bits[key] >= best.kept_bits[key]:
                 break
             best = trial
+            if path is not None:
+                path.append(trial)
     return best
+
+
+def _by_circuit_cost(
+    passing: Sequence[Evaluation],
+    program_of: Callable[[Candidate], IntegerProgram],
+    compile_circuit: Callable[[IntegerProgram], Any],
+) -> Tuple[Evaluation, Tuple[CircuitCost, ...]]:
+    """Stage 4: compile a few passing candidates and keep the one Concrete finds cheapest.
+
+    The clear-text cost (widest lookup first) cannot see what Concrete's multi-parameter
+    optimizer does with lookups at several precisions: one bootstrap key per precision plus
+    keyswitch keys between them. Lowering single lookups cuts the complexity but can grow the
+    keys more (key generation time follows the uncompressed key bytes). The candidates compared
+    are the shared-precision choice, the last one (per-lookup bits), and up to
+    MAX_COMPARED - 2 evenly spread steps between them; the least complexity times key bytes
+    wins. A candidate Concrete finds no parameters for is left out; the last one is kept when
+    none compiles (its own compilation then reports why).
+    """
+    distinct: List[Evaluation] = []
+    for evaluation in passing:
+        if all(evaluation.candidate != e.candidate for e in distinct):
+            distinct.append(evaluation)
+    if len(distinct) > MAX_COMPARED:
+        middle = distinct[1:-1]
+        picks = np.linspace(0, len(middle) - 1, MAX_COMPARED - 2).round().astype(int)
+        distinct = [distinct[0], *[middle[i] for i in sorted(set(picks))], distinct[-1]]
+    if len(distinct) < 2:
+        return distinct[-1], ()
+    costs: List[Tuple[CircuitCost, Evaluation]] = []
+    for evaluation in distinct:
+        program = program_of(evaluation.candidate)
+        if program.too_wide:
+            continue
+        try:
+            circuit = compile_circuit(program)
+        except RuntimeError as error:  # NoParametersFound: not a candidate
+            logger.debug("precision_search: %s does not compile (%s)", evaluation.candidate, error)
+            continue
+        cost = CircuitCost(
+            dict(evaluation.kept_bits),
+            float(circuit.complexity),
+            int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys),
+        )
+        logger.debug("precision_search %s: %s", evaluation.candidate, cost)
+        costs.append((cost, evaluation))
+    if not costs:
+        return distinct[-1], ()
+    cost, chosen = min(costs, key=lambda pair: pair[0].rank())
+    return chosen, tuple(c for c, _ in costs)
 
 
 def _qat_bias(evaluate, best: Evaluation, widest: int, limit: float) -> Evaluation:
@@ -362,4 +461,11 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(logits).reshape(len(labels), -1).argmax(-1) == labels))
 
 
-__all__ = ["Candidate", "Evaluation", "PrecisionChoice", "candidate_settings", "search_precision"]
+__all__ = [
+    "Candidate",
+    "CircuitCost",
+    "Evaluation",
+    "PrecisionChoice",
+    "candidate_settings",
+    "search_precision",
+]
