@@ -103,8 +103,9 @@ class ProgramState(Protocol):
     lookup_offsets: Dict[str, int]
     # per-position clear shifts added on top of a lookup's offset (aligned rounding, QAT)
     lookup_shifts: Dict[str, np.ndarray]
-    # while set: each lookup's unshifted input and table, by key (to choose the shifts)
-    lookup_samples: Optional[Dict[str, Tuple[Any, Callable[[np.ndarray], np.ndarray]]]]
+    # while set: called with each lookup's key, unshifted input and table before the shifts are
+    # read (IntegerProgram._align_rounding chooses them there)
+    lookup_observer: Optional[Callable[[str, Any, Callable[[np.ndarray], np.ndarray]], None]]
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
 
@@ -179,8 +180,8 @@ class LoweringContext:
             if old is not None:
                 low, high = min(low, old[0]), max(high, old[1])
             self.program.recording[key] = (low, high)
-        if self.program.lookup_samples is not None:
-            self.program.lookup_samples[key] = (expr, table)
+        if self.program.lookup_observer is not None:
+            self.program.lookup_observer(key, expr, table)
         offset: Any = self.program.lookup_offsets.get(key, 0)
         shift = self.program.lookup_shifts.get(key)
         if shift is not None:  # per-position: aligns the rounding grid (IntegerProgram._align_rounding)

@@ -96,7 +96,7 @@ class IntegerProgram:
         self.lookup_offsets: Dict[str, int] = {}
         # QAT: per-position shifts that align each rounded lookup's grid (see _align_rounding)
         self.lookup_shifts: Dict[str, np.ndarray] = {}
-        self.lookup_samples: Optional[Dict[str, Tuple[Any, Any]]] = None
+        self.lookup_observer: Optional[Any] = None  # see LoweringContext.lookup
         # precision_search: bits kept by each lookup (key -> bits) over rounding_threshold_bits
         self.lookup_precision: Dict[str, int] = {}
         self.precision_choice: Any = None  # the search's PrecisionChoice, when it ran
@@ -436,35 +436,43 @@ class IntegerProgram:
         bucket, and a bucket that straddles a threshold gives some of them the wrong level.
         A clear constant added before the rounding (leveled, free) moves the bucket edges: for
         each position, the shift in [0, 2**lsbs) with the smallest total |table(rounded) -
-        table(exact)| over the inputset, lookups in graph order (each sees the earlier ones
-        aligned). Shifts stay within the room the placement left on top (the lookup keeps its
-        width, rounding's carry included); batch on dim 0 only.
+        table(exact)| over the inputset. One run of the program: each lookup is aligned when
+        the run reaches it, so it sees the earlier ones aligned. Shifts stay within the room the
+        placement left on top (the lookup keeps its width, rounding's carry included); the
+        batch must lie on dim 0.
         """
         samples = len(q_inputs[0]) if q_inputs else 0
-        for key, lsbs in self.rounding_lsbs.items():
+
+        def align(key: str, expr: Any, table: Any) -> None:
+            lsbs = self.rounding_lsbs.get(key, 0)
+            if not lsbs or key in self.lookup_shifts or key not in ranges:
+                return
             bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
-            room = 2**bits - 1 - 2 ** (lsbs - 1) - ranges[key][1]
-            widest_shift = min(2**lsbs - 1, room)
-            if widest_shift <= 0:
-                continue
-            self.lookup_samples = {}
-            try:
-                self(*q_inputs)
-                expr, table = self.lookup_samples.get(key, (None, None))
-            finally:
-                self.lookup_samples = None
-            if not isinstance(expr, np.ndarray) or expr.ndim < 2 or len(expr) != samples:
-                continue
+            widest_shift = min(2**lsbs - 1, 2**bits - 1 - 2 ** (lsbs - 1) - ranges[key][1])
+            if widest_shift <= 0 or not isinstance(expr, np.ndarray) or expr.ndim < 2 or len(expr) != samples:
+                return
             offset = self.lookup_offsets.get(key, 0)
-            exact = np.asarray(table(expr))
+            # the table once per position over the inputs' span (and rounding's reach around it)
+            low, high = int(expr.min()) - 2**lsbs, int(expr.max()) + 2**lsbs
+            grid = np.arange(low, high + 1).reshape((-1,) + (1,) * (expr.ndim - 1))
+            values = np.asarray(
+                table(np.ascontiguousarray(np.broadcast_to(grid, (high - low + 1,) + expr.shape[1:])))
+            )
+            exact = np.take_along_axis(values, expr - low, axis=0)
             costs = []
             for shift in range(widest_shift + 1):
-                placed = expr + (offset + shift)
-                rounded = np.asarray(fhe.round_bit_pattern(placed, lsbs_to_remove=lsbs))
-                costs.append(np.abs(np.asarray(table(rounded - offset - shift)) - exact).sum(axis=0))
+                rounded = np.asarray(fhe.round_bit_pattern(expr + (offset + shift), lsbs_to_remove=lsbs))
+                looked_up = np.take_along_axis(values, rounded - offset - shift - low, axis=0)
+                costs.append(np.abs(looked_up - exact).sum(axis=0))
             best = np.argmin(np.stack(costs), axis=0)  # ties: the smallest shift
             if np.any(best):
                 self.lookup_shifts[key] = best.astype(np.int64)
+
+        self.lookup_observer = align
+        try:
+            self(*q_inputs)
+        finally:
+            self.lookup_observer = None
 
 
 def public_output(
