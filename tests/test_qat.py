@@ -238,7 +238,7 @@ def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
     assert choice.loss <= choice.bounds_loss + 0.02
     # 4 bits made the output the circuit's widest integer (11 bits for 7); the search takes fewer
     (bias_bits,) = program.output_bias_bits.values()
-    assert bias_bits == program.qat_bias_bits < QAT_BIAS_BITS
+    assert bias_bits < QAT_BIAS_BITS
     with torch.no_grad():
         output_scale = float(model.quant3(torch.zeros(1, 30)).scale) * float(model.fc3.quant_weight().scale)
     assert np.all(np.isclose(program.output_dequantizers[0].scale * 2**bias_bits, output_scale))
@@ -246,6 +246,30 @@ def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
     with_four_bits = q_out * 2 ** (QAT_BIAS_BITS - bias_bits)
     max_bit_width = module.partition.statistics["max_bit_width"]
     assert max_bit_width < bit_width(int(with_four_bits.min()), int(with_four_bits.max()))
+
+
+def test_rounded_qat_output_is_no_wider_than_its_lookups(rounded_simple_net, simple_net, digits):
+    """With rounded lookups the bias step is refined only as far as the lookups' width allows;
+    without rounding (simple_net) it gets all QAT_BIAS_BITS."""
+    from fhe_backend.quantization.program import QAT_BIAS_BITS
+    from fhe_backend.quantization.quantizers import bit_width
+
+    model, module = rounded_simple_net
+    x_train = digits[0]
+    program = module.partition.program
+    (bias_bits,) = program.output_bias_bits.values()
+    (unrounded_bits,) = simple_net[1][0].program.output_bias_bits.values()
+    assert unrounded_bits == QAT_BIAS_BITS and bias_bits < QAT_BIAS_BITS
+    q_out = program(*program.quantize_inputs(x_train))
+    output_bits = bit_width(int(q_out.min()), int(q_out.max()))
+    statistics = module.partition.statistics
+    assert output_bits <= statistics["max_bit_width"] and statistics["max_bit_width"] < output_bits + (
+        QAT_BIAS_BITS - bias_bits
+    )
+    with torch.no_grad():
+        output_scale = float(model.quant3(torch.zeros(1, 30)).scale) * float(model.fc3.quant_weight().scale)
+    # on the outputs' grid: the bias is rounded to half a step, the rest is the lookups' rounding
+    assert np.all(np.isclose(program.output_dequantizers[0].scale * 2**bias_bits, output_scale))
 
 
 def test_tiny_qat_circuit_with_aligned_exact_rounding_executes_as_disable(insecure_configuration):

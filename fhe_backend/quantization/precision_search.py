@@ -36,7 +36,7 @@ import torch
 from ..errors import OptionError
 from ..graph_utils import as_tuple, solve_symbol
 from ..settings import AUTO_ROUNDING_MAX_BITS, FheSettings, NBits, PrecisionSearch, Rounding
-from .program import IntegerProgram
+from .program import QAT_BIAS_BITS, IntegerProgram
 from .quantizers import bit_width
 
 logger = logging.getLogger("fhe_backend")
@@ -281,7 +281,7 @@ def search_precision(
     shortlist: List[Evaluation] = [best] if best is not None else []
     best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist) if best is not None else bounds
     if program.qat:
-        best = _qat_bias(evaluate, best, program.qat_bias_bits, limit)
+        best = _qat_bias(evaluate, best, limit)
     if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
         best, shortlist = bounds, []
     compared: Tuple[CircuitCost, ...] = ()
@@ -414,10 +414,10 @@ def _by_circuit_cost(
     return chosen, tuple(c for c, _ in costs)
 
 
-def _qat_bias(evaluate, best: Evaluation, widest: int, limit: float) -> Evaluation:
+def _qat_bias(evaluate, best: Evaluation, limit: float) -> Evaluation:
     """Stage 3 (QAT): fewer bits for the output bias's finer step, while the metric holds, kept
     only where they make the circuit cheaper (a narrower widest integer)."""
-    for bits in range(widest - 1, -1, -1):
+    for bits in range(QAT_BIAS_BITS - 1, -1, -1):
         trial = evaluate(dataclasses.replace(best.candidate, qat_bias_bits=bits))
         if trial.loss > limit:
             break

@@ -53,14 +53,17 @@ WEIGHTED_OPS = (
 PRODUCT_OPS = (torch.ops.aten.mul.Tensor, torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
 # ops that join parts of different scales: each part keeps its own (an activation's or an input's)
 JOINING_OPS = (torch.ops.aten.cat.default, torch.ops.aten.stack.default)
-# The circuit adds a float bias rounded to the output step. In a QAT program (Brevitas' own
-# integers: the bias's rounding would be the only error against Brevitas) the output's step is
-# made 2**this finer first (Brevitas' 3-bit digits MLP: max error 0.007 instead of 0.11, argmax
-# agreement 99.8% instead of 98.4%; 8 bits: exact). The output is then wider, and so are the
-# last lookups' outputs that feed it: on the digits QATSimpleNet 11 bits instead of 7, 1.31x the
-# complexity at 6-bit lookups. `precision_search` lowers it (`qat_bias_bits`, 0..this) where
-# that narrows the circuit and the task metric allows. Elsewhere the rounding (half of input
-# step x weight step) is below one input element's quantization error: kept.
+# The circuit adds a float bias rounded to the output step. In a QAT program whose lookups read
+# Brevitas' exact accumulators (no rounding: the bias's rounding would be the only error
+# against Brevitas) the output's step is made 2**this finer first (Brevitas' 3-bit digits MLP:
+# max error 0.007 instead of 0.11, argmax agreement 99.8% instead of 98.4%; 8 bits: exact).
+# The output is then wider, and so are the last lookups' outputs that feed it (digits
+# QATSimpleNet: 11 bits instead of 7, 1.62x the complexity without rounding). Where lookups are
+# rounded, their error (steps of the output) dwarfs the bias's half step: the output gets only
+# the bits that keep it no wider than the widest lookup input (`IntegerProgram._narrow_bias`;
+# at 6-bit lookups 4 bits cost 1.31x, at 5-bit ones 1.31x, for no change in argmax agreement).
+# Elsewhere the rounding (half of input step x weight step) is below one input element's
+# quantization error: kept.
 QAT_BIAS_BITS = 4
 
 
@@ -112,7 +115,10 @@ class IntegerProgram:
         self.one_scale_nodes: Dict[str, int] = {}
         self._relower = False
         self.output_bias_bits: Dict[str, int] = {}  # output node -> bits of finer step for its bias
-        self.qat_bias_bits = QAT_BIAS_BITS  # QAT: those bits where the bias is fractional (searched)
+        # QAT: bits of finer output step where the bias is fractional; None: QAT_BIAS_BITS without
+        # rounding, else as many as keep the output within the lookups' width (_narrow_bias)
+        self.qat_bias_bits: Optional[int] = None
+        self._bias_widths: Dict[str, List[int]] = {}  # output -> its width at 0..QAT_BIAS_BITS bits
         self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
         self.encrypted_products = False  # set when a run meets a product of encrypted values
 
@@ -252,9 +258,13 @@ class IntegerProgram:
                 value = outputs_ctx.materialize(
                     value, self.settings.n_bits.model_outputs, self.stats[out_node.name]
                 )
-            if self.qat and self.recording is not None and isinstance(value.expr, np.ndarray):
-                bits = self.qat_bias_bits if _fractional_bias(value) else 0
-                self.output_bias_bits[out_node.name] = bits
+            if (
+                self.qat
+                and self.recording is not None
+                and isinstance(value.expr, np.ndarray)
+                and out_node.name not in self.output_bias_bits  # set once per calibration
+            ):
+                self.output_bias_bits[out_node.name] = self._bias_bits(out_node.name, value, joined)
             bias_bits = self.output_bias_bits.get(out_node.name, 0)
             expr, scale = public_output(value, self.settings.n_bits.model_outputs, bias_bits, joined)
             if self.recording is not None:
@@ -263,6 +273,28 @@ class IntegerProgram:
             dequantizers.append(OutputDequantizer(scale, 0.0))
         self.output_dequantizers = dequantizers
         return results[0] if len(results) == 1 else tuple(results)
+
+    def _bias_bits(self, name: str, value: Encrypted, joined: bool) -> int:
+        """QAT, on the calibration run: the output's bias bits before rounding is known
+        (`qat_bias_bits`, else QAT_BIAS_BITS); records the output's width at each count."""
+        if not _fractional_bias(value):
+            return 0
+        widths = []
+        for bits in range(QAT_BIAS_BITS + 1):
+            expr, _ = public_output(value, self.settings.n_bits.model_outputs, bits, joined)
+            widths.append(bit_width(int(np.min(expr)), int(np.max(expr))))
+        self._bias_widths[name] = widths
+        return QAT_BIAS_BITS if self.qat_bias_bits is None else self.qat_bias_bits
+
+    def _narrow_bias(
+        self, ranges: Dict[str, Tuple[int, int]], raw_ranges: Dict[str, Tuple[int, int]]
+    ) -> None:
+        """QAT with rounded lookups and no `qat_bias_bits` given: each output with a fractional
+        bias gets the most bits, up to QAT_BIAS_BITS, that keep it no wider than the widest
+        lookup input (an output wider than those widens the lookups that feed it)."""
+        widest = max(max(bit_width(*ranges[key]), bit_width(*raw_ranges[key])) for key in ranges)
+        for name, widths in self._bias_widths.items():
+            self.output_bias_bits[name] = max((b for b, w in enumerate(widths) if w <= widest), default=0)
 
     def _has_lookups(self) -> bool:
         """Whether the program has table lookups (those recorded so far, in a calibration run)."""
@@ -388,6 +420,7 @@ class IntegerProgram:
         self.recording = {}
         self.lookup_offsets = {}
         self.lookup_shifts = {}
+        self.output_bias_bits, self._bias_widths = {}, {}
         try:
             self(*q_inputs)
             raw_ranges = dict(self.recording)
@@ -418,6 +451,8 @@ class IntegerProgram:
             effective = raw_bits - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
                 self.too_wide.append((key.split(":")[0], effective, low, high))
+        if self.qat and self.rounding_lsbs and self.qat_bias_bits is None:
+            self._narrow_bias(ranges, raw_ranges)
         if self.qat:
             self._align_rounding(q_inputs, raw_ranges, ranges)
         return ranges
