@@ -248,24 +248,30 @@ def test_lookups_at_several_precisions_are_kept_only_when_concrete_finds_them_ch
     """Lookups at several precisions make Concrete generate a bootstrap key per precision and
     keyswitch keys between them: the search compiles its passing candidates and keeps the least
     complexity times key bytes, which the clear-text search alone (the last candidate) did not."""
+    from fhe_backend import runtime
     from fhe_backend.quantization import precision_search
 
     model, x, _ = classifier
     choice = wide_tolerance.partition.program.precision_choice
     assert len(choice.compared) >= 2, "no per-lookup step to compare: the setup no longer tests this"
-    assert len({tuple(sorted(c.lookup_bits.items())) for c in choice.compared}) == len(choice.compared)
+    assert len({(c.n_bits, tuple(sorted(c.lookup_bits.items()))) for c in choice.compared}) == len(
+        choice.compared
+    )
     # the circuit compiled at the end is the compared candidate with the least product
     chosen = min(choice.compared, key=lambda c: c.complexity * c.key_bytes)
     circuit = wide_tolerance.partition.circuit
     assert float(circuit.complexity) == pytest.approx(chosen.complexity)
     assert int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys) == chosen.key_bytes
     assert choice.lookup_bits == chosen.lookup_bits
+    assert (choice.n_bits.op_inputs, choice.n_bits.op_weights) == chosen.n_bits
     assert choice.loss <= choice.bounds_loss + 0.05 + 1e-12
-    # against the clear-text choice alone (the last passing candidate), compiled independently
+    # against the clear-text choice alone (no candidate compiled), compiled independently
     spec = {"metric": "argmax", "tolerance": 0.05, "holdout": HOLDOUT}
+    search = precision_search.search_precision
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(precision_search, "_by_circuit_cost", lambda passing, *_: (passing[-1], ()))
+        patch.setattr(runtime, "search_precision", lambda program, q_inputs, _: search(program, q_inputs))
         clear_only = compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    assert clear_only.partition.program.precision_choice.compared == ()
     assert _complexity_times_keys(wide_tolerance) <= _complexity_times_keys(clear_only)
     if clear_only.partition.program.precision_choice.lookup_bits != choice.lookup_bits:
         assert _complexity_times_keys(wide_tolerance) < _complexity_times_keys(clear_only)

@@ -100,8 +100,11 @@ class PrecisionChoice:
             f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
         )
-        if len(self.compared) > 1:
-            chosen = min(self.compared, key=CircuitCost.rank)
+        bits = (self.n_bits.op_inputs, self.n_bits.op_weights)
+        chosen = next(
+            (c for c in self.compared if c.n_bits == bits and c.lookup_bits == self.lookup_bits), None
+        )
+        if len(self.compared) > 1 and chosen is not None:
             line += (
                 f"; {len(self.compared)} compiled, chosen: complexity {chosen.complexity:.3g}, "
                 f"keys {chosen.key_bytes / 1e6:.0f} MB"
@@ -113,6 +116,7 @@ class PrecisionChoice:
 class CircuitCost:
     """Concrete's figures for one passing candidate (compiled, no keys generated)."""
 
+    n_bits: Tuple[int, int]  # op_inputs, op_weights
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding
     complexity: float  # Concrete's cost of one evaluation
     key_bytes: int  # bootstrap + keyswitch keys, uncompressed (key generation time follows it)
@@ -257,7 +261,7 @@ def search_precision(
     and rounding) by at most the tolerance; when none is cheaper, the bounds are kept.
     With `compile_circuit` (integer program -> Concrete circuit, no keys), the passing
     candidates on the way from one shared lookup precision to the per-lookup choice are compiled
-    and the one with the least complexity times key bytes is kept (`_by_circuit_cost`).
+    and the one with the least complexity times key bytes is kept (`_CircuitCosts`).
     """
     spec = program.settings.precision_search
     assert spec is not None  # noqa: S101 - only called with the option set
@@ -275,20 +279,20 @@ def search_precision(
     widest_inputs, widest_weights = base.n_bits.op_inputs, base.n_bits.op_weights
     bounds = evaluate(Candidate(widest_inputs, widest_weights, None if user_rounding is None else top_bits))
     limit = bounds.loss + spec.tolerance
-    best = _lowest_precision(
+    passing = _lowest_precision(
         evaluate, widest_inputs, widest_weights, range(spec.min_bits, top_bits + 1), spec.min_bits, limit
     )
-    shortlist: List[Evaluation] = [best] if best is not None else []
-    best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist) if best is not None else bounds
+    costs = _CircuitCosts(lambda c: scorer.program_of(c, base, method)[0], compile_circuit)
+    # the clear-text cost ranks pairs by their widest integer; Concrete's parameters follow the
+    # noise (weights' norms), so the narrowest accumulator is not always the cheapest circuit
+    best = costs.cheapest(_one_per_width(passing), fallback=0) if passing else bounds
+    shortlist: List[Evaluation] = [best] if passing else []
+    best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist) if passing else bounds
     if program.qat:
         best = _qat_bias(evaluate, best, limit)
     if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
         best, shortlist = bounds, []
-    compared: Tuple[CircuitCost, ...] = ()
-    if compile_circuit is not None:
-        best, compared = _by_circuit_cost(
-            [*shortlist, best], lambda c: scorer.program_of(c, base, method)[0], compile_circuit
-        )
+    best = costs.cheapest([*shortlist, best])
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
     program.lookup_precision = dict(best.candidate.lookup_bits)
@@ -306,7 +310,7 @@ def search_precision(
         float_score=scorer.float_score,
         holdout_samples=len(scorer.holdout),
         evaluations=len(scorer.evaluations),
-        compared=compared,
+        compared=tuple(cost for cost in costs.compiled.values() if cost is not None),
     )
     program.precision_choice = choice
     logger.info("precision_search: %s", choice.describe())
@@ -317,7 +321,7 @@ def search_precision(
 
 def _lowest_precision(evaluate, widest_inputs: int, widest_weights: int, precisions, low: int, limit: float):
     """Stage 1: the lowest lookup precision the widest activations and weights allow, then the
-    activation / weight bits with the cheapest circuit at that precision (None if none passes).
+    activation / weight bits that pass at that precision, cheapest circuit first ([] if none).
 
     Lower bits are tried from the widest down; a pair is skipped when a pair at least as wide in
     both failed (accuracy falls with fewer bits), which prunes but never admits a failing pair.
@@ -339,11 +343,11 @@ def _lowest_precision(evaluate, widest_inputs: int, widest_weights: int, precisi
                     passing.append(evaluation)
                 else:
                     failed.append((inputs, weights))
-        return min(
+        return sorted(
             passing,
             key=lambda e: (e.cost, e.loss, -e.candidate.op_inputs, -e.candidate.op_weights),
         )
-    return None
+    return []
 
 
 def _per_lookup(
@@ -365,53 +369,75 @@ def _per_lookup(
     return best
 
 
-def _by_circuit_cost(
-    passing: Sequence[Evaluation],
-    program_of: Callable[[Candidate], IntegerProgram],
-    compile_circuit: Callable[[IntegerProgram], Any],
-) -> Tuple[Evaluation, Tuple[CircuitCost, ...]]:
-    """Stage 4: compile a few passing candidates and keep the one Concrete finds cheapest.
+class _CircuitCosts:
+    """Stage 4: passing candidates compiled by Concrete (no keys), the cheapest kept.
 
-    The clear-text cost (widest lookup first) cannot see what Concrete's multi-parameter
-    optimizer does with lookups at several precisions: one bootstrap key per precision plus
-    keyswitch keys between them. Lowering single lookups cuts the complexity but can grow the
-    keys more (key generation time follows the uncompressed key bytes). The candidates compared
-    are the shared-precision choice, the last one (per-lookup bits), and up to
-    MAX_COMPARED - 2 evenly spread steps between them; the least complexity times key bytes
-    wins. A candidate Concrete finds no parameters for is left out; the last one is kept when
-    none compiles (its own compilation then reports why).
+    The clear-text cost (widest lookup, then widest integer) cannot see what Concrete's
+    optimizer makes of a program: its parameters follow the noise (the weights' norms), not the
+    accumulator's width, and lookups at several precisions get one bootstrap key per precision
+    plus keyswitch keys between them, so lowering single lookups cuts the complexity but can
+    grow the keys more (key generation time follows the uncompressed key bytes). Among the
+    candidates compared, the least complexity times key bytes wins (a relative gain on either
+    side weighs the same). Without `compile_circuit` the clear-text order decides.
     """
-    distinct: List[Evaluation] = []
-    for evaluation in passing:
-        if all(evaluation.candidate != e.candidate for e in distinct):
-            distinct.append(evaluation)
-    if len(distinct) > MAX_COMPARED:
-        middle = distinct[1:-1]
-        picks = np.linspace(0, len(middle) - 1, MAX_COMPARED - 2).round().astype(int)
-        distinct = [distinct[0], *[middle[i] for i in sorted(set(picks))], distinct[-1]]
-    if len(distinct) < 2:
-        return distinct[-1], ()
-    costs: List[Tuple[CircuitCost, Evaluation]] = []
-    for evaluation in distinct:
-        program = program_of(evaluation.candidate)
+
+    def __init__(
+        self,
+        program_of: Callable[[Candidate], IntegerProgram],
+        compile_circuit: Optional[Callable[[IntegerProgram], Any]],
+    ):
+        self.program_of = program_of
+        self.compile_circuit = compile_circuit
+        self.compiled: Dict[Candidate, Optional[CircuitCost]] = {}
+
+    def cost(self, evaluation: Evaluation) -> Optional[CircuitCost]:
+        """Concrete's figures for a candidate (memoized); None when it does not compile."""
+        candidate = evaluation.candidate
+        if candidate in self.compiled or self.compile_circuit is None:
+            return self.compiled.get(candidate)
+        self.compiled[candidate] = None
+        program = self.program_of(candidate)
         if program.too_wide:
-            continue
+            return None
         try:
-            circuit = compile_circuit(program)
+            circuit = self.compile_circuit(program)
         except RuntimeError as error:  # NoParametersFound: not a candidate
-            logger.debug("precision_search: %s does not compile (%s)", evaluation.candidate, error)
-            continue
+            logger.debug("precision_search: %s does not compile (%s)", candidate, error)
+            return None
         cost = CircuitCost(
+            (candidate.op_inputs, candidate.op_weights),
             dict(evaluation.kept_bits),
             float(circuit.complexity),
             int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys),
         )
-        logger.debug("precision_search %s: %s", evaluation.candidate, cost)
-        costs.append((cost, evaluation))
-    if not costs:
-        return distinct[-1], ()
-    cost, chosen = min(costs, key=lambda pair: pair[0].rank())
-    return chosen, tuple(c for c, _ in costs)
+        logger.debug("precision_search %s: %s", candidate, cost)
+        self.compiled[candidate] = cost
+        return cost
+
+    def cheapest(self, passing: Sequence[Evaluation], fallback: int = -1) -> Evaluation:
+        """The passing candidate Concrete finds cheapest among the first, the last and up to
+        MAX_COMPARED - 2 evenly spread between them; the one at index `fallback` when none
+        compiles or there is no compiler (its own compilation then reports why)."""
+        distinct: List[Evaluation] = []
+        for evaluation in passing:
+            if all(evaluation.candidate != e.candidate for e in distinct):
+                distinct.append(evaluation)
+        if len(distinct) > MAX_COMPARED:
+            middle = distinct[1:-1]
+            picks = np.linspace(0, len(middle) - 1, MAX_COMPARED - 2).round().astype(int)
+            distinct = [distinct[0], *[middle[i] for i in sorted(set(picks))], distinct[-1]]
+        if len(distinct) < 2 or self.compile_circuit is None:
+            return distinct[fallback]
+        ranked = [(cost.rank(), e) for e in distinct for cost in [self.cost(e)] if cost is not None]
+        return min(ranked, key=lambda pair: pair[0])[1] if ranked else distinct[fallback]
+
+
+def _one_per_width(passing: Sequence[Evaluation]) -> List[Evaluation]:
+    """The first (cheapest in clear-text order) passing pair of each widest-integer width."""
+    widths: Dict[int, Evaluation] = {}
+    for evaluation in passing:
+        widths.setdefault(evaluation.accumulator_bits, evaluation)
+    return list(widths.values())
 
 
 def _qat_bias(evaluate, best: Evaluation, limit: float) -> Evaluation:
