@@ -7,10 +7,15 @@ per FHE partition and in the clear (the integer program, as in ``fhe="disable"``
 
 1. the lowest lookup precision (`rounding_threshold_bits`) at which the user's `n_bits` keep the
    metric within the tolerance, then, at that precision, the activation and weight bits
-   (`op_inputs`, `op_weights`) with the narrowest accumulators that keep it;
+   (`op_inputs`, `op_weights`) that keep it;
 2. lookup by lookup in graph order, one bit less while the metric holds;
 3. (QAT) fewer bits for the outputs' bias step (`IntegerProgram.qat_bias_bits`) where that
-   narrows the circuit's widest integer and the metric holds.
+   narrows the circuit's widest integer and the metric holds;
+4. where several candidates pass (stage 1's pairs, one per accumulator width; stage 2's steps),
+   Concrete compiles a few of them (no keys) and the least complexity times key bytes is kept
+   (`_CircuitCosts`): Concrete's parameters follow the weights' norms rather than the
+   accumulator's width, and lookups at several precisions get one bootstrap key each plus
+   keyswitch keys between them, which the clear-text order cannot see.
 
 The metric is a loss against the float graph (argmax disagreement, accuracy lost, or relative
 mean squared error); a candidate passes when its loss exceeds the loss of the program at the
