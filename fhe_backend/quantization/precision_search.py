@@ -433,7 +433,8 @@ class _CircuitCosts:
             distinct = [distinct[0], *[middle[i] for i in sorted(set(picks))], distinct[-1]]
         if len(distinct) < 2 or self.compile_circuit is None:
             return distinct[fallback]
-        ranked = [(cost.rank(), e) for e in distinct for cost in [self.cost(e)] if cost is not None]
+        # equal circuits: the lower loss
+        ranked = [((*cost.rank(), e.loss), e) for e in distinct for cost in [self.cost(e)] if cost]
         return min(ranked, key=lambda pair: pair[0])[1] if ranked else distinct[fallback]
 
 
