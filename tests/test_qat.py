@@ -159,13 +159,18 @@ def test_prepare_qat_model_keeps_eager_results():
     torch.testing.assert_close(exported.module()(x), before)
 
 
-def test_tiny_qat_circuit_execute_equals_simulate(insecure_configuration):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        qnn.QuantIdentity(bit_width=2, return_quant_tensor=True),
-        qnn.QuantLinear(4, 3, True, weight_bit_width=2, bias_quant=None),
+def _tiny_qat_net(seed: int, features: int, outputs: int, bits: int) -> nn.Module:
+    """QuantIdentity -> QuantLinear -> 2-bit QuantReLU, `bits`-bit inputs and weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        qnn.QuantIdentity(bit_width=bits, return_quant_tensor=True),
+        qnn.QuantLinear(features, outputs, True, weight_bit_width=bits, bias_quant=None),
         qnn.QuantReLU(bit_width=2),
     ).eval()
+
+
+def test_tiny_qat_circuit_execute_equals_simulate(insecure_configuration):
+    model = _tiny_qat_net(0, 4, 3, bits=2)
     x = torch.rand(120, 4)
     compiled = compile_fhe(model, x, fhe="simulate", configuration=insecure_configuration)
     with torch.no_grad():
@@ -278,12 +283,7 @@ def test_rounded_qat_output_is_no_wider_than_its_lookups(rounded_simple_net, sim
 
 def test_tiny_qat_circuit_with_aligned_exact_rounding_executes_as_disable(insecure_configuration):
     """Per-position shifts before an exact rounding: execute == simulate == disable."""
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        qnn.QuantIdentity(bit_width=3, return_quant_tensor=True),
-        qnn.QuantLinear(6, 4, True, weight_bit_width=3, bias_quant=None),
-        qnn.QuantReLU(bit_width=2),
-    ).eval()
+    model = _tiny_qat_net(1, 6, 4, bits=3)
     x = torch.rand(200, 6)
     options = dict(
         rounding_threshold_bits={"n_bits": 3, "method": "exact"}, configuration=insecure_configuration
