@@ -290,7 +290,7 @@ class FhePartition(torch.nn.Module):
         """A precision-search candidate compiled with this partition's settings (no keys; the
         partition's own circuit is untouched)."""
         runner = CircuitRunner(self.name, self.settings, self.encryption_status)
-        return runner.compile(program, q_inputs, self._samples(q_inputs))
+        return runner.compile(program, q_inputs, self._samples(q_inputs), simulation=False)
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""
