@@ -53,7 +53,11 @@ OUR_ONLY_OPTIONS = ("precision_search",)  # options Concrete ML does not have (l
 # "_small" targets: precision_search within these bounds, the like-for-like configuration of
 # Concrete ML (n_bits 6, its approximate rounding at 6 bits), so that both start from the same bits
 APPROXIMATE_6 = {"n_bits": 6, "method": "approximate"}
-SEARCH = {"metric": "argmax", "tolerance": 0.01}
+# the float models: relative mse (argmax agreement on the training inputset saturates: 0 for every
+# candidate of the MLP, which then lost 1.3 points of test accuracy; mse is the same on training
+# and test data); the QAT network keeps argmax (measured with it)
+SEARCH = {"metric": "mse", "tolerance": 0.01}
+QAT_SEARCH = {"metric": "argmax", "tolerance": 0.01}
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
@@ -103,7 +107,7 @@ TARGETS: List[Target] = [
     ),
     Target(
         "mlp_small",
-        "digits MLP, precision_search (argmax agreement with float within 1 point of the program "
+        "digits MLP, precision_search (relative mse against float within 0.01 of the program "
         "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
         "digits",
         "mlp",
@@ -112,7 +116,7 @@ TARGETS: List[Target] = [
     ),
     Target(
         "cnn_small",
-        "digits CNN, precision_search (argmax agreement with float within 1 point of the program "
+        "digits CNN, precision_search (relative mse against float within 0.01 of the program "
         "at n_bits 6, approximate rounding 6) (vs Concrete ML at n_bits 6, approximate rounding 6)",
         "digits",
         "cnn",
@@ -125,7 +129,7 @@ TARGETS: List[Target] = [
         "points of approximate rounding 6) (vs Concrete ML's compile_brevitas_qat_model defaults)",
         "digits",
         "qat",
-        {"rounding_threshold_bits": APPROXIMATE_6, "precision_search": SEARCH},
+        {"rounding_threshold_bits": APPROXIMATE_6, "precision_search": QAT_SEARCH},
         qat=True,
         concrete_ml_options={},
     ),

@@ -17,12 +17,34 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+import threading
 
 from concrete import compiler as _concrete_compiler
 
 _terminate_dataflow = _concrete_compiler._terminate_df_parallelization  # noqa: SLF001
 _dataflow_used = False
+_sigpipe_restored = False
+
+
+def keep_python_sigpipe() -> None:
+    """Give SIGPIPE back to Python once Concrete's dataflow runtime has taken it (idempotent).
+
+    The runtime (HPX), started by the first simulation, handles SIGPIPE by printing its
+    configuration and ending the process with status 0: a later write to a closed pipe or
+    socket (``script | head``, a client gone away) killed the program silently. Python ignores
+    SIGPIPE, so such writes raise BrokenPipeError; this puts that back. Only the main thread
+    may set a signal's handler: called from another thread it does nothing (a later call from
+    the main thread does it).
+    """
+    global _sigpipe_restored  # noqa: PLW0603 - one flag for the process, like the handler
+    if _sigpipe_restored or not hasattr(signal, "SIGPIPE"):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _sigpipe_restored = True
 
 
 def keep_exit_status() -> None:

@@ -14,8 +14,9 @@ DEFAULT_FHE_MODE = "simulate"
 FHE_MODES = ("disable", "simulate", "execute", "torch")
 ROUNDING_METHODS = ("exact", "approximate")
 ENCRYPTION_STATUSES = ("encrypted", "clear")
-# how `execute` runs a batch's samples (see fhe_backend.circuit_runner): "auto" is "threads"
-RUNNERS = ("auto", "local", "threads", "ray")
+# how `execute` runs a batch's samples (see fhe_backend.circuit_runner): "auto" is "processes" on a
+# machine with several cores (threads overlap Concrete's evaluations only in part)
+RUNNERS = ("auto", "local", "processes", "threads", "ray")
 MAX_TLU_BIT_WIDTH = 16
 # quantizers may be wider than a lookup: such a model runs in the clear (fhe="disable", to check
 # post-training quantization as Concrete ML allows) and fails only when compiled to a circuit

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from fhe_backend.circuit_runner import (
     register_executor,
 )
 from fhe_backend.errors import OptionError
+from fhe_backend.process_executor import ExecutorWorkerDied, ProcessExecutor, worker_cpu_seconds
 from tests.harness import compile_tiny_real_key_mlp
 
 
@@ -47,6 +51,40 @@ def test_a_batch_on_threads_equals_simulate_and_one_after_another(tiny_threads_m
         assert all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
+def test_a_batch_on_worker_processes_equals_one_after_another_and_survives_a_dead_worker(tiny_threads_model):
+    """The ``processes`` runner (the default on several cores): the same outputs in the same
+    order as one sample after another; the workers did the evaluating; a worker killed between
+    batches is replaced, one killed during a batch is reported by an error naming it."""
+    from fhe_backend import process_executor
+
+    (partition,) = fhe_backend.partitions(tiny_threads_model)
+    samples = partition._samples(partition.program.quantize_inputs(torch.randn(7, 3)))
+    one_by_one = SequentialExecutor().execute(partition.circuit, samples)
+    executor = ProcessExecutor(workers=2)
+    before = worker_cpu_seconds()
+    for _ in range(2):  # the second batch reuses the shipped circuit and keys
+        in_processes = executor.execute(partition.circuit, samples)
+        assert len(in_processes) == 7
+        for a, b in zip(one_by_one, in_processes):
+            assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert worker_cpu_seconds() > before
+    pool = process_executor._POOL
+    assert oct(os.stat(pool.folder).st_mode & 0o777) == "0o700"  # evaluation keys inside
+    os.kill(pool.workers[0].process.pid, signal.SIGKILL)
+    pool.workers[0].process.wait()
+    again = executor.execute(partition.circuit, samples)  # replaced before the batch
+    assert all(np.array_equal(u, v) for a, b in zip(one_by_one, again) for u, v in zip(a, b))
+    original = process_executor.WORKER_SCRIPT
+    process_executor.shutdown()
+    try:  # workers that die on their first request
+        process_executor.WORKER_SCRIPT = original.with_name("no_such_worker.py")
+        with pytest.raises(ExecutorWorkerDied, match="died while evaluating samples.*runner='local'"):
+            executor.execute(partition.circuit, samples)
+    finally:
+        process_executor.WORKER_SCRIPT = original
+        process_executor.shutdown()
+
+
 class _Counting(SequentialExecutor):
     """One after another, remembering how many samples each call got."""
 
@@ -76,7 +114,8 @@ def test_runner_option_is_validated():
     assert fhe_backend.FheSettings.from_options({"runner": "ray"}).runner == "ray"
     with pytest.raises(OptionError, match="known runners"):
         executor_for("nowhere")
-    assert isinstance(executor_for("auto"), ThreadExecutor)
+    expected = ProcessExecutor if (os.cpu_count() or 1) > 1 else SequentialExecutor
+    assert isinstance(executor_for("auto"), expected)
     register_executor("counting", _Counting)
     try:
         assert isinstance(executor_for("counting"), _Counting)

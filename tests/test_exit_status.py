@@ -82,3 +82,32 @@ def test_cli_fails_after_simulate(tmp_path):
 def test_cli_unknown_command_fails():
     """An unknown subcommand is an argparse error (status 2)."""
     assert _run([sys.executable, "-m", "fhe_backend.cli", "no-such-command"], ROOT).returncode == 2
+
+
+def test_a_write_to_a_closed_pipe_after_simulate_raises_instead_of_ending_the_process(tmp_path):
+    """Concrete's dataflow runtime, started by a simulation, handles SIGPIPE by ending the
+    process with status 0; after a simulation through the backend, Python's behaviour is back:
+    the write raises BrokenPipeError and the script keeps its own status."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent("""
+            import subprocess, sys
+            import torch
+            from tests.harness import compile_fhe
+
+            model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()).eval()
+            compiled = compile_fhe(model, torch.randn(50, 2), n_bits=3, fhe="simulate")
+            with torch.no_grad():
+                compiled(torch.randn(2, 2))
+            reader = subprocess.Popen(["true"], stdin=subprocess.PIPE)
+            reader.wait()
+            try:
+                reader.stdin.write(b"x" * 200000)
+                reader.stdin.flush()
+            except BrokenPipeError:
+                sys.exit(3)
+            sys.exit(4)
+        """)
+    )
+    result = _run([sys.executable, str(script)], tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr[-2000:]

@@ -33,6 +33,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..circuit_runner import Sample, register_executor
 from ..errors import FheBackendError
+from ..process_executor import decrypt_serialized, encrypt_serialized
 from .ray_serve import connect, require_ray
 
 SerializedSample = Tuple[bytes, ...]
@@ -217,13 +218,9 @@ class RayExecutor:
             return []
         pool = worker_pool()
         server, keys = self._ship(circuit, pool)
-        encrypted = []
-        for sample in samples:
-            values = circuit.encrypt(*sample)
-            values = values if isinstance(values, tuple) else (values,)
-            encrypted.append(tuple(v.serialize() for v in values))
+        encrypted = [encrypt_serialized(circuit, sample) for sample in samples]
         results = pool.run(server, keys, encrypted)
-        return [_decrypt(circuit, result) for result in results]
+        return [decrypt_serialized(circuit, result) for result in results]
 
     def _ship(self, circuit: Any, pool: _Pool) -> Tuple[Any, Any]:
         """The circuit's server archive and evaluation keys in the object store, once per key set."""
@@ -238,13 +235,6 @@ class RayExecutor:
         keys = _shipped(circuit.keys.evaluation.serialize())
         self._cache[circuit] = (keyset, server, keys, pool.job)
         return server, keys
-
-
-def _decrypt(circuit: Any, serialized: SerializedSample) -> Sample:
-    from concrete import fhe
-
-    decrypted = circuit.decrypt(*[fhe.Value.deserialize(v) for v in serialized])
-    return decrypted if isinstance(decrypted, tuple) else (decrypted,)
 
 
 def run_server_on_ray(
