@@ -66,11 +66,16 @@ def bounds(classifier):
     return compile_torch_model(model, x, **BOUNDS)
 
 
+def _searched_at(classifier, tolerance: float):
+    """The classifier compiled within BOUNDS with an argmax search at `tolerance`."""
+    model, x, _ = classifier
+    spec = {"metric": "argmax", "tolerance": tolerance, "holdout": HOLDOUT}
+    return compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+
+
 @pytest.fixture(scope="module")
 def searched(classifier):
-    model, x, _ = classifier
-    spec = {"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT}
-    return compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    return _searched_at(classifier, 0.02)
 
 
 def _lookup_bits(module) -> list:
@@ -231,9 +236,7 @@ def test_labels_that_do_not_match_the_inputset_are_refused(classifier):
 @pytest.fixture(scope="module")
 def wide_tolerance(classifier):
     """At tolerance 0.05 the per-lookup stage lowers one lookup below the shared precision."""
-    model, x, _ = classifier
-    spec = {"metric": "argmax", "tolerance": 0.05, "holdout": HOLDOUT}
-    return compile_torch_model(model, x, precision_search=spec, **BOUNDS)
+    return _searched_at(classifier, 0.05)
 
 
 def _complexity_times_keys(module) -> float:
