@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 ArrayLike = Union[float, np.ndarray]
+STRETCH_RETRIES = 8  # per-channel weights: tries at a smaller stretch before the per-tensor scale
+STRETCH_BACKOFF = 0.7
 
 
 def bit_width(low: float, high: float) -> int:
@@ -107,7 +109,7 @@ def quantize_weights(
     2-norm stays within the widest channel's under one per-tensor scale (the noise a dot
     product adds grows with that norm) and, given `accumulate` (integer weights -> the layer's
     integer accumulator on the calibration inputs, output channels on `out_axis`), (b) the
-    accumulator stays within the bits per-tensor weights give it: every bit of accumulator
+    accumulator stays within the range per-tensor weights give it: every bit of accumulator
     costs a bootstrap in exact rounding and widens what a lookup reads.
     """
     weights = np.asarray(weights, dtype=np.float64)
@@ -141,13 +143,15 @@ def _within_tensor_accumulator(
     accumulate: Callable[[np.ndarray], np.ndarray],
     out_axis: int,
 ) -> np.ndarray:
-    """Per-channel scales no finer than keeps the accumulator in per-tensor weights' bits.
+    """Per-channel scales no finer than keeps the accumulator within per-tensor weights' range.
 
     Channel c's accumulator under per-tensor weights spans [low_c, high_c]; its own scale
-    stretches that by tensor_scale / scale_c. The stretch is capped so that the channel stays in
-    the range the per-tensor accumulator's bit-width holds; a channel that the rounding of its
-    weights still takes out of that range keeps the per-tensor scale (each output channel's
-    accumulator depends on its own weights only, so that channel is then back in range).
+    stretches that by tensor_scale / scale_c. The stretch is capped so that every channel stays
+    within [low, high], the whole per-tensor accumulator's range on the calibration set: the
+    lookup that reads it is then placed, rounded and sized exactly as with per-tensor weights.
+    A channel that the rounding of its weights takes out of that range is stretched less
+    (STRETCH_BACKOFF, up to STRETCH_RETRIES times), then keeps the per-tensor scale (each output
+    channel's accumulator depends on its own weights only, so the others are unaffected).
     """
 
     def channel_ranges(step: Any):
@@ -159,15 +163,22 @@ def _within_tensor_accumulator(
     low, high = channel_ranges(tensor_scale)
     if not low.size:
         return scale
-    width = bit_width(low.min(), high.max())
-    bottom, top = (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if low.min() < 0 else (0, 2**width - 1)
+    bottom, top = float(low.min()), float(high.max())
     stretch = np.minimum(
         np.where(high > 0, top / np.maximum(high, 1), np.inf),
         np.where(low < 0, bottom / np.minimum(low, -1), np.inf),
     )
-    capped = np.maximum(scale, tensor_scale / np.maximum(stretch, 1.0).reshape(np.shape(scale)))
-    low, high = channel_ranges(capped)
-    outside = ((low < bottom) | (high > top)).reshape(np.shape(scale))
+    # at most the stretch the channel's own scale asks for (finite where its per-tensor
+    # integers are all 0 and the range says nothing)
+    asked = np.divide(tensor_scale, scale, out=np.full(np.shape(scale), np.inf), where=scale > 0)
+    stretch = np.clip(stretch.reshape(np.shape(scale)), 1.0, asked)
+    for _ in range(STRETCH_RETRIES):  # the weights' rounding can carry a channel past the range
+        capped = np.maximum(scale, tensor_scale / stretch)
+        low, high = channel_ranges(capped)
+        outside = ((low < bottom) | (high > top)).reshape(np.shape(scale))
+        if not outside.any():
+            return capped
+        stretch = np.where(outside, np.maximum(STRETCH_BACKOFF * stretch, 1.0), stretch)
     return np.where(outside, tensor_scale, capped)
 
 
