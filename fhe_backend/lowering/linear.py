@@ -41,9 +41,14 @@ def _weights(ctx: LoweringContext, weight, channel_axis: int, accumulate=None, o
     )
 
 
-def _on_calibration_data(operand, accumulate):
-    """`accumulate` when the operand is a numpy array (a calibration run), else None."""
-    return accumulate if isinstance(operand, np.ndarray) else None
+def _on_calibration_data(ctx: LoweringContext, operand, accumulate):
+    """`accumulate` on a calibration run (a numpy operand) of a program whose lookups round
+    exactly (each accumulator bit then costs a bootstrap per lookup), else None: elsewhere the
+    per-channel precision is worth more (a tiny GPT-2 block at n_bits 8, approximate rounding,
+    flipped a token's argmax with the cap)."""
+    rounding = ctx.settings.rounding_threshold_bits
+    exact = rounding is not None and rounding.method == "exact"
+    return accumulate if exact and isinstance(operand, np.ndarray) else None
 
 
 def matmul(ctx: LoweringContext, a, b) -> Encrypted:
@@ -56,11 +61,11 @@ def matmul(ctx: LoweringContext, a, b) -> Encrypted:
     if is_encrypted(a):
         a = ctx.as_linear_input(a)
         x = a.centered
-        q_w, s_w = _weights(ctx, b, -1, _on_calibration_data(x, lambda q: x @ q), -1)
+        q_w, s_w = _weights(ctx, b, -1, _on_calibration_data(ctx, x, lambda q: x @ q), -1)
         return Encrypted(x @ q_w, a.scale * s_w, 0.0)
     b = ctx.as_linear_input(b)
     x = b.centered
-    q_w, s_w = _weights(ctx, a, -2, _on_calibration_data(x, lambda q: q @ x), -2)
+    q_w, s_w = _weights(ctx, a, -2, _on_calibration_data(ctx, x, lambda q: q @ x), -2)
     return Encrypted(q_w @ x, b.scale * s_w, 0.0)
 
 
@@ -149,7 +154,7 @@ def convolution(
         acc = fhe.conv(inputs, kernel, None, strides=list(stride), dilations=list(dilation), group=groups)
         return acc.reshape((*shape_of(acc)[:2], shape_of(acc)[3])) if one_d else acc
 
-    q_w, s_w = _weights(ctx, weight, 0, _on_calibration_data(inputs, accumulate), 1)
+    q_w, s_w = _weights(ctx, weight, 0, _on_calibration_data(ctx, inputs, accumulate), 1)
     acc = accumulate(q_w)
     channel_shape = (1, -1) + (1,) * (q_w.ndim - 2)
     scale = x.scale * np.reshape(s_w, channel_shape)
