@@ -34,9 +34,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from ..circuit_runner import Sample, register_executor
 from ..errors import FheBackendError
 from ..process_executor import decrypt_serialized, encrypt_serialized
+from ..process_worker import SerializedSample
 from .ray_serve import connect, require_ray
 
-SerializedSample = Tuple[bytes, ...]
 WORKER_CACHE = 4  # circuits and key sets one worker keeps loaded
 WORKER_START_SECONDS = 300  # a new worker imports torch and Concrete
 

@@ -24,9 +24,9 @@ aten = torch.ops.aten
 def _weights(ctx: LoweringContext, weight, channel_axis: int, accumulate=None, out_axis: int = -1):
     """Integer weights and their scale (cached per node).
 
-    `accumulate(integer weights)` gives the layer's integer accumulator on this run's inputs;
-    on a numpy run (calibration) it keeps per-channel weights within the accumulator width of
-    per-tensor ones (`quantize_weights`).
+    `accumulate(integer weights)` gives the layer's integer accumulator on this run's inputs
+    (see `_on_calibration_data`); with it, per-channel weights keep the accumulator within the
+    range per-tensor ones give (`quantize_weights`).
     """
     per_channel = ctx.settings.per_channel_weights
     return ctx.cache(

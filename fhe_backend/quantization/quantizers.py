@@ -114,6 +114,7 @@ def quantize_weights(
     """
     weights = np.asarray(weights, dtype=np.float64)
     levels = max(1, 2 ** (n_bits - 1) - 1)
+    integral = bool(np.all(weights == np.rint(weights)) and np.all(np.abs(weights) <= levels))
     if channel_axis is None:
         max_abs = np.max(np.abs(weights)) if weights.size else 0.0
         scale = np.where(max_abs > 0, max_abs / levels, 1.0)
@@ -126,10 +127,10 @@ def quantize_weights(
         # a channel's integer 2-norm stays within the widest one under one per-tensor scale
         norm_scale = norms * (tensor_scale / widest_norm) if widest_norm > 0 else 0.0
         scale = np.maximum(max_abs / levels, norm_scale)
-        if accumulate is not None and tensor_scale > 0:
+        if accumulate is not None and tensor_scale > 0 and not integral:  # integers are kept
             scale = _within_tensor_accumulator(weights, levels, scale, tensor_scale, accumulate, out_axis)
         scale = np.where(scale > 0, scale, 1.0)
-    if np.all(weights == np.rint(weights)) and np.all(max_abs <= levels):
+    if integral:
         return weights.astype(np.int64), np.ones_like(scale)  # already integers (QAT): exact
     q = np.clip(np.rint(weights / scale), -levels, levels).astype(np.int64)
     return q, scale
