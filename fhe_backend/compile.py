@@ -430,8 +430,8 @@ def compile_torch_model(
     Parameters mean what they mean in Concrete ML (see docs/concrete-ml.md); every operator of
     the model must have an FHE lowering. `precision_search` (not in Concrete ML) searches the
     lowest bit-widths within a task-metric tolerance (`fhe_backend.settings.PrecisionSearch`);
-    `runner` (not in Concrete ML) is how `fhe="execute"` runs a batch's samples: "auto"/"threads"
-    (one per core), "local", or "ray" (see docs/ray.md).
+    `runner` (not in Concrete ML) is how `fhe="execute"` runs a batch's samples: "auto"
+    ("processes" on several cores), "processes", "threads", "local", or "ray" (see docs/ray.md).
     """
     if not isinstance(torch_model, torch.nn.Module):
         raise OptionError(

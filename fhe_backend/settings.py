@@ -32,6 +32,9 @@ AUTO_ROUNDING_MAX_BITS = 6
 PRECISION_METRICS = ("argmax", "accuracy", "mse")
 DEFAULT_PRECISION_TOLERANCE = 0.01
 DEFAULT_PRECISION_HOLDOUT = 0.5
+# per_channel_weights: per-channel scales whose accumulators stay within the range per-tensor
+# weights give them at any rounding (by default only where lookups round exactly)
+RANGE_CAPPED = "range_capped"
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class FheSettings:
     module_names: Tuple[str, ...] = ()
     inputs_encryption_status: Optional[Tuple[str, ...]] = None
     key_cache_dir: Optional[str] = None
-    per_channel_weights: bool = True
+    per_channel_weights: Union[bool, str] = True  # or RANGE_CAPPED
     show_mlir: bool = False
     precision_search: Optional[PrecisionSearch] = None
     runner: str = "auto"
@@ -281,8 +284,11 @@ def _validated(values: dict) -> dict:
         raise OptionError(f"option 'fhe' = {values['fhe']!r}: allowed modes are {FHE_MODES}")
     values["fhe"] = mode
     for key in ("verbose", "require_full_fhe", "per_channel_weights", "show_mlir"):
+        if key == "per_channel_weights" and values[key] == RANGE_CAPPED:
+            continue
         if not isinstance(values[key], (bool, int)):
-            raise OptionError(f"option '{key}' = {values[key]!r}: expected a bool")
+            also = f" or {RANGE_CAPPED!r}" if key == "per_channel_weights" else ""
+            raise OptionError(f"option '{key}' = {values[key]!r}: expected a bool{also}")
         values[key] = bool(values[key])
     names = values["module_names"]
     if isinstance(names, str):

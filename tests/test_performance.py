@@ -359,3 +359,33 @@ def test_per_channel_weights_keep_the_accumulator_bits_of_per_tensor_weights():
         assert np.abs(weights - q * scale).mean() < np.abs(weights - tensor_q * tensor_scale).mean(), seed
         widened_by_norm_cap += width(quantize_weights(weights, 6, -1)[0]) > width(tensor_q)
     assert widened_by_norm_cap >= 2
+
+
+def test_range_capped_weights_keep_the_per_tensor_lookup_range_under_approximate_rounding():
+    """`per_channel_weights="range_capped"` caps the stretch at any rounding (the default caps it
+    only under exact rounding): a lookup fed by a range-capped layer reads the range per-tensor
+    weights give, while freely stretched channels widen it on some of these layers."""
+    rounding = {"n_bits": 5, "method": "approximate"}
+    widened = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4)).eval()
+        with torch.no_grad():
+            model[0].weight.mul_(torch.rand(24, 1) * 0.95 + 0.05)  # channels of unequal ranges
+        inputset = torch.randn(300, 16)
+        ranges = {}
+        for per_channel in (False, True, "range_capped"):
+            compiled = compile_fhe(
+                model, inputset, n_bits=6, rounding_threshold_bits=rounding, per_channel_weights=per_channel
+            )
+            with torch.no_grad():
+                compiled(inputset[:2])
+            (partition,) = fhe_backend.partitions(compiled)
+            assert partition.program.settings.per_channel_weights == per_channel
+            ((low, high),) = partition.lookup_ranges.values()
+            ranges[per_channel] = (low, high)
+        (low, high), (tensor_low, tensor_high) = ranges["range_capped"], ranges[False]
+        assert tensor_low <= low and high <= tensor_high, seed
+        free_low, free_high = ranges[True]
+        widened += free_low < tensor_low or free_high > tensor_high
+    assert widened >= 2

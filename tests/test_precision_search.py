@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+import fhe_backend
 from fhe_backend.compile import compile_torch_model
 from fhe_backend.errors import OptionError
 from fhe_backend.settings import FheSettings
+from tests.harness import compile_fhe
 
 BOUNDS = dict(n_bits=6, rounding_threshold_bits={"n_bits": 6, "method": "approximate"}, p_error=2**-40)
 HOLDOUT = 0.5
@@ -128,9 +130,17 @@ def test_no_candidate_cheaper_than_the_choice_is_within_tolerance_at_lower_preci
     choice = again.partition.program.precision_choice
     limit = choice.bounds_loss + 0.02
     assert choice.loss <= limit
-    chosen_precision = again.partition.program.settings.rounding_threshold_bits.n_bits
+    # approximate rounding: per-channel weights as given and range capped are both searched
+    assert {e.candidate.range_capped for e in scored} == {False, True}
+    settings = again.partition.program.settings
+    assert (settings.per_channel_weights == "range_capped") == choice.range_capped
+    chosen_precision = settings.rounding_threshold_bits.n_bits
     lower = [
-        e for e in scored if e.candidate.rounding_bits < chosen_precision and not e.candidate.lookup_bits
+        e
+        for e in scored
+        if e.candidate.rounding_bits < chosen_precision
+        and not e.candidate.lookup_bits
+        and e.candidate.range_capped == choice.range_capped
     ]
     assert lower, "the search tried no lower precision"
     assert all(e.loss > limit for e in lower)
@@ -257,13 +267,17 @@ def test_lookups_at_several_precisions_are_kept_only_when_concrete_finds_them_ch
     model, x, _ = classifier
     choice = wide_tolerance.partition.program.precision_choice
     assert len(choice.compared) >= 2, "no per-lookup step to compare: the setup no longer tests this"
-    assert len({(c.n_bits, tuple(sorted(c.lookup_bits.items()))) for c in choice.compared}) == len(
-        choice.compared
-    )
+    assert len(
+        {(c.n_bits, tuple(sorted(c.lookup_bits.items())), c.range_capped) for c in choice.compared}
+    ) == len(choice.compared)
     # the circuit compiled at the end is a compared candidate with the least product (equal
     # circuits: the search takes the lower loss)
     bits = (choice.n_bits.op_inputs, choice.n_bits.op_weights)
-    (chosen,) = [c for c in choice.compared if c.n_bits == bits and c.lookup_bits == choice.lookup_bits]
+    (chosen,) = [
+        c
+        for c in choice.compared
+        if (c.n_bits, c.lookup_bits, c.range_capped) == (bits, choice.lookup_bits, choice.range_capped)
+    ]
     assert chosen.complexity * chosen.key_bytes == min(c.complexity * c.key_bytes for c in choice.compared)
     circuit = wide_tolerance.partition.circuit
     assert float(circuit.complexity) == pytest.approx(chosen.complexity)
@@ -279,3 +293,45 @@ def test_lookups_at_several_precisions_are_kept_only_when_concrete_finds_them_ch
     assert _complexity_times_keys(wide_tolerance) <= _complexity_times_keys(clear_only)
     if clear_only.partition.program.precision_choice.lookup_bits != choice.lookup_bits:
         assert _complexity_times_keys(wide_tolerance) < _complexity_times_keys(clear_only)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(BOUNDS, per_channel_weights=False),  # per-tensor weights: nothing to cap
+        dict(BOUNDS, rounding_threshold_bits=6),  # exact rounding: capped already
+    ],
+    ids=["per-tensor", "exact"],
+)
+def test_the_range_cap_is_searched_only_where_it_changes_the_weights(classifier, options):
+    from fhe_backend.quantization import precision_search
+
+    model, x, _ = classifier
+    scored = []
+    original = precision_search._Scorer.evaluate
+
+    def recording(self, candidate, base, method):
+        scored.append(candidate)
+        return original(self, candidate, base, method)
+
+    spec = {"metric": "argmax", "tolerance": 0.02, "holdout": HOLDOUT}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_search._Scorer, "evaluate", recording)
+        compiled = compile_fhe(model, x, precision_search=spec, fhe="disable", **options)
+        with torch.no_grad():
+            compiled(x[:2])
+    assert scored and not any(c.range_capped for c in scored)
+    (partition,) = fhe_backend.partitions(compiled)
+    choice = partition.program.precision_choice
+    assert not choice.range_capped and "range capped" not in choice.describe()
+    assert partition.program.settings.per_channel_weights == options.get("per_channel_weights", True)
+
+
+def test_per_channel_weights_option_values():
+    assert (
+        FheSettings.from_options({"per_channel_weights": "range_capped"}).per_channel_weights
+        == "range_capped"
+    )
+    assert FheSettings.from_options({"per_channel_weights": 0}).per_channel_weights is False
+    with pytest.raises(OptionError, match="expected a bool or 'range_capped'"):
+        FheSettings.from_options({"per_channel_weights": "capped"})

@@ -15,6 +15,7 @@ import torch.fx as fx
 from concrete import fhe
 
 from ..quantization.quantizers import quantize_weights
+from ..settings import RANGE_CAPPED
 from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
@@ -42,13 +43,16 @@ def _weights(ctx: LoweringContext, weight, channel_axis: int, accumulate=None, o
 
 
 def _on_calibration_data(ctx: LoweringContext, operand, accumulate):
-    """`accumulate` on a calibration run (a numpy operand) of a program whose lookups round
-    exactly (each accumulator bit then costs a bootstrap per lookup), else None: elsewhere the
-    per-channel precision is worth more (a tiny GPT-2 block at n_bits 8, approximate rounding,
-    flipped a token's argmax with the cap)."""
-    rounding = ctx.settings.rounding_threshold_bits
+    """`accumulate` on a calibration run (a numpy operand) where per-channel weights are range
+    capped, else None: with `per_channel_weights="range_capped"`, and by default where lookups
+    round exactly (each accumulator bit then costs a bootstrap per lookup). Elsewhere the
+    per-channel precision can be worth more (a tiny GPT-2 block at n_bits 8, approximate rounding,
+    flipped a token's argmax with the cap); `precision_search` tries both."""
+    settings = ctx.settings
+    rounding = settings.rounding_threshold_bits
     exact = rounding is not None and rounding.method == "exact"
-    return accumulate if exact and isinstance(operand, np.ndarray) else None
+    capped = exact or settings.per_channel_weights == RANGE_CAPPED
+    return accumulate if capped and isinstance(operand, np.ndarray) else None
 
 
 def matmul(ctx: LoweringContext, a, b) -> Encrypted:

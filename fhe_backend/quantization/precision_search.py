@@ -17,6 +17,12 @@ per FHE partition and in the clear (the integer program, as in ``fhe="disable"``
    accumulator's width, and lookups at several precisions get one bootstrap key each plus
    keyswitch keys between them, which the clear-text order cannot see.
 
+Where lookups round approximately, stages 1-4 run twice, with per-channel weights as given and
+with their accumulators capped to the range per-tensor weights give (`per_channel_weights=
+"range_capped"`, the default under exact rounding), and Concrete's cheapest of the two is kept:
+the cap narrows the accumulators, so lookups can go lower (the digits MLP: 5 bits instead of 6),
+but it costs channels precision that some models need (a GPT-2 block at 8 bits).
+
 The metric is a loss against the float graph (argmax disagreement, accuracy lost, or relative
 mean squared error); a candidate passes when its loss exceeds the loss of the program at the
 user's bounds (their `n_bits` and rounding, which no candidate exceeds) by at most the
@@ -40,7 +46,14 @@ import torch
 
 from ..errors import OptionError
 from ..graph_utils import as_tuple, solve_symbol
-from ..settings import AUTO_ROUNDING_MAX_BITS, FheSettings, NBits, PrecisionSearch, Rounding
+from ..settings import (
+    AUTO_ROUNDING_MAX_BITS,
+    RANGE_CAPPED,
+    FheSettings,
+    NBits,
+    PrecisionSearch,
+    Rounding,
+)
 from .program import QAT_BIAS_BITS, IntegerProgram
 from .quantizers import bit_width
 
@@ -61,6 +74,7 @@ class Candidate:
     rounding_bits: Optional[int]  # None: no rounding (the user's unrounded program)
     lookup_bits: Tuple[Tuple[str, int], ...] = ()
     qat_bias_bits: Optional[int] = None  # QAT outputs' bias step (IntegerProgram.qat_bias_bits)
+    range_capped: bool = False  # per-channel weights capped to per-tensor accumulator ranges
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class PrecisionChoice:
     n_bits: NBits
     rounding: Optional[Rounding]
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding (per-lookup overrides)
+    range_capped: bool  # per_channel_weights="range_capped" where the user's rounding has no cap
     metric: str
     loss: float  # the chosen program's, against float
     bounds_loss: float  # the program's at the user's n_bits and rounding (the reference)
@@ -101,13 +116,19 @@ class PrecisionChoice:
         line = (
             f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
             f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
+            f"{'per-channel weights range capped; ' if self.range_capped else ''}"
             f"{self.metric} loss {self.loss:.4f} against float ({self.bounds_loss:.4f} at the "
             f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
         )
         bits = (self.n_bits.op_inputs, self.n_bits.op_weights)
         chosen = next(
-            (c for c in self.compared if c.n_bits == bits and c.lookup_bits == self.lookup_bits), None
+            (
+                c
+                for c in self.compared
+                if (c.n_bits, c.lookup_bits, c.range_capped) == (bits, self.lookup_bits, self.range_capped)
+            ),
+            None,
         )
         if len(self.compared) > 1 and chosen is not None:
             line += (
@@ -125,6 +146,7 @@ class CircuitCost:
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding
     complexity: float  # Concrete's cost of one evaluation
     key_bytes: int  # bootstrap + keyswitch keys, uncompressed (key generation time follows it)
+    range_capped: bool = False  # the candidate's per-channel weights were range capped
 
     def rank(self) -> Tuple[float, float]:
         """Smaller is better: complexity times key bytes (a relative gain on either side weighs
@@ -249,7 +271,13 @@ def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> 
     """The settings of one candidate (no further search)."""
     n_bits = dataclasses.replace(base.n_bits, op_inputs=candidate.op_inputs, op_weights=candidate.op_weights)
     rounding = None if candidate.rounding_bits is None else Rounding(candidate.rounding_bits, method)
-    return base.replace(n_bits=n_bits, rounding_threshold_bits=rounding, precision_search=None)
+    per_channel = RANGE_CAPPED if candidate.range_capped else base.per_channel_weights
+    return base.replace(
+        n_bits=n_bits,
+        rounding_threshold_bits=rounding,
+        precision_search=None,
+        per_channel_weights=per_channel,
+    )
 
 
 def search_precision(
@@ -284,20 +312,44 @@ def search_precision(
     widest_inputs, widest_weights = base.n_bits.op_inputs, base.n_bits.op_weights
     bounds = evaluate(Candidate(widest_inputs, widest_weights, None if user_rounding is None else top_bits))
     limit = bounds.loss + spec.tolerance
-    passing = _lowest_precision(
-        evaluate, widest_inputs, widest_weights, range(spec.min_bits, top_bits + 1), spec.min_bits, limit
-    )
     costs = _CircuitCosts(lambda c: scorer.program_of(c, base, method)[0], compile_circuit)
-    # the clear-text cost ranks pairs by their widest integer; Concrete's parameters follow the
-    # noise (weights' norms), so the narrowest accumulator is not always the cheapest circuit
-    best = costs.cheapest(_one_per_width(passing), fallback=0) if passing else bounds
-    shortlist: List[Evaluation] = [best] if passing else []
-    best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist) if passing else bounds
-    if program.qat:
-        best = _qat_bias(evaluate, best, limit)
-    if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
-        best, shortlist = bounds, []
-    best = costs.cheapest([*shortlist, best])
+
+    def search(range_capped: bool) -> Evaluation:
+        """Stages 1-4 with the per-channel weights capped or not."""
+
+        def evaluate_variant(candidate: Candidate) -> Evaluation:
+            return evaluate(dataclasses.replace(candidate, range_capped=range_capped))
+
+        passing = _lowest_precision(
+            evaluate_variant,
+            widest_inputs,
+            widest_weights,
+            range(spec.min_bits, top_bits + 1),
+            spec.min_bits,
+            limit,
+        )
+        if not passing:
+            return bounds
+        # the clear-text cost ranks pairs by their widest integer; Concrete's parameters follow the
+        # noise (weights' norms), so the narrowest accumulator is not always the cheapest circuit
+        best = costs.cheapest(_one_per_width(passing), fallback=0)
+        shortlist = [best]
+        best = _per_lookup(evaluate, best, spec.min_bits, limit, shortlist)
+        if program.qat:
+            best = _qat_bias(evaluate, best, limit)
+        if best.cost > bounds.cost:  # e.g. approximate rounding where the user asked for none
+            return bounds
+        return costs.cheapest([*shortlist, best])
+
+    # stage 0: the range cap trades per-channel precision for narrower accumulators (lower lookup
+    # bits, smaller norms), worth it on the digits MLP, not on a GPT-2 block at 8 bits: both searched
+    variants = [search(False)]
+    # exact rounding caps already; QAT weights are integers already (never stretched)
+    if base.per_channel_weights is True and method != "exact" and not program.qat:
+        variants.append(search(True))
+    variants = list({e.candidate: e for e in variants}.values())  # both may be the bounds
+    in_clear = min(range(len(variants)), key=lambda i: (variants[i].cost, variants[i].loss))
+    best = costs.cheapest(variants, fallback=in_clear)
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
     program.lookup_precision = dict(best.candidate.lookup_bits)
@@ -308,6 +360,7 @@ def search_precision(
         n_bits=chosen.n_bits,
         rounding=chosen.rounding_threshold_bits,
         lookup_bits=dict(best.kept_bits),
+        range_capped=best.candidate.range_capped,
         metric=spec.metric,
         loss=best.loss,
         bounds_loss=bounds.loss,
@@ -414,6 +467,7 @@ class _CircuitCosts:
             dict(evaluation.kept_bits),
             float(circuit.complexity),
             int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys),
+            candidate.range_capped,
         )
         logger.debug("precision_search %s: %s", candidate, cost)
         self.compiled[candidate] = cost
