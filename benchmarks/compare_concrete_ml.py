@@ -180,6 +180,7 @@ def main(job_path: str, result_path: str) -> int:
         out=Path(job["models"]).parent,
         batch=job.get("batch", 0),
         configuration=job.get("configuration"),
+        simulate_runs=job.get("simulate_runs", 1),
     )
     folder = Path(job["models"])
     environment = {"python": sys.version.split()[0]}

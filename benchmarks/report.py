@@ -50,7 +50,7 @@ MAIN_COLUMNS = (
     *SETTING_COLUMNS,
     ("float", "float_accuracy"),
     ("disable", "disable_accuracy"),
-    ("simulate", "simulate_accuracy"),
+    ("simulate", "simulate_cell"),
     ("execute", "execute_accuracy"),
     ("PBS", "pbs_count"),
     ("max bits", "max_bit_width"),
@@ -69,7 +69,7 @@ COMPARISON_COLUMNS = (
     ("target", "key"),
     ("compiler", "who"),
     *SETTING_COLUMNS,
-    ("simulate", "simulate_accuracy"),
+    ("simulate", "simulate_cell"),
     ("PBS", "pbs_count"),
     ("max TLU bits", "max_tlu_bit_width"),
     ("complexity", "complexity"),
@@ -222,11 +222,14 @@ def _table(rows: List[Dict[str, Any]], columns: Sequence[tuple]) -> List[str]:
 def _display(row: Dict[str, Any], who: Optional[str] = None) -> Dict[str, Any]:
     """A row with the derived cells of the tables (compiler, evaluation keys in MiB)."""
     size = row.get("evaluation_key_serialized_bytes")
+    accuracy, spread = row.get("simulate_accuracy"), row.get("simulate_accuracy_sd")
     return dict(
         row,
         key=row_key(row),
         who=who or row.get("compiler", "fhe_backend"),
         evaluation_keys_mib=size / 2**20 if isinstance(size, (int, float)) else None,
+        # the mean of several simulate runs, ± their standard deviation
+        simulate_cell=accuracy if spread is None else f"{_cell(accuracy)} ± {_cell(spread)}",
     )
 
 
@@ -302,6 +305,14 @@ def timing_notes(
         lines.append(
             f"- **simulate samples/s** is the throughput over {'/'.join(map(str, evaluated))} "
             "samples after a 2-sample warm-up; accuracies are over the same samples."
+        )
+    runs = sorted({len(r["simulate_accuracy_runs"]) for r in everything if r.get("simulate_accuracy_runs")})
+    if runs:
+        lines.append(
+            f"- **simulate** accuracy is the mean of {'/'.join(map(str, runs))} simulate runs ± their "
+            "standard deviation (`--simulate-runs`; Concrete's simulator draws bootstrap errors and "
+            "approximate rounding's slips at random; each run is in results.json, "
+            "`simulate_accuracy_runs`)."
         )
     if any(r.get("execute_batch") for r in everything):
         lines.append(

@@ -38,6 +38,8 @@ from .targets import (
 )
 
 COMPARE_SCRIPT = Path(__file__).with_name("compare_concrete_ml.py")
+# job settings that earlier job files may lack, with the value they then had
+JOB_DEFAULTS = {"batch": 0, "configuration": None, "simulate_runs": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --execute, also time one encrypted batch of N samples and the CPU "
         "time it used (does execute use every core?)",
+    )
+    parser.add_argument(
+        "--simulate-runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="simulate the test samples N times per target and report the mean accuracy and its "
+        "standard deviation (Concrete's simulator draws errors at random: one run varies by about a point)",
     )
     parser.add_argument(
         "--eval-samples",
@@ -116,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("fhe-backend bench: --samples must be >= 1")
     if args.batch < 0:
         raise SystemExit("fhe-backend bench: --batch must be >= 0")
+    if args.simulate_runs < 1:
+        raise SystemExit("fhe-backend bench: --simulate-runs must be >= 1")
     targets = select(args.targets.split(","))
     errors = [parse_error(spec) for spec in args.error_probability.split(",")]
     # absolute: the Concrete ML process runs in the repository, not in the caller's folder
@@ -127,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         configuration=parse_configuration(args.configuration),
         runner=args.runner,
+        simulate_runs=args.simulate_runs,
     )
     config.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
@@ -285,6 +298,7 @@ def _job_document(jobs: List[Dict[str, Any]], config: BenchConfig) -> Dict[str, 
         "eval_samples": config.eval_samples,
         "batch": config.batch,
         "configuration": config.configuration,
+        "simulate_runs": config.simulate_runs,
     }
 
 
@@ -303,7 +317,7 @@ def reusable_results(
     except (OSError, ValueError) as error:
         raise SystemExit(f"fhe-backend bench: --concrete-ml-results {folder}: {error}") from error
     settings = {k: v for k, v in _job_document([], config).items() if k not in ("targets", "models")}
-    if any(earlier.get(k) != v for k, v in settings.items()):
+    if any(earlier.get(k, JOB_DEFAULTS.get(k)) != v for k, v in settings.items()):
         _say(f"[concrete-ml] {folder}: other execute settings or configuration, nothing reused")
         return {}, {}
     results = {result.get("key"): result for result in document.get("results", [])}

@@ -554,7 +554,8 @@ def test_configuration_option_reaches_concrete_and_is_checked():
     }
 
 
-def test_execute_times_one_sample_and_a_batch_with_key_sizes():
+def _tiny_run():
+    """A tiny compiled MLP as the bench sees it: (run(mode, x), x, reference, score, partitions)."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     x = torch.rand(120, 4)
@@ -575,6 +576,34 @@ def test_execute_times_one_sample_and_a_batch_with_key_sizes():
     def score(outputs, rows):  # agreement of the predicted class with float
         return float((outputs.argmax(-1) == reference[rows].argmax(-1)).float().mean())
 
+    return run, x, reference, score, partitions
+
+
+def test_simulate_runs_report_the_mean_and_spread_of_every_run():
+    import statistics
+
+    from benchmarks.report import _display
+
+    run, x, reference, score, partitions = _tiny_run()
+    row = {"target": "tiny"}
+    config = BenchConfig(simulate_runs=3, eval_samples=6)
+    evaluate_modes(row, run, x[:6], reference, score, partitions, config, lambda step: None)
+    runs = row["simulate_accuracy_runs"]
+    assert len(runs) == 3 and all(0 <= a <= 1 for a in runs)
+    assert row["simulate_accuracy"] == pytest.approx(statistics.mean(runs))
+    assert row["simulate_accuracy_sd"] == pytest.approx(statistics.stdev(runs))
+    assert "disable_accuracy_runs" not in row  # disable is deterministic: one run
+    assert " ± " in _display(row)["simulate_cell"]
+    single = {"target": "tiny"}
+    evaluate_modes(single, run, x[:6], reference, score, partitions, BenchConfig(eval_samples=6), print)
+    assert (
+        "simulate_accuracy_runs" not in single
+        and _display(single)["simulate_cell"] == single["simulate_accuracy"]
+    )
+
+
+def test_execute_times_one_sample_and_a_batch_with_key_sizes():
+    run, x, reference, score, partitions = _tiny_run()
     row = {}
     config = BenchConfig(execute=True, samples=2, batch=3, eval_samples=6)
     evaluate_modes(row, run, x[:6], reference, score, partitions, config, lambda step: None)
