@@ -55,9 +55,12 @@ OUR_ONLY_OPTIONS = ("precision_search",)  # options Concrete ML does not have (l
 APPROXIMATE_6 = {"n_bits": 6, "method": "approximate"}
 # the float models: relative mse (argmax agreement on the training inputset saturates: 0 for every
 # candidate of the MLP, which then lost 1.3 points of test accuracy; mse is the same on training
-# and test data); the QAT network keeps argmax (measured with it)
+# and test data)
 SEARCH = {"metric": "mse", "tolerance": 0.01}
-QAT_SEARCH = {"metric": "argmax", "tolerance": 0.01}
+# the QAT network: accuracy on the held-out share of the training split (its labels are added by
+# `measure.measure_digits`) no lower than at the bounds; argmax agreement with Brevitas picks the
+# lookups' grid closest to Brevitas, which is not the most accurate one on this network
+QAT_SEARCH = {"metric": "accuracy", "tolerance": 0.0}
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
@@ -125,8 +128,9 @@ TARGETS: List[Target] = [
     ),
     Target(
         "qat_small",
-        "Brevitas QATSimpleNet 3-bit, precision_search of the lookups (argmax agreement within 1 "
-        "points of approximate rounding 6) (vs Concrete ML's compile_brevitas_qat_model defaults)",
+        "Brevitas QATSimpleNet 3-bit, precision_search of the lookups (accuracy on the held-out "
+        "training share no lower than at approximate rounding 6) (vs Concrete ML's "
+        "compile_brevitas_qat_model defaults)",
         "digits",
         "qat",
         {"rounding_threshold_bits": APPROXIMATE_6, "precision_search": QAT_SEARCH},

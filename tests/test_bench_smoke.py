@@ -484,7 +484,7 @@ def test_precision_search_targets_give_concrete_ml_the_same_bounds_without_the_s
     }
     assert "precision_search" not in BY_NAME["qat_small"].concrete_ml_defaults
     assert rounding_label(target.options) == "approximate 6 + search (mse 0.01)"
-    assert rounding_label(BY_NAME["qat_small"].options) == "approximate 6 + search (argmax 0.01)"
+    assert rounding_label(BY_NAME["qat_small"].options) == "approximate 6 + search (accuracy 0.0)"
 
 
 def test_target_selection():

@@ -54,7 +54,7 @@ from ..settings import (
     PrecisionSearch,
     Rounding,
 )
-from .program import QAT_BIAS_BITS, IntegerProgram
+from .program import ALIGNED_GRID, QAT_BIAS_BITS, ZERO_GRID, IntegerProgram
 from .quantizers import bit_width
 
 logger = logging.getLogger("fhe_backend")
@@ -75,6 +75,7 @@ class Candidate:
     lookup_bits: Tuple[Tuple[str, int], ...] = ()
     qat_bias_bits: Optional[int] = None  # QAT outputs' bias step (IntegerProgram.qat_bias_bits)
     range_capped: bool = False  # per-channel weights capped to per-tensor accumulator ranges
+    qat_rounding_grid: str = ALIGNED_GRID  # QAT rounded lookups' grid (IntegerProgram.qat_rounding_grid)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class PrecisionChoice:
     rounding: Optional[Rounding]
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding (per-lookup overrides)
     range_capped: bool  # per_channel_weights="range_capped" where the user's rounding has no cap
+    qat_rounding_grid: str  # QAT: the rounded lookups' grid (IntegerProgram.qat_rounding_grid)
     metric: str
     loss: float  # the chosen program's, against float
     bounds_loss: float  # the program's at the user's n_bits and rounding (the reference)
@@ -117,6 +119,7 @@ class PrecisionChoice:
             f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
             f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
             f"{'per-channel weights range capped; ' if self.range_capped else ''}"
+            f"{'QAT rounding grid through 0; ' if self.qat_rounding_grid == ZERO_GRID else ''}"
             f"{self.metric} loss {self.loss:.4f} against float ({self.bounds_loss:.4f} at the "
             f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
@@ -126,7 +129,8 @@ class PrecisionChoice:
             (
                 c
                 for c in self.compared
-                if (c.n_bits, c.lookup_bits, c.range_capped) == (bits, self.lookup_bits, self.range_capped)
+                if (c.n_bits, c.lookup_bits, c.range_capped, c.qat_rounding_grid)
+                == (bits, self.lookup_bits, self.range_capped, self.qat_rounding_grid)
             ),
             None,
         )
@@ -147,6 +151,7 @@ class CircuitCost:
     complexity: float  # Concrete's cost of one evaluation
     key_bytes: int  # bootstrap + keyswitch keys, uncompressed (key generation time follows it)
     range_capped: bool = False  # the candidate's per-channel weights were range capped
+    qat_rounding_grid: str = ALIGNED_GRID  # the candidate's QAT rounding grid
 
     def rank(self) -> Tuple[float, float]:
         """Smaller is better: complexity times key bytes (a relative gain on either side weighs
@@ -239,9 +244,7 @@ class _Scorer:
             candidate_settings(base, candidate, method),
             self.program.encryption_status,
         )
-        program.lookup_precision = dict(candidate.lookup_bits)
-        if candidate.qat_bias_bits is not None:
-            program.qat_bias_bits = candidate.qat_bias_bits
+        _apply(candidate, program)
         return program, program.calibrate_rounding(self.q_inputs)
 
     def evaluate(self, candidate: Candidate, base: FheSettings, method: str) -> Evaluation:
@@ -265,6 +268,14 @@ class _Scorer:
         self.evaluations[candidate] = evaluation
         logger.debug("precision_search %s: loss %.4f, cost %s", candidate, evaluation.loss, evaluation.cost)
         return evaluation
+
+
+def _apply(candidate: Candidate, program: IntegerProgram) -> None:
+    """Set the candidate's per-program choices (those that are not settings) on `program`."""
+    program.lookup_precision = dict(candidate.lookup_bits)
+    if candidate.qat_bias_bits is not None:
+        program.qat_bias_bits = candidate.qat_bias_bits
+    program.qat_rounding_grid = candidate.qat_rounding_grid
 
 
 def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> FheSettings:
@@ -314,11 +325,11 @@ def search_precision(
     limit = bounds.loss + spec.tolerance
     costs = _CircuitCosts(lambda c: scorer.program_of(c, base, method)[0], compile_circuit)
 
-    def search(range_capped: bool) -> Evaluation:
-        """Stages 1-4 with the per-channel weights capped or not."""
+    def search(variant: Dict[str, Any]) -> Evaluation:
+        """Stages 1-4 for one variant (Candidate fields that stay fixed through the stages)."""
 
         def evaluate_variant(candidate: Candidate) -> Evaluation:
-            return evaluate(dataclasses.replace(candidate, range_capped=range_capped))
+            return evaluate(dataclasses.replace(candidate, **variant))
 
         passing = _lowest_precision(
             evaluate_variant,
@@ -341,26 +352,20 @@ def search_precision(
             return bounds
         return costs.cheapest([*shortlist, best])
 
-    # stage 0: the range cap trades per-channel precision for narrower accumulators (lower lookup
-    # bits, smaller norms), worth it on the digits MLP, not on a GPT-2 block at 8 bits: both searched
-    variants = [search(False)]
-    # exact rounding caps already; QAT weights are integers already (never stretched)
-    if base.per_channel_weights is True and method != "exact" and not program.qat:
-        variants.append(search(True))
-    variants = list({e.candidate: e for e in variants}.values())  # both may be the bounds
+    variants = [search(variant) for variant in _variants(program, base, method)]
+    variants = list({e.candidate: e for e in variants}.values())  # several may be the bounds
     in_clear = min(range(len(variants)), key=lambda i: (variants[i].cost, variants[i].loss))
     best = costs.cheapest(variants, fallback=in_clear)
     chosen = candidate_settings(base, best.candidate, method)
     program.settings = chosen
-    program.lookup_precision = dict(best.candidate.lookup_bits)
-    if best.candidate.qat_bias_bits is not None:
-        program.qat_bias_bits = best.candidate.qat_bias_bits
+    _apply(best.candidate, program)
     program.constants.clear()
     choice = PrecisionChoice(
         n_bits=chosen.n_bits,
         rounding=chosen.rounding_threshold_bits,
         lookup_bits=dict(best.kept_bits),
         range_capped=best.candidate.range_capped,
+        qat_rounding_grid=best.candidate.qat_rounding_grid,
         metric=spec.metric,
         loss=best.loss,
         bounds_loss=bounds.loss,
@@ -375,6 +380,23 @@ def search_precision(
     if base.verbose:
         print(f"[fhe_backend] precision_search: {choice.describe()}")
     return choice
+
+
+def _variants(program: IntegerProgram, base: FheSettings, method: str) -> List[Dict[str, Any]]:
+    """Stage 0: the choices searched one after another, each through stages 1-4.
+
+    - The per-channel range cap trades per-channel precision for narrower accumulators (lower
+      lookup bits, smaller norms): worth it on the digits MLP and CNN, not on a GPT-2 block at
+      8 bits. Exact rounding caps already; QAT weights are integers (never stretched).
+    - A QAT program's rounded lookups: the grid aligned with the QuantReLU's thresholds (closer
+      to Brevitas) or through 0 (Concrete ML's; more accurate on the digits QAT network).
+    """
+    variants: List[Dict[str, Any]] = [{}]
+    if base.per_channel_weights is True and method != "exact" and not program.qat:
+        variants.append({"range_capped": True})
+    if program.qat:
+        variants.append({"qat_rounding_grid": ZERO_GRID})
+    return variants
 
 
 def _lowest_precision(evaluate, widest_inputs: int, widest_weights: int, precisions, low: int, limit: float):
@@ -468,6 +490,7 @@ class _CircuitCosts:
             float(circuit.complexity),
             int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys),
             candidate.range_capped,
+            candidate.qat_rounding_grid,
         )
         logger.debug("precision_search %s: %s", candidate, cost)
         self.compiled[candidate] = cost

@@ -69,6 +69,8 @@ QAT_BIAS_BITS = 4
 # (digits QATSimpleNet, 7-bit lookups: 2 bias bits cost 1.00x Concrete ML's complexity with
 # 99.8% argmax agreement with Brevitas; 4 bits, 11-bit output, cost 1.62x)
 QAT_UNROUNDED_OUTPUT_SLACK = 2
+# QAT rounded lookups: the rounding grid's edges at the QuantReLU's thresholds, or through 0
+ALIGNED_GRID, ZERO_GRID = "aligned", "zero"
 
 
 def qat_input_quantizer(placeholder: fx.Node) -> Optional[UniformQuantizer]:
@@ -103,6 +105,7 @@ class IntegerProgram:
         self.lookup_offsets: Dict[str, int] = {}
         # QAT: per-position shifts that align each rounded lookup's grid (see _align_rounding)
         self.lookup_shifts: Dict[str, np.ndarray] = {}
+        self.qat_rounding_grid = ALIGNED_GRID  # or ZERO_GRID (precision_search tries both)
         self.lookup_observer: Optional[Any] = None  # see LoweringContext.lookup
         # precision_search: bits kept by each lookup (key -> bits) over rounding_threshold_bits
         self.lookup_precision: Dict[str, int] = {}
@@ -479,6 +482,11 @@ class IntegerProgram:
         the run reaches it, so it sees the earlier ones aligned. Shifts stay within the room the
         placement left on top (the lookup keeps its width, rounding's carry included); the
         batch must lie on dim 0.
+
+        With `qat_rounding_grid` ZERO_GRID the shift instead cancels the placement's offset
+        modulo the step, so the accumulator itself is rounded to the nearest multiple of the
+        step (Concrete ML's grid): it agrees less with the QuantReLU's thresholds, but on the
+        digits QAT network it is the more accurate one, on training and test data alike.
         """
         samples = len(q_inputs[0]) if q_inputs else 0
 
@@ -491,6 +499,11 @@ class IntegerProgram:
             if widest_shift <= 0 or not isinstance(expr, np.ndarray) or expr.ndim < 2 or len(expr) != samples:
                 return
             offset = self.lookup_offsets.get(key, 0)
+            if self.qat_rounding_grid == ZERO_GRID:
+                through_zero = (-offset) % 2**lsbs
+                if 0 < through_zero <= widest_shift:
+                    self.lookup_shifts[key] = np.full(expr.shape[1:], through_zero, dtype=np.int64)
+                return
             # the table once per position over the inputs' span (and rounding's reach around it)
             low, high = int(expr.min()) - 2**lsbs, int(expr.max()) + 2**lsbs
             grid = np.arange(low, high + 1).reshape((-1,) + (1,) * (expr.ndim - 1))
