@@ -226,21 +226,57 @@ def test_rounded_qat_lookups_align_their_grid_with_the_thresholds(rounded_simple
     )
 
 
+def test_the_zero_grid_rounds_the_accumulator_itself(rounded_simple_net, digits):
+    """`qat_rounding_grid="zero"` (Concrete ML's grid): the clear shift cancels the placement's
+    offset modulo the rounding step, so each lookup reads round(accumulator) to a multiple of
+    the step, where the aligned grid moves the edges to the thresholds."""
+    from fhe_backend.quantization.program import ZERO_GRID, IntegerProgram
+
+    _, module = rounded_simple_net
+    x_train = digits[0]
+    aligned = module.partition.program
+    program = IntegerProgram(aligned.graph_module, aligned.stats, aligned.settings, aligned.encryption_status)
+    program.qat_rounding_grid = ZERO_GRID
+    q_inputs = program.quantize_inputs(x_train)
+    program.calibrate_rounding(q_inputs)
+    assert program.rounding_lsbs == aligned.rounding_lsbs and program.lookup_offsets
+    for key, lsbs in program.rounding_lsbs.items():
+        shift = program.lookup_shifts.get(key, np.zeros(30, dtype=np.int64))
+        assert np.all((program.lookup_offsets.get(key, 0) + shift) % 2**lsbs == 0), key
+    # a different program from the aligned one, and the same in disable as it computes
+    outputs = program.dequantize_outputs(program(*q_inputs))[0]
+    assert not np.array_equal(outputs, aligned.dequantize_outputs(aligned(*q_inputs))[0])
+
+
 def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
     from fhe_backend.compile import compile_brevitas_qat_model
+    from fhe_backend.quantization import precision_search
     from fhe_backend.quantization.program import QAT_BIAS_BITS
     from fhe_backend.quantization.quantizers import bit_width
 
     model, _, _, _ = simple_net
     x_train = digits[0]
-    module = compile_brevitas_qat_model(
-        model,
-        x_train,
-        rounding_threshold_bits={"n_bits": 6, "method": "approximate"},
-        precision_search={"metric": "argmax", "tolerance": 0.02},
-    )
+    scored = []
+    original = precision_search._Scorer.evaluate
+
+    def recording(self, candidate, base, method):
+        scored.append(candidate)
+        return original(self, candidate, base, method)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_search._Scorer, "evaluate", recording)
+        module = compile_brevitas_qat_model(
+            model,
+            x_train,
+            rounding_threshold_bits={"n_bits": 6, "method": "approximate"},
+            precision_search={"metric": "argmax", "tolerance": 0.02},
+        )
     program, choice = module.partition.program, module.partition.program.precision_choice
     assert choice.loss <= choice.bounds_loss + 0.02
+    # both rounding grids searched (no range cap: QAT weights are integers already)
+    assert {c.qat_rounding_grid for c in scored} == {"aligned", "zero"}
+    assert not any(c.range_capped for c in scored)
+    assert program.qat_rounding_grid == choice.qat_rounding_grid
     # 4 bits made the output the circuit's widest integer (11 bits for 7); the search takes fewer
     (bias_bits,) = program.output_bias_bits.values()
     assert bias_bits < QAT_BIAS_BITS
