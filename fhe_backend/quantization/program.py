@@ -460,39 +460,9 @@ class IntegerProgram:
                 self.too_wide.append((key.split(":")[0], effective, low, high))
         if self.qat and ranges and self.qat_bias_bits is None:
             self._narrow_bias(ranges, raw_ranges, 0 if self.rounding_lsbs else QAT_UNROUNDED_OUTPUT_SLACK)
-        if self.qat and self.qat_rounding_grid == ALIGNED_GRID:
+        if self.qat:
             self._align_rounding(q_inputs, raw_ranges, ranges)
-        else:
-            self._round_through_zero(raw_ranges, ranges)
         return ranges
-
-    def _shift_room(
-        self, key: str, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
-    ) -> int:
-        """The largest clear shift a rounded lookup's input can take on top of its placement
-        without growing (rounding's carry included), at most one rounding step minus 1."""
-        lsbs = self.rounding_lsbs[key]
-        bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
-        return min(2**lsbs - 1, 2**bits - 1 - 2 ** (lsbs - 1) - ranges[key][1])
-
-    def _round_through_zero(
-        self, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
-    ) -> None:
-        """Put 0 on each rounded lookup's grid: a clear shift (leveled, free) makes the
-        placement's offset a multiple of the rounding step, so the accumulator itself is rounded
-        to the nearest multiple of the step (as Concrete ML rounds).
-
-        With the offset alone the grid's phase is arbitrary: a ReLU's inputs crowd around its
-        kink at 0, and a bucket straddling 0 moves that crowd up or down as a block (digits CNN,
-        exact rounding at 6 bits: 0.940 test accuracy, 0.958 with 0 on the grid, 0.956
-        unrounded). Only where the room left on top allows it: the lookup keeps its width.
-        """
-        for key, lsbs in self.rounding_lsbs.items():
-            if key not in ranges:
-                continue
-            shift = (-self.lookup_offsets.get(key, 0)) % 2**lsbs
-            if 0 < shift <= self._shift_room(key, raw_ranges, ranges):
-                self.lookup_shifts[key] = np.asarray(shift, dtype=np.int64)
 
     def _align_rounding(
         self,
@@ -513,10 +483,10 @@ class IntegerProgram:
         placement left on top (the lookup keeps its width, rounding's carry included); the
         batch must lie on dim 0.
 
-        With `qat_rounding_grid` ZERO_GRID the program rounds through 0 instead, as every
-        other program does (`_round_through_zero`): that grid agrees less with the QuantReLU's
-        thresholds, but on the digits QAT network it is the more accurate one, on training and
-        test data alike.
+        With `qat_rounding_grid` ZERO_GRID the shift instead cancels the placement's offset
+        modulo the step, so the accumulator itself is rounded to the nearest multiple of the
+        step (Concrete ML's grid): it agrees less with the QuantReLU's thresholds, but on the
+        digits QAT network it is the more accurate one, on training and test data alike.
         """
         samples = len(q_inputs[0]) if q_inputs else 0
 
@@ -524,10 +494,16 @@ class IntegerProgram:
             lsbs = self.rounding_lsbs.get(key, 0)
             if not lsbs or key in self.lookup_shifts or key not in ranges:
                 return
-            widest_shift = self._shift_room(key, raw_ranges, ranges)
+            bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
+            widest_shift = min(2**lsbs - 1, 2**bits - 1 - 2 ** (lsbs - 1) - ranges[key][1])
             if widest_shift <= 0 or not isinstance(expr, np.ndarray) or expr.ndim < 2 or len(expr) != samples:
                 return
             offset = self.lookup_offsets.get(key, 0)
+            if self.qat_rounding_grid == ZERO_GRID:
+                through_zero = (-offset) % 2**lsbs
+                if 0 < through_zero <= widest_shift:
+                    self.lookup_shifts[key] = np.full(expr.shape[1:], through_zero, dtype=np.int64)
+                return
             # the table once per position over the inputs' span (and rounding's reach around it)
             low, high = int(expr.min()) - 2**lsbs, int(expr.max()) + 2**lsbs
             grid = np.arange(low, high + 1).reshape((-1,) + (1,) * (expr.ndim - 1))
