@@ -389,3 +389,64 @@ def test_range_capped_weights_keep_the_per_tensor_lookup_range_under_approximate
         free_low, free_high = ranges[True]
         widened += free_low < tensor_low or free_high > tensor_high
     assert widened >= 2
+
+
+def test_exactly_rounded_lookups_round_the_accumulator_through_zero():
+    """Under exact rounding a clear shift makes each rounded lookup's placement offset a
+    multiple of the rounding step, so rounding the shifted input rounds the accumulator itself
+    (0 on the grid), as Concrete ML rounds; where the room above the range allows, so the
+    lookup keeps its width. Approximate rounding keeps the placement's phase (no shift)."""
+    import numpy as np
+
+    from fhe_backend.quantization.quantizers import bit_width
+
+    shifted = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+        ).eval()
+        inputset = torch.randn(300, 16)
+        compiled = compile_fhe(model, inputset, n_bits=6, rounding_threshold_bits=4, fhe="disable")
+        with torch.no_grad():
+            compiled(inputset[:2])
+        (partition,) = fhe_backend.partitions(compiled)
+        program = partition.program
+        assert program.rounding_lsbs
+        approximate = compile_fhe(
+            model,
+            inputset,
+            n_bits=6,
+            rounding_threshold_bits={"n_bits": 4, "method": "approximate"},
+            fhe="disable",
+        )
+        with torch.no_grad():
+            approximate(inputset[:2])
+        assert not fhe_backend.partitions(approximate)[0].program.lookup_shifts
+        for key, lsbs in program.rounding_lsbs.items():
+            offset = program.lookup_offsets.get(key, 0)
+            shift = int(program.lookup_shifts.get(key, 0))
+            low, high = partition.lookup_ranges[key]
+            if shift:
+                shifted += 1
+                assert (offset + shift) % 2**lsbs == 0, key
+                # the shifted input, rounding's carry included, fits the lookup's width
+                assert high + shift + 2 ** (lsbs - 1) < 2 ** bit_width(low, high), key
+            else:
+                assert offset % 2**lsbs == 0 or high + (-offset) % 2**lsbs + 2 ** (
+                    lsbs - 1
+                ) >= 2 ** bit_width(low, high), key
+        # the program compiled is what disable runs
+        q = program.quantize_inputs(inputset[:20])
+        np.testing.assert_allclose(
+            _disable_output(compiled, inputset[:20]),
+            program.dequantize_outputs(program(*q))[0],
+            rtol=1e-6,
+        )
+    assert shifted >= 3
+
+
+def _disable_output(compiled, x):
+    """The compiled model's output in disable mode, as numpy."""
+    with torch.no_grad(), fhe_backend.fhe_mode("disable"):
+        return compiled(x).numpy()
