@@ -300,12 +300,14 @@ def test_a_small_average_pool_feeds_the_next_convolution_without_a_lookup():
         reference = model(x)
         with fhe_backend.fhe_mode("disable"):
             disable = compiled(x)
-        simulate = compiled(x)
+        # approximate rounding may land one step off in simulate, drawn at random by Concrete's
+        # unseeded simulator (2 single runs in 90 above 5.5 steps, up to 6.8): each output's
+        # median of 3 runs
+        simulate = torch.stack([compiled(x) for _ in range(3)]).median(dim=0).values
     tolerance = quantization_tolerance(reference, 6, steps=4.5)
     assert float((disable - reference).abs().max()) <= tolerance
-    # approximate rounding may land one step off in simulate (Concrete samples it): one more step
-    # (measured over 30 runs: at most 4.6 steps, disable 3.9)
-    simulate_tolerance = quantization_tolerance(reference, 6, steps=5.5)
+    # half a step more for the slips (medians of 3 over 30 triples: at most 4.1 steps)
+    simulate_tolerance = quantization_tolerance(reference, 6, steps=5.0)
     assert float((simulate - reference).abs().max()) <= simulate_tolerance
 
 
