@@ -45,6 +45,9 @@ class BenchConfig:
     # simulate runs per target: Concrete's simulator draws bootstrap errors and approximate
     # rounding's slips at random, so one run's accuracy varies by about a point
     simulate_runs: int = 1
+    # the digits split, every model's initial weights and training, the GPT-2 tokens: rerun with
+    # other seeds to see how much of a difference between two compilers a single draw explains
+    seed: int = models.SEED
 
 
 def concrete_configuration(kwargs: Dict[str, Any]) -> Any:
@@ -363,10 +366,12 @@ def measure_digits(
     """
     row: Dict[str, Any] = {"metric": "accuracy"}
     if trained is None:
-        data = models.digits_data()
+        data = models.digits_data(config.seed)
         progress("training")
         with single_torch_thread():
-            model, row["train_seconds"] = timed(lambda: models.build_digits_model(target.model, data))
+            model, row["train_seconds"] = timed(
+                lambda: models.build_digits_model(target.model, data, config.seed)
+            )
         _save_for_comparison(config, target, model, data)
     else:
         model, data = trained
@@ -431,8 +436,8 @@ def measure_gpt2_hybrid(target: Target, config: BenchConfig, progress: Progress)
     """The tiny GPT-2 with its MLP block in FHE; scored by next-token agreement with float."""
     from fhe_backend.hybrid_model import HybridFHEModel
 
-    model = models.tiny_gpt2()
-    tokens = models.token_batches()
+    model = models.tiny_gpt2(config.seed)
+    tokens = models.token_batches(config.seed)
     with torch.no_grad():
         reference = model(tokens).logits
     _save_gpt2_block(config, target, model, tokens)
@@ -496,7 +501,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(
-            models.tiny_gpt2(),
+            models.tiny_gpt2(config.seed),
             peft.LoraConfig(
                 r=4,
                 target_modules=LORA_TARGET_MODULES,
@@ -505,7 +510,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
                 init_lora_weights=False,
             ),
         )  # B random, not zero: every LoRA gradient is measured
-    tokens = models.token_batches()
+    tokens = models.token_batches(config.seed)
     batch = {
         "input_ids": tokens[:LORA_BATCH],
         "attention_mask": torch.ones_like(tokens[:LORA_BATCH]),
@@ -534,7 +539,7 @@ def measure_lora(target: Target, config: BenchConfig, progress: Progress) -> Dic
             param.grad = None
         optimizer.load_state_dict(optimizer_state)
         trainer.set_fhe_mode(mode)
-        torch.manual_seed(models.SEED)  # the same dropout masks in every mode
+        torch.manual_seed(config.seed)  # the same dropout masks in every mode
         start = time.perf_counter()
         loss, _ = trainer.lora_training_module(batch)
         gradients = [p.grad.detach().clone() for p in trainable]

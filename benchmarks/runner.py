@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import models
 from .measure import MEASURES, BenchConfig, PeakMemory, concrete_configuration
 from .report import add_ratios, environment, load_average, write_all
 from .targets import (
@@ -71,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="simulate the test samples N times per target and report the mean accuracy and its "
         "standard deviation (Concrete's simulator draws errors at random: one run varies by about a point)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=models.SEED,
+        metavar="N",
+        help="seed of the digits train/test split, every model's initial weights and training, "
+        f"and the GPT-2 tokens (default: {models.SEED}); the same on both sides of --compare-python. "
+        "Rerun with other seeds to see how much of an accuracy difference one draw explains",
     )
     parser.add_argument(
         "--eval-samples",
@@ -128,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("fhe-backend bench: --batch must be >= 0")
     if args.simulate_runs < 1:
         raise SystemExit("fhe-backend bench: --simulate-runs must be >= 1")
+    if not 0 <= args.seed < 2**32:  # what numpy's and scikit-learn's generators take
+        raise SystemExit(f"fhe-backend bench: --seed must be in [0, 2**32), got {args.seed}")
     targets = select(args.targets.split(","))
     errors = [parse_error(spec) for spec in args.error_probability.split(",")]
     # absolute: the Concrete ML process runs in the repository, not in the caller's folder
@@ -140,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         configuration=parse_configuration(args.configuration),
         runner=args.runner,
         simulate_runs=args.simulate_runs,
+        seed=args.seed,
     )
     config.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])

@@ -619,3 +619,28 @@ def test_execute_times_one_sample_and_a_batch_with_key_sizes():
         circuit.size_of_bootstrap_keys + circuit.size_of_keyswitch_keys
     )
     assert math.isfinite(row["simulate_samples_per_second"])
+
+
+def test_seed_draws_another_split_and_other_weights_on_both_sides(tmp_path):
+    """`--seed` reaches the split and the training, and what Concrete ML is given (the saved
+    weights and data); the same seed gives the same row; a seed numpy cannot take is refused."""
+    from fhe_backend.benchmarks import models
+    from fhe_backend.benchmarks.measure import measure_digits
+
+    target = BY_NAME["mlp"]
+    rows, saved = {}, {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        config = BenchConfig(out=tmp_path / name, eval_samples=30, seed=seed)
+        rows[name] = measure_digits(target, config, lambda step: None)
+        folder = config.out / "models"
+        saved[name] = (dict(np.load(folder / "digits.npz")), torch.load(folder / f"{target.name}.pt"))
+    assert BenchConfig().seed == models.SEED == 0
+    for same in (True, False):
+        (data, weights), (other_data, other_weights) = saved["first"], saved["again" if same else "other"]
+        assert np.array_equal(data["y_test"], other_data["y_test"]) is same
+        assert all(torch.equal(weights[k], other_weights[k]) for k in weights) is same
+    assert rows["first"]["float_accuracy"] == rows["again"]["float_accuracy"]
+    assert rows["first"]["disable_accuracy"] == rows["again"]["disable_accuracy"]
+    with pytest.raises(SystemExit, match="--seed must be in"):
+        main(["bench", "--targets", "mlp", "--seed", "-1", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
