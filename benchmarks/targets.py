@@ -61,7 +61,10 @@ SEARCH = {"metric": "mse", "tolerance": 0.01}
 # `measure.measure_digits`) no lower than at the bounds; argmax agreement with Brevitas picks the
 # lookups' grid closest to Brevitas, which is not the most accurate one on this network
 QAT_SEARCH = {"metric": "accuracy", "tolerance": 0.0}
-CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5  # concrete-python's budget when neither option is given
+# concrete-python's documented budget when neither option is given, which the backend passes
+# explicitly (fhe_backend.circuit_runner.DEFAULT_GLOBAL_P_ERROR; this module runs in Concrete
+# ML's environment too, without fhe_backend: test_bench_smoke checks the two agree)
+CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default
 DEFAULTS_SUFFIX = " (Concrete ML defaults)"  # key of a target's Concrete ML defaults row
 # Concrete ML 1.9 has no "auto" precision: like for like, it rounds to the widest lookup

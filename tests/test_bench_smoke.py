@@ -644,3 +644,14 @@ def test_seed_draws_another_split_and_other_weights_on_both_sides(tmp_path):
     with pytest.raises(SystemExit, match="--seed must be in"):
         main(["bench", "--targets", "mlp", "--seed", "-1", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+def test_default_rows_label_the_budget_the_backend_passes():
+    """A row compiled with no error option is labelled with the budget the backend gives
+    Concrete (benchmarks.targets runs without fhe_backend in Concrete ML's environment, so it
+    keeps its own copy of the constant)."""
+    from fhe_backend.benchmarks.targets import CONCRETE_DEFAULT_GLOBAL_P_ERROR, effective_error
+    from fhe_backend.circuit_runner import DEFAULT_GLOBAL_P_ERROR
+
+    assert CONCRETE_DEFAULT_GLOBAL_P_ERROR == DEFAULT_GLOBAL_P_ERROR
+    assert effective_error({}) == ("global_p_error", DEFAULT_GLOBAL_P_ERROR, True)
