@@ -100,6 +100,7 @@ def test_rows_are_compiled_at_the_error_probability_asked(bench_run):
     assert row["error_probability"] == "p_error=2^-40" and row["rounding"] == "exact 6"
     assert row["options"]["p_error"] == 2.0**-40
     assert 0 < row["circuit_p_error"] <= 2.0**-40 * (1 + 1e-9)  # what Concrete's optimizer met
+    assert row["error_bound_per_inference"] == pytest.approx(row["circuit_p_error"] * row["pbs_count"])
 
 
 def test_relative_out_reaches_the_comparison_process(bench_run):
