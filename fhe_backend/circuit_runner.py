@@ -31,6 +31,7 @@ from concrete import fhe
 from .errors import OptionError
 from .exit_status import keep_python_sigpipe, note_configuration
 from .graph_utils import as_tuple
+from .output_dirs import remove_with_circuit
 from .process_executor import ProcessExecutor
 from .quantization.program import IntegerProgram
 from .settings import FheSettings
@@ -154,6 +155,7 @@ class CircuitRunner:
         self.circuit = compiler.compile(
             [s if len(s) > 1 else s[0] for s in bounding], artifacts=artifacts, **options
         )
+        remove_with_circuit(self.circuit)
         self._keys_ready = False
         return self.circuit
 
@@ -207,6 +209,7 @@ class CircuitRunner:
         if self._keys_ready and not force:
             return False
         self.circuit.enable_fhe_execution()
+        remove_with_circuit(self.circuit)
         start = time.perf_counter()
         cache_dir = self.settings.key_cache_dir
         if cache_dir and not force:

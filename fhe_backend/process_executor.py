@@ -77,12 +77,22 @@ def _sigpipe_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def scratch_environment(scratch: Path) -> dict:
+    """This process's environment with `scratch` as the temporary folder: a child's Concrete
+    unpacks every circuit it loads into a folder it never removes (`fhe_backend.output_dirs`),
+    so children get a folder their parent removes when it stops them."""
+    return {**os.environ, "TMPDIR": str(scratch)}
+
+
 class _Worker:
     """One worker subprocess, spoken to by pickled messages on its standard input and output."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Path) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, str(WORKER_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=scratch_environment(scratch),
         )
 
     def send(self, request: Any) -> None:
@@ -129,8 +139,10 @@ class _Pool:
     """The worker subprocesses and the folder of circuits and keys they read."""
 
     def __init__(self, workers: int) -> None:
-        self.workers: List[_Worker] = [_Worker() for _ in range(workers)]
         self.folder = Path(tempfile.mkdtemp(prefix="fhe_processes_"))  # mode 700: keys
+        self.scratch = self.folder / "tmp"  # where the workers' Concrete unpacks circuits
+        self.scratch.mkdir()
+        self.workers: List[_Worker] = [_Worker(self.scratch) for _ in range(workers)]
         # circuit -> (key set shipped, (digest, server path), (digest, keys path))
         self.shipped: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any]]" = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()  # one batch at a time on the workers
@@ -160,7 +172,7 @@ class _Pool:
     def run(self, server: Any, keys: Any, chunks: List[List[SerializedSample]]) -> List[SerializedSample]:
         """Each chunk on its own worker (dead workers replaced first); outputs in chunk order."""
         with self.lock:
-            self.workers = [w if w.alive() else _Worker() for w in self.workers]
+            self.workers = [w if w.alive() else _Worker(self.scratch) for w in self.workers]
             busy = self.workers[: len(chunks)]
             for worker, chunk in zip(busy, chunks):
                 worker.send((server, keys, chunk))

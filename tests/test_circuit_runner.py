@@ -74,8 +74,10 @@ def test_a_batch_on_worker_processes_equals_one_after_another_and_survives_a_dea
     pool.workers[0].process.wait()
     again = executor.execute(partition.circuit, samples)  # replaced before the batch
     assert all(np.array_equal(u, v) for a, b in zip(one_by_one, again) for u, v in zip(a, b))
+    assert any(pool.scratch.iterdir()), "the workers' Concrete unpacks circuits into the pool's folder"
     original = process_executor.WORKER_SCRIPT
     process_executor.shutdown()
+    assert not pool.folder.exists(), "keys, circuits and the workers' unpacked circuits go with the pool"
     try:  # workers that die on their first request
         process_executor.WORKER_SCRIPT = original.with_name("no_such_worker.py")
         with pytest.raises(ExecutorWorkerDied, match="died while evaluating samples.*runner='local'"):
@@ -147,3 +149,22 @@ def test_settings_changed_on_the_partition_reach_its_circuit_runner(tiny_threads
         assert partition.runner._compile_options()["show_mlir"] is True
     finally:
         partition.settings = original
+
+
+def test_compiled_circuits_leave_no_folder_in_the_temporary_directory(tmp_path, monkeypatch):
+    """Concrete writes each compiled circuit's library into a new temporary folder and never
+    removes it (`fhe_backend.output_dirs`): a model's folders go when the model is collected."""
+    import gc
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    compiled = compile_tiny_real_key_mlp(6, p_error=2.0**-40, runner="local")
+    with torch.no_grad(), fhe_backend.fhe_mode("execute"):  # simulation and execution libraries
+        compiled(torch.randn(2, 3))
+    assert len(list(scratch.iterdir())) >= 2
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert list(scratch.iterdir()) == []

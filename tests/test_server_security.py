@@ -235,6 +235,31 @@ def test_native_crash_costs_one_request_and_quarantines_the_key(
         restarted.stop()
 
 
+def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifacts):
+    """Concrete never removes the folder it unpacks a loaded circuit into: each compute child
+    has its own temporary folder, removed when the child is replaced after a crash (or a
+    request could fill the disk crash after crash) and when it stops."""
+    from fhe_backend.deployment.compute import ComputeProcess
+    from fhe_backend.deployment.fhe_client_server import SERVER_ZIP
+
+    circuit_dir = next(artifacts["models"].rglob(SERVER_ZIP)).parent
+    process = ComputeProcess(1, 2**30)
+    process.start()
+    process.preload([circuit_dir])
+    crashed = process.scratch
+    deadline = time.time() + TIMEOUT
+    while not any(crashed.iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert any(crashed.iterdir()), "the child unpacks the circuit into its own folder"
+    process.process.kill()
+    process.process.wait()
+    process.start()  # as `run` does when its child died
+    assert not crashed.exists() and process.scratch.is_dir()
+    stopped = process.scratch
+    process.stop()
+    assert not stopped.exists()
+
+
 # ---- 2. no 500 for bad input: the malformed-request battery ---------------------------------
 
 

@@ -20,10 +20,13 @@ the child caches, so `cached_keys()` reports it without asking the child.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import OrderedDict
 from multiprocessing.connection import Connection
@@ -67,15 +70,26 @@ class ComputeProcess:
         self._evictions: List[str] = []  # forgotten keys the child still holds
         self._lock = threading.Lock()  # `forget` comes from other threads than `run`
         self._preload: List[str] = []
+        self.scratch: Optional[Path] = None  # the child's temporary folder
+
+    def _remove_scratch(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def start(self) -> None:
         """Start (or restart) the child."""
+        self._remove_scratch()  # a crashed child's circuits
+        self.scratch = Path(tempfile.mkdtemp(prefix="fhe_compute_"))
         parent_end, child_end = socket.socketpair()
         with child_end:
             self.process = subprocess.Popen(
                 [sys.executable, "-I", __file__, str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # Concrete never removes the folders it unpacks circuits into: the child's go in
+                # one removed when it stops (`fhe_backend.output_dirs`)
+                env={**os.environ, "TMPDIR": str(self.scratch)},
             )
         self.connection = Connection(parent_end.detach())
         with self._lock:
@@ -167,6 +181,7 @@ class ComputeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._remove_scratch()
 
 
 class ComputePool:

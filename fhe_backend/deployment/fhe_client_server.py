@@ -34,6 +34,7 @@ from concrete import fhe
 
 from ..errors import FheBackendError
 from ..graph_utils import as_tuple, output_nodes
+from ..output_dirs import remove_with_circuit, remove_with_server
 from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
 
 CLIENT_ZIP = "client.zip"
@@ -221,6 +222,7 @@ class FHEModelDev:
         self.path_dir.mkdir(parents=True, exist_ok=True)
         circuit = partition.circuit
         circuit.enable_fhe_execution()
+        remove_with_circuit(circuit)
         processing = ProcessingSpec.from_partition(partition)
         versions = json.dumps(package_versions())
         circuit.server.save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
@@ -361,7 +363,7 @@ class FHEModelServer:
         info = json.loads(files[SERVER_INFO])
         self.input_shapes = [tuple(s) for s in info["input_shapes"]]
         self.specs_bytes = files[CLIENT_SPECS]
-        self.server = fhe.Server.load(self.path_dir / SERVER_ZIP)
+        self.server = remove_with_server(fhe.Server.load(self.path_dir / SERVER_ZIP))
 
     def expected_evaluation_key_bytes(self) -> Optional[int]:
         """Byte size of this circuit's serialized key payloads (None when keys are compressed)."""

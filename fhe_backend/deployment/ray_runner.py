@@ -22,6 +22,7 @@ serialized results out.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..circuit_runner import Sample, register_executor
 from ..errors import FheBackendError
+from ..output_dirs import remove_with_server
 from ..process_executor import decrypt_serialized, encrypt_serialized
 from ..process_worker import SerializedSample
 from .ray_serve import connect, require_ray
@@ -83,6 +85,7 @@ class CircuitWorker:
         self.servers: "OrderedDict[str, Any]" = OrderedDict()
         self.keys: "OrderedDict[str, Any]" = OrderedDict()
         self.folder = tempfile.mkdtemp(prefix="fhe_ray_worker_")
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)  # or at exit
 
     def run(
         self,
@@ -99,7 +102,7 @@ class CircuitWorker:
         if server_digest not in self.servers:
             path = Path(self.folder) / f"{server_digest}.zip"
             path.write_bytes(ray.get(server_ref))
-            self.servers[server_digest] = fhe.Server.load(path)
+            self.servers[server_digest] = remove_with_server(fhe.Server.load(path))
             _trim(self.servers)
         if keys_digest not in self.keys:
             self.keys[keys_digest] = fhe.EvaluationKeys.deserialize(ray.get(keys_ref))
