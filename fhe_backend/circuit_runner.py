@@ -209,7 +209,6 @@ class CircuitRunner:
         if self._keys_ready and not force:
             return False
         self.circuit.enable_fhe_execution()
-        remove_with_circuit(self.circuit)
         start = time.perf_counter()
         cache_dir = self.settings.key_cache_dir
         if cache_dir and not force:

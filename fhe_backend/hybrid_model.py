@@ -18,6 +18,7 @@ import enum
 import json
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -234,7 +235,11 @@ class RemoteModule(nn.Module):
                 "HybridFHEModel(..., server_remote_address='http://host:port')"
             )
         self.http = FheHttpClient(self.server_remote_address)
-        client_root = Path(path_to_client) if path_to_client else Path(tempfile.mkdtemp(prefix="fhe_client_"))
+        if path_to_client:
+            client_root = Path(path_to_client)
+        else:  # removed with this module (or at exit)
+            client_root = Path(tempfile.mkdtemp(prefix="fhe_client_"))
+            weakref.finalize(self, shutil.rmtree, client_root, ignore_errors=True)
         for shape in self.http.list_shapes(self.model_name, self.url_name):
             self.http.download_client(self.model_name, self.url_name, shape, client_root / shape)
             key_dir = Path(path_to_keys) / shape if path_to_keys else None

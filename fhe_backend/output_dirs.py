@@ -8,8 +8,8 @@ candidates, a server reloads artifacts, a test suite compiles thousands of circu
 folders add up to gigabytes and fill the disk (a CI run failed writing keys to a full disk).
 
 Each ``fhe.Server`` reads its folder on every run, so it must stay while the server lives. The
-functions here tie each folder to its server object: the folder is removed when the server is
-garbage-collected, or at interpreter exit for servers still alive then. They reach into
+functions here tie each folder to the object that owns it, a circuit or a loaded server: the
+folder is removed when that object is garbage-collected, or at interpreter exit. They reach into
 Concrete's private attributes; if those change, nothing is removed and a debug line says so.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import weakref
-from typing import Any, TypeVar
+from typing import Any, List, TypeVar
 
 logger = logging.getLogger("fhe_backend")
 
@@ -41,8 +41,26 @@ def remove_with_server(server: ServerT) -> ServerT:
 
 
 def remove_with_circuit(circuit: Any) -> None:
-    """Tie the folder of each runtime `circuit` has started (simulation, execution) to it."""
-    for runtime in ("simulation_runtime", "execution_runtime"):
-        lazy = getattr(getattr(circuit, "_module", None), runtime, None)
-        if lazy is not None and lazy.initialized:
-            remove_with_server(lazy.val.server)
+    """Remove the folders of `circuit`'s runtimes (simulation, execution) when `circuit` is
+    collected (or at exit), including runtimes it starts later (Concrete starts one lazily,
+    when a statistic or keys are first asked for)."""
+    if circuit in _TRACKED:
+        return
+    module = getattr(circuit, "_module", None)
+    runtimes = [getattr(module, name, None) for name in ("simulation_runtime", "execution_runtime")]
+    if None in runtimes:
+        logger.debug("fhe_backend: cannot find the runtimes of a Concrete circuit; their folders stay")
+        return
+    weakref.finalize(circuit, _remove_started, runtimes)
+    _TRACKED.add(circuit)
+
+
+def _remove_started(runtimes: List[Any]) -> None:
+    for lazy in runtimes:
+        try:
+            folder = lazy.val.server._library.get_output_dir_path() if lazy.initialized else None  # noqa: SLF001
+        except AttributeError as error:
+            logger.debug("fhe_backend: cannot find the folder of a Concrete runtime (%s); it stays", error)
+            continue
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -164,7 +164,16 @@ def test_compiled_circuits_leave_no_folder_in_the_temporary_directory(tmp_path, 
     with torch.no_grad(), fhe_backend.fhe_mode("execute"):  # simulation and execution libraries
         compiled(torch.randn(2, 3))
     assert len(list(scratch.iterdir())) >= 2
-    del compiled
+    (partition,) = fhe_backend.partitions(compiled)
+    q_inputs = partition.program.quantize_inputs(torch.randn(4, 3))
+    candidate = partition._candidate_circuit(partition.program, q_inputs)  # as the search does
+    folders = len(list(scratch.iterdir()))
+    assert candidate.complexity > 0  # Concrete starts a runtime for this, in another folder
+    assert len(list(scratch.iterdir())) == folders + 1
+    del candidate
+    gc.collect()
+    assert len(list(scratch.iterdir())) == folders
+    del compiled, partition
     torch._dynamo.reset()
     gc.collect()
     assert list(scratch.iterdir()) == []

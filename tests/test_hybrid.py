@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +235,13 @@ def test_uncompiled_client_model_uses_the_server_not_float(seed_deployment):
     with torch.no_grad():
         float_out = deployment["float_model"](deployment["x"])
     assert not torch.allclose(out, float_out, atol=1e-6)  # the circuit's result, not torch's
+    # client specs went to a temporary folder, removed with the model
+    (client,) = hybrid.remote_modules["seq.0"].clients.values()
+    folder = Path(client.path_dir).parent
+    assert folder.name.startswith("fhe_client_") and folder.is_dir()
+    del hybrid, model, calls, client  # the model holds the remote module too
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_forward_without_fhe_keeps_each_module_mode(compiled_fc):

@@ -6,7 +6,8 @@ server checks keys and ciphertexts before use (`fhe_backend.deployment.wire`), a
 computation in a `ComputeProcess`, a child of the worker: when the child dies, the request
 that was running fails with `ComputeCrashed`, the worker lives on and starts a new child.
 
-The child is a plain Python process running this file as a script (``python -I compute.py FD``):
+The child is a plain Python process running this file as a script (``python -I compute.py FD
+SCRATCH``, SCRATCH its temporary folder):
 it imports Concrete only (not torch nor this package), talks over a socket pair with
 `multiprocessing.connection`, and exits when the worker closes its end.
 
@@ -84,7 +85,7 @@ class ComputeProcess:
         parent_end, child_end = socket.socketpair()
         with child_end:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", __file__, str(child_end.fileno())],
+                [sys.executable, "-I", __file__, str(child_end.fileno()), str(self.scratch)],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,
                 # Concrete never removes the folders it unpacks circuits into: the child's go in
@@ -328,5 +329,8 @@ def _first_line(error: Exception) -> str:
 
 __all__ = ["ComputePool", "ComputeProcess", "ComputeError", "ComputeCrashed"]
 
-if __name__ == "__main__":  # the child: python -I compute.py FD
-    _child_main(Connection(int(sys.argv[1])))
+if __name__ == "__main__":  # the child: python -I compute.py FD SCRATCH
+    try:
+        _child_main(Connection(int(sys.argv[1])))
+    finally:  # its temporary folder, also when the parent was killed (it removes it otherwise)
+        shutil.rmtree(sys.argv[2], ignore_errors=True)

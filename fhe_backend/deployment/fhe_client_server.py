@@ -34,7 +34,7 @@ from concrete import fhe
 
 from ..errors import FheBackendError
 from ..graph_utils import as_tuple, output_nodes
-from ..output_dirs import remove_with_circuit, remove_with_server
+from ..output_dirs import remove_with_server
 from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
 
 CLIENT_ZIP = "client.zip"
@@ -222,7 +222,6 @@ class FHEModelDev:
         self.path_dir.mkdir(parents=True, exist_ok=True)
         circuit = partition.circuit
         circuit.enable_fhe_execution()
-        remove_with_circuit(circuit)
         processing = ProcessingSpec.from_partition(partition)
         versions = json.dumps(package_versions())
         circuit.server.save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
