@@ -17,6 +17,7 @@ from .backend import fhe_backend, partitions, set_fhe_mode  # noqa: E402
 from .errors import (  # noqa: E402
     BitWidthError,
     FheBackendError,
+    KeyGenerationError,
     LoweringError,
     NotCompiledError,
     OptionError,
@@ -42,6 +43,7 @@ __all__ = [
     "FheBackendError",
     "FhePartition",
     "FheSettings",
+    "KeyGenerationError",
     "LoweringError",
     "NotCompiledError",
     "OptionError",

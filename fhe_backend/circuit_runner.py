@@ -20,6 +20,7 @@ import importlib
 import inspect
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 import numpy as np
 from concrete import fhe
 
-from .errors import OptionError
+from .errors import KeyGenerationError, OptionError
 from .exit_status import keep_python_sigpipe, note_configuration
 from .graph_utils import as_tuple
 from .output_dirs import remove_with_circuit
@@ -211,20 +212,41 @@ class CircuitRunner:
         self.circuit.enable_fhe_execution()
         start = time.perf_counter()
         cache_dir = self.settings.key_cache_dir
-        if cache_dir and not force:
-            # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys of
-            # another circuit must never be loaded for this one
-            digest = hashlib.sha256(
-                self.circuit.mlir.encode() + self.circuit.client.specs.serialize()
-            ).hexdigest()[:16]
-            path = Path(cache_dir) / f"{self.name}-{digest}.keys"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
-        else:
-            self.circuit.keygen(force=force)
+        try:
+            if cache_dir and not force:
+                # the MLIR alone does not fix the crypto parameters (p_error, configuration): keys
+                # of another circuit must never be loaded for this one
+                digest = hashlib.sha256(
+                    self.circuit.mlir.encode() + self.circuit.client.specs.serialize()
+                ).hexdigest()[:16]
+                path = Path(cache_dir) / f"{self.name}-{digest}.keys"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.circuit.keys.load_if_exists_generate_and_save_otherwise(str(path))
+            else:
+                self.circuit.keygen(force=force)
+        except RuntimeError as error:
+            raise self._keygen_error(error) from error
         self._keys_ready = True
         self.keygen_seconds = time.perf_counter() - start
         return True
+
+    def _keygen_error(self, error: RuntimeError) -> Exception:
+        """Concrete's keygen error, with the key cache folders and their free space when keys
+        are cached on disk: Concrete says "Failed to write message to ostream" or "Failed to
+        serialize keys" when the disk is full."""
+        configuration = self.settings.configuration
+        folders = [self.settings.key_cache_dir]
+        if getattr(configuration, "use_insecure_key_cache", False):
+            folders.append(configuration.insecure_key_cache_location)
+        folders = [folder for folder in folders if folder]
+        if not folders:
+            return error
+        free = ", ".join(f"{folder} has {_free_bytes(folder) / 2**20:.0f} MiB free" for folder in folders)
+        return KeyGenerationError(
+            f"partition '{self.name}': generating or caching its keys failed ({error}). {free}: "
+            "on a full disk, free space or cache keys in another folder; if a cached key file is "
+            "damaged, delete it"
+        )
 
     # ---- running ------------------------------------------------------------------------
 
@@ -253,6 +275,14 @@ class CircuitRunner:
             "p_error": float(circuit.p_error),
             "global_p_error": float(circuit.global_p_error),
         }
+
+
+def _free_bytes(folder: str) -> int:
+    """Free bytes on the file system of `folder` (or of its nearest existing parent)."""
+    path = Path(folder).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _traceable(program: IntegerProgram, count: int) -> Callable[..., Any]:

@@ -35,6 +35,10 @@ class NotCompiledError(FheBackendError, RuntimeError):
     """Something needs a compiled circuit before the model has been compiled."""
 
 
+class KeyGenerationError(FheBackendError, RuntimeError):
+    """Keys could not be generated or written (a key cache on a full disk, say)."""
+
+
 class ClearTextWarning(UserWarning):
     """Part of a model that should run in FHE runs as eager torch, its values in the clear."""
 

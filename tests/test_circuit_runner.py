@@ -177,3 +177,51 @@ def test_compiled_circuits_leave_no_folder_in_the_temporary_directory(tmp_path, 
     torch._dynamo.reset()
     gc.collect()
     assert list(scratch.iterdir()) == []
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import torch
+import fhe_backend
+from concrete import fhe
+from tests.harness import compile_fhe
+
+folder = sys.argv[1]
+caches = {
+    "key_cache_dir": {"key_cache_dir": folder},
+    "insecure_key_cache": {"configuration": fhe.Configuration(
+        enable_unsafe_features=True, use_insecure_key_cache=True, insecure_key_cache_location=folder)},
+}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+for name, cache in caches.items():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    compiled = compile_fhe(model, torch.randn(100, 3), n_bits=3, rounding_threshold_bits=4,
+                           p_error=2.0**-40, runner="local", **cache)
+    compiled(torch.randn(1, 3))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    try:
+        fhe_backend.partitions(compiled)[0].keygen()
+    except fhe_backend.KeyGenerationError as error:
+        print(name, "->", error)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+"""
+
+
+def test_keys_that_cannot_be_written_raise_naming_the_cache_folder_and_its_free_space(tmp_path):
+    """Keys cached on a full disk: Concrete says only "Failed to write message to ostream" (a
+    CI run failed so); the error names the partition, the folder and its free space. Files over
+    1 MiB cannot be written in the child process, as on a full disk."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    lines = [line for line in child.stdout.splitlines() if "->" in line]
+    assert [line.split(" ->")[0] for line in lines] == ["key_cache_dir", "insecure_key_cache"], child.stdout
+    for line in lines:
+        assert "partition 'fhe_partition_0'" in line and f"{tmp_path} has " in line and "MiB free" in line
+        assert "free space or cache keys in another folder" in line
