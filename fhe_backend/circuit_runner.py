@@ -148,6 +148,7 @@ class CircuitRunner:
         faster; precision_search compares candidates this way).
         """
         bounding = self._bounding_samples(program, q_inputs, samples)
+        _tracing_ready_in_this_thread()
         compiler = fhe.Compiler(
             _traceable(program, len(self.encryption_status)),
             {f"x{i}": status for i, status in enumerate(self.encryption_status)},
@@ -275,6 +276,16 @@ class CircuitRunner:
             "p_error": float(circuit.p_error),
             "global_p_error": float(circuit.global_p_error),
         }
+
+
+def _tracing_ready_in_this_thread() -> None:
+    """Give this thread Concrete's tag stack: concrete-python 2.11 creates it in the thread that
+    imports Concrete only, so tracing in any other thread (a web server's worker, a thread
+    pool) fails with "'_thread._local' object has no attribute 'stack'"."""
+    from concrete.fhe.extensions.tag import tag_context
+
+    if not hasattr(tag_context, "stack"):
+        tag_context.stack = []
 
 
 def _free_bytes(folder: str) -> int:

@@ -16,6 +16,7 @@ without running the shutdown.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import signal
 import sys
@@ -31,19 +32,25 @@ _sigpipe_restored = False
 def keep_python_sigpipe() -> None:
     """Give SIGPIPE back to Python once Concrete's dataflow runtime has taken it (idempotent).
 
-    The runtime (HPX), started by the first simulation, handles SIGPIPE by printing its
-    configuration and ending the process with status 0: a later write to a closed pipe or
-    socket (``script | head``, a client gone away) killed the program silently. Python ignores
-    SIGPIPE, so such writes raise BrokenPipeError; this puts that back. Only the main thread
-    may set a signal's handler: called from another thread it does nothing (a later call from
-    the main thread does it).
+    The runtime (HPX), started by the first simulation or encrypted run, handles SIGPIPE by
+    printing its configuration and ending the process: a later write to a closed pipe or
+    socket (``script | head``, a client gone away from a web server) killed the program. Python
+    ignores SIGPIPE, so such writes raise BrokenPipeError; this puts that back. Only the main
+    thread may set a handler through `signal`; from another thread (a web server running
+    inference in its thread pool) the C library's ``signal`` sets the same SIG_IGN that Python
+    set at startup and still records.
     """
     global _sigpipe_restored  # noqa: PLW0603 - one flag for the process, like the handler
     if _sigpipe_restored or not hasattr(signal, "SIGPIPE"):
         return
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    else:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        if libc.signal(signal.SIGPIPE, int(signal.SIG_IGN)) == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), "fhe_backend: could not ignore SIGPIPE again")
     _sigpipe_restored = True
 
 

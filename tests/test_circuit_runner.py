@@ -217,7 +217,11 @@ def test_keys_that_cannot_be_written_raise_naming_the_cache_folder_and_its_free_
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     child = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert child.returncode == 0, child.stderr[-3000:]
     lines = [line for line in child.stdout.splitlines() if "->" in line]

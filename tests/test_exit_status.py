@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,21 +85,34 @@ def test_cli_unknown_command_fails():
     assert _run([sys.executable, "-m", "fhe_backend.cli", "no-such-command"], ROOT).returncode == 2
 
 
-def test_a_write_to_a_closed_pipe_after_simulate_raises_instead_of_ending_the_process(tmp_path):
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_write_to_a_closed_pipe_after_simulate_raises_instead_of_ending_the_process(tmp_path, thread):
     """Concrete's dataflow runtime, started by a simulation, handles SIGPIPE by ending the
-    process with status 0; after a simulation through the backend, Python's behaviour is back:
-    the write raises BrokenPipeError and the script keeps its own status."""
+    process; after a simulation through the backend, Python's behaviour is back: the write
+    raises BrokenPipeError and the script keeps its own status. Also when the model was
+    compiled and run in a worker thread (a web server's thread pool): there Concrete 2.11 could
+    not even trace a circuit, and Python's `signal` cannot set a handler."""
     script = tmp_path / "script.py"
     script.write_text(
         textwrap.dedent("""
-            import subprocess, sys
+            import subprocess, sys, threading
             import torch
             from tests.harness import compile_fhe
 
-            model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()).eval()
-            compiled = compile_fhe(model, torch.randn(50, 2), n_bits=3, fhe="simulate")
-            with torch.no_grad():
-                compiled(torch.randn(2, 2))
+            def compile_and_run():
+                model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()).eval()
+                compiled = compile_fhe(model, torch.randn(50, 2), n_bits=3, fhe="simulate")
+                with torch.no_grad():
+                    outputs.append(compiled(torch.randn(2, 2)))
+
+            outputs = []
+            if sys.argv[1] == "main":
+                compile_and_run()
+            else:
+                worker = threading.Thread(target=compile_and_run)
+                worker.start()
+                worker.join()
+            assert len(outputs) == 1 and outputs[0].shape == (2, 3), "the model did not run"
             reader = subprocess.Popen(["true"], stdin=subprocess.PIPE)
             reader.wait()
             try:
@@ -109,5 +123,5 @@ def test_a_write_to_a_closed_pipe_after_simulate_raises_instead_of_ending_the_pr
             sys.exit(4)
         """)
     )
-    result = _run([sys.executable, str(script)], tmp_path)
+    result = _run([sys.executable, str(script), thread], tmp_path)
     assert result.returncode == 3, result.stdout + result.stderr[-2000:]

@@ -33,6 +33,7 @@ import torch
 from concrete import fhe
 
 from ..errors import FheBackendError
+from ..exit_status import keep_python_sigpipe
 from ..graph_utils import as_tuple, output_nodes
 from ..output_dirs import remove_with_server
 from ..quantization.quantizers import OutputDequantizer, UniformQuantizer
@@ -385,6 +386,7 @@ class FHEModelServer:
             keys = fhe.EvaluationKeys.deserialize(keys)
         items = serialized_encrypted_input
         results = [self._run_sample(item, keys) for item in (items if isinstance(items, list) else [items])]
+        keep_python_sigpipe()  # Concrete's runtime, now started, may have taken SIGPIPE
         return results if isinstance(items, list) else results[0]
 
     def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
