@@ -6,11 +6,15 @@ circuit. `Simulator` builds them once per circuit and then only prepares inputs,
 and reads outputs: the same Concrete calls, so the same results (including the bootstrap
 errors and approximate-rounding steps Concrete's simulation samples). If a Concrete version
 lacks the internals it uses, it falls back to `circuit.simulate`.
+
+Those programs must not be shared between threads: two threads simulating through one pair
+got outputs of neither sample. Each thread builds its own on its first call.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Tuple
 
 import numpy as np
@@ -26,11 +30,14 @@ class Simulator:
 
     def __init__(self, circuit: fhe.Circuit):
         self.circuit = circuit
-        self._run: Callable[..., Tuple[np.ndarray, ...]] = self._setup()
+        self._per_thread = threading.local()  # this thread's programs (see the module docstring)
 
     def __call__(self, *sample: np.ndarray) -> Tuple[np.ndarray, ...]:
         """The circuit's outputs (a tuple of int64 arrays) for one sample's integer inputs."""
-        return self._run(*sample)
+        run: Callable[..., Tuple[np.ndarray, ...]] = getattr(self._per_thread, "run", None)
+        if run is None:
+            run = self._per_thread.run = self._setup()
+        return run(*sample)
 
     def _setup(self) -> Callable[..., Tuple[np.ndarray, ...]]:
         try:

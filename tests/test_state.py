@@ -132,6 +132,47 @@ def test_threads_each_get_their_own_mode():
     assert fhe_backend.partitions(compiled)[0].mode == "torch"
 
 
+def test_calls_from_several_threads_at_once_get_what_each_gets_alone():
+    """A thread pool running one compiled model (a web server, say): every call's result is
+    the one it gets alone, in disable and simulate. Concrete's simulated programs shared
+    between threads gave outputs of neither sample (`fhe_backend.simulation`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fhe_backend.simulation import Simulator
+
+    compiled = torch.compile(
+        _tiny_model(), backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "simulate", **EXACT}
+    )
+    batches = list(torch.randn(64, 4, generator=torch.Generator().manual_seed(3)).split(4))
+    with torch.no_grad():
+        compiled(batches[0])
+        (partition,) = fhe_backend.partitions(compiled)
+        samples = [
+            s for batch in batches for s in partition._samples(partition.program.quantize_inputs(batch))
+        ]
+        for mode in ("disable", "simulate"):
+
+            def call(batch, mode=mode):
+                with fhe_backend.fhe_mode(mode):
+                    return compiled(batch)
+
+            alone = [call(batch) for batch in batches]
+            with ThreadPoolExecutor(4) as pool:
+                for _ in range(3):
+                    together = list(pool.map(call, batches))
+                    assert all(torch.equal(a, b) for a, b in zip(alone, together)), mode
+    simulator = Simulator(partition.circuit)
+    alone = [simulator(*sample) for sample in samples]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda sample: simulator(*sample), samples))
+            assert all(np.array_equal(a[0], b[0]) for a, b in zip(alone, together))
+    disabled = [partition.program(*sample) for sample in samples]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda sample: partition.program(*sample), samples))
+    assert all(np.array_equal(a, b) for a, b in zip(disabled, together))
+
+
 def test_uneven_calibration_batches_keep_every_sample():
     """Inputset batches of 256 and 100 samples: 7 samples in give 7 rows out, in every mode."""
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -117,7 +118,9 @@ class IntegerProgram:
         self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
         self.input_quantizers = [self._input_quantizer(node) for node in self.tensor_inputs]
         self.output_dequantizers: List[OutputDequantizer] = []
-        self._value_stats: Dict[int, NodeStats] = {}
+        # per thread, during one run: id(value) -> (value, statistics of the node that made it);
+        # holding the value keeps its id from being reused by another value within the run
+        self._run_state = threading.local()
         # linear ops feeding an output with per-tensor weights: node name -> extra weight bits
         self.one_scale_nodes: Dict[str, int] = {}
         self._relower = False
@@ -172,8 +175,8 @@ class IntegerProgram:
 
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""
-        stats = self._value_stats.get(id(value))
-        return stats if stats is not None else ctx.stats
+        entry = getattr(self._run_state, "value_stats", {}).get(id(value))
+        return entry[1] if entry is not None and entry[0] is value else ctx.stats
 
     def quantize_inputs(self, *inputs: Any) -> Tuple[np.ndarray, ...]:
         """Float tensors/arrays -> the integer inputs of the program, C-contiguous (numpy keeps a
@@ -200,16 +203,23 @@ class IntegerProgram:
     def _run(self, q_inputs: Sequence[Any]):
         env: Dict[fx.Node, Any] = {}
         inputs = iter(q_inputs)
-        for node in self.graph_module.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = self._placeholder(node, inputs)
-            elif node.op == "get_attr":
-                env[node] = fetch_attr(self.graph_module, node.target)
-            elif node.op == "call_function":
-                env[node] = self._call(node, env)
-            elif node.op == "output":
-                return self._outputs(node, env)
+        self._run_state.value_stats = {}
+        try:
+            for node in self.graph_module.graph.nodes:
+                if node.op == "placeholder":
+                    env[node] = self._placeholder(node, inputs)
+                elif node.op == "get_attr":
+                    env[node] = fetch_attr(self.graph_module, node.target)
+                elif node.op == "call_function":
+                    env[node] = self._call(node, env)
+                elif node.op == "output":
+                    return self._outputs(node, env)
+        finally:
+            self._run_state.value_stats = {}
         raise LoweringError("partition graph has no output node")
+
+    def _note_stats(self, value: Any, node: fx.Node) -> None:
+        self._run_state.value_stats[id(value)] = (value, self.stats[node.name])
 
     def _placeholder(self, node: fx.Node, inputs) -> Any:
         if node not in self.tensor_inputs:
@@ -217,7 +227,7 @@ class IntegerProgram:
         index = self.tensor_inputs.index(node)
         quantizer = self.input_quantizers[index]
         value = Encrypted(next(inputs), quantizer.scale, quantizer.zero_point, fresh=True)
-        self._value_stats[id(value)] = self.stats[node.name]
+        self._note_stats(value, node)
         return value
 
     def _call(self, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
@@ -244,7 +254,7 @@ class IntegerProgram:
                 f"{_where(node)}: {type(error).__name__}: {error}"
             ) from error
         if is_encrypted(result) and node.name in self.stats:
-            self._value_stats[id(result)] = self.stats[node.name]
+            self._note_stats(result, node)
         return result
 
     def _outputs(self, node: fx.Node, env: Dict[fx.Node, Any]):
