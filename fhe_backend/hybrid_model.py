@@ -18,7 +18,6 @@ import enum
 import json
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +36,7 @@ from .deployment.fhe_client_server import (
 )
 from .errors import NotCompiledError, OptionError
 from .graph_utils import as_tuple
+from .output_dirs import remove_with
 
 __all__ = [
     "HybridFHEMode",
@@ -239,7 +239,7 @@ class RemoteModule(nn.Module):
             client_root = Path(path_to_client)
         else:  # removed with this module (or at exit)
             client_root = Path(tempfile.mkdtemp(prefix="fhe_client_"))
-            weakref.finalize(self, shutil.rmtree, client_root, ignore_errors=True)
+            remove_with(self, client_root)
         for shape in self.http.list_shapes(self.model_name, self.url_name):
             self.http.download_client(self.model_name, self.url_name, shape, client_root / shape)
             key_dir = Path(path_to_keys) / shape if path_to_keys else None

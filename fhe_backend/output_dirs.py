@@ -16,6 +16,7 @@ Concrete's private attributes; if those change, nothing is removed and a debug l
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import weakref
 from typing import Any, List, TypeVar
@@ -35,9 +36,14 @@ def remove_with_server(server: ServerT) -> ServerT:
     except AttributeError as error:
         logger.debug("fhe_backend: cannot find the folder of a Concrete server (%s); it stays", error)
         return server
-    weakref.finalize(server, shutil.rmtree, folder, ignore_errors=True)
+    remove_with(server, folder)
     _TRACKED.add(server)
     return server
+
+
+def remove_with(owner: object, folder: Any) -> None:
+    """Remove `folder` when `owner` is garbage-collected, or at exit (in this process only)."""
+    weakref.finalize(owner, _remove, os.getpid(), str(folder))
 
 
 def remove_with_circuit(circuit: Any) -> None:
@@ -51,11 +57,17 @@ def remove_with_circuit(circuit: Any) -> None:
     if None in runtimes:
         logger.debug("fhe_backend: cannot find the runtimes of a Concrete circuit; their folders stay")
         return
-    weakref.finalize(circuit, _remove_started, runtimes)
+    weakref.finalize(circuit, _remove_started, os.getpid(), runtimes)
     _TRACKED.add(circuit)
 
 
-def _remove_started(runtimes: List[Any]) -> None:
+def _remove(owner_pid: int, folder: str) -> None:
+    """Remove `folder`, unless this is a forked child exiting (the folder is its parent's)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_started(owner_pid: int, runtimes: List[Any]) -> None:
     for lazy in runtimes:
         try:
             folder = lazy.val.server._library.get_output_dir_path() if lazy.initialized else None  # noqa: SLF001
@@ -63,4 +75,4 @@ def _remove_started(runtimes: List[Any]) -> None:
             logger.debug("fhe_backend: cannot find the folder of a Concrete runtime (%s); it stays", error)
             continue
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove(owner_pid, folder)

@@ -22,7 +22,6 @@ serialized results out.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..circuit_runner import Sample, register_executor
 from ..errors import FheBackendError
-from ..output_dirs import remove_with_server
+from ..output_dirs import remove_with, remove_with_server
 from ..process_executor import decrypt_serialized, encrypt_serialized
 from ..process_worker import SerializedSample
 from .ray_serve import connect, require_ray
@@ -85,7 +84,7 @@ class CircuitWorker:
         self.servers: "OrderedDict[str, Any]" = OrderedDict()
         self.keys: "OrderedDict[str, Any]" = OrderedDict()
         self.folder = tempfile.mkdtemp(prefix="fhe_ray_worker_")
-        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)  # or at exit
+        remove_with(self, self.folder)
 
     def run(
         self,
