@@ -140,6 +140,7 @@ def test_calls_from_several_threads_at_once_get_what_each_gets_alone():
 
     from fhe_backend.simulation import Simulator
 
+    torch._dynamo.reset()  # the model's code may be cached by an earlier test's compilation
     compiled = torch.compile(
         _tiny_model(), backend="fhe", options={"inputset": INPUTSET, "n_bits": 4, "fhe": "simulate", **EXACT}
     )
