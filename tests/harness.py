@@ -6,7 +6,7 @@ model's output range at the chosen bit-width, scaled by the number of quantized 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -126,3 +126,27 @@ def grid_inputs(shape: Sequence[int], n_bits: int, samples: int = 100, seed: int
     steps = torch.randint(-half, half, (samples, *shape), generator=generator)
     steps[0], steps[1] = -half, half - 1
     return steps.to(torch.float32) / 2 ** (n_bits - 2)
+
+
+def approximate_slips_that_wrap(circuit: Any) -> List[str]:
+    """The approximately rounded values of a Concrete circuit whose largest input, rounded up
+    one step more than exact rounding would (approximate rounding's slip), no longer fits the
+    value's width, so that Concrete's result wraps around to 0 (see
+    `fhe_backend.quantization.program._rounding_top`): one description per such value."""
+    from concrete import fhe
+
+    from fhe_backend.quantization.program import _rounding_top
+
+    found = []
+    graph = circuit.graph
+    for node in graph.graph.nodes:
+        kwargs = node.properties.get("kwargs", {})
+        if kwargs.get("exactness") != fhe.Exactness.APPROXIMATE:
+            continue
+        (source,) = graph.ordered_preds_of(node)
+        bits, lsbs, high = source.output.dtype.bit_width, int(kwargs["lsbs_to_remove"]), int(source.bounds[1])
+        if source.output.dtype.is_signed:
+            bits -= 1
+        if high > _rounding_top(bits, lsbs, approximate=True):
+            found.append(f"{bits}-bit input up to {high}, {lsbs} bits rounded away")
+    return found

@@ -460,6 +460,9 @@ class IntegerProgram:
                 bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
                 kept = self.lookup_precision.get(key, rounding.n_bits)
                 self.rounding_lsbs[key] = max(1, bits - int(kept))
+        if self._approximate:
+            self._leave_room_for_slips(raw_ranges)
+            ranges = self._placed(raw_ranges)
         self.too_wide = []
         for key, (low, high) in ranges.items():
             # Concrete gives the clear offset's addition the width of its encrypted operand:
@@ -476,14 +479,47 @@ class IntegerProgram:
             self._round_through_zero(raw_ranges, ranges)
         return ranges
 
+    @property
+    def _approximate(self) -> bool:
+        rounding = self.settings.rounding_threshold_bits
+        return rounding is not None and rounding.method == "approximate"
+
     def _shift_room(
         self, key: str, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
     ) -> int:
         """The largest clear shift a rounded lookup's input can take on top of its placement
-        without growing (rounding's carry included), at most one rounding step minus 1."""
+        without growing (rounding's carry and approximate slips included), at most one rounding
+        step minus 1."""
         lsbs = self.rounding_lsbs[key]
         bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
-        return min(2**lsbs - 1, 2**bits - 1 - 2 ** (lsbs - 1) - ranges[key][1])
+        return min(2**lsbs - 1, _rounding_top(bits, lsbs, self._approximate) - ranges[key][1])
+
+    def _leave_room_for_slips(self, raw_ranges: Dict[str, Tuple[int, int]]) -> None:
+        """Approximate rounding: keep each rounded lookup's input below `_rounding_top`.
+
+        Concrete 2.11 widens a rounded value by a bit when exact rounding of its largest value
+        could carry out of its width, but not when only approximate rounding's one-step slip
+        up can: that slip then wraps around to 0, and the lookup reads its smallest input
+        instead of its largest (an encoder's whole token off by 4 to 10 in about one simulate
+        run in three). Where the top is too close, the input moves down into the room below
+        (staying non-negative, same width); where that room is too small, it moves up past
+        the next power of two, so Concrete sees one more bit and rounds one more bit away.
+        """
+        for key, lsbs in list(self.rounding_lsbs.items()):
+            low, high = raw_ranges[key]
+            offset = self.lookup_offsets.get(key, 0)
+            bits = max(bit_width(low + offset, high + offset), bit_width(low, high))
+            deficit = high + offset - _rounding_top(bits, lsbs, approximate=True)
+            if deficit <= 0:
+                continue
+            down = offset - deficit
+            if low + down >= 0 and bit_width(low + down, high + down) == bit_width(
+                low + offset, high + offset
+            ):
+                self.lookup_offsets[key] = down
+            else:
+                self.lookup_offsets[key] = 2**bits - high
+                self.rounding_lsbs[key] = lsbs + 1
 
     def _round_through_zero(
         self, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
@@ -616,6 +652,16 @@ def _scale_spread(value: Any) -> float:
     scale = np.abs(np.asarray(value.scale, dtype=np.float64))
     low = float(scale.min()) if scale.size else 1.0
     return float(scale.max()) / low if low > 0 else math.inf
+
+
+def _rounding_top(bits: int, lsbs: int, approximate: bool) -> int:
+    """The largest input of a `bits`-bit value whose rounding by `lsbs` bits stays within
+    `bits` bits: exact rounding carries up to half a step; approximate rounding may then slip
+    one step more (Concrete's simulation: inputs whose nearest multiple is the last one below
+    2**bits wrap around to 0), so its nearest multiple must be one step lower still."""
+    if not approximate:
+        return 2**bits - 1 - 2 ** (lsbs - 1)
+    return 2**bits - 2 ** (lsbs + 1) + 2 ** (lsbs - 1) - 1
 
 
 def _lookup_offset(low: int, high: int, lsbs: int) -> int:
