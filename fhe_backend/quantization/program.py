@@ -526,8 +526,9 @@ class IntegerProgram:
     ) -> None:
         """Put 0 on each rounded lookup's grid: a clear shift (leveled, free) makes the
         placement's offset a multiple of the rounding step, so the accumulator itself is rounded
-        to the nearest multiple of the step, as Concrete ML rounds. Only where the room left on
-        top allows it: the lookup keeps its width.
+        to the nearest multiple of the step, as Concrete ML rounds. Up where the room left on
+        top allows it, else down where the room below does (approximate rounding leaves less
+        room on top, `_rounding_top`): the lookup keeps its width.
 
         Exact rounding always rounds through 0: at equal bits it then rounds the same values
         the same way as Concrete ML (digits CNN at exact 6: 0.958 test accuracy, Concrete ML
@@ -543,6 +544,19 @@ class IntegerProgram:
             shift = (-self.lookup_offsets.get(key, 0)) % 2**lsbs
             if 0 < shift <= self._shift_room(key, raw_ranges, ranges):
                 self.lookup_shifts[key] = np.asarray(shift, dtype=np.int64)
+            elif shift and self._room_below(key, raw_ranges, ranges) >= 2**lsbs - shift:
+                self.lookup_shifts[key] = np.asarray(shift - 2**lsbs, dtype=np.int64)
+
+    def _room_below(
+        self, key: str, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
+    ) -> int:
+        """How far a rounded lookup's input can move down from its placement: staying
+        non-negative, and as wide as Concrete sees it now."""
+        low, high = ranges[key]
+        raw_bits = bit_width(*raw_ranges[key])
+        if raw_bits >= bit_width(low, high):
+            return low  # the raw accumulator sets the width
+        return min(low, high - 2 ** (bit_width(low, high) - 1))
 
     def _align_rounding(
         self,
