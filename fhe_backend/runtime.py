@@ -332,7 +332,7 @@ class FhePartition(torch.nn.Module):
         else:
             kept = max(2, int(rounding.n_bits) - 1)
             rounding_advice = f"a smaller 'rounding_threshold_bits' (now {rounding.n_bits}: try {kept}"
-            if rounding.method == "exact":
+            if not rounding.approximate:
                 rounding_advice += f", or {{'n_bits': {rounding.n_bits}, 'method': 'approximate'}}"
             rounding_advice += ")"
         n_bits = self.settings.n_bits.op_inputs

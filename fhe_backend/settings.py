@@ -107,6 +107,12 @@ class Rounding:
         """True when the precision of each lookup is searched on the calibration set."""
         return self.n_bits == AUTO
 
+    @property
+    def approximate(self) -> bool:
+        """True for Concrete's approximate rounding: cheaper, and a value near a rounding
+        boundary may land one step off (`fhe.Exactness.APPROXIMATE`)."""
+        return self.method == "approximate"
+
     @classmethod
     def parse(cls, value: Any) -> Optional["Rounding"]:
         """Build from None, an int, or a dict with 'n_bits' and optional 'method'."""

@@ -21,7 +21,6 @@ the child caches, so `cached_keys()` reports it without asking the child.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -79,7 +78,11 @@ class ComputeProcess:
             self.scratch = None
 
     def start(self) -> None:
-        """Start (or restart) the child."""
+        """Start (or restart) the child: its temporary folder is one removed when it stops
+        (Concrete never removes the folders it unpacks circuits into, `fhe_backend.output_dirs`)."""
+        # here, not at the top: the child runs this file and imports Concrete alone
+        from fhe_backend.process_executor import scratch_environment
+
         self._remove_scratch()  # a crashed child's circuits
         self.scratch = Path(tempfile.mkdtemp(prefix="fhe_compute_"))
         parent_end, child_end = socket.socketpair()
@@ -88,9 +91,7 @@ class ComputeProcess:
                 [sys.executable, "-I", __file__, str(child_end.fileno()), str(self.scratch)],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,
-                # Concrete never removes the folders it unpacks circuits into: the child's go in
-                # one removed when it stops (`fhe_backend.output_dirs`)
-                env={**os.environ, "TMPDIR": str(self.scratch)},
+                env=scratch_environment(self.scratch),
             )
         self.connection = Connection(parent_end.detach())
         with self._lock:

@@ -191,11 +191,8 @@ class LoweringContext:
             table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
         lsbs = self.program.rounding_lsbs.get(key, 0)
         if lsbs:
-            exactness = (
-                fhe.Exactness.APPROXIMATE
-                if self.settings.rounding_threshold_bits.method == "approximate"
-                else fhe.Exactness.EXACT
-            )
+            approximate = self.settings.rounding_threshold_bits.approximate
+            exactness = fhe.Exactness.APPROXIMATE if approximate else fhe.Exactness.EXACT
             expr = fhe.round_bit_pattern(expr, lsbs_to_remove=lsbs, exactness=exactness)
         return fhe.univariate(table)(expr)
 

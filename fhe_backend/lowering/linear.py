@@ -50,7 +50,7 @@ def _on_calibration_data(ctx: LoweringContext, operand, accumulate):
     flipped a token's argmax with the cap); `precision_search` tries both."""
     settings = ctx.settings
     rounding = settings.rounding_threshold_bits
-    exact = rounding is not None and rounding.method == "exact"
+    exact = rounding is not None and not rounding.approximate
     capped = exact or settings.per_channel_weights == RANGE_CAPPED
     return accumulate if capped and isinstance(operand, np.ndarray) else None
 

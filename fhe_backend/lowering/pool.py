@@ -66,7 +66,7 @@ def avg_pool2d(
     window = int(np.prod(kernel))
     # the window sum is an integer with zero-point 0: a small one is a linear op's input as it is
     rounding = ctx.settings.rounding_threshold_bits
-    fresh = window <= 2**POOL_SUM_FRESH_BITS and rounding is not None and rounding.method == "approximate"
+    fresh = window <= 2**POOL_SUM_FRESH_BITS and rounding is not None and rounding.approximate
     return Encrypted(acc, x.scale / window, 0.0, fresh=fresh)
 
 

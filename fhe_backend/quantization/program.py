@@ -309,7 +309,7 @@ class IntegerProgram:
         """QAT with lookups and no `qat_bias_bits` given: each output with a fractional bias gets
         the most bits, up to QAT_BIAS_BITS, that keep it no wider than the widest lookup input
         plus `slack` bits (an output wider than those widens the lookups that feed it)."""
-        widest = slack + max(max(bit_width(*ranges[key]), bit_width(*raw_ranges[key])) for key in ranges)
+        widest = slack + max(_seen_width(ranges[key], raw_ranges[key]) for key in ranges)
         for name, widths in self._bias_widths.items():
             self.output_bias_bits[name] = max((b for b, w in enumerate(widths) if w <= widest), default=0)
 
@@ -457,32 +457,29 @@ class IntegerProgram:
         ranges = self._placed(raw_ranges)
         if rounding is not None and not rounding.auto:  # the final placement sets the widths:
             for key in self.rounding_lsbs:  # Concrete keeps the wider of raw and placed
-                bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
+                bits = _seen_width(ranges[key], raw_ranges[key])
                 kept = self.lookup_precision.get(key, rounding.n_bits)
                 self.rounding_lsbs[key] = max(1, bits - int(kept))
         if self._approximate:
-            self._leave_room_for_slips(raw_ranges)
+            self._leave_room_for_slips(raw_ranges, ranges)
             ranges = self._placed(raw_ranges)
         self.too_wide = []
         for key, (low, high) in ranges.items():
-            # Concrete gives the clear offset's addition the width of its encrypted operand:
-            # the lookup is at least as wide as the raw accumulator
-            raw_bits = max(bit_width(low, high), bit_width(*raw_ranges[key]))
-            effective = raw_bits - self.rounding_lsbs.get(key, 0)
+            effective = _seen_width((low, high), raw_ranges[key]) - self.rounding_lsbs.get(key, 0)
             if effective > MAX_TLU_BIT_WIDTH:
                 self.too_wide.append((key.split(":")[0], effective, low, high))
         if self.qat and ranges and self.qat_bias_bits is None:
             self._narrow_bias(ranges, raw_ranges, 0 if self.rounding_lsbs else QAT_UNROUNDED_OUTPUT_SLACK)
         if self.qat and self.qat_rounding_grid == ALIGNED_GRID:
             self._align_rounding(q_inputs, raw_ranges, ranges)
-        elif self.qat or (rounding is not None and rounding.method == "exact"):
+        elif self.qat or (rounding is not None and not rounding.approximate):
             self._round_through_zero(raw_ranges, ranges)
         return ranges
 
     @property
     def _approximate(self) -> bool:
         rounding = self.settings.rounding_threshold_bits
-        return rounding is not None and rounding.method == "approximate"
+        return rounding is not None and rounding.approximate
 
     def _shift_room(
         self, key: str, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
@@ -491,10 +488,12 @@ class IntegerProgram:
         without growing (rounding's carry and approximate slips included), at most one rounding
         step minus 1."""
         lsbs = self.rounding_lsbs[key]
-        bits = max(bit_width(*ranges[key]), bit_width(*raw_ranges[key]))
+        bits = _seen_width(ranges[key], raw_ranges[key])
         return min(2**lsbs - 1, _rounding_top(bits, lsbs, self._approximate) - ranges[key][1])
 
-    def _leave_room_for_slips(self, raw_ranges: Dict[str, Tuple[int, int]]) -> None:
+    def _leave_room_for_slips(
+        self, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
+    ) -> None:
         """Approximate rounding: keep each rounded lookup's input below `_rounding_top`.
 
         Concrete 2.11 widens a rounded value by a bit when exact rounding of its largest value
@@ -506,19 +505,14 @@ class IntegerProgram:
         the next power of two, so Concrete sees one more bit and rounds one more bit away.
         """
         for key, lsbs in list(self.rounding_lsbs.items()):
-            low, high = raw_ranges[key]
-            offset = self.lookup_offsets.get(key, 0)
-            bits = max(bit_width(low + offset, high + offset), bit_width(low, high))
-            deficit = high + offset - _rounding_top(bits, lsbs, approximate=True)
+            bits = _seen_width(ranges[key], raw_ranges[key])
+            deficit = ranges[key][1] - _rounding_top(bits, lsbs, approximate=True)
             if deficit <= 0:
                 continue
-            down = offset - deficit
-            if low + down >= 0 and bit_width(low + down, high + down) == bit_width(
-                low + offset, high + offset
-            ):
-                self.lookup_offsets[key] = down
+            if deficit <= self._room_below(key, raw_ranges, ranges):
+                self.lookup_offsets[key] = self.lookup_offsets.get(key, 0) - deficit
             else:
-                self.lookup_offsets[key] = 2**bits - high
+                self.lookup_offsets[key] = 2**bits - raw_ranges[key][1]
                 self.rounding_lsbs[key] = lsbs + 1
 
     def _round_through_zero(
@@ -676,6 +670,12 @@ def _rounding_top(bits: int, lsbs: int, approximate: bool) -> int:
     if not approximate:
         return 2**bits - 1 - 2 ** (lsbs - 1)
     return 2**bits - 2 ** (lsbs + 1) + 2 ** (lsbs - 1) - 1
+
+
+def _seen_width(placed: Tuple[int, int], raw: Tuple[int, int]) -> int:
+    """The width Concrete gives a lookup's input: a clear offset's addition takes the width of
+    its encrypted operand, so the wider of the placed range and the raw accumulator's."""
+    return max(bit_width(*placed), bit_width(*raw))
 
 
 def _lookup_offset(low: int, high: int, lsbs: int) -> int:
