@@ -62,7 +62,7 @@ SEARCH = {"metric": "mse", "tolerance": 0.01}
 # lookups' grid closest to Brevitas, which is not the most accurate one on this network
 QAT_SEARCH = {"metric": "accuracy", "tolerance": 0.0}
 # concrete-python's documented budget when neither option is given, which the backend passes
-# explicitly (fhe_backend.circuit_runner.DEFAULT_GLOBAL_P_ERROR; this module runs in Concrete
+# explicitly (fhe_backend.settings.DEFAULT_GLOBAL_P_ERROR; this module runs in Concrete
 # ML's environment too, without fhe_backend: test_bench_smoke checks the two agree)
 CONCRETE_DEFAULT_GLOBAL_P_ERROR = 1e-5
 CONCRETE_ML_DEFAULT_P_ERROR = 2.0**-40  # Concrete ML's per-lookup default

@@ -45,12 +45,6 @@ Sample = Tuple[np.ndarray, ...]
 # keys (same circuit cost; a 64-feature input goes from about 4 MB to 1.5 KB)
 DEFAULT_COMPRESSION = {"compress_input_ciphertexts": True, "compress_evaluation_keys": True}
 COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
-# Concrete's documented default budget, always passed explicitly. With neither `p_error` nor
-# `global_p_error` given, concrete-python 2.11 compiles every lookup at about 1e-5 on its own
-# (22 wrong lookups in 2e6 simulated: a 1000-lookup circuit errs on ~1% of inferences) while
-# reporting a global error probability below 1e-5; given explicitly, the budget is split
-# over the circuit's lookups (8.8e-9 each for 1000 lookups)
-DEFAULT_GLOBAL_P_ERROR = 1e-5
 
 
 class SampleExecutor(Protocol):
@@ -162,8 +156,8 @@ class CircuitRunner:
         return self.circuit
 
     def _compile_options(self) -> Dict[str, Any]:
-        """Concrete's compile options: the error probability (DEFAULT_GLOBAL_P_ERROR when
-        neither the options nor the configuration choose one) and compression."""
+        """Concrete's compile options: the error probability (`FheSettings.error_budget`) and
+        compression."""
         settings = self.settings
         options: Dict[str, Any] = dict(fhe_simulation=True, fhe_execution=False, show_mlir=settings.show_mlir)
         if settings.configuration is not None:
@@ -171,15 +165,9 @@ class CircuitRunner:
             note_configuration(settings.configuration)
         else:
             options.update(DEFAULT_COMPRESSION)
-        if settings.p_error is not None:
-            options["p_error"] = settings.p_error
-        if settings.global_p_error is not None:
-            options["global_p_error"] = settings.global_p_error
-        chosen = [settings.p_error, settings.global_p_error]
-        if settings.configuration is not None:
-            chosen += [settings.configuration.p_error, settings.configuration.global_p_error]
-        if all(value is None for value in chosen):
-            options["global_p_error"] = DEFAULT_GLOBAL_P_ERROR
+        for name, value in zip(("p_error", "global_p_error"), settings.error_budget()):
+            if value is not None:
+                options[name] = value
         return options
 
     @staticmethod

@@ -652,7 +652,7 @@ def test_default_rows_label_the_budget_the_backend_passes():
     Concrete (benchmarks.targets runs without fhe_backend in Concrete ML's environment, so it
     keeps its own copy of the constant)."""
     from fhe_backend.benchmarks.targets import CONCRETE_DEFAULT_GLOBAL_P_ERROR, effective_error
-    from fhe_backend.circuit_runner import DEFAULT_GLOBAL_P_ERROR
+    from fhe_backend.settings import DEFAULT_GLOBAL_P_ERROR
 
     assert CONCRETE_DEFAULT_GLOBAL_P_ERROR == DEFAULT_GLOBAL_P_ERROR
     assert effective_error({}) == ("global_p_error", DEFAULT_GLOBAL_P_ERROR, True)

@@ -73,6 +73,13 @@ def test_default_error_probability_is_concretes_global_budget():
     assert chosen.fhe_circuit.p_error <= 2.0**-40 * (1 + 1e-6)
     per_lookup = compile_torch_model(model, inputset, n_bits=3, configuration=fhe.Configuration(p_error=1e-3))
     assert 1e-4 < per_lookup.fhe_circuit.p_error <= 1e-3 * (1 + 1e-6)  # the configuration's own
+    # the budget the circuits get (and the precision search's slip model reads)
+    settings = fhe_backend.FheSettings.from_options
+    assert settings({}).error_budget() == (None, 1e-5)
+    assert settings({"p_error": 2.0**-40}).error_budget() == (2.0**-40, None)
+    configured = fhe.Configuration(p_error=1e-3)
+    assert settings({"configuration": configured}).error_budget() == (1e-3, None)
+    assert settings({"configuration": configured, "p_error": 1e-4}).error_budget() == (1e-4, None)
 
 
 def test_normalization_internal_bits():

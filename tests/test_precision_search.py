@@ -15,6 +15,7 @@ from torch import nn
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
 from fhe_backend.errors import OptionError
+from fhe_backend.quantization.slips import SLIP_SEED, SlipModel, slip_deviation
 from fhe_backend.settings import FheSettings
 from tests.harness import compile_fhe
 
@@ -50,15 +51,31 @@ def _holdout(count: int, share: float = HOLDOUT) -> np.ndarray:
     return positions[np.floor((positions + 1) * share) > np.floor(positions * share)]
 
 
+def _scored(module, x: np.ndarray) -> np.ndarray:
+    """What the search scores: the disable-mode outputs, with approximate rounding's slips drawn
+    as documented (`SlipModel` at each lookup's error probability: `p_error`, or
+    `global_p_error` over the circuit's lookups; seed SLIP_SEED, one batch)."""
+    program = module.partition.program
+    if program.settings.rounding_threshold_bits.approximate:
+        p_error = program.settings.p_error
+        if p_error is None:
+            p_error = program.settings.global_p_error / module.fhe_circuit.programmable_bootstrap_count
+        program.slips = SlipModel(slip_deviation(p_error), SLIP_SEED)
+    try:
+        return np.asarray(module.forward(x, fhe="disable"))
+    finally:
+        program.slips = None
+
+
 def _disagreement(module, model, x: torch.Tensor) -> float:
-    """Share of held-out samples whose disable-mode argmax is not the float argmax, where the
+    """Share of held-out samples whose scored argmax is not the float argmax, where the
     float model reads the same quantized inputs."""
     rows = _holdout(len(x))
     quantizer = module.partition.program.input_quantizers[0]
     dequantized = torch.from_numpy(quantizer.dequantize(quantizer.quantize(x[rows].numpy()))).float()
     with torch.no_grad():
         reference = model(dequantized).numpy()
-    output = np.asarray(module.forward(x[rows].numpy(), fhe="disable"))
+    output = _scored(module, x[rows].numpy())
     return float(np.mean(output.argmax(-1) != reference.argmax(-1)))
 
 
@@ -190,10 +207,8 @@ def test_accuracy_metric_with_labels(classifier, bounds):
     module = compile_torch_model(model, x, precision_search=spec, **BOUNDS)
     choice = module.partition.program.precision_choice
     rows = _holdout(len(x))
-    accuracy = np.mean(np.asarray(module.forward(x[rows].numpy(), fhe="disable")).argmax(-1) == y[rows])
-    bounds_accuracy = np.mean(
-        np.asarray(bounds.forward(x[rows].numpy(), fhe="disable")).argmax(-1) == y[rows]
-    )
+    accuracy = np.mean(_scored(module, x[rows].numpy()).argmax(-1) == y[rows])
+    bounds_accuracy = np.mean(_scored(bounds, x[rows].numpy()).argmax(-1) == y[rows])
     assert choice.float_score - accuracy == pytest.approx(choice.loss, abs=1e-12)
     assert accuracy >= bounds_accuracy - 0.01 - 1e-12
 
@@ -335,3 +350,71 @@ def test_per_channel_weights_option_values():
     assert FheSettings.from_options({"per_channel_weights": 0}).per_channel_weights is False
     with pytest.raises(OptionError, match="expected a bool or 'range_capped'"):
         FheSettings.from_options({"per_channel_weights": "capped"})
+
+
+@pytest.mark.parametrize("p_error", [1e-5, 2**-40])
+def test_slip_model_matches_concretes_simulation(p_error):
+    """Approximate rounding's slips as `SlipModel` draws them, against Concrete's simulation of
+    the same rounding (one step of a 7-bit input, 4 bits rounded away, at two error
+    probabilities: the noise follows it). The share of values that land one step off agrees
+    within 15%; position by position within 6 points (Concrete's slips lean up: values just
+    below a boundary slip up a few points more often than the model says, values just above
+    slip down as much less often)."""
+    from concrete import fhe
+
+    lsbs, step = 4, 16
+    positions = np.arange(48, 64)  # one rounding step, well inside the 7-bit range
+    x = np.tile(positions, 64)
+
+    @fhe.compiler({"x": "encrypted"})
+    def rounded(x):
+        kept = fhe.round_bit_pattern(x, lsbs_to_remove=lsbs, exactness=fhe.Exactness.APPROXIMATE)
+        return fhe.univariate(lambda v: v >> lsbs)(kept)
+
+    inputset = [np.full_like(x, 0), np.full_like(x, 100), x]
+    circuit = rounded.compile(inputset, fhe.Configuration(p_error=p_error, fhe_simulation=True))
+    exact = (x + step // 2) >> lsbs
+    runs = 30
+    concrete_slips = np.mean([circuit.simulate(x) != exact for _ in range(runs)], axis=0)
+    model = SlipModel(slip_deviation(p_error), seed=1)
+    model_slips = np.mean([((model(x, lsbs) + step // 2) >> lsbs) != exact for _ in range(10 * runs)], axis=0)
+    expected = model_slips.reshape(-1, len(positions)).mean(0)
+    measured = concrete_slips.reshape(-1, len(positions)).mean(0)
+    assert measured.mean() == pytest.approx(expected.mean(), rel=0.15), (expected.round(3), measured.round(3))
+    assert np.all(np.abs(measured - expected) <= 0.06), (expected.round(3), measured.round(3))
+    assert expected.max() > 0.3  # the values next to the boundary do slip
+    assert expected[:4].max() < 0.01 and measured[:4].max() < 0.01  # those far from it do not
+
+
+def test_approximate_candidates_are_scored_with_their_slips(classifier, searched):
+    """The search scores approximate rounding as Concrete runs it: the slip model moves some
+    outputs away from `disable`, and by as much as Concrete's simulation does."""
+    _, x, _ = classifier
+    rows = x[_holdout(len(x))].numpy()
+    disable = np.asarray(searched.forward(rows, fhe="disable"))
+    scored = _scored(searched, rows)
+    simulated = np.mean(
+        [np.mean((np.asarray(searched.forward(rows, fhe="simulate")) - disable) ** 2) for _ in range(3)]
+    )
+    modelled = np.mean((scored - disable) ** 2)
+    assert modelled > 0
+    assert 0.5 < simulated / modelled < 2, (simulated, modelled)
+
+
+def test_a_global_budget_is_shared_by_the_lookups_of_one_sample(classifier):
+    """Under `global_p_error` the slips are drawn at the budget over the circuit's bootstraps:
+    the loss the search reports is the one scored so."""
+    model, x, _ = classifier
+    bounds = {**BOUNDS, "p_error": None, "global_p_error": 1e-5}
+    spec = {"metric": "mse", "tolerance": 0.02, "holdout": HOLDOUT}
+    module = compile_torch_model(model, x, precision_search=spec, **bounds)
+    choice = module.partition.program.precision_choice
+    rows = _holdout(len(x))
+    quantizer = module.partition.program.input_quantizers[0]
+    dequantized = torch.from_numpy(quantizer.dequantize(quantizer.quantize(x[rows].numpy()))).float()
+    with torch.no_grad():
+        reference = model(dequantized).double().numpy()
+    loss = np.mean((_scored(module, x[rows].numpy()) - reference) ** 2) / np.var(reference)
+    assert choice.loss == pytest.approx(loss, rel=1e-9)
+    disable = np.asarray(module.forward(x[rows].numpy(), fhe="disable"))
+    assert np.mean((disable - reference) ** 2) / np.var(reference) != pytest.approx(loss, rel=1e-3)

@@ -106,6 +106,9 @@ class ProgramState(Protocol):
     # while set: called with each lookup's key, unshifted input and table before the shifts are
     # read (IntegerProgram._align_rounding chooses them there)
     lookup_observer: Optional[Callable[[str, Any, Callable[[np.ndarray], np.ndarray]], None]]
+    # while set: adds approximate rounding's noise to each approximately rounded lookup input
+    # before it is rounded, given the input and the bits rounded away (quantization.slips)
+    slips: Optional[Callable[[Any, int], Any]]
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
 
@@ -193,6 +196,8 @@ class LoweringContext:
         if lsbs:
             approximate = self.settings.rounding_threshold_bits.approximate
             exactness = fhe.Exactness.APPROXIMATE if approximate else fhe.Exactness.EXACT
+            if approximate and self.program.slips is not None:
+                expr = self.program.slips(expr, lsbs)
             expr = fhe.round_bit_pattern(expr, lsbs_to_remove=lsbs, exactness=exactness)
         return fhe.univariate(table)(expr)
 

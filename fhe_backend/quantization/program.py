@@ -108,6 +108,7 @@ class IntegerProgram:
         self.lookup_shifts: Dict[str, np.ndarray] = {}
         self.qat_rounding_grid = ALIGNED_GRID  # or ZERO_GRID (precision_search tries both)
         self.lookup_observer: Optional[Any] = None  # see LoweringContext.lookup
+        self.slips: Optional[Any] = None  # see LoweringContext.lookup (quantization.slips)
         # precision_search: bits kept by each lookup (key -> bits) over rounding_threshold_bits
         self.lookup_precision: Dict[str, int] = {}
         self.precision_choice: Any = None  # the search's PrecisionChoice, when it ran
