@@ -34,8 +34,8 @@ rounds with Concrete's approximate method (one PBS per lookup).
 
 Approximately rounded candidates (the bounds included) are scored with the rounding's slips
 drawn as Concrete's simulation draws them (`fhe_backend.quantization.slips`, a fixed seed):
-scored exactly, as in `disable`, a 5-bit digits CNN looked as good as a 6-bit one and lost
-about 0.8 points of accuracy to its slips in simulation and execution.
+scored exactly, as in `disable`, a 5-bit digits CNN's loss left out the 0.8-1.3 points of test
+accuracy its slips cost in simulation and execution.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ those just above slip down as much less often), which the model does not reprodu
 `fhe="disable"` rounds exactly (it is the deterministic reference); `precision_search` scores
 approximately rounded candidates with `SlipModel` (a fixed seed: the search stays
 deterministic), so a precision whose slips cost more than the tolerance is not chosen. On the
-digits CNN at 5-bit lookups the slips cost about 0.8 points of accuracy that a score in the clear
-does not see.
+digits CNN at 5-bit lookups the slips cost 0.8-1.3 points of test accuracy that a score in the
+clear does not see.
 """
 
 from __future__ import annotations
