@@ -58,6 +58,35 @@ def test_auto_rounding_lowers_lookups_within_its_error_budget(mlp_and_data):
     assert float((rounded - reference).abs().mean()) <= 0.02 * span
 
 
+@pytest.mark.parametrize("method", ["approximate", "exact"])
+def test_auto_rounding_scores_approximate_rounding_with_its_slips(mlp_and_data, monkeypatch, method):
+    """ "auto" rounding scores each precision with approximate rounding's slips drawn
+    (quantization.slips; exact rounding has none), and its budget (mean output error, a share
+    of the span, against the unrounded program) holds in simulate, which draws them too."""
+    from fhe_backend.quantization import program as program_module
+    from fhe_backend.settings import AUTO_ROUNDING_TOLERANCE
+
+    scored_with_slips = []
+    output_error = program_module._output_error
+
+    def recording(program, *args):
+        if program.rounding_lsbs:
+            scored_with_slips.append(program.slips is not None)
+        return output_error(program, *args)
+
+    monkeypatch.setattr(program_module, "_output_error", recording)
+    model, inputset, _ = mlp_and_data
+    unrounded, _ = _compile(model, inputset, None)
+    auto, _ = _compile(model, inputset, {"n_bits": "auto", "method": method})
+    assert scored_with_slips and set(scored_with_slips) == {method == "approximate"}
+    with torch.no_grad(), fhe_backend.fhe_mode("disable"):
+        reference = unrounded(inputset)
+    span = float(reference.max() - reference.min())
+    with torch.no_grad(), fhe_backend.fhe_mode("simulate"):
+        errors = [float((auto(inputset) - reference).abs().mean()) / span for _ in range(3)]
+    assert sum(errors) / len(errors) <= AUTO_ROUNDING_TOLERANCE * 1.1, errors
+
+
 def test_per_channel_weights_are_more_accurate_than_per_tensor():
     torch.manual_seed(4)
     model = nn.Linear(16, 4).eval()

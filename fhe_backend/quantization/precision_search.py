@@ -61,7 +61,7 @@ from ..settings import (
 )
 from .program import ALIGNED_GRID, QAT_BIAS_BITS, ZERO_GRID, IntegerProgram
 from .quantizers import bit_width
-from .slips import SlipModel, lookup_error_probability, slip_deviation
+from .slips import slips_under
 
 logger = logging.getLogger("fhe_backend")
 
@@ -254,20 +254,6 @@ class _Scorer:
         _apply(candidate, program)
         return program, program.calibrate_rounding(self.q_inputs)
 
-    def _lookup_error_probability(self, program: IntegerProgram) -> float:
-        """Each lookup's error probability under the partition's budget; a global budget is
-        shared by the lookups of one sample, counted once (every candidate has the same)."""
-        p_error, global_p_error = program.settings.error_budget()
-        if global_p_error is not None and self.lookups_per_sample is None:
-            sizes: List[int] = []
-            program.lookup_observer = lambda key, expr, table: sizes.append(int(np.size(expr)))
-            try:
-                program(*[q[self.holdout[:1]] for q in self.q_inputs])
-            finally:
-                program.lookup_observer = None
-            self.lookups_per_sample = sum(sizes)
-        return lookup_error_probability(p_error, global_p_error, self.lookups_per_sample or 1)
-
     def evaluate(self, candidate: Candidate, base: FheSettings, method: str) -> Evaluation:
         """Build, calibrate and score the program of a candidate (memoized)."""
         if candidate in self.evaluations:
@@ -275,7 +261,9 @@ class _Scorer:
         program, ranges = self.program_of(candidate, base, method)
         rounding = program.settings.rounding_threshold_bits
         if rounding is not None and rounding.approximate and program.rounding_lsbs:
-            program.slips = SlipModel(slip_deviation(self._lookup_error_probability(program)))
+            if self.lookups_per_sample is None:  # the same for every candidate: counted once
+                self.lookups_per_sample = program.lookups_per_sample([q[self.holdout] for q in self.q_inputs])
+            program.slips = slips_under(program.settings.error_budget(), self.lookups_per_sample)
         try:
             outputs = as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
         finally:

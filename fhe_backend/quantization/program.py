@@ -36,6 +36,7 @@ from ..settings import (
 )
 from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
+from .slips import slips_under
 
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
 # A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
@@ -363,15 +364,22 @@ class IntegerProgram:
         single lookups further in graph order, each step kept only while the outputs stay within
         AUTO_ROUNDING_TOLERANCE of the unrounded program on the calibration set (or within the
         error at the widest precision allowed, with a warning, when that is already above it).
+        Approximate rounding is scored with its slips drawn (`quantization.slips`).
         """
         sample = list(q_inputs)
         reference = self.dequantize_outputs(*as_tuple(self(*sample)))
         spans = [max(float(np.ptp(r)), 1e-9) for r in reference]
         widths = {key: bit_width(low, high) for key, (low, high) in ranges.items()}
+        lookups = self.lookups_per_sample(sample) if self._approximate else 0
 
         def error(kept: Dict[str, int]) -> float:
             self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items() if bits < widths[key]}
-            return _output_error(self, sample, reference, spans)
+            if self._approximate:  # approximate rounding is scored with its slips (quantization.slips)
+                self.slips = slips_under(self.settings.error_budget(), lookups)
+            try:
+                return _output_error(self, sample, reference, spans)
+            finally:
+                self.slips = None
 
         def shared(bits: int) -> Dict[str, int]:
             return {key: min(bits, width) for key, width in widths.items()}
@@ -399,6 +407,17 @@ class IntegerProgram:
             while kept[key] > AUTO_ROUNDING_MIN_BITS and error({**kept, key: kept[key] - 1}) <= budget:
                 kept[key] -= 1
         error(kept)
+
+    def lookups_per_sample(self, q_inputs: Sequence[np.ndarray]) -> int:
+        """Table lookups (PBS) the circuit makes for one sample: the first row of `q_inputs`
+        run once, its lookups' elements counted."""
+        sizes: List[int] = []
+        self.lookup_observer = lambda key, expr, table: sizes.append(int(np.size(expr)))
+        try:
+            self(*[np.asarray(q)[:1] for q in q_inputs])
+        finally:
+            self.lookup_observer = None
+        return sum(sizes)
 
     def _place_lookups(self, ranges: Dict[str, Tuple[int, int]]) -> None:
         """Choose each lookup's clear offset from its raw range and its current rounding."""

@@ -13,9 +13,10 @@ Concrete's slips lean up a little (values just below a boundary slip up a few po
 those just above slip down as much less often), which the model does not reproduce
 (`tests/test_precision_search.py::test_slip_model_matches_concretes_simulation`).
 
-`fhe="disable"` rounds exactly (it is the deterministic reference); `precision_search` scores
-approximately rounded candidates with `SlipModel` (a fixed seed: the search stays
-deterministic), so a precision whose slips cost more than the tolerance is not chosen. On the
+`fhe="disable"` rounds exactly (it is the deterministic reference); `precision_search` and
+`rounding_threshold_bits={"n_bits": "auto", "method": "approximate"}` score approximately
+rounded candidates with `SlipModel` (a fixed seed: the searches stay deterministic), so a
+precision whose slips cost more than the tolerance is not chosen. On the
 digits CNN at 5-bit lookups the slips cost 0.8-1.3 points of test accuracy that a score in the
 clear does not see.
 """
@@ -23,7 +24,7 @@ clear does not see.
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -51,6 +52,12 @@ def lookup_error_probability(
     return min(shares)
 
 
+def slips_under(budget: Tuple[Optional[float], Optional[float]], lookups_per_sample: int) -> "SlipModel":
+    """The slips of a circuit compiled with `budget` (`FheSettings.error_budget()`: p_error,
+    global_p_error) whose one sample makes `lookups_per_sample` table lookups."""
+    return SlipModel(slip_deviation(lookup_error_probability(*budget, lookups_per_sample)))
+
+
 class SlipModel:
     """Adds approximate rounding's noise to a lookup's input before it is rounded (numpy only).
 
@@ -72,4 +79,4 @@ class SlipModel:
         return expr + np.rint(noise).astype(expr.dtype)
 
 
-__all__ = ["SLIP_SEED", "SlipModel", "lookup_error_probability", "slip_deviation"]
+__all__ = ["SLIP_SEED", "SlipModel", "lookup_error_probability", "slip_deviation", "slips_under"]
