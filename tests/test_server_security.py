@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import signal
 import socket
 import struct
 import threading
@@ -258,6 +259,18 @@ def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifact
     stopped = process.scratch
     process.stop()
     assert not stopped.exists()
+    # SIGTERM to the child (a server's process group stopped): it removes its folder and dies
+    # of the signal, even where its parent does not get to remove the folder
+    process.start()
+    process.preload([circuit_dir])
+    terminated = process.scratch
+    deadline = time.time() + TIMEOUT
+    while not any(terminated.iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+    process.process.send_signal(signal.SIGTERM)
+    assert process.process.wait(TIMEOUT) == -signal.SIGTERM
+    assert not terminated.exists()
+    process.stop()
 
 
 # ---- 2. no 500 for bad input: the malformed-request battery ---------------------------------

@@ -21,6 +21,7 @@ the child caches, so `cached_keys()` reports it without asking the child.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -253,12 +254,20 @@ class ComputePool:
                 process.stop()
 
 
+def _end_on_sigterm(signum: int, _frame: Any) -> None:
+    """The child on SIGTERM (a whole process group stopped, the worker perhaps before it could
+    stop its children): remove its temporary folder, then die of the signal as before."""
+    shutil.rmtree(sys.argv[2], ignore_errors=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _child_main(connection) -> None:
     """The child: load circuits and keys, run samples, until the parent closes the pipe."""
     from concrete import fhe
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which closes the pipe
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     servers: Dict[str, Any] = {}
     keys: Dict[str, Any] = {}
     while True:
