@@ -236,6 +236,14 @@ def test_native_crash_costs_one_request_and_quarantines_the_key(
         restarted.stop()
 
 
+def _wait_until_unpacked(folder) -> None:
+    """Wait until a compute child has unpacked a circuit into its temporary `folder`."""
+    deadline = time.time() + TIMEOUT
+    while not any(folder.iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert any(folder.iterdir()), "the child unpacks the circuit into its own folder"
+
+
 def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifacts):
     """Concrete never removes the folder it unpacks a loaded circuit into: each compute child
     has its own temporary folder, removed when the child is replaced after a crash (or a
@@ -248,10 +256,7 @@ def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifact
     process.start()
     process.preload([circuit_dir])
     crashed = process.scratch
-    deadline = time.time() + TIMEOUT
-    while not any(crashed.iterdir()) and time.time() < deadline:
-        time.sleep(0.1)
-    assert any(crashed.iterdir()), "the child unpacks the circuit into its own folder"
+    _wait_until_unpacked(crashed)
     process.process.kill()
     process.process.wait()
     process.start()  # as `run` does when its child died
@@ -264,9 +269,7 @@ def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifact
     process.start()
     process.preload([circuit_dir])
     terminated = process.scratch
-    deadline = time.time() + TIMEOUT
-    while not any(terminated.iterdir()) and time.time() < deadline:
-        time.sleep(0.1)
+    _wait_until_unpacked(terminated)
     process.process.send_signal(signal.SIGTERM)
     assert process.process.wait(TIMEOUT) == -signal.SIGTERM
     assert not terminated.exists()
