@@ -61,7 +61,6 @@ from ..settings import (
 )
 from .program import ALIGNED_GRID, QAT_BIAS_BITS, ZERO_GRID, IntegerProgram
 from .quantizers import bit_width
-from .slips import slips_under
 
 logger = logging.getLogger("fhe_backend")
 
@@ -259,15 +258,11 @@ class _Scorer:
         if candidate in self.evaluations:
             return self.evaluations[candidate]
         program, ranges = self.program_of(candidate, base, method)
-        rounding = program.settings.rounding_threshold_bits
-        if rounding is not None and rounding.approximate and program.rounding_lsbs:
-            if self.lookups_per_sample is None:  # the same for every candidate: counted once
-                self.lookups_per_sample = program.lookups_per_sample([q[self.holdout] for q in self.q_inputs])
-            program.slips = slips_under(program.settings.error_budget(), self.lookups_per_sample)
-        try:
-            outputs = as_tuple(program(*[q[self.holdout] for q in self.q_inputs]))
-        finally:
-            program.slips = None
+        holdout = [q[self.holdout] for q in self.q_inputs]
+        if self.lookups_per_sample is None:  # the same for every candidate: counted once
+            self.lookups_per_sample = program.lookups_per_sample(holdout)
+        with program.drawing_slips(self.lookups_per_sample):
+            outputs = as_tuple(program(*holdout))
         kept = {
             key: bit_width(low, high) - program.rounding_lsbs.get(key, 0)
             for key, (low, high) in ranges.items()

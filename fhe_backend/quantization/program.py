@@ -10,11 +10,12 @@ lowering runs for a node comes from `fhe_backend.lowering.registry`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -374,12 +375,8 @@ class IntegerProgram:
 
         def error(kept: Dict[str, int]) -> float:
             self.rounding_lsbs = {key: widths[key] - bits for key, bits in kept.items() if bits < widths[key]}
-            if self._approximate:  # approximate rounding is scored with its slips (quantization.slips)
-                self.slips = slips_under(self.settings.error_budget(), lookups)
-            try:
+            with self.drawing_slips(lookups):
                 return _output_error(self, sample, reference, spans)
-            finally:
-                self.slips = None
 
         def shared(bits: int) -> Dict[str, int]:
             return {key: min(bits, width) for key, width in widths.items()}
@@ -418,6 +415,18 @@ class IntegerProgram:
         finally:
             self.lookup_observer = None
         return sum(sizes)
+
+    @contextlib.contextmanager
+    def drawing_slips(self, lookups_per_sample: int) -> Iterator[None]:
+        """Within the block, numpy runs of an approximately rounded program draw the rounding's
+        slips (`quantization.slips`, a fixed seed) under the program's error budget, shared by
+        `lookups_per_sample` lookups where it is global; other programs run unchanged."""
+        if self._approximate:
+            self.slips = slips_under(self.settings.error_budget(), lookups_per_sample)
+        try:
+            yield
+        finally:
+            self.slips = None
 
     def _place_lookups(self, ranges: Dict[str, Tuple[int, int]]) -> None:
         """Choose each lookup's clear offset from its raw range and its current rounding."""
