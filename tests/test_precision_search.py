@@ -383,7 +383,8 @@ def test_slip_model_matches_concretes_simulation(p_error):
     assert measured.mean() == pytest.approx(expected.mean(), rel=0.15), (expected.round(3), measured.round(3))
     assert np.all(np.abs(measured - expected) <= 0.06), (expected.round(3), measured.round(3))
     assert expected.max() > 0.3  # the values next to the boundary do slip
-    assert expected[:4].max() < 0.01 and measured[:4].max() < 0.01  # those far from it do not
+    # those far from it do not: 6.5 units or more (3.6 deviations at 1e-5)
+    assert expected[:2].max() < 0.01 and measured[:2].max() < 0.01
 
 
 def test_approximate_candidates_are_scored_with_their_slips(classifier, searched):
