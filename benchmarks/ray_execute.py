@@ -139,9 +139,7 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                ray_serve.shutdown()
     load.append(os.getloadavg()[0])
     Path(args.out).write_text(json.dumps({"load_average": load, "rows": rows}, indent=1))
     print(

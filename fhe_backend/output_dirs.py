@@ -11,15 +11,26 @@ Each ``fhe.Server`` reads its folder on every run, so it must stay while the ser
 functions here tie each folder to the object that owns it, a circuit or a loaded server: the
 folder is removed when that object is garbage-collected, or at interpreter exit. They reach into
 Concrete's private attributes; if those change, nothing is removed and a debug line says so.
+
+A process killed outright (SIGKILL: Ray kills a replica or worker actor and its children, the
+kernel's OOM killer) runs no finalizer. Processes that may die so (compute processes, Ray
+workers, runner workers) therefore work in a `locked_folder`: a temporary folder held locked
+(``flock``) while any of its processes lives. The kernel drops the lock when the last of them
+dies, however it dies; the next `locked_folder` of the same kind on the machine removes the
+folders nobody holds any more.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import tempfile
+import time
 import weakref
-from typing import Any, List, TypeVar
+from pathlib import Path
+from typing import Any, List, Tuple, TypeVar
 
 logger = logging.getLogger("fhe_backend")
 
@@ -44,6 +55,52 @@ def remove_with_server(server: ServerT) -> ServerT:
 def remove_with(owner: object, folder: Any) -> None:
     """Remove `folder` when `owner` is garbage-collected, or at exit (in this process only)."""
     weakref.finalize(owner, _remove, os.getpid(), str(folder))
+
+
+# a folder younger than this is not removed unlocked: its owner may not have locked it yet
+ABANDONED_AFTER_SECONDS = 60.0
+
+
+def locked_folder(prefix: str) -> Tuple[Path, int]:
+    """A new temporary folder ``<prefix>XXXX`` (mode 700) and a descriptor that holds it
+    locked: keep the descriptor open while the folder is in use (children share the lock when
+    given it with ``pass_fds``), remove the folder and close it when done. First removes the
+    folders ``<prefix>*`` of this user that no process holds any more (`remove_abandoned`)."""
+    remove_abandoned(prefix)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return folder, descriptor
+
+
+def remove_abandoned(prefix: str, older_than: float = ABANDONED_AFTER_SECONDS) -> List[Path]:
+    """Remove the temporary folders ``<prefix>*`` of this user whose `locked_folder` lock no
+    process holds (their owners were killed before they could remove them) and that were last
+    changed more than `older_than` seconds ago; returns them."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            stat = folder.lstat()
+            if (
+                not folder.is_dir()
+                or folder.is_symlink()
+                or stat.st_uid != os.getuid()
+                or time.time() - stat.st_mtime < older_than
+            ):
+                continue
+            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # removed meanwhile, or not ours to read
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # in use
+        finally:
+            os.close(descriptor)  # also drops the lock just taken; nobody takes a stale one again
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("fhe_backend: removed %s, left by a process that was killed", folder)
+        removed.append(folder)
+    return removed
 
 
 def remove_with_circuit(circuit: Any) -> None:

@@ -32,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 import weakref
@@ -41,6 +40,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import FheBackendError
 from .graph_utils import as_tuple
+from .output_dirs import locked_folder
 from .process_worker import SerializedSample
 
 WORKER_SCRIPT = Path(__file__).with_name("process_worker.py")
@@ -139,7 +139,8 @@ class _Pool:
     """The worker subprocesses and the folder of circuits and keys they read."""
 
     def __init__(self, workers: int) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="fhe_processes_"))  # mode 700: keys
+        # mode 700 (keys); removed by a later pool if this process is killed (`locked_folder`)
+        self.folder, self._lock_descriptor = locked_folder("fhe_processes_")
         self.scratch = self.folder / "tmp"  # where the workers' Concrete unpacks circuits
         self.scratch.mkdir()
         self.workers: List[_Worker] = [_Worker(self.scratch) for _ in range(workers)]
@@ -191,6 +192,7 @@ class _Pool:
         for worker in self.workers:
             worker.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+        os.close(self._lock_descriptor)
 
 
 _POOL: Optional[_Pool] = None

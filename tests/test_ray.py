@@ -10,12 +10,15 @@ loopback. Models: the seed's FCSmall with `seq.0` remote (leveled) and FCSmall(4
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError
 from fhe_backend.deployment.keystore import KeyQuota, KeyRecord, UnknownKey, new_key_id
 from fhe_backend.deployment.server import ServerSettings, create_app
 from fhe_backend.hybrid_model import HybridFHEModel
+from fhe_backend.output_dirs import remove_abandoned
 from tests.test_server import FCSmall, client_model, free_port
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install 'fhe-backend[ray]'")
@@ -43,6 +47,7 @@ def wait_until(predicate, seconds: float, what: str) -> None:
 def ray_cluster():
     """A local Ray instance for this module (loopback clients; shut down at the end)."""
     started = ray_serve.connect(num_cpus=2, object_store_memory=512 << 20)
+    scratch = ray_serve._local_scratch  # the local instance's workers' temporary folder
     yield ray.get_runtime_context().gcs_address
     from ray import serve
 
@@ -51,7 +56,22 @@ def ray_cluster():
         if actor["namespace"] == ray_serve.KEY_STORE_NAMESPACE:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
     if started:
-        ray.shutdown()
+        ray_serve.shutdown()
+        assert scratch is None or not os.path.exists(scratch), "the workers' folder goes at shutdown"
+
+
+def held_compute_folders() -> set:
+    """The compute processes' folders in the temporary directory that a live process holds."""
+    held = set()
+    for folder in Path(tempfile.gettempdir()).glob("fhe_compute_*"):
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held.add(folder)
+        finally:
+            os.close(descriptor)
+    return held
 
 
 def save_fcsmall(refs, models, key, name, dim, remote, batch, samples, **options) -> None:
@@ -175,6 +195,7 @@ def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_serv
     key_id = setup.upload_evaluation_keys(*target, client.get_serialized_evaluation_keys())
     batch = [client.encrypt_serialize_integers(q) for q in deployed["pbs_q_inputs"]]
     before = ray_serve.replica_actor_names()
+    computing = held_compute_folders()
     results, failures, server_errors, stop = [], [], [], threading.Event()
 
     def load() -> None:
@@ -197,6 +218,7 @@ def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_serv
     try:
         wait_until(lambda: len(results) >= 2, 120, "computations before the kill")
         ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        killed_at = time.time()
         done_at_kill = len(results)
         wait_until(
             lambda: (
@@ -214,6 +236,12 @@ def test_killed_replica_is_replaced_and_keys_uploaded_before_still_work(ray_serv
     # a request running on the killed replica is answered 500 by Ray's proxy and retried once
     assert not failures and all(results), failures
     assert len(server_errors) <= 2, server_errors
+    # Ray killed the replica with its compute processes, which could not remove their folders:
+    # no process holds them any more, and the next compute process on the machine removes them
+    killed_for = time.time() - killed_at
+    remove_abandoned("fhe_compute_", older_than=killed_for)  # the folders made before the kill
+    left = {folder for folder in computing if folder.exists()}
+    assert left == held_compute_folders() & computing and len(left) == len(computing) // 2, (computing, left)
     # the replacement serves the keys uploaded before it started
     wait_until(lambda: requests.get(ray_server + "/health", timeout=5).status_code == 200, 60, "health")
     http = FheHttpClient(ray_server)
@@ -300,6 +328,10 @@ def test_ray_runner_batch_equals_local_execute_exactly(lookup_model):
     assert torch.equal(executed, simulated)
     pool = ray_runner.worker_pool()
     assert len(pool.actors) == 2 and len({ray.get(a.pid.remote()) for a in pool.actors}) == 2
+    if ray_serve._local_scratch is not None:  # the module's own instance (RAY_ADDRESS unset)
+        # each worker works in a folder of the instance's, Concrete's unpacked circuit included
+        workers = list(Path(ray_serve._local_scratch).glob("fhe_ray_worker_*"))
+        assert len(workers) == 2 and all(any(p.is_dir() for p in w.iterdir()) for w in workers), workers
     # the same circuit, keys and integer samples: the Ray runner returns what the local one does
     circuit = partition.runner.circuit
     value = circuit.graph.input_nodes[0].output  # every integer the circuit's input type allows

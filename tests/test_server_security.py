@@ -13,10 +13,13 @@ import base64
 import json
 import logging
 import math
+import os
 import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +279,61 @@ def test_a_compute_child_unpacks_circuits_into_a_folder_removed_with_it(artifact
     assert process.process.wait(TIMEOUT) == -signal.SIGTERM
     assert not terminated.exists()
     process.stop()
+
+
+def _running(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_folders_of_killed_compute_processes_are_removed_by_the_next_one(artifacts, tmp_path):
+    """A worker killed outright together with its compute child (Ray kills a replica's
+    children with it, the OOM killer) runs no cleanup: its folder stays, no longer locked, and
+    the next compute process started on the machine removes it; folders in use stay."""
+    from fhe_backend.deployment.compute import ComputeProcess
+    from fhe_backend.deployment.fhe_client_server import SERVER_ZIP
+    from fhe_backend.output_dirs import ABANDONED_AFTER_SECONDS, remove_abandoned
+
+    circuit_dir = next(artifacts["models"].rglob(SERVER_ZIP)).parent
+    script = (
+        "import sys, time\n"
+        "from fhe_backend.deployment.compute import ComputeProcess\n"
+        "process = ComputeProcess(1, 2**30)\n"
+        "process.start()\n"
+        "process.preload([sys.argv[1]])\n"
+        "print(process.scratch, process.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, str(circuit_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    folder, child = worker.stdout.readline().split()
+    folder = Path(folder)
+    _wait_until_unpacked(folder)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its child, no handler runs
+    worker.wait()
+    deadline = time.time() + TIMEOUT
+    while _running(child) and time.time() < deadline:  # dead once a zombie: its files are closed
+        time.sleep(0.05)
+    assert folder.is_dir()
+    live = ComputeProcess(1, 2**30)
+    live.start()
+    try:
+        assert folder.is_dir(), "a folder changed in the last minute may not be locked yet: it stays"
+        old = time.time() - 2 * ABANDONED_AFTER_SECONDS
+        os.utime(folder, (old, old))
+        live.start()  # a restart makes a new folder, and removes the abandoned ones first
+        assert not folder.exists()
+        held = live.scratch
+        os.utime(held, (old, old))
+        assert held not in remove_abandoned("fhe_compute_", older_than=0) and held.is_dir()
+    finally:
+        live.stop()
 
 
 # ---- 2. no 500 for bad input: the malformed-request battery ---------------------------------

@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 from multiprocessing.connection import Connection
@@ -72,25 +71,29 @@ class ComputeProcess:
         self._lock = threading.Lock()  # `forget` comes from other threads than `run`
         self._preload: List[str] = []
         self.scratch: Optional[Path] = None  # the child's temporary folder
+        self._scratch_lock: Optional[int] = None  # holds it locked (`locked_folder`)
 
     def _remove_scratch(self) -> None:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
-            self.scratch = None
+            os.close(self._scratch_lock)
+            self.scratch = self._scratch_lock = None
 
     def start(self) -> None:
         """Start (or restart) the child: its temporary folder is one removed when it stops
-        (Concrete never removes the folders it unpacks circuits into, `fhe_backend.output_dirs`)."""
+        (Concrete never removes the folders it unpacks circuits into, `fhe_backend.output_dirs`),
+        or by a later compute process when both were killed."""
         # here, not at the top: the child runs this file and imports Concrete alone
+        from fhe_backend.output_dirs import locked_folder
         from fhe_backend.process_executor import scratch_environment
 
         self._remove_scratch()  # a crashed child's circuits
-        self.scratch = Path(tempfile.mkdtemp(prefix="fhe_compute_"))
+        self.scratch, self._scratch_lock = locked_folder("fhe_compute_")
         parent_end, child_end = socket.socketpair()
         with child_end:
             self.process = subprocess.Popen(
                 [sys.executable, "-I", __file__, str(child_end.fileno()), str(self.scratch)],
-                pass_fds=(child_end.fileno(),),
+                pass_fds=(child_end.fileno(), self._scratch_lock),
                 stdin=subprocess.DEVNULL,
                 env=scratch_environment(self.scratch),
             )

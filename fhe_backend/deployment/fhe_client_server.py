@@ -349,6 +349,16 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def read_server_info(path_dir: Union[str, Path]) -> Tuple[List[Tuple[int, ...]], bytes]:
+    """The input shapes and client specification (JSON bytes) in a module folder's server.zip,
+    read without loading its circuit (which compiles an MLIR archive); checks its versions."""
+    archive = Path(path_dir) / SERVER_ZIP
+    files = _read_zip(archive, [VERSIONS, SERVER_INFO, CLIENT_SPECS])
+    check_versions(json.loads(files[VERSIONS]), archive)
+    info = json.loads(files[SERVER_INFO])
+    return [tuple(shape) for shape in info["input_shapes"]], files[CLIENT_SPECS]
+
+
 class FHEModelServer:
     """The server side: runs the circuit on serialized ciphertexts; holds no private key."""
 
@@ -358,11 +368,7 @@ class FHEModelServer:
 
     def load(self) -> None:
         """(Re)load server.zip: the circuit, its input shapes and client specs."""
-        files = _read_zip(self.path_dir / SERVER_ZIP, [VERSIONS, SERVER_INFO, CLIENT_SPECS])
-        check_versions(json.loads(files[VERSIONS]), self.path_dir / SERVER_ZIP)
-        info = json.loads(files[SERVER_INFO])
-        self.input_shapes = [tuple(s) for s in info["input_shapes"]]
-        self.specs_bytes = files[CLIENT_SPECS]
+        self.input_shapes, self.specs_bytes = read_server_info(self.path_dir)
         self.server = remove_with_server(fhe.Server.load(self.path_dir / SERVER_ZIP))
 
     def expected_evaluation_key_bytes(self) -> Optional[int]:

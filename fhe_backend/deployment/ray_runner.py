@@ -33,7 +33,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..circuit_runner import Sample, register_executor
 from ..errors import FheBackendError
-from ..output_dirs import remove_with, remove_with_server
+from ..output_dirs import locked_folder, remove_with, remove_with_server
 from ..process_executor import decrypt_serialized, encrypt_serialized
 from ..process_worker import SerializedSample
 from .ray_serve import connect, require_ray
@@ -83,7 +83,10 @@ class CircuitWorker:
     def __init__(self) -> None:
         self.servers: "OrderedDict[str, Any]" = OrderedDict()
         self.keys: "OrderedDict[str, Any]" = OrderedDict()
-        self.folder = tempfile.mkdtemp(prefix="fhe_ray_worker_")
+        # the actor's process is its own: Concrete unpacks the circuits it loads in its folder
+        # too, removed by a later worker if Ray kills this one (`locked_folder`)
+        folder, self._lock_descriptor = locked_folder("fhe_ray_worker_")
+        self.folder = tempfile.tempdir = str(folder)
         remove_with(self, self.folder)
 
     def run(
@@ -252,25 +255,28 @@ def run_server_on_ray(
     sample order, in the inputs' layout. Ciphertexts and keys are checked against the circuit's
     client specification first, as `FHEModelServer.run` does.
     """
-    from .fhe_client_server import FHEModelServer
+    from .fhe_client_server import SERVER_ZIP, read_server_info
 
     path = Path(server_zip)
-    server = FHEModelServer(path if path.is_dir() else path.parent)
+    folder = path if path.is_dir() else path.parent
+    _, specs = read_server_info(folder)  # the circuit itself is loaded by the workers only
     checked = [item if isinstance(item, tuple) else (item,) for item in serialized_inputs]
-    _check_inputs(server, checked, evaluation_keys)
-    archive = (server.path_dir / "server.zip").read_bytes()
+    _check_inputs(folder, specs, checked, evaluation_keys)
+    archive = (folder / SERVER_ZIP).read_bytes()
     results = worker_pool().run(_shipped(archive), _shipped(evaluation_keys), checked)
     return [r if isinstance(item, tuple) else r[0] for r, item in zip(results, serialized_inputs)]
 
 
-def _check_inputs(server: Any, samples: List[SerializedSample], evaluation_keys: bytes) -> None:
+def _check_inputs(
+    folder: Path, specs_bytes: bytes, samples: List[SerializedSample], evaluation_keys: bytes
+) -> None:
     """The wire checks `FHEModelServer.run` applies, before anything reaches a worker."""
     import json
 
     from .fhe_client_server import DeploymentError
     from .wire import WireFormatError, check_ciphertext, check_evaluation_keys
 
-    specs = json.loads(server.specs_bytes)
+    specs = json.loads(specs_bytes)
     gates = specs["circuits"][0]["inputs"]
     try:
         check_evaluation_keys(evaluation_keys, specs)
@@ -282,7 +288,7 @@ def _check_inputs(server: Any, samples: List[SerializedSample], evaluation_keys:
             for position, (value, gate) in enumerate(zip(sample, gates)):
                 check_ciphertext(value, gate, f"inputs[{index}][{position}]")
     except WireFormatError as error:
-        raise DeploymentError(f"{server.path_dir}: {error}") from None
+        raise DeploymentError(f"{folder}: {error}") from None
 
 
 register_executor("ray", RayExecutor)

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import hashlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +76,9 @@ def require_ray(feature: str = "the Ray engine") -> Any:
     return ray
 
 
+_local_scratch: Optional[str] = None  # the temporary folder of the local instance's workers
+
+
 def connect(
     address: Optional[str] = None,
     num_cpus: Optional[int] = None,
@@ -81,8 +87,8 @@ def connect(
     """Connect to Ray: `address` (``auto``, ``ray://host:10001``, ``host:6379``), else the
     ``RAY_ADDRESS`` environment variable, else a new local Ray instance (no dashboard; never a
     cluster found on this machine). Returns whether this call connected (so the caller shuts the
-    connection, and a local instance with it, down); a process already connected keeps its
-    connection.
+    connection, and a local instance with it, down with `shutdown`); a process already connected
+    keeps its connection.
     """
     ray = require_ray()
     if ray.is_initialized():
@@ -91,7 +97,12 @@ def connect(
     if address:
         ray.init(address=address, namespace=KEY_STORE_NAMESPACE, log_to_driver=False)
         return True
-    # a local instance: Ray's own ports use this machine's address; the HTTP proxy binds --host
+    # a local instance: Ray's own ports use this machine's address; the HTTP proxy binds --host.
+    # Its workers' temporary files go to one folder of ours: Ray kills workers and their children
+    # (compute processes) at shutdown, before they can remove the folders they made there
+    global _local_scratch
+    _local_scratch = tempfile.mkdtemp(prefix="fhe_ray_session_")
+    atexit.register(shutdown)
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -99,8 +110,20 @@ def connect(
         include_dashboard=False,
         namespace=KEY_STORE_NAMESPACE,
         log_to_driver=False,
+        runtime_env={"env_vars": {"TMPDIR": _local_scratch}},
     )
     return True
+
+
+def shutdown() -> None:
+    """Disconnect from Ray (``ray.shutdown``); a local instance `connect` started stops with it,
+    and its workers' temporary folder is removed. Also run at exit."""
+    global _local_scratch
+    ray = require_ray()
+    ray.shutdown()
+    if _local_scratch is not None:
+        shutil.rmtree(_local_scratch, ignore_errors=True)
+        _local_scratch = None
 
 
 # ---- keys kept in Ray ---------------------------------------------------------------------------
@@ -366,8 +389,11 @@ def build_application(settings: Any, ray_settings: RayServeSettings) -> Any:
     else:
         keystore = FolderKeyStore(Path(settings.keys_dir))
         keystore.check()
+    options = ray_settings.deployment_options(settings)
+    if _local_scratch is not None:  # Serve starts replicas without the job's runtime environment
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"TMPDIR": _local_scratch}}
     deployment = serve.deployment(serve.ingress()(FheServeReplica))
-    return deployment.options(**ray_settings.deployment_options(settings)).bind(settings, keystore)
+    return deployment.options(**options).bind(settings, keystore)
 
 
 def deploy(
@@ -499,7 +525,6 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
             print(f"fhe-backend serve: {error}")
             return 1
     started = connect(address, num_cpus=args.ray_num_cpus)
-    ray = require_ray()
     from ray import serve
 
     stop = threading.Event()
@@ -530,7 +555,7 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         if started and not args.detach:
             # a local instance stops with everything on it (a signal to the whole process group,
             # Ctrl-C in a terminal, reaches Ray's own processes too: no Serve call could finish)
-            ray.shutdown()
+            shutdown()
     return 0
 
 

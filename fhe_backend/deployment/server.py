@@ -48,13 +48,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .compute import ComputeCrashed, ComputeError, ComputePool
 from .fhe_client_server import (
-    CLIENT_SPECS,
     CLIENT_ZIP,
-    SERVER_INFO,
     SERVER_ZIP,
-    VERSIONS,
-    VersionMismatchError,
-    check_versions,
+    DeploymentError,
+    read_server_info,
 )
 from .http_client import ignore_sigpipe
 from .keystore import (
@@ -191,7 +188,7 @@ class ModelRegistry:
                 continue
             try:
                 entry = _index_entry(shape_dir)
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile, VersionMismatchError) as error:
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, DeploymentError) as error:
                 logger.warning("skipping %s: %s", shape_dir, error)
                 continue
             entries.setdefault(model, {}).setdefault(module, {})[shape] = entry
@@ -226,13 +223,10 @@ class ModelRegistry:
 
 
 def _index_entry(shape_dir: Path) -> ModuleEntry:
-    with zipfile.ZipFile(shape_dir / SERVER_ZIP) as archive:
-        info = json.loads(archive.read(SERVER_INFO))
-        specs = json.loads(archive.read(CLIENT_SPECS))
-        check_versions(json.loads(archive.read(VERSIONS)), shape_dir / SERVER_ZIP)
+    input_shapes, specs = read_server_info(shape_dir)
     if not (shape_dir / CLIENT_ZIP).is_file():
         raise ValueError(f"{CLIENT_ZIP} missing")
-    return ModuleEntry(shape_dir, info["input_shapes"], specs)
+    return ModuleEntry(shape_dir, [list(shape) for shape in input_shapes], json.loads(specs))
 
 
 # ---- authentication ----------------------------------------------------------------------------
