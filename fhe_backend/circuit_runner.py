@@ -134,7 +134,8 @@ class CircuitRunner:
         artifacts: Any = None,
         simulation: bool = True,
     ) -> fhe.Circuit:
-        """Compile `program` on its per-sample inputset; Concrete's errors propagate as raised.
+        """Compile `program` on its per-sample inputset; Concrete's errors propagate as raised
+        (`CONCRETE_COMPILE_ERRORS`).
 
         `q_inputs` are the same samples batch-major (to find the extreme ones); `artifacts` (a
         `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR. `simulation=False`

@@ -59,3 +59,9 @@ def surfaced(error: FheBackendError) -> FheBackendError:
     result = _SURFACED[cls](*error.args)
     result.first_useful_frame = None
     return result.with_traceback(error.__traceback__)
+
+
+# What Concrete 2.11's compiler raises for a program it cannot compile: RuntimeError from the
+# optimizer (NoParametersFound) and the MLIR compiler; ValueError and AssertionError from its
+# Python converter (e.g. per-channel tables of a rounded value it resizes).
+CONCRETE_COMPILE_ERRORS = (RuntimeError, ValueError, AssertionError)

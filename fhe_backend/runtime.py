@@ -24,7 +24,14 @@ import torch.fx as fx
 from concrete import fhe
 
 from .circuit_runner import CircuitRunner, Sample
-from .errors import BitWidthError, LoweringError, NotCompiledError, OptionError
+from .errors import (
+    CONCRETE_COMPILE_ERRORS,
+    BitWidthError,
+    FheBackendError,
+    LoweringError,
+    NotCompiledError,
+    OptionError,
+)
 from .graph_utils import as_tuple, fetch_attr, output_nodes
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.precision_search import search_precision
@@ -250,7 +257,9 @@ class FhePartition(torch.nn.Module):
         self.program.check_circuit_bit_widths()
         try:
             self._concrete_compile(q_inputs, artifacts)
-        except RuntimeError as error:
+        except FheBackendError:
+            raise  # ours, already saying what to change
+        except CONCRETE_COMPILE_ERRORS as error:
             if "NoParametersFound" not in str(error):
                 raise self._concrete_error(error) from error
             if self.settings.rounding_threshold_bits is not None:
@@ -266,7 +275,9 @@ class FhePartition(torch.nn.Module):
             )
             try:
                 self._concrete_compile(q_inputs, artifacts)
-            except RuntimeError as retry_error:
+            except FheBackendError:
+                raise
+            except CONCRETE_COMPILE_ERRORS as retry_error:
                 if "NoParametersFound" not in str(retry_error):
                     raise self._concrete_error(retry_error) from retry_error
                 raise self._no_parameters_error() from retry_error

@@ -683,6 +683,32 @@ def test_approximate_rounding_slips_stay_within_the_width_below_the_top():
         assert wrapped(np.arange(3, 2**bits - 2 ** (lsbs - 1)), lsbs), (bits, lsbs)
 
 
+@pytest.mark.parametrize("seed", [15, 55, 92])
+def test_lopsided_accumulators_keep_their_rounding_within_their_placed_width(seed):
+    """A lopsided signed accumulator is a bit wider than its non-negative placement (e.g.
+    [-132, 89] placed at [28, 249]); its rounding must not carry past the placement's width,
+    where Concrete detects an overflow and resizes the table (and fails to for per-channel
+    tables). Seeds of 300 random layers with skewed biases where the top used to carry."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].bias += torch.randn(4) * 1.5
+    inputset = torch.randn(100, 6) + torch.randn(6)
+    options = {
+        "n_bits": {"op_inputs": 5, "op_weights": 4},
+        "rounding_threshold_bits": {"n_bits": 4, "method": "approximate"},
+        "per_channel_weights": "range_capped",
+    }
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": inputset, "fhe": "disable", **options}
+    )
+    with torch.no_grad():
+        compiled(inputset[:1])
+    (partition,) = fhe_backend.partitions(compiled)
+    assert approximate_slips_that_wrap(partition.circuit) == []
+
+
 @pytest.mark.parametrize("seed", [5, 15])
 def test_approximately_rounded_lookups_leave_room_for_a_slip(seed):
     """Accumulators whose calibrated top lies in the last rounding steps of their width (more
@@ -701,3 +727,30 @@ def test_approximately_rounded_lookups_leave_room_for_a_slip(seed):
         compiled(inputset[:2])
     (partition,) = fhe_backend.partitions(compiled)
     assert approximate_slips_that_wrap(partition.circuit) == []
+
+
+def test_a_concrete_converter_failure_names_the_partition(monkeypatch):
+    """Concrete's Python converter fails with bare ValueErrors and AssertionErrors (e.g. the
+    per-channel tables above); whatever it raises, the user sees a LoweringError naming the
+    partition, its widest lookups and its settings, with Concrete's error chained."""
+    from concrete import fhe
+
+    def failing(*_args, **_kwargs):
+        raise ValueError("could not broadcast input array from shape (32,) into shape (64,)")
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    inputset = torch.randn(50, 4)
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": inputset, "n_bits": 4, "fhe": "disable"}
+    )
+    with torch.no_grad():
+        compiled(inputset[:1])
+    (partition,) = fhe_backend.partitions(compiled)
+    monkeypatch.setattr(fhe.Compiler, "compile", failing)  # the failure injected; nothing else replaced
+    with pytest.raises(
+        fhe_backend.LoweringError, match=r"partition '.*could not broadcast.*n_bits"
+    ) as raised:
+        _ = partition.circuit  # compiled on first use
+    assert isinstance(raised.value.__cause__, ValueError)

@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import OptionError
+from ..errors import CONCRETE_COMPILE_ERRORS, FheBackendError, OptionError
 from ..graph_utils import as_tuple, solve_symbol
 from ..settings import (
     AUTO_ROUNDING_MAX_BITS,
@@ -491,7 +491,9 @@ class _CircuitCosts:
             return None
         try:
             circuit = self.compile_circuit(program)
-        except RuntimeError as error:  # NoParametersFound: not a candidate
+        except FheBackendError:
+            raise
+        except CONCRETE_COMPILE_ERRORS as error:  # e.g. NoParametersFound: not a candidate
             logger.debug("precision_search: %s does not compile (%s)", candidate, error)
             return None
         cost = CircuitCost(

@@ -517,7 +517,7 @@ class IntegerProgram:
         without growing (rounding's carry and approximate slips included), at most one rounding
         step minus 1."""
         lsbs = self.rounding_lsbs[key]
-        bits = _seen_width(ranges[key], raw_ranges[key])
+        bits = bit_width(*ranges[key])  # Concrete's carry check: the placed value's own width
         return min(2**lsbs - 1, _rounding_top(bits, lsbs, self._approximate) - ranges[key][1])
 
     def _leave_room_for_slips(
@@ -532,9 +532,17 @@ class IntegerProgram:
         run in three). Where the top is too close, the input moves down into the room below
         (staying non-negative, same width); where that room is too small, it moves up past
         the next power of two, so Concrete sees one more bit and rounds one more bit away.
+
+        The top is measured against the placed value's own width, not the wider type Concrete
+        gives it (`_seen_width`): Concrete detects a carry where the rounded value's range is
+        wider than its input's, and a raw signed accumulator is often a bit wider than its
+        placement (a lopsided [-676, 1135] placed at [227, 2038]: 2038 rounds up to 2**11).
+        Concrete 2.11 then resizes the lookup's table for the carry, which fails for
+        per-channel tables ("could not broadcast input array from shape (32,) into shape
+        (64,)": the digits CNN at op_weights 4 and 6-bit lookups).
         """
         for key, lsbs in list(self.rounding_lsbs.items()):
-            bits = _seen_width(ranges[key], raw_ranges[key])
+            bits = bit_width(*ranges[key])
             deficit = ranges[key][1] - _rounding_top(bits, lsbs, approximate=True)
             if deficit <= 0:
                 continue
