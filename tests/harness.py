@@ -132,9 +132,7 @@ def approximate_slips_that_wrap(circuit: Any) -> List[str]:
     """The approximately rounded values of a Concrete circuit whose largest input, rounded up
     one step more than exact rounding would (approximate rounding's slip), no longer fits the
     value's width, so that Concrete's result wraps around to 0 (see
-    `fhe_backend.quantization.program._rounding_top`), or whose exact rounding already carries
-    past the width of its input's range (Concrete then resizes the table): one description per
-    such value."""
+    `fhe_backend.quantization.program._rounding_top`): one description per such value."""
     from concrete import fhe
 
     from fhe_backend.quantization.program import _rounding_top
@@ -151,6 +149,16 @@ def approximate_slips_that_wrap(circuit: Any) -> List[str]:
             bits -= 1
         if high > _rounding_top(bits, lsbs, approximate=True):
             found.append(f"{bits}-bit input up to {high}, {lsbs} bits rounded away")
-        if node.properties.get("overflow_detected"):  # exact rounding's carry passes the bounds' width
-            found.append(f"input in {source.bounds} carries past its width, {lsbs} bits rounded away")
     return found
+
+
+def rounding_carries(circuit: Any) -> List[str]:
+    """The rounded values of a Concrete circuit (exact or approximate) whose exact rounding
+    carries past the width of their input's range, where Concrete widens them by a bit (see
+    `IntegerProgram._leave_room_on_top`): one description per such value."""
+    graph = circuit.graph
+    return [
+        f"input in {graph.ordered_preds_of(node)[0].bounds} rounded by {node.properties['kwargs']['lsbs_to_remove']} bits"
+        for node in graph.graph.nodes
+        if node.properties.get("name") == "round_bit_pattern" and node.properties.get("overflow_detected")
+    ]

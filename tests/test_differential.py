@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
 from fhe_backend.quantization.quantizers import UniformQuantizer
-from tests.harness import approximate_slips_that_wrap, find_cause
+from tests.harness import approximate_slips_that_wrap, find_cause, rounding_carries
 
 EXAMPLES = int(os.environ.get("FHE_DIFF_EXAMPLES", "18"))
 FIRST_SEED = int(os.environ.get("FHE_DIFF_FIRST_SEED", "0"))
@@ -613,6 +613,8 @@ def check_case(case: Case) -> None:
 
     # simulate == disable (exact rounding), or within the bound (approximate one-step slips)
     approximate = case.rounding is not None and case.rounding["method"] == "approximate"
+    carrying = [c for circuit in runner.circuits() for c in rounding_carries(circuit)]
+    assert not carrying, f"{case.describe()}: a rounding carries past its width: {carrying}"
     if approximate:
         wrapping = [w for circuit in runner.circuits() for w in approximate_slips_that_wrap(circuit)]
         assert not wrapping, f"{case.describe()}: approximate rounding can wrap around: {wrapping}"
@@ -706,7 +708,7 @@ def test_lopsided_accumulators_keep_their_rounding_within_their_placed_width(see
     with torch.no_grad():
         compiled(inputset[:1])
     (partition,) = fhe_backend.partitions(compiled)
-    assert approximate_slips_that_wrap(partition.circuit) == []
+    assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []
 
 
 @pytest.mark.parametrize("seed", [5, 15])
@@ -754,3 +756,41 @@ def test_a_concrete_converter_failure_names_the_partition(monkeypatch):
     ) as raised:
         _ = partition.circuit  # compiled on first use
     assert isinstance(raised.value.__cause__, ValueError)
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+    """The benchmark's digits CNN (seed 0, trained in a second) and its training images."""
+    from benchmarks.models import as_images, build_digits_model, digits_data
+
+    data = digits_data(0)
+    return build_digits_model("cnn", data, 0), torch.from_numpy(as_images(data["x_train"])).float()
+
+
+@pytest.mark.parametrize(
+    "op_inputs, op_weights, kept, method",
+    [(5, 4, 6, "approximate"), (4, 5, 7, "approximate"), (3, 3, 6, "exact")],
+)
+def test_rounded_lookups_never_carry_past_the_width_concrete_measures(
+    digits_cnn, op_inputs, op_weights, kept, method
+):
+    """Found by compiling the digits CNN over a grid of n_bits, lookup bits and methods (256
+    programs): these three made Concrete detect a rounding carry. The first two crashed its
+    converter on per-channel tables; the first from a top measured against the wider signed
+    type, the second because the second lookup's input, with the first lookup rounded, topped
+    at 1061 where the unrounded calibration said 1069 (placed at 2**11 to gain a bit, it then
+    rounded up into it); the third, exact, added a lookup. Each lookup is now placed on the
+    ranges the rounded program gives, with room on top at its own width."""
+    model, images = digits_cnn
+    torch._dynamo.reset()
+    options = {
+        "n_bits": {"op_inputs": op_inputs, "op_weights": op_weights},
+        "rounding_threshold_bits": {"n_bits": kept, "method": method},
+        "per_channel_weights": "range_capped",
+        "p_error": 2**-40,
+    }
+    compiled = torch.compile(model, backend="fhe", options={"inputset": images, "fhe": "disable", **options})
+    with torch.no_grad():
+        compiled(images[:1])
+    (partition,) = fhe_backend.partitions(compiled)
+    assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []

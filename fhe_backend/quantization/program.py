@@ -39,6 +39,7 @@ from .calibration import NodeStats
 from .quantizers import OutputDequantizer, UniformQuantizer, bit_width
 from .slips import slips_under
 
+ROUNDED_CALIBRATION_PASSES = 8  # placements of rounded lookups on the ranges the last one gave
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
 # A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
 # would reach an output take per-tensor weights instead, with log2(spread of the rows' scales)
@@ -472,10 +473,52 @@ class IntegerProgram:
             raw_ranges = dict(self.recording)
         finally:
             self.recording = None
+        ranges = self._size_rounding(q_inputs, raw_ranges, search=True)
+        for _ in range(ROUNDED_CALIBRATION_PASSES):
+            if not self.rounding_lsbs:
+                break
+            # Concrete measures each lookup's input with the lookups before it rounded, which
+            # moves it by a few of their steps (the digits CNN's second lookup: top 1061, not
+            # 1069, under a top placed at 2**11 to widen it by a bit, so Concrete saw no extra
+            # bit and the rounding carried): place again on the ranges the lookups now have,
+            # until they hold (one pass per lookup depth)
+            measured = self._lookup_input_ranges(q_inputs)
+            if all(raw_ranges.get(key) == value for key, value in measured.items()):
+                break
+            raw_ranges = {**raw_ranges, **measured}
+            ranges = self._size_rounding(q_inputs, raw_ranges, search=False)
+        return ranges
+
+    def _lookup_input_ranges(self, q_inputs: Sequence[np.ndarray]) -> Dict[str, Tuple[int, int]]:
+        """Each lookup's input range (before its offset) on the inputset, in a run of the
+        program as it stands (rounded lookups included, no slips)."""
+        seen: Dict[str, Tuple[int, int]] = {}
+
+        def observe(key: str, expr: Any, _table: Any) -> None:
+            low, high = int(np.min(expr)), int(np.max(expr))
+            old = seen.get(key, (low, high))
+            seen[key] = (min(low, old[0]), max(high, old[1]))
+
+        self.lookup_observer = observe
+        try:
+            self(*q_inputs)
+        finally:
+            self.lookup_observer = None
+        return seen
+
+    def _size_rounding(
+        self, q_inputs: Sequence[np.ndarray], raw_ranges: Dict[str, Tuple[int, int]], search: bool
+    ) -> Dict[str, Tuple[int, int]]:
+        """Place each lookup's input and size its rounding on the lookups' raw input ranges
+        ("auto" rounding: searched when `search`, else kept); returns the placed ranges."""
+        rounding = self.settings.rounding_threshold_bits
+        auto = rounding is not None and rounding.auto
+        self.lookup_offsets, self.lookup_shifts = {}, {}
+        if search or not auto:
+            self.rounding_lsbs = {}
         self._place_lookups(raw_ranges)
         ranges = self._placed(raw_ranges)
-        rounding = self.settings.rounding_threshold_bits
-        if rounding is not None and rounding.auto:
+        if auto and search:
             self._search_rounding(q_inputs, ranges)
         for key, (low, high) in ranges.items():
             bits = bit_width(low, high)
@@ -489,8 +532,8 @@ class IntegerProgram:
                 bits = _seen_width(ranges[key], raw_ranges[key])
                 kept = self.lookup_precision.get(key, rounding.n_bits)
                 self.rounding_lsbs[key] = max(1, bits - int(kept))
-        if self._approximate:
-            self._leave_room_for_slips(raw_ranges, ranges)
+        if self.rounding_lsbs:
+            self._leave_room_on_top(raw_ranges, ranges)
             ranges = self._placed(raw_ranges)
         self.too_wide = []
         for key, (low, high) in ranges.items():
@@ -520,30 +563,32 @@ class IntegerProgram:
         bits = bit_width(*ranges[key])  # Concrete's carry check: the placed value's own width
         return min(2**lsbs - 1, _rounding_top(bits, lsbs, self._approximate) - ranges[key][1])
 
-    def _leave_room_for_slips(
+    def _leave_room_on_top(
         self, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
     ) -> None:
-        """Approximate rounding: keep each rounded lookup's input below `_rounding_top`.
+        """Keep each rounded lookup's input below `_rounding_top`: its rounding never carries
+        past its width.
 
-        Concrete 2.11 widens a rounded value by a bit when exact rounding of its largest value
-        could carry out of its width, but not when only approximate rounding's one-step slip
-        up can: that slip then wraps around to 0, and the lookup reads its smallest input
-        instead of its largest (an encoder's whole token off by 4 to 10 in about one simulate
-        run in three). Where the top is too close, the input moves down into the room below
-        (staying non-negative, same width); where that room is too small, it moves up past
-        the next power of two, so Concrete sees one more bit and rounds one more bit away.
-
-        The top is measured against the placed value's own width, not the wider type Concrete
-        gives it (`_seen_width`): Concrete detects a carry where the rounded value's range is
-        wider than its input's, and a raw signed accumulator is often a bit wider than its
-        placement (a lopsided [-676, 1135] placed at [227, 2038]: 2038 rounds up to 2**11).
-        Concrete 2.11 then resizes the lookup's table for the carry, which fails for
+        Where exact rounding of the largest value carries, Concrete 2.11 widens the rounded
+        value by a bit: for exact rounding one more lookup (a 1-bit rounding becomes a table)
+        or a wider one; for approximate rounding it resizes the lookup's table, which fails for
         per-channel tables ("could not broadcast input array from shape (32,) into shape
-        (64,)": the digits CNN at op_weights 4 and 6-bit lookups).
+        (64,)": the digits CNN at op_weights 4 and 6-bit lookups). Approximate rounding's
+        one-step slip up is not widened for: where it passes the width it wraps around to 0,
+        and the lookup reads its smallest input instead of its largest (an encoder's whole
+        token off by 4 to 10 in about one simulate run in three). Where the top is too close,
+        the input moves down into the room below (staying non-negative, same width); where
+        that room is too small, it moves up past the next power of two, so Concrete sees one
+        more bit and rounds one more bit away.
+
+        The width is the placed value's own, not the wider type Concrete gives it
+        (`_seen_width`): Concrete detects a carry where the rounded value's range is wider
+        than its input's, and a raw signed accumulator is often a bit wider than its placement
+        (a lopsided [-676, 1135] placed at [227, 2038]: 2038 rounds up to 2**11).
         """
         for key, lsbs in list(self.rounding_lsbs.items()):
             bits = bit_width(*ranges[key])
-            deficit = ranges[key][1] - _rounding_top(bits, lsbs, approximate=True)
+            deficit = ranges[key][1] - _rounding_top(bits, lsbs, self._approximate)
             if deficit <= 0:
                 continue
             if deficit <= self._room_below(key, raw_ranges, ranges):
