@@ -35,7 +35,8 @@ def _run(args, cwd, **env):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        # raw Concrete compiles into folders it never removes: those of the scripts go with cwd
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(cwd), **env},
     )
 
 
@@ -80,9 +81,9 @@ def test_cli_fails_after_simulate(tmp_path):
     assert "not an nn.Module" in result.stderr
 
 
-def test_cli_unknown_command_fails():
+def test_cli_unknown_command_fails(tmp_path):
     """An unknown subcommand is an argparse error (status 2)."""
-    assert _run([sys.executable, "-m", "fhe_backend.cli", "no-such-command"], ROOT).returncode == 2
+    assert _run([sys.executable, "-m", "fhe_backend.cli", "no-such-command"], tmp_path).returncode == 2
 
 
 @pytest.mark.parametrize("thread", ["main", "worker"])
