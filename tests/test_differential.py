@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
+from fhe_backend.output_dirs import remove_with_circuit
 from fhe_backend.quantization.quantizers import UniformQuantizer
 from tests.harness import approximate_slips_that_wrap, find_cause, rounding_carries
 
@@ -676,6 +677,7 @@ def test_approximate_rounding_slips_stay_within_the_width_below_the_top():
             return fhe.univariate(lambda v: v // 2**lsbs)(kept)
 
         circuit = rounded.compile([values], global_p_error=1e-5)
+        remove_with_circuit(circuit)  # raw Concrete never removes the folder it compiles into
         exact = np.rint(values / 2**lsbs).astype(np.int64)
         return {int(v) for _ in range(200) for v in values[np.abs(circuit.simulate(values) - exact) > 1]}
 

@@ -15,6 +15,7 @@ from torch import nn
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
 from fhe_backend.errors import OptionError
+from fhe_backend.output_dirs import remove_with_circuit
 from fhe_backend.quantization.slips import SLIP_SEED, SlipModel, slip_deviation
 from fhe_backend.settings import FheSettings
 from tests.harness import compile_fhe
@@ -373,6 +374,7 @@ def test_slip_model_matches_concretes_simulation(p_error):
 
     inputset = [np.full_like(x, 0), np.full_like(x, 100), x]
     circuit = rounded.compile(inputset, fhe.Configuration(p_error=p_error, fhe_simulation=True))
+    remove_with_circuit(circuit)  # raw Concrete never removes the folder it compiles into
     exact = (x + step // 2) >> lsbs
     runs = 30
     concrete_slips = np.mean([circuit.simulate(x) != exact for _ in range(runs)], axis=0)
