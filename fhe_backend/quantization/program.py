@@ -15,7 +15,7 @@ import dataclasses
 import math
 import threading
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -410,12 +410,21 @@ class IntegerProgram:
         """Table lookups (PBS) the circuit makes for one sample: the first row of `q_inputs`
         run once, its lookups' elements counted."""
         sizes: List[int] = []
-        self.lookup_observer = lambda key, expr, table: sizes.append(int(np.size(expr)))
+        self._run_observing(
+            lambda key, expr, table: sizes.append(int(np.size(expr))), [np.asarray(q)[:1] for q in q_inputs]
+        )
+        return sum(sizes)
+
+    def _run_observing(
+        self, observer: Callable[[str, Any, Any], None], q_inputs: Sequence[np.ndarray]
+    ) -> None:
+        """Run the program on `q_inputs` with `observer(key, input, table)` called at each lookup
+        (`LoweringContext.lookup`)."""
+        self.lookup_observer = observer
         try:
-            self(*[np.asarray(q)[:1] for q in q_inputs])
+            self(*q_inputs)
         finally:
             self.lookup_observer = None
-        return sum(sizes)
 
     @contextlib.contextmanager
     def drawing_slips(self, lookups_per_sample: int) -> Iterator[None]:
@@ -499,11 +508,7 @@ class IntegerProgram:
             old = seen.get(key, (low, high))
             seen[key] = (min(low, old[0]), max(high, old[1]))
 
-        self.lookup_observer = observe
-        try:
-            self(*q_inputs)
-        finally:
-            self.lookup_observer = None
+        self._run_observing(observe, q_inputs)
         return seen
 
     def _size_rounding(
@@ -684,11 +689,7 @@ class IntegerProgram:
             if np.any(best):
                 self.lookup_shifts[key] = best.astype(np.int64)
 
-        self.lookup_observer = align
-        try:
-            self(*q_inputs)
-        finally:
-            self.lookup_observer = None
+        self._run_observing(align, q_inputs)
 
 
 def public_output(
