@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import weakref
@@ -73,6 +74,22 @@ def locked_folder(prefix: str) -> Tuple[Path, int]:
     return folder, descriptor
 
 
+def held(folder: Path) -> bool:
+    """Whether a process holds `folder`'s `locked_folder` lock (True for a folder this process
+    cannot open: not ours to remove)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(descriptor)  # also drops the lock just taken; nobody takes a stale one again
+    return False
+
+
 def remove_abandoned(prefix: str, older_than: float = ABANDONED_AFTER_SECONDS) -> List[Path]:
     """Remove the temporary folders ``<prefix>*`` of this user whose `locked_folder` lock no
     process holds (their owners were killed before they could remove them) and that were last
@@ -80,23 +97,16 @@ def remove_abandoned(prefix: str, older_than: float = ABANDONED_AFTER_SECONDS) -
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         try:
-            stat = folder.lstat()
-            if (
-                not folder.is_dir()
-                or folder.is_symlink()
-                or stat.st_uid != os.getuid()
-                or time.time() - stat.st_mtime < older_than
-            ):
-                continue
-            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            status = folder.lstat()  # a symbolic link is not a directory here
         except OSError:
-            continue  # removed meanwhile, or not ours to read
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # in use
-        finally:
-            os.close(descriptor)  # also drops the lock just taken; nobody takes a stale one again
+            continue  # removed meanwhile
+        if (
+            not stat.S_ISDIR(status.st_mode)
+            or status.st_uid != os.getuid()
+            or time.time() - status.st_mtime < older_than
+            or held(folder)
+        ):
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         logger.info("fhe_backend: removed %s, left by a process that was killed", folder)
         removed.append(folder)

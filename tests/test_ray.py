@@ -10,7 +10,6 @@ loopback. Models: the seed's FCSmall with `seq.0` remote (leveled) and FCSmall(4
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from fhe_backend.deployment.http_client import FheHttpClient, RemoteServerError
 from fhe_backend.deployment.keystore import KeyQuota, KeyRecord, UnknownKey, new_key_id
 from fhe_backend.deployment.server import ServerSettings, create_app
 from fhe_backend.hybrid_model import HybridFHEModel
-from fhe_backend.output_dirs import remove_abandoned
+from fhe_backend.output_dirs import held, remove_abandoned
 from tests.test_server import FCSmall, client_model, free_port
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install 'fhe-backend[ray]'")
@@ -62,16 +61,7 @@ def ray_cluster():
 
 def held_compute_folders() -> set:
     """The compute processes' folders in the temporary directory that a live process holds."""
-    held = set()
-    for folder in Path(tempfile.gettempdir()).glob("fhe_compute_*"):
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            held.add(folder)
-        finally:
-            os.close(descriptor)
-    return held
+    return {folder for folder in Path(tempfile.gettempdir()).glob("fhe_compute_*") if held(folder)}
 
 
 def save_fcsmall(refs, models, key, name, dim, remote, batch, samples, **options) -> None:

@@ -102,6 +102,7 @@ def connect(
     # (compute processes) at shutdown, before they can remove the folders they made there
     global _local_scratch
     _local_scratch = tempfile.mkdtemp(prefix="fhe_ray_session_")
+    atexit.unregister(shutdown)  # once, however often a local instance is started
     atexit.register(shutdown)
     ray.init(
         address="local",
@@ -110,9 +111,14 @@ def connect(
         include_dashboard=False,
         namespace=KEY_STORE_NAMESPACE,
         log_to_driver=False,
-        runtime_env={"env_vars": {"TMPDIR": _local_scratch}},
+        runtime_env=_local_runtime_env(),
     )
     return True
+
+
+def _local_runtime_env() -> Dict[str, Any]:
+    """The runtime environment of a local instance's workers: its temporary folder."""
+    return {"env_vars": {"TMPDIR": _local_scratch}}
 
 
 def shutdown() -> None:
@@ -391,7 +397,7 @@ def build_application(settings: Any, ray_settings: RayServeSettings) -> Any:
         keystore.check()
     options = ray_settings.deployment_options(settings)
     if _local_scratch is not None:  # Serve starts replicas without the job's runtime environment
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"TMPDIR": _local_scratch}}
+        options["ray_actor_options"]["runtime_env"] = _local_runtime_env()
     deployment = serve.deployment(serve.ingress()(FheServeReplica))
     return deployment.options(**options).bind(settings, keystore)
 
