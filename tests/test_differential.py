@@ -693,24 +693,32 @@ def test_lopsided_accumulators_keep_their_rounding_within_their_placed_width(see
     [-132, 89] placed at [28, 249]); its rounding must not carry past the placement's width,
     where Concrete detects an overflow and resizes the table (and fails to for per-channel
     tables). Seeds of 300 random layers with skewed biases where the top used to carry."""
-    torch._dynamo.reset()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     with torch.no_grad():
         model[0].bias += torch.randn(4) * 1.5
     inputset = torch.randn(100, 6) + torch.randn(6)
-    options = {
-        "n_bits": {"op_inputs": 5, "op_weights": 4},
-        "rounding_threshold_bits": {"n_bits": 4, "method": "approximate"},
-        "per_channel_weights": "range_capped",
-    }
+    partition = _compiled_partition(
+        model,
+        inputset,
+        n_bits={"op_inputs": 5, "op_weights": 4},
+        rounding_threshold_bits={"n_bits": 4, "method": "approximate"},
+        per_channel_weights="range_capped",
+    )
+    assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []
+
+
+def _compiled_partition(model: nn.Module, inputset: torch.Tensor, **options) -> Any:
+    """The one FHE partition of `model` compiled with `options` in `disable` (its circuit is
+    compiled when first asked for)."""
+    torch._dynamo.reset()
     compiled = torch.compile(
         model, backend="fhe", options={"inputset": inputset, "fhe": "disable", **options}
     )
     with torch.no_grad():
         compiled(inputset[:1])
     (partition,) = fhe_backend.partitions(compiled)
-    assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []
+    return partition
 
 
 @pytest.mark.parametrize("seed", [5, 15])
@@ -742,16 +750,9 @@ def test_a_concrete_converter_failure_names_the_partition(monkeypatch):
     def failing(*_args, **_kwargs):
         raise ValueError("could not broadcast input array from shape (32,) into shape (64,)")
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
-    inputset = torch.randn(50, 4)
-    compiled = torch.compile(
-        model, backend="fhe", options={"inputset": inputset, "n_bits": 4, "fhe": "disable"}
-    )
-    with torch.no_grad():
-        compiled(inputset[:1])
-    (partition,) = fhe_backend.partitions(compiled)
+    partition = _compiled_partition(model, torch.randn(50, 4), n_bits=4)
     monkeypatch.setattr(fhe.Compiler, "compile", failing)  # the failure injected; nothing else replaced
     with pytest.raises(
         fhe_backend.LoweringError, match=r"partition '.*could not broadcast.*n_bits"
@@ -784,15 +785,12 @@ def test_rounded_lookups_never_carry_past_the_width_concrete_measures(
     rounded up into it); the third, exact, added a lookup. Each lookup is now placed on the
     ranges the rounded program gives, with room on top at its own width."""
     model, images = digits_cnn
-    torch._dynamo.reset()
-    options = {
-        "n_bits": {"op_inputs": op_inputs, "op_weights": op_weights},
-        "rounding_threshold_bits": {"n_bits": kept, "method": method},
-        "per_channel_weights": "range_capped",
-        "p_error": 2**-40,
-    }
-    compiled = torch.compile(model, backend="fhe", options={"inputset": images, "fhe": "disable", **options})
-    with torch.no_grad():
-        compiled(images[:1])
-    (partition,) = fhe_backend.partitions(compiled)
+    partition = _compiled_partition(
+        model,
+        images,
+        n_bits={"op_inputs": op_inputs, "op_weights": op_weights},
+        rounding_threshold_bits={"n_bits": kept, "method": method},
+        per_channel_weights="range_capped",
+        p_error=2**-40,
+    )
     assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []
