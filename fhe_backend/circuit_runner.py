@@ -28,6 +28,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 import numpy as np
 from concrete import fhe
+from concrete.fhe.dtypes import Integer
+from concrete.fhe.representation import Graph, GraphProcessor
+from concrete.fhe.representation.node import Operation
 
 from .errors import KeyGenerationError, OptionError
 from .exit_status import keep_python_sigpipe, note_configuration
@@ -45,6 +48,39 @@ Sample = Tuple[np.ndarray, ...]
 # keys (same circuit cost; a 64-feature input goes from about 4 MB to 1.5 KB)
 DEFAULT_COMPRESSION = {"compress_input_ciphertexts": True, "compress_evaluation_keys": True}
 COMPILE_INPUTSET = 100  # random samples given to Concrete besides the extreme ones
+
+
+class SlicesKeepTheirSign(GraphProcessor):
+    """Concrete's pre-processor that types a slice of a signed tensor as signed.
+
+    Concrete 2.11 types every value from its measured bounds, so a slice that only ever held
+    non-negative values becomes unsigned while the tensor it is cut from is signed; its MLIR
+    then cuts an unsigned slice out of a signed tensor, which Concrete's own pipeline rejects
+    ("Transforming FHE boolean ops failed"; the max tree of `lowering.linear` cut such slices).
+    Typed signed, with the one more bit that takes, the slice reads the same values.
+    """
+
+    def apply(self, graph: Graph) -> None:
+        """Retype, in place, every unsigned slice cut from a signed encrypted tensor."""
+        for node in graph.query_nodes():
+            if node.operation != Operation.Generic or node.properties.get("name") != "index_static":
+                continue
+            source, dtype = node.inputs[0].dtype, node.output.dtype
+            if isinstance(source, Integer) and isinstance(dtype, Integer) and source.is_signed and not dtype.is_signed:
+                # the successors' inputs are this same value, so they read the new type too
+                dtype.is_signed, dtype.bit_width = True, dtype.bit_width + 1
+
+
+def portable_server(circuit: fhe.Circuit) -> fhe.Server:
+    """`circuit`'s server, its configuration (which an MLIR archive saves) without
+    `SlicesKeepTheirSign`: the archive names no class of this package, so Concrete alone loads
+    it. The MLIR it saves already holds the types the pre-processor gave."""
+    server = circuit.server
+    configuration = getattr(server, "_configuration", None)
+    if configuration is not None:
+        kept = [p for p in configuration.additional_pre_processors if not isinstance(p, SlicesKeepTheirSign)]
+        server._configuration = configuration.fork(additional_pre_processors=kept)  # noqa: SLF001
+    return server
 
 
 class SampleExecutor(Protocol):
@@ -169,6 +205,8 @@ class CircuitRunner:
         for name, value in zip(("p_error", "global_p_error"), settings.error_budget()):
             if value is not None:
                 options[name] = value
+        user_processors = getattr(settings.configuration, "additional_pre_processors", None) or []
+        options["additional_pre_processors"] = [*user_processors, SlicesKeepTheirSign()]
         return options
 
     @staticmethod

@@ -255,15 +255,17 @@ class FhePartition(torch.nn.Module):
         """
         start = time.perf_counter()
         self.program.check_circuit_bit_widths()
-        try:
-            self._concrete_compile(q_inputs, artifacts)
-        except FheBackendError:
-            raise  # ours, already saying what to change
-        except CONCRETE_COMPILE_ERRORS as error:
-            if "NoParametersFound" not in str(error):
-                raise self._concrete_error(error) from error
-            if self.settings.rounding_threshold_bits is not None:
-                raise self._no_parameters_error() from error
+        while True:  # at most twice: unrounded lookups get one retry with "auto" rounding
+            try:
+                self._concrete_compile(q_inputs, artifacts)
+                break
+            except FheBackendError:
+                raise  # ours, already saying what to change
+            except CONCRETE_COMPILE_ERRORS as error:
+                if "NoParametersFound" not in str(error):
+                    raise self._concrete_error(error) from error
+                if self.settings.rounding_threshold_bits is not None:
+                    raise self._no_parameters_error() from error
             warnings.warn(
                 f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
                 f"for unrounded lookups ({self._widest_lookups()}); retrying with "
@@ -273,14 +275,6 @@ class FhePartition(torch.nn.Module):
             self._reprogram(
                 dataclasses.replace(self.settings, rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs
             )
-            try:
-                self._concrete_compile(q_inputs, artifacts)
-            except FheBackendError:
-                raise
-            except CONCRETE_COMPILE_ERRORS as retry_error:
-                if "NoParametersFound" not in str(retry_error):
-                    raise self._concrete_error(retry_error) from retry_error
-                raise self._no_parameters_error() from retry_error
         self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
@@ -329,8 +323,9 @@ class FhePartition(torch.nn.Module):
         return LoweringError(
             f"Concrete could not compile partition '{self.name}' ({self.module_path or 'model'}): "
             f"{first_line}. Its widest lookups: {self._widest_lookups()}; n_bits {self.settings.n_bits}, "
-            f"rounding {self.settings.rounding_threshold_bits}. Very low precisions (n_bits 2) hit "
-            "Concrete limits: try n_bits >= 3 or another 'rounding_threshold_bits'"
+            f"rounding {self.settings.rounding_threshold_bits}. Concrete's error is chained below; other "
+            "'n_bits' or 'rounding_threshold_bits' may avoid it, and the option 'show_mlir' prints "
+            "the MLIR it was given"
         )
 
     def _no_parameters_error(self) -> BitWidthError:

@@ -11,16 +11,21 @@ import torch
 from torch import nn
 
 import fhe_backend
+from concrete import fhe
+from concrete.fhe.representation import GraphProcessor
+
 from fhe_backend.circuit_runner import (
     EXECUTORS,
     SequentialExecutor,
+    SlicesKeepTheirSign,
     ThreadExecutor,
     executor_for,
     register_executor,
 )
 from fhe_backend.errors import OptionError
+from fhe_backend.output_dirs import remove_with_circuit
 from fhe_backend.process_executor import ExecutorWorkerDied, ProcessExecutor, worker_cpu_seconds
-from tests.harness import compile_tiny_real_key_mlp
+from tests.harness import compile_fhe, compile_tiny_real_key_mlp
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +234,48 @@ def test_keys_that_cannot_be_written_raise_naming_the_cache_folder_and_its_free_
     for line in lines:
         assert "partition 'fhe_partition_0'" in line and f"{tmp_path} has " in line and "MiB free" in line
         assert "free space or cache keys in another folder" in line
+
+
+def _max_of_two_columns(x):
+    first, second = x[:, 0:1], x[:, 1:2]
+    return second + fhe.univariate(lambda v: np.maximum(v, 0))(first - second)
+
+
+def test_a_slice_that_holds_no_negative_value_keeps_the_sign_of_its_tensor():
+    """Concrete 2.11 types a slice from its own bounds: the second column below is never
+    negative, so it became unsigned, cut from a signed tensor, and Concrete's pipeline failed
+    ("Transforming FHE boolean ops failed"; the max tree over an activation hit it). Our
+    pre-processor types it signed: the circuit compiles and computes the max."""
+    rng = np.random.default_rng(0)
+    inputset = [np.stack([rng.integers(-4, 4, 1), rng.integers(0, 4, 1)], axis=1) for _ in range(40)]
+    with pytest.raises(RuntimeError, match="boolean ops"):  # Concrete alone (would it be fixed: drop ours)
+        fhe.Compiler(_max_of_two_columns, {"x": "encrypted"}).compile(inputset)
+    circuit = fhe.Compiler(_max_of_two_columns, {"x": "encrypted"}).compile(
+        inputset, additional_pre_processors=[SlicesKeepTheirSign()]
+    )
+    try:
+        slices = [n.output.dtype for n in circuit.graph.query_nodes() if n.properties.get("name") == "index_static"]
+        assert [dtype.is_signed for dtype in slices] == [True, True]
+        for sample in inputset:
+            assert np.array_equal(circuit.simulate(sample), np.maximum(sample[:, 0:1], sample[:, 1:2]))
+    finally:
+        remove_with_circuit(circuit)
+
+
+def test_a_users_concrete_pre_processors_run_besides_ours():
+    """A `configuration` with its own `additional_pre_processors` keeps them."""
+
+    class Count(GraphProcessor):
+        calls = 0
+
+        def apply(self, graph):
+            Count.calls += 1
+
+    configuration = fhe.Configuration(additional_pre_processors=[Count()])
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    compiled = compile_fhe(model, torch.randn(50, 3), n_bits=3, configuration=configuration, fhe="simulate")
+    with torch.no_grad():
+        compiled(torch.randn(2, 3))
+    assert Count.calls >= 1
+    (partition,) = fhe_backend.partitions(compiled)
+    assert any(isinstance(p, SlicesKeepTheirSign) for p in partition.runner._compile_options()["additional_pre_processors"])

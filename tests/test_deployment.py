@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -50,6 +53,26 @@ def test_client_server_round_trip_equals_simulate(partition, tmp_path, via_mlir)
     np.testing.assert_array_equal(client.deserialize_decrypt(server.run(single, keys)), expected[:1])
     floats = client.deserialize_decrypt_dequantize(server.run(batch, keys))
     np.testing.assert_allclose(floats, partition.program.dequantize_outputs(expected)[0])
+
+
+def test_an_mlir_server_archive_loads_with_concrete_alone(partition, tmp_path):
+    """Every compilation adds our Concrete pre-processor (`SlicesKeepTheirSign`); the MLIR
+    archive's saved configuration must not name it, or Concrete without this package could not
+    load the archive. Loaded here in a process that cannot import fhe_backend."""
+    FHEModelDev(tmp_path, partition).save(via_mlir=True)
+    with zipfile.ZipFile(tmp_path / "server.zip") as archive:
+        assert "fhe_backend" not in archive.read("configuration.json").decode()
+    script = (
+        "import sys; sys.modules['fhe_backend'] = None\n"  # importing it fails
+        "from concrete import fhe\n"
+        f"server = fhe.Server.load({str(tmp_path / 'server.zip')!r})\n"
+        "print('loaded', server.client_specs is not None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)}, cwd=tmp_path,
+    )
+    assert done.returncode == 0 and "loaded True" in done.stdout, done.stderr[-2000:]
 
 
 def test_keys_are_random_reused_from_key_dir_and_regenerated_on_force(partition, tmp_path):

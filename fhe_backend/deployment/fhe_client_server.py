@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from concrete import fhe
 
+from ..circuit_runner import portable_server
 from ..errors import FheBackendError
 from ..exit_status import keep_python_sigpipe
 from ..graph_utils import as_tuple, output_nodes
@@ -225,7 +226,7 @@ class FHEModelDev:
         circuit.enable_fhe_execution()
         processing = ProcessingSpec.from_partition(partition)
         versions = json.dumps(package_versions())
-        circuit.server.save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
+        portable_server(circuit).save(self.path_dir / SERVER_ZIP, via_mlir=via_mlir)
         server_info = {
             "input_shapes": [list(s) for s in processing.input_shapes],
             "module_path": processing.module_path,

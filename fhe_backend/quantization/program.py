@@ -196,7 +196,9 @@ class IntegerProgram:
     def __call__(self, *q_inputs: Any):
         """Run the program on integer inputs (numpy arrays or concrete tracers)."""
         result = self._run(q_inputs)
-        if self._relower:  # linear ops moved to one weight scale (see _one_output_scale): again
+        # linear ops moved to one weight scale (see _one_output_scale): again, until no more
+        # move (each run marks new ones: a layer's spread can hide the one behind it)
+        while self._relower:
             self._relower = False
             self.constants.clear()
             if self.recording is not None:
