@@ -180,6 +180,34 @@ def test_lookup_circuit_with_a_gain_hides_bias_gain_and_row_maxima(tmp_path):
     )
 
 
+def test_only_the_layer_that_reaches_the_output_takes_one_weight_scale(tmp_path):
+    """Linear -> Linear: the hidden layer's output is requantized (a lookup) before the last
+    layer reads it, so its per-channel scales never reach the client. Only the last layer takes
+    per-tensor weights (with more bits); the hidden one keeps its per-channel weights. Both used
+    to move, in two calibration runs (the hidden layer's spread hid the last one's)."""
+    torch.manual_seed(1)
+    hidden = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        hidden.weight.mul_(ROW_FACTORS[:, None])
+    model = torch.nn.Sequential(hidden, _private_linear(4)).eval()
+    inputset = torch.randn(150, 6)
+    compiled = compile_fhe(model, inputset, n_bits=N_BITS, rounding_threshold_bits=N_BITS)
+    with torch.no_grad():
+        compiled(inputset[:2])
+    partition = fhe_backend.partitions(compiled)[0]
+    program = partition.program
+    hidden_node, last_node = sorted({key[0] for key in program.constants if str(key[-1]).startswith("weights")})
+    assert set(program.one_scale_nodes) == {last_node}
+    hidden_scales = next(v[1] for k, v in program.constants.items() if k[0] == hidden_node and str(k[-1]).startswith("weights"))
+    assert np.ptp(hidden_scales) > 0  # per channel
+    FHEModelDev(tmp_path, partition).save()
+    _assert_nothing_private(_client_arrays(tmp_path), model[1])
+    q = partition.program.quantize_inputs(inputset)
+    np.testing.assert_array_equal(
+        partition.run_integers(q, "simulate")[0], partition.run_integers(q, "disable")[0]
+    )
+
+
 def test_lora_linear_client_zip_hides_bias_and_column_maxima(tmp_path):
     """A frozen LoRA linear (bias as an input column): its client.zip holds one output scale."""
     from fhe_backend.lora import FheMatmul

@@ -347,17 +347,17 @@ class IntegerProgram:
             if node in seen:
                 continue
             seen.add(node)
+            if node.target in WEIGHTED_OPS:  # its inputs were requantized to one scale: the
+                if numpy_run and node.name not in self.one_scale_nodes:  # spread is its weights'
+                    bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
+                    extra = math.floor(bits) if self._bootstraps() else math.ceil(bits)
+                    self.one_scale_nodes[node.name] = extra
+                    self._relower = True
+                continue
             spread = [n for n in node.all_input_nodes if _scale_spread(env.get(n)) > 1.0]
             stack.extend(spread)
-            if spread or node.target in JOINING_OPS:
-                continue
-            if node.target not in WEIGHTED_OPS:
+            if not spread and node.target not in JOINING_OPS:
                 joined = False  # a constant vector multiplied in, a norm's gain
-            elif numpy_run and node.name not in self.one_scale_nodes:
-                bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
-                extra = math.floor(bits) if self._bootstraps() else math.ceil(bits)
-                self.one_scale_nodes[node.name] = extra
-                self._relower = True
         return joined
 
     def _search_rounding(self, q_inputs: Sequence[np.ndarray], ranges: Dict[str, Tuple[int, int]]) -> None:
