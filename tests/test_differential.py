@@ -583,6 +583,14 @@ def test_stacked_linear_layers_reach_one_output_scale_while_calibrating(seed):
     check_case(generate_case(seed))
 
 
+def test_approximate_rounding_to_two_bits_keeps_two_bits_of_a_lopsided_input():
+    """Found by seed 451 (products, BatchNorm, a sum; n_bits 4, approximate rounding to 2
+    bits): a lopsided accumulator keeps a bit less than asked, here 1 of 8 bits, and with one
+    kept bit every placement's top lies where a slip up wraps around to 0. Such lookups keep
+    2 bits of their placed width."""
+    check_case(generate_case(451))
+
+
 def _assert_names_where_and_what_to_lower(error: Exception) -> None:
     """A BitWidthError names the lookup (its node, or the partition's widest lookups where
     Concrete found no parameters) and the option that lowers it."""

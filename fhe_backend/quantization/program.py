@@ -539,6 +539,8 @@ class IntegerProgram:
                 bits = _seen_width(ranges[key], raw_ranges[key])
                 kept = self.lookup_precision.get(key, rounding.n_bits)
                 self.rounding_lsbs[key] = max(1, bits - int(kept))
+        if self._approximate:
+            self._keep_two_bits(ranges)
         if self.rounding_lsbs:
             self._leave_room_on_top(raw_ranges, ranges)
             ranges = self._placed(raw_ranges)
@@ -603,6 +605,19 @@ class IntegerProgram:
             else:
                 self.lookup_offsets[key] = 2**bits - raw_ranges[key][1]
                 self.rounding_lsbs[key] = lsbs + 1
+
+    def _keep_two_bits(self, ranges: Dict[str, Tuple[int, int]]) -> None:
+        """Approximately rounded lookups keep at least 2 bits of their placed width: with 1,
+        every placement's top lies in the last rounding step but one (`_rounding_top` is below
+        2**(bits - 2)), where a slip up wraps around to 0, and moving the input up a power of
+        two keeps that one bit. Reached with `rounding_threshold_bits` 2 on a lopsided
+        accumulator, which keeps a bit less than asked."""
+        for key, lsbs in list(self.rounding_lsbs.items()):
+            most = bit_width(*ranges[key]) - 2
+            if most < 1:
+                del self.rounding_lsbs[key]
+            elif lsbs > most:
+                self.rounding_lsbs[key] = most
 
     def _round_through_zero(
         self, raw_ranges: Dict[str, Tuple[int, int]], ranges: Dict[str, Tuple[int, int]]
