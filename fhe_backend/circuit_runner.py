@@ -66,7 +66,12 @@ class SlicesKeepTheirSign(GraphProcessor):
             if node.operation != Operation.Generic or node.properties.get("name") != "index_static":
                 continue
             source, dtype = node.inputs[0].dtype, node.output.dtype
-            if isinstance(source, Integer) and isinstance(dtype, Integer) and source.is_signed and not dtype.is_signed:
+            if (
+                isinstance(source, Integer)
+                and isinstance(dtype, Integer)
+                and source.is_signed
+                and not dtype.is_signed
+            ):
                 # the successors' inputs are this same value, so they read the new type too
                 dtype.is_signed, dtype.bit_width = True, dtype.bit_width + 1
 

@@ -8,12 +8,11 @@ import signal
 import numpy as np
 import pytest
 import torch
+from concrete import fhe
+from concrete.fhe.representation import GraphProcessor
 from torch import nn
 
 import fhe_backend
-from concrete import fhe
-from concrete.fhe.representation import GraphProcessor
-
 from fhe_backend.circuit_runner import (
     EXECUTORS,
     SequentialExecutor,
@@ -254,7 +253,9 @@ def test_a_slice_that_holds_no_negative_value_keeps_the_sign_of_its_tensor():
         inputset, additional_pre_processors=[SlicesKeepTheirSign()]
     )
     try:
-        slices = [n.output.dtype for n in circuit.graph.query_nodes() if n.properties.get("name") == "index_static"]
+        slices = [
+            n.output.dtype for n in circuit.graph.query_nodes() if n.properties.get("name") == "index_static"
+        ]
         assert [dtype.is_signed for dtype in slices] == [True, True]
         for sample in inputset:
             assert np.array_equal(circuit.simulate(sample), np.maximum(sample[:, 0:1], sample[:, 1:2]))
@@ -278,4 +279,7 @@ def test_a_users_concrete_pre_processors_run_besides_ours():
         compiled(torch.randn(2, 3))
     assert Count.calls >= 1
     (partition,) = fhe_backend.partitions(compiled)
-    assert any(isinstance(p, SlicesKeepTheirSign) for p in partition.runner._compile_options()["additional_pre_processors"])
+    assert any(
+        isinstance(p, SlicesKeepTheirSign)
+        for p in partition.runner._compile_options()["additional_pre_processors"]
+    )

@@ -196,9 +196,13 @@ def test_only_the_layer_that_reaches_the_output_takes_one_weight_scale(tmp_path)
         compiled(inputset[:2])
     partition = fhe_backend.partitions(compiled)[0]
     program = partition.program
-    hidden_node, last_node = sorted({key[0] for key in program.constants if str(key[-1]).startswith("weights")})
+    hidden_node, last_node = sorted(
+        {key[0] for key in program.constants if str(key[-1]).startswith("weights")}
+    )
     assert set(program.one_scale_nodes) == {last_node}
-    hidden_scales = next(v[1] for k, v in program.constants.items() if k[0] == hidden_node and str(k[-1]).startswith("weights"))
+    hidden_scales = next(
+        v[1] for k, v in program.constants.items() if k[0] == hidden_node and str(k[-1]).startswith("weights")
+    )
     assert np.ptp(hidden_scales) > 0  # per channel
     FHEModelDev(tmp_path, partition).save()
     _assert_nothing_private(_client_arrays(tmp_path), model[1])

@@ -69,8 +69,12 @@ def test_an_mlir_server_archive_loads_with_concrete_alone(partition, tmp_path):
         "print('loaded', server.client_specs is not None)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TMPDIR": str(tmp_path)}, cwd=tmp_path,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        cwd=tmp_path,
     )
     assert done.returncode == 0 and "loaded True" in done.stdout, done.stderr[-2000:]
 
