@@ -105,6 +105,28 @@ def test_maxpool_after_relu_conv_and_linear_head():
     _simulate_matches(model, torch.randn(100, 1, 4, 4), n_bits=6, steps=4)
 
 
+@pytest.mark.parametrize("activation", [nn.Identity, nn.ReLU])
+def test_maxpool_between_a_conv_and_a_linear_layer_compiles_at_seven_bits(activation):
+    """Found by random conv nets: a convolution's accumulator went straight into Concrete's
+    maxpool, whose comparisons ran at that width, and the linear layer reading the pooled value
+    gave them its accumulator's width (operands of leveled ops share one): Concrete found no
+    crypto parameters at n_bits 7. The pool's input is requantized when wide and its output
+    before a linear layer, so the comparisons run at op_inputs bits."""
+    torch.manual_seed(33)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 2, stride=2, padding=1, groups=3),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 3),
+    ).eval()
+    rounding = {"n_bits": 6, "method": "exact"}
+    quantized = _simulate_matches(  # lookups keep 6 bits: 4 steps there are 8 at 7 bits
+        model, torch.randn(100, 3, 7, 7), n_bits=7, steps=8, rounding_threshold_bits=rounding
+    )
+    assert quantized.partition.statistics["max_tlu_bit_width"] <= 7
+
+
 # -- 2. slicing ----------------------------------------------------------------------------
 
 

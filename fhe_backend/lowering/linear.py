@@ -215,7 +215,9 @@ def reduce_extreme(ctx: LoweringContext, x, dims, keepdim: bool, largest: bool) 
     if not keepdim:
         kept = [s for axis, s in enumerate(shape_of(expr)) if axis not in {d % ndim for d in dims}]
         expr = expr.reshape(tuple(kept))
-    return Encrypted(expr, x.scale, x.zero_point, fresh=x.fresh)
+    # not fresh: the tree's additions would share the width of a linear op reading it (see
+    # pool.max_pool2d); such a reader requantizes it first
+    return Encrypted(expr, x.scale, x.zero_point)
 
 
 def _positive_part(values: np.ndarray) -> np.ndarray:

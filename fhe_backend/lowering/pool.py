@@ -92,12 +92,17 @@ def _max_commutes(x: Encrypted) -> bool:
 @register(aten.max_pool2d_with_indices.default, validator=_max_reason)
 def max_pool2d(ctx: LoweringContext, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     """Max pooling on the integers: monotone for a positive scale that is uniform or varies only
-    by channel (a convolution's per-channel weights); any other value is requantized first."""
-    if not _max_commutes(x):
+    by channel (a convolution's per-channel weights); any other value is requantized first, and
+    so is a wide one (an accumulator): Concrete's maxpool compares at its input's width, and a
+    convolution's 13-bit accumulator found no crypto parameters where op_inputs bits compile."""
+    if not _max_commutes(x) or not x.fresh:
         x = ctx.materialize(x, stats=ctx.input_stats(0))
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
     expr = fhe.maxpool(
         x.expr, kernel_shape=tuple(kernel), strides=tuple(stride), dilations=tuple(_pairs(dilation))
     )
-    return with_value(x, expr=expr), None
+    # not fresh: a linear op reading it directly would give Concrete's comparisons inside the
+    # maxpool its accumulator's width (operands of leveled ops share one); requantized first,
+    # they stay at op_inputs bits (a conv -> maxpool -> linear at 7 bits: no crypto parameters)
+    return with_value(x, expr=expr, fresh=False), None
