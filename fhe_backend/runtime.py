@@ -37,7 +37,7 @@ from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.precision_search import search_precision
 from .quantization.program import IntegerProgram
 from .quantization.quantizers import bit_width
-from .settings import AUTO, FHE_MODES, FheSettings, Rounding
+from .settings import AUTO, FHE_MODES, MAX_TLU_BIT_WIDTH, FheSettings, Rounding
 
 logger = logging.getLogger("fhe_backend")
 
@@ -349,7 +349,20 @@ class FhePartition(torch.nn.Module):
             f"them with {rounding_advice}, a smaller 'n_bits' (now {n_bits}: try {max(2, n_bits - 1)}; "
             "encrypted multiplications such as attention scores, softmax and LayerNorm use lookups "
             "one bit wider than their operands, which rounding does not narrow), or a larger "
-            "'p_error' / 'global_p_error'"
+            f"'p_error' / 'global_p_error'{self._wide_output_advice()}"
+        )
+
+    def _wide_output_advice(self) -> str:
+        """Where an output is wider than any lookup may be, it is the likely cause: Concrete
+        encodes the lookups that feed an output at the output's width."""
+        widths = self.program.output_widths
+        if not widths or max(widths.values()) <= MAX_TLU_BIT_WIDTH:
+            return ""
+        name, bits = max(widths.items(), key=lambda item: item[1])
+        return (
+            f". Its output '{name}' is {bits} bits wide, and Concrete encodes the lookups that "
+            "feed it at that width: fewer 'op_weights' or 'op_inputs' bits, or a smaller fan-in, "
+            "narrow it"
         )
 
     def defer_circuit(self, q_inputs: Sequence[np.ndarray]) -> None:

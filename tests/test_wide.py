@@ -97,6 +97,20 @@ def test_no_parameters_found_retries_with_rounding():
     assert "(now 5: try 4, or {'n_bits': 5, 'method': 'approximate'})" in advice
 
 
+def test_no_parameters_for_a_wide_output_fed_by_lookups_names_the_output():
+    """A sigmoid feeding a 1024-input linear layer at n_bits 7: the output needs 19 bits, and
+    Concrete encodes the lookups that feed it at that width, so no rounding helps (17 and 18
+    bits compiled). The error says which output is how wide, and what narrows it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1024), nn.Sigmoid(), nn.Linear(1024, 3)).eval()
+    rounding = {"n_bits": 5, "method": "approximate"}
+    with pytest.raises(fhe_backend.BitWidthError) as raised:
+        compile_torch_model(model, torch.randn(100, 3), n_bits=7, rounding_threshold_bits=rounding)
+    message = str(raised.value)
+    assert "NoParametersFound" in message and "Its output 'addmm_1' is 19 bits wide" in message
+    assert "fewer 'op_weights' or 'op_inputs' bits" in message
+
+
 def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuration):
     """A 17-bit accumulator rounded to a 4-bit lookup: execute (real keys) == simulate ==
     disable exactly (exact rounding, p_error 2**-40)."""

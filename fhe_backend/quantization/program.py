@@ -133,6 +133,7 @@ class IntegerProgram:
         # rounding, else as many as keep the output within the lookups' width (_narrow_bias)
         self.qat_bias_bits: Optional[int] = None
         self._bias_widths: Dict[str, List[int]] = {}  # output -> its width at 0..QAT_BIAS_BITS bits
+        self.output_widths: Dict[str, int] = {}  # output node -> its integer width on the inputset
         self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
         self.encrypted_products = False  # set when a run meets a product of encrypted values
 
@@ -291,7 +292,8 @@ class IntegerProgram:
             bias_bits = self.output_bias_bits.get(out_node.name, 0)
             expr, scale = public_output(value, self.settings.n_bits.model_outputs, bias_bits, joined)
             if self.recording is not None:
-                self.record_extremes(expr)
+                width = bit_width(*self.record_extremes(expr))
+                self.output_widths[out_node.name] = max(width, self.output_widths.get(out_node.name, 0))
             results.append(expr)
             dequantizers.append(OutputDequantizer(scale, 0.0))
         self.output_dequantizers = dequantizers
@@ -478,7 +480,7 @@ class IntegerProgram:
         self.recording = {}
         self.lookup_offsets = {}
         self.lookup_shifts = {}
-        self.output_bias_bits, self._bias_widths = {}, {}
+        self.output_bias_bits, self._bias_widths, self.output_widths = {}, {}, {}
         try:
             self(*q_inputs)
             raw_ranges = dict(self.recording)
