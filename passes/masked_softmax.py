@@ -1,5 +1,8 @@
 """Softmax over scores plus a constant attention mask: `softmax(x + mask)` -> a masked softmax.
 
+`softmax(where(masked, -inf, x))` (what `x.masked_fill(masked, -inf)` becomes) is the same
+softmax with the additive mask `where(masked, -inf, 0)`.
+
 Attention masks hold -inf (or dtype-min) at masked positions (GPT-2's causal mask, padding
 masks folded to constants). Those values have no quantized range, so the pass writes the
 softmax with the mask split in two: its finite part is added to the scores, and its masked
@@ -31,22 +34,47 @@ SOFTMAXES = {aten._softmax.default, aten._safe_softmax.default}
 MASKED_BELOW = -1e30  # -inf and dtype-min (HF's mask value) count as masked
 
 
-def _float_constant(graph_module: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+def _constant(graph_module: fx.GraphModule, node: Any, floating: bool = True) -> Optional[torch.Tensor]:
+    """The tensor a get_attr node holds: a floating one, or (`floating=False`) a boolean one."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     value = fetch_attr(graph_module, node.target)
-    return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+    if not isinstance(value, torch.Tensor):
+        return None
+    return value if (value.is_floating_point() if floating else value.dtype == torch.bool) else None
 
 
 def _masked_scores(graph_module: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, torch.Tensor]]:
-    """(scores, mask) when `node` is a softmax of `scores + mask` with masked positions."""
+    """(scores, additive mask) when `node` is a softmax of `scores + mask` with masked
+    positions, or of `where(masked, fill, scores)` (`masked_fill(masked, -inf)`, as nanoGPT
+    writes a causal mask) whose fill is masked at every position it takes."""
     source = node.args[0]
-    if not (isinstance(source, fx.Node) and source.target == aten.add.Tensor and len(source.args) == 2):
+    if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
         return None
-    for scores, mask in (source.args, reversed(source.args)):
-        value = _float_constant(graph_module, mask)
-        if value is not None and isinstance(scores, fx.Node) and bool((value <= MASKED_BELOW).any()):
-            return scores, value
+    if source.target == aten.add.Tensor and len(source.args) == 2:
+        for scores, mask in (source.args, reversed(source.args)):
+            value = _constant(graph_module, mask)
+            if value is not None and isinstance(scores, fx.Node) and bool((value <= MASKED_BELOW).any()):
+                return scores, value
+    if source.target == aten.where.self:
+        condition, first, second = source.args
+        chosen = _constant(graph_module, condition, floating=False)
+        for fill, scores, masked in (
+            (first, second, chosen),
+            (second, first, None if chosen is None else ~chosen),
+        ):
+            value = _constant(graph_module, fill)
+            if masked is None or value is None or not isinstance(scores, fx.Node):
+                continue
+            mask = torch.where(masked, value, torch.zeros((), dtype=value.dtype))
+            dim = node.args[1]
+            whole_rows = mask.ndim and mask.shape[dim] == source.meta["val"].shape[dim]
+            if (
+                whole_rows
+                and bool(masked.any())
+                and bool((mask[masked.expand_as(mask)] <= MASKED_BELOW).all())
+            ):
+                return scores, mask
     return None
 
 

@@ -284,6 +284,59 @@ def test_masked_softmax_of_a_row_of_minus_infinity_gives_zeros():
     torch.testing.assert_close(result[:, [0, 2]], torch.softmax(x[:, [0, 2]], -1))
 
 
+class FilledScores(torch.nn.Module):
+    """nanoGPT's causal attention softmax: `scores.masked_fill(mask, -inf)` (or the `where`
+    with the scores first, `keep_first`), the mask made in forward from a constant."""
+
+    def __init__(self, size: int = 4, keep_first: bool = False):
+        super().__init__()
+        self.size, self.keep_first = size, keep_first
+
+    def forward(self, x):
+        masked = torch.triu(torch.ones(self.size, self.size, dtype=torch.bool), 1)
+        if self.keep_first:
+            x = torch.where(~masked, x, torch.tensor(float("-inf")))
+        else:
+            x = x.masked_fill(masked, float("-inf"))
+        return torch.softmax(x, -1)
+
+
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_masked_fill_softmax_is_rewritten_exactly_and_runs_in_fhe(keep_first):
+    model = FilledScores(keep_first=keep_first)
+    x = torch.randn(3, 2, 4, 4)
+    graph_module = make_fx(model, decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(x)
+    graph_module = masked_softmax(fold_constants(graph_module))
+    graph_module.recompile()
+    assert not {aten._softmax.default, aten._safe_softmax.default} & set(targets(graph_module))
+    torch.testing.assert_close(graph_module(x), model(x))
+    torch.manual_seed(0)
+    inputset = torch.randn(200, 2, 4, 4)
+    compiled = assert_matches_torch(
+        model, [inputset[:16]], inputset, n_bits=6, steps=4, mode="simulate", expect_partitions=1
+    )
+    with torch.no_grad():
+        simulated = compiled(inputset[:16])
+        fhe_backend.set_fhe_mode(compiled, "disable")
+        assert torch.equal(simulated, compiled(inputset[:16]))
+
+
+def test_an_infinite_value_outside_a_softmax_is_refused_naming_the_node():
+    """A -inf mask that no softmax consumes (here a log-softmax) has no quantized range: the
+    error names the node and says where masks are understood, not "cannot convert NaN"."""
+
+    class LogFilled(torch.nn.Module):
+        def forward(self, x):
+            masked = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)
+            return torch.log_softmax(x.masked_fill(masked, float("-inf")), -1).exp()
+
+    inputset = torch.randn(60, 3, 3)
+    with pytest.raises(fhe_backend.LoweringError, match=r"node '_log_softmax'.*not finite.*masked_fill"):
+        compiled = compile_fhe(LogFilled(), inputset, n_bits=6)
+        with torch.no_grad():
+            compiled(inputset[:2])
+
+
 def test_fold_constants_keeps_a_batch_broadcast_constant_as_one_row():
     """BERT's token_type_ids buffer expanded to the traced batch and embedded: folded to the
     one row every sample adds, not to a constant of the traced batch size."""

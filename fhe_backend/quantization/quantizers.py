@@ -32,6 +32,12 @@ class UniformQuantizer:
     @classmethod
     def from_range(cls, low: float, high: float, n_bits: int) -> "UniformQuantizer":
         """The quantizer covering [low, high] with 2**n_bits levels (0 stays representable)."""
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise ValueError(
+                f"the calibrated range [{float(low)}, {float(high)}] is not finite: an infinite or "
+                "NaN value has no quantized range (an attention mask's -inf is only understood "
+                "inside a softmax: softmax(scores + mask) or softmax(scores.masked_fill(mask, -inf)))"
+            )
         low, high = min(float(low), 0.0), max(float(high), 0.0)
         levels = 2**n_bits - 1
         scale = (high - low) / levels if high > low else 1.0
