@@ -35,7 +35,7 @@ from .passes import PassManager
 from .quantization.calibration import batches
 from .replay import Replay, dynamo_call, fed_by_call
 from .runtime import FhePartition, fhe_mode
-from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
+from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings, Rounding
 from .skipped_frames import install as install_skipped_frame_checks
 from .skipped_frames import note_capture
 
@@ -77,6 +77,8 @@ class CompileSession:
         self.replay: Optional[Replay] = None  # runs the compiled model again (graph breaks)
         self.replay_batch_size: Optional[int] = None  # samples of the batch being replayed
         self._replay_thread: Optional[int] = None
+        # (partition name, module path) -> the rounding it fell back to (FhePartition._share_fallback)
+        self.rounding_fallbacks: Dict[Tuple[str, str], Rounding] = {}
 
     @property
     def replaying(self) -> bool:
@@ -533,6 +535,8 @@ def compile_aten_graph(
     split, partitions, left = partition(aten_gm, groups, input_status)
     if session is not None:
         session.share_equal_partitions(partitions)
+        for partition_ in partitions:
+            partition_.session_ref = weakref.ref(session)
     compiled = CompiledGraph(split, partitions, left, user_inputs, settings)
     compiled.session = session
     if settings.inputset is not None and calibrate:

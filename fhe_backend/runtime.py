@@ -98,6 +98,9 @@ class FhePartition(torch.nn.Module):
         # (samples in the batch or None when unknown, the partition's tensor inputs) per batch
         self._calibration_inputs: List[Tuple[Optional[int], List[torch.Tensor]]] = []
         self._deferred_inputs: Optional[List[np.ndarray]] = None  # see defer_circuit
+        # the CompileSession of the graph (a weak reference, set by the backend): the partitions
+        # its other graphs hold for this one (other batch sizes) round as this one does
+        self.session_ref: Optional[Callable[[], Any]] = None
         self._clip_warned = False
         # seconds the last circuit compilation took (its checks and any retry included)
         self.compile_seconds: Optional[float] = None
@@ -193,6 +196,9 @@ class FhePartition(torch.nn.Module):
         (`defer_circuit`) instead of failing: it runs in the clear.
         """
         q_inputs = self.quantize()
+        fallback = self._session_fallbacks().get(self._fallback_key())
+        if fallback is not None and self.settings.rounding_threshold_bits is None:
+            self._reprogram(dataclasses.replace(self.settings, rounding_threshold_bits=fallback), q_inputs)
         if not circuit:
             return
         if self.mode == "disable":  # the circuit is compiled when a mode first needs it
@@ -275,6 +281,7 @@ class FhePartition(torch.nn.Module):
             self._reprogram(
                 dataclasses.replace(self.settings, rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs
             )
+            self._share_fallback()
         self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
@@ -296,6 +303,35 @@ class FhePartition(torch.nn.Module):
         partition's own circuit is untouched)."""
         runner = CircuitRunner(self.name, self.settings, self.encryption_status)
         return runner.compile(program, q_inputs, self._samples(q_inputs), simulation=False)
+
+    def _fallback_key(self) -> Tuple[str, str]:
+        return (self.name, self.module_path)
+
+    def _session_fallbacks(self) -> Dict[Tuple[str, str], Rounding]:
+        session = self.session_ref() if self.session_ref is not None else None
+        return session.rounding_fallbacks if session is not None else {}
+
+    def _share_fallback(self) -> None:
+        """After this partition fell back to "auto" rounding: the session's other graphs (other
+        batch sizes) round their copy of it too, those compiled later from the start, so that a
+        sample gives the same result in every batch (their programs are rebuilt while their
+        circuits are still to be compiled; one compiled unrounded already keeps its circuit)."""
+        session = self.session_ref() if self.session_ref is not None else None
+        if session is None:
+            return
+        rounding = self.settings.rounding_threshold_bits
+        session.rounding_fallbacks[self._fallback_key()] = rounding
+        for graph in session.compiled_graphs():
+            for other in graph.partitions:
+                if (
+                    other is not self
+                    and other.primary is None
+                    and other._fallback_key() == self._fallback_key()
+                    and other.settings.rounding_threshold_bits is None
+                    and other._deferred_inputs is not None
+                ):
+                    settings = dataclasses.replace(other.settings, rounding_threshold_bits=rounding)
+                    other._reprogram(settings, other._deferred_inputs)
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
         """Rebuild the integer program under other settings (same statistics and inputs)."""

@@ -97,6 +97,33 @@ def test_no_parameters_found_retries_with_rounding():
     assert "(now 5: try 4, or {'n_bits': 5, 'method': 'approximate'})" in advice
 
 
+def test_a_rounding_fallback_reaches_the_graphs_of_every_batch_size():
+    """Dynamo compiles a graph per batch size (1 is specialised). One graph falling back to
+    "auto" rounding (no crypto parameters unrounded) used to leave the others unrounded, so a
+    sample's `disable` result depended on its batch. The session's graphs of the same partition
+    now round alike: those waiting for their circuit at once, those compiled later from the
+    start."""
+    torch.manual_seed(0)
+    model = _Residual()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(200, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="fhe", options={"inputset": x, "n_bits": 7, "fhe": "disable"})
+    with torch.no_grad():
+        compiled(x[:1])  # the batch-1 graph, its circuit deferred
+        fhe_backend.set_fhe_mode(compiled, "simulate")
+        with pytest.warns(UserWarning, match="no crypto parameters"):
+            compiled(x[:8])  # another graph: compiles, falls back to "auto"
+        fhe_backend.set_fhe_mode(compiled, "disable")
+        batch = compiled(x[:8])
+        assert torch.equal(compiled(x[:1]), batch[:1])
+        assert torch.equal(compiled(x[2:5]), batch[2:5])  # a graph compiled after the fallback
+    roundings = {p.settings.rounding_threshold_bits for p in fhe_backend.partitions(compiled)}
+    assert len(fhe_backend.partitions(compiled)) >= 2 and None not in roundings
+
+
 def test_no_parameters_for_a_wide_output_fed_by_lookups_names_the_output():
     """A sigmoid feeding a 1024-input linear layer at n_bits 7: the output needs 19 bits, and
     Concrete encodes the lookups that feed it at that width, so no rounding helps (17 and 18
