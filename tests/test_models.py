@@ -224,6 +224,37 @@ def test_products_keep_narrow_operands():
     assert widths and max(widths) <= 5 + 2, widths  # n_bits + 1 (sign shift) + 1 (Concrete)
 
 
+class AttentionHead(nn.Module):
+    """One attention head: softmax(q k^T / sqrt(d)) @ v, the probabilities (non-negative)
+    times the values (signed), both encrypted."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+
+def test_probabilities_times_signed_values_simulate_like_the_integer_program():
+    """Concrete 2.11 miscomputes an encrypted matmul of a non-negative and a signed operand, as
+    it does their element-wise product: an attention head's softmax @ v simulated up to 0.76
+    off the integer program (random attention graphs, seed 82, whose weights and inputs this
+    draws). The matmul now takes the same shift as the product
+    (`lowering.elementwise.signed_product`): simulate equals disable."""
+    torch.manual_seed(82)
+    model = AttentionHead().eval()
+    nn.Linear(4, 4)  # the random graph's output layer: drawn, so that the inputs are its own
+    inputset = torch.randn(80, 4, 4)
+    compiled = compile_fhe(model, inputset, n_bits=7, p_error=2.0**-40, fhe="simulate")
+    with torch.no_grad():
+        simulated = compiled(inputset[:5])
+        with fhe_backend.fhe_mode("disable"):
+            disabled = compiled(inputset[:5])
+    assert torch.equal(simulated, disabled), float((simulated - disabled).abs().max())
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["fused", "slow"])
 def encoder_layer(request):
     """nn.TransformerEncoderLayer(16, 2, 32, batch_first=True) compiled in simulate on one

@@ -280,35 +280,51 @@ def multiply(
         zero_point = int(np.rint(b.zero_point))
         product = a.centered * b.expr
         return Encrypted(product - a.centered * zero_point if zero_point else product, a.scale * b.scale, 0.0)
-    return Encrypted(_signed_product(ctx, a.centered, b.centered), a.scale * b.scale, 0.0)
+    return Encrypted(signed_product(ctx, a.centered, b.centered, matmul=False), a.scale * b.scale, 0.0)
 
 
-def _signed_product(ctx: LoweringContext, a: Any, b: Any) -> Any:
-    """a * b of two encrypted integer tensors.
+def signed_product(ctx: LoweringContext, a: Any, b: Any, matmul: bool) -> Any:
+    """a * b (or a @ b with `matmul`) of two encrypted integer tensors.
 
     Concrete 2.11 miscomputes the product of a signed and an unsigned encrypted tensor (in
-    simulation and execution), so one operand is shifted first: the signed one to non-negative
-    values (a * b = a * (b + k) - k * a) or the non-negative one to a signed range (a * b =
-    (a - k) * b + k * b). The correction term k * x is an exact table lookup on x, not a leveled
-    multiplication: a leveled one would give x, an operand of the product, the product's
-    bit-width (Concrete's operands of an encrypted multiplication share one precision, and an
-    addition shares its operands' precision), so the multiplication's internal lookups would be
-    as wide as its result (e.g. 12 bits instead of 7 in a LayerNorm). The operand with fewer
-    elements (the broadcast one) carries the correction.
+    simulation and execution; an attention's softmax @ values too), so one operand is shifted
+    first: the signed one to non-negative values (a * b = a * (b + k) - k * a) or the
+    non-negative one to a signed range (a * b = (a - k) * b + k * b). The correction term k * x
+    is an exact table lookup on x, not a leveled multiplication: a leveled one would give x, an
+    operand of the product, the product's bit-width (Concrete's operands of an encrypted
+    multiplication share one precision, and an addition shares its operands' precision), so the
+    multiplication's internal lookups would be as wide as its result (e.g. 12 bits instead of 7
+    in a LayerNorm). The operand with fewer elements carries the correction; for a matmul it is
+    summed over the contracted dimension (a's last, b's second to last).
     """
     count = next(ctx.products)
     ranges = [observed_integers(ctx, f"product{count}:{side}", v) for side, v in (("a", a), ("b", b))]
     signed = [r.low < 0 for r in ranges]
     if signed[0] == signed[1]:
-        return a * b
-    if signed[0]:
-        a, b, ranges = b, a, ranges[::-1]
-    # `a` is the non-negative operand, `b` the signed one
-    if int(np.prod(shape_of(a))) <= int(np.prod(shape_of(b))):
-        shift_by = -int(ranges[1].low)  # b + shift_by >= 0: the correction is -shift_by * a
-        return a * (b + shift_by) + ctx.lookup(a, lambda q: -shift_by * np.asarray(q), exact=True)
-    shift_by = int(ranges[0].low) + 1  # a - shift_by reaches -1: the correction is shift_by * b
-    return (a - shift_by) * b + ctx.lookup(b, lambda q: shift_by * np.asarray(q), exact=True)
+        return a @ b if matmul else a * b
+    operands = [a, b]
+    unsigned = 0 if signed[1] else 1  # the non-negative operand's position
+
+    def product(first: Any, second: Any) -> Any:
+        return first @ second if matmul else first * second
+
+    def correction(position: int, factor: int) -> Any:
+        term = ctx.lookup(operands[position], lambda q: factor * np.asarray(q), exact=True)
+        if not matmul:
+            return term
+        axis = -1 if position == 0 or len(shape_of(term)) == 1 else -2
+        return np.sum(term, axis=axis, keepdims=True)
+
+    sizes = [int(np.prod(shape_of(v))) for v in operands]
+    if sizes[unsigned] <= sizes[1 - unsigned]:
+        shift_by = -int(ranges[1 - unsigned].low)  # the signed one + shift_by >= 0
+        shifted = list(operands)
+        shifted[1 - unsigned] = operands[1 - unsigned] + shift_by
+        return product(*shifted) + correction(unsigned, -shift_by)
+    shift_by = int(ranges[unsigned].low) + 1  # the non-negative one - shift_by reaches -1
+    shifted = list(operands)
+    shifted[unsigned] = operands[unsigned] - shift_by
+    return product(*shifted) + correction(1 - unsigned, shift_by)
 
 
 def is_clear(expr: Any) -> bool:

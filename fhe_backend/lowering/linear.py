@@ -17,6 +17,7 @@ from concrete import fhe
 from ..quantization.quantizers import quantize_weights
 from ..settings import RANGE_CAPPED
 from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of
+from .elementwise import signed_product
 from .registry import batch_dim_reason, is_constant, meta_shape, op_name, register
 
 aten = torch.ops.aten
@@ -61,7 +62,7 @@ def matmul(ctx: LoweringContext, a, b) -> Encrypted:
         a, b = ctx.as_linear_input(a), ctx.as_linear_input(b)
         if not b.uniform or not a.uniform:
             a, b = ctx.materialize(a), ctx.materialize(b)
-        return Encrypted(a.centered @ b.centered, a.scale * b.scale, 0.0)
+        return Encrypted(signed_product(ctx, a.centered, b.centered, matmul=True), a.scale * b.scale, 0.0)
     if is_encrypted(a):
         a = ctx.as_linear_input(a)
         x = a.centered
