@@ -307,8 +307,11 @@ class FhePartition(torch.nn.Module):
     def _fallback_key(self) -> Tuple[str, str]:
         return (self.name, self.module_path)
 
+    def _session(self) -> Any:
+        return self.session_ref() if self.session_ref is not None else None
+
     def _session_fallbacks(self) -> Dict[Tuple[str, str], Rounding]:
-        session = self.session_ref() if self.session_ref is not None else None
+        session = self._session()
         return session.rounding_fallbacks if session is not None else {}
 
     def _share_fallback(self) -> None:
@@ -316,7 +319,7 @@ class FhePartition(torch.nn.Module):
         batch sizes) round their copy of it too, those compiled later from the start, so that a
         sample gives the same result in every batch (their programs are rebuilt while their
         circuits are still to be compiled; one compiled unrounded already keeps its circuit)."""
-        session = self.session_ref() if self.session_ref is not None else None
+        session = self._session()
         if session is None:
             return
         rounding = self.settings.rounding_threshold_bits
