@@ -195,10 +195,10 @@ class FhePartition(torch.nn.Module):
         lookups wider than Concrete allows, in mode `disable`, gets its circuit deferred
         (`defer_circuit`) instead of failing: it runs in the clear.
         """
-        q_inputs = self.quantize()
         fallback = self._session_fallbacks().get(self._fallback_key())
-        if fallback is not None and self.settings.rounding_threshold_bits is None:
-            self._reprogram(dataclasses.replace(self.settings, rounding_threshold_bits=fallback), q_inputs)
+        if fallback is not None and self.settings.rounding_threshold_bits is None:  # _share_fallback
+            self.settings = dataclasses.replace(self.settings, rounding_threshold_bits=fallback)
+        q_inputs = self.quantize()
         if not circuit:
             return
         if self.mode == "disable":  # the circuit is compiled when a mode first needs it

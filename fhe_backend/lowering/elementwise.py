@@ -317,14 +317,13 @@ def signed_product(ctx: LoweringContext, a: Any, b: Any, matmul: bool) -> Any:
 
     sizes = [int(np.prod(shape_of(v))) for v in operands]
     if sizes[unsigned] <= sizes[1 - unsigned]:
-        shift_by = -int(ranges[1 - unsigned].low)  # the signed one + shift_by >= 0
-        shifted = list(operands)
-        shifted[1 - unsigned] = operands[1 - unsigned] + shift_by
-        return product(*shifted) + correction(unsigned, -shift_by)
-    shift_by = int(ranges[unsigned].low) + 1  # the non-negative one - shift_by reaches -1
+        moved, by = 1 - unsigned, -int(ranges[1 - unsigned].low)  # the signed one up to >= 0
+    else:
+        moved, by = unsigned, -(int(ranges[unsigned].low) + 1)  # the non-negative one down to -1
+    # x * (y + by) = x * y + by * x: the other operand carries the correction -by * x
     shifted = list(operands)
-    shifted[unsigned] = operands[unsigned] - shift_by
-    return product(*shifted) + correction(1 - unsigned, shift_by)
+    shifted[moved] = operands[moved] + by
+    return product(*shifted) + correction(1 - moved, -by)
 
 
 def is_clear(expr: Any) -> bool:
