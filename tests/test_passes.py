@@ -232,14 +232,21 @@ class MaskedScores(torch.nn.Module):
         return self.softmax(x + self.mask, -1)
 
 
+def _softmax_rewritten(fn, x: torch.Tensor) -> fx.GraphModule:
+    """`fn` traced as the backend traces it, constants folded, masked softmaxes rewritten: no
+    softmax is left."""
+    graph_module = make_fx(fn, decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(x)
+    graph_module = masked_softmax(fold_constants(graph_module))
+    graph_module.recompile()
+    assert not {aten._softmax.default, aten._safe_softmax.default} & set(targets(graph_module))
+    return graph_module
+
+
 @pytest.mark.parametrize("safe", [False, True])
 def test_masked_softmax_rewrites_infinite_masks_exactly(safe):
     model = MaskedScores(safe=safe)
     x = torch.randn(3, 2, 4, 4)
-    graph_module = make_fx(model, decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(x)
-    graph_module = masked_softmax(fold_constants(graph_module))
-    graph_module.recompile()
-    assert not {aten._softmax.default, aten._safe_softmax.default} & set(targets(graph_module))
+    graph_module = _softmax_rewritten(model, x)
     expected = torch.softmax(x + model.mask, -1)  # the dtype-min row: 1/4 everywhere
     torch.testing.assert_close(expected[..., -1, :], torch.full((3, 2, 4), 0.25))
     result = graph_module(x)
@@ -272,12 +279,9 @@ def test_masked_softmax_runs_in_fhe():
 def test_masked_softmax_of_a_row_of_minus_infinity_gives_zeros():
     mask = torch.zeros(3, 3)
     mask[1] = float("-inf")
-    graph_module = make_fx(
-        lambda x: torch.ops.aten._safe_softmax.default(x + mask, -1),
-        decomposition_table=fhe_backend.backend.DECOMPOSITIONS,
-    )(torch.randn(2, 3, 3))
-    graph_module = masked_softmax(fold_constants(graph_module))
-    graph_module.recompile()
+    graph_module = _softmax_rewritten(
+        lambda x: torch.ops.aten._safe_softmax.default(x + mask, -1), torch.randn(2, 3, 3)
+    )
     x = torch.randn(2, 3, 3)
     result = graph_module(x)
     torch.testing.assert_close(result[:, 1], torch.zeros(2, 3))
@@ -305,10 +309,7 @@ class FilledScores(torch.nn.Module):
 def test_masked_fill_softmax_is_rewritten_exactly_and_runs_in_fhe(keep_first):
     model = FilledScores(keep_first=keep_first)
     x = torch.randn(3, 2, 4, 4)
-    graph_module = make_fx(model, decomposition_table=fhe_backend.backend.DECOMPOSITIONS)(x)
-    graph_module = masked_softmax(fold_constants(graph_module))
-    graph_module.recompile()
-    assert not {aten._softmax.default, aten._safe_softmax.default} & set(targets(graph_module))
+    graph_module = _softmax_rewritten(model, x)
     torch.testing.assert_close(graph_module(x), model(x))
     torch.manual_seed(0)
     inputset = torch.randn(200, 2, 4, 4)

@@ -65,16 +65,21 @@ class _Residual(nn.Module):
         return self.fc((torch.relu(self.norm(self.conv(x))) + x).flatten(1))
 
 
-def test_no_parameters_found_retries_with_rounding():
-    """Conv -> BatchNorm -> ReLU -> residual add -> Linear at n_bits=7 and no rounding has no
-    crypto parameters in Concrete: the backend warns, rounds ('auto') and compiles."""
+def _residual_and_inputs():
+    """A `_Residual` with drawn BatchNorm statistics, in eval mode, and 200 inputs for it: at
+    n_bits 7 and no rounding Concrete finds no crypto parameters for it."""
     torch.manual_seed(0)
     model = _Residual()
     with torch.no_grad():
         model.norm.running_mean.uniform_(-0.5, 0.5)
         model.norm.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    x = torch.randn(200, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    return model.eval(), torch.randn(200, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def test_no_parameters_found_retries_with_rounding():
+    """Conv -> BatchNorm -> ReLU -> residual add -> Linear at n_bits=7 and no rounding has no
+    crypto parameters in Concrete: the backend warns, rounds ('auto') and compiles."""
+    model, x = _residual_and_inputs()
     compiled = torch.compile(model, backend="fhe", options={"inputset": x, "n_bits": 7, "fhe": "simulate"})
     with pytest.warns(UserWarning, match="no crypto parameters"), torch.no_grad():
         out = compiled(x[:8])
@@ -103,13 +108,7 @@ def test_a_rounding_fallback_reaches_the_graphs_of_every_batch_size():
     sample's `disable` result depended on its batch. The session's graphs of the same partition
     now round alike: those waiting for their circuit at once, those compiled later from the
     start."""
-    torch.manual_seed(0)
-    model = _Residual()
-    with torch.no_grad():
-        model.norm.running_mean.uniform_(-0.5, 0.5)
-        model.norm.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    x = torch.randn(200, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    model, x = _residual_and_inputs()
     compiled = torch.compile(model, backend="fhe", options={"inputset": x, "n_bits": 7, "fhe": "disable"})
     with torch.no_grad():
         compiled(x[:1])  # the batch-1 graph, its circuit deferred
