@@ -35,7 +35,7 @@ from .passes import PassManager
 from .quantization.calibration import batches
 from .replay import Replay, dynamo_call, fed_by_call
 from .runtime import FhePartition, fhe_mode
-from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings, Rounding
+from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
 from .skipped_frames import install as install_skipped_frame_checks
 from .skipped_frames import note_capture
 
@@ -77,8 +77,8 @@ class CompileSession:
         self.replay: Optional[Replay] = None  # runs the compiled model again (graph breaks)
         self.replay_batch_size: Optional[int] = None  # samples of the batch being replayed
         self._replay_thread: Optional[int] = None
-        # (partition name, module path) -> the rounding it fell back to (FhePartition._share_fallback)
-        self.rounding_fallbacks: Dict[Tuple[str, str], Rounding] = {}
+        # (partition name, module path) -> the settings it fell back to (FhePartition._share_fallback)
+        self.fallbacks: Dict[Tuple[str, str], Dict[str, Any]] = {}
 
     @property
     def replaying(self) -> bool:

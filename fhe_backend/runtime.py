@@ -102,6 +102,7 @@ class FhePartition(torch.nn.Module):
         # its other graphs hold for this one (other batch sizes) round as this one does
         self.session_ref: Optional[Callable[[], Any]] = None
         self._clip_warned = False
+        self._ran_in_the_clear = False  # whether `disable` results were returned (see compile_circuit)
         # seconds the last circuit compilation took (its checks and any retry included)
         self.compile_seconds: Optional[float] = None
 
@@ -195,9 +196,9 @@ class FhePartition(torch.nn.Module):
         lookups wider than Concrete allows, in mode `disable`, gets its circuit deferred
         (`defer_circuit`) instead of failing: it runs in the clear.
         """
-        fallback = self._session_fallbacks().get(self._fallback_key())
-        if fallback is not None and self.settings.rounding_threshold_bits is None:  # _share_fallback
-            self.settings = dataclasses.replace(self.settings, rounding_threshold_bits=fallback)
+        overrides = self._session_fallbacks().get(self._fallback_key())
+        if overrides:  # another graph's copy of this partition fell back (_share_fallback)
+            self.settings = dataclasses.replace(self.settings, **overrides)
         q_inputs = self.quantize()
         if not circuit:
             return
@@ -255,13 +256,15 @@ class FhePartition(torch.nn.Module):
         """Compile the integer program into a circuit on a quantized, batch-major inputset.
 
         `artifacts` (a `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR. When
-        Concrete finds no crypto parameters for the program and no rounding was asked for, the
-        lookups are rounded (`rounding_threshold_bits="auto"`, with a warning) and compiled
-        again; if that fails too, a BitWidthError names the widest lookups and what lowers them.
+        Concrete finds no crypto parameters for the program, it is rebuilt narrower and compiled
+        again, with a warning each time (`_no_parameters_fallback`): unrounded lookups are
+        rounded (`rounding_threshold_bits="auto"`), then output layers give up their extra
+        weight bits one at a time. When nothing is left to narrow, a BitWidthError names the
+        widest lookups and what lowers them.
         """
         start = time.perf_counter()
         self.program.check_circuit_bit_widths()
-        while True:  # at most twice: unrounded lookups get one retry with "auto" rounding
+        while True:
             try:
                 self._concrete_compile(q_inputs, artifacts)
                 break
@@ -270,21 +273,42 @@ class FhePartition(torch.nn.Module):
             except CONCRETE_COMPILE_ERRORS as error:
                 if "NoParametersFound" not in str(error):
                     raise self._concrete_error(error) from error
-                if self.settings.rounding_threshold_bits is not None:
+                fallback = self._no_parameters_fallback()
+                if fallback is None:
                     raise self._no_parameters_error() from error
+            overrides, change = fallback
+            earlier = (
+                "; the 'disable' results it returned before came from the program before this change"
+                if self._ran_in_the_clear
+                else ""
+            )
             warnings.warn(
-                f"fhe_backend: partition '{self.name}': Concrete found no crypto parameters "
-                f"for unrounded lookups ({self._widest_lookups()}); retrying with "
-                "rounding_threshold_bits='auto'",
+                f"fhe_backend: partition '{self.name}' ({self.module_path or 'model'}): Concrete "
+                f"found no crypto parameters (lookups: {self._widest_lookups()}); retrying with "
+                f"{change}{earlier}",
                 stacklevel=3,
             )
-            self._reprogram(
-                dataclasses.replace(self.settings, rounding_threshold_bits=Rounding.parse(AUTO)), q_inputs
-            )
-            self._share_fallback()
+            self._reprogram(dataclasses.replace(self.settings, **overrides), q_inputs)
+            self._share_fallback(overrides)
         self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+
+    def _no_parameters_fallback(self) -> Optional[Tuple[Dict[str, Any], str]]:
+        """The next narrower settings to try after NoParametersFound, as (setting overrides,
+        what they change in words), or None when there is nothing left to narrow."""
+        if self.settings.rounding_threshold_bits is None:
+            return {"rounding_threshold_bits": Rounding.parse(AUTO)}, "rounding_threshold_bits='auto'"
+        extra = self.program.one_scale_nodes
+        if max(extra.values(), default=0) > 0:
+            bits = max(extra.values()) - 1
+            layers = ", ".join(f"'{name}'" for name, taken in extra.items() if taken > bits)
+            return {"output_extra_weight_bits": bits}, (
+                f"output_extra_weight_bits={bits}: the output layer(s) {layers}, which take "
+                f"per-tensor weights, keep {bits} extra weight bit(s) instead of {max(extra.values())} "
+                "(coarser weights in rows of small scale)"
+            )
+        return None
 
     def _concrete_compile(self, q_inputs: Sequence[np.ndarray], artifacts: Any) -> fhe.Circuit:
         return self.runner.compile(self.program, q_inputs, self._samples(q_inputs), artifacts)
@@ -310,30 +334,30 @@ class FhePartition(torch.nn.Module):
     def _session(self) -> Any:
         return self.session_ref() if self.session_ref is not None else None
 
-    def _session_fallbacks(self) -> Dict[Tuple[str, str], Rounding]:
+    def _session_fallbacks(self) -> Dict[Tuple[str, str], Dict[str, Any]]:
         session = self._session()
-        return session.rounding_fallbacks if session is not None else {}
+        return session.fallbacks if session is not None else {}
 
-    def _share_fallback(self) -> None:
-        """After this partition fell back to "auto" rounding: the session's other graphs (other
-        batch sizes) round their copy of it too, those compiled later from the start, so that a
-        sample gives the same result in every batch (their programs are rebuilt while their
-        circuits are still to be compiled; one compiled unrounded already keeps its circuit)."""
+    def _share_fallback(self, overrides: Dict[str, Any]) -> None:
+        """After this partition fell back to narrower settings (`overrides`): the session's
+        other graphs (other batch sizes) take them too, those compiled later from the start, so
+        that a sample gives the same result in every batch (their programs are rebuilt while
+        their circuits are still to be compiled; one compiled already keeps its circuit)."""
         session = self._session()
         if session is None:
             return
-        rounding = self.settings.rounding_threshold_bits
-        session.rounding_fallbacks[self._fallback_key()] = rounding
+        key = self._fallback_key()
+        session.fallbacks[key] = {**session.fallbacks.get(key, {}), **overrides}
         for graph in session.compiled_graphs():
             for other in graph.partitions:
                 if (
                     other is not self
                     and other.primary is None
-                    and other._fallback_key() == self._fallback_key()
-                    and other.settings.rounding_threshold_bits is None
+                    and other._fallback_key() == key
                     and other._deferred_inputs is not None
+                    and any(getattr(other.settings, name) != value for name, value in overrides.items())
                 ):
-                    settings = dataclasses.replace(other.settings, rounding_threshold_bits=rounding)
+                    settings = dataclasses.replace(other.settings, **overrides)
                     other._reprogram(settings, other._deferred_inputs)
 
     def _reprogram(self, settings: FheSettings, q_inputs: Sequence[np.ndarray]) -> None:
@@ -496,6 +520,7 @@ class FhePartition(torch.nn.Module):
         """Integer inputs -> integer outputs in a mode (default: the partition's mode)."""
         mode = mode or self.mode
         if mode == "disable" and self.program is not None:
+            self._ran_in_the_clear = True
             return as_tuple(self.program(*q_inputs))
         self._require_compiled()
         if mode == "remote":

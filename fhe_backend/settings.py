@@ -41,6 +41,14 @@ DEFAULT_PRECISION_HOLDOUT = 0.5
 # per_channel_weights: per-channel scales whose accumulators stay within the range per-tensor
 # weights give them at any rounding (by default only where lookups round exactly)
 RANGE_CAPPED = "range_capped"
+# A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
+# would reach an output take per-tensor weights instead, with log2(spread of the rows' scales)
+# more bits, at most `output_extra_weight_bits` (default this many): rounded up in a leveled
+# circuit (each row keeps its per-channel step while the rows' scales are within 2**this), down
+# where the circuit bootstraps (lookups or encrypted products share the output's width; a row's
+# step at most twice its per-channel one)
+DEFAULT_OUTPUT_EXTRA_WEIGHT_BITS = 4
+MAX_OUTPUT_EXTRA_WEIGHT_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,7 @@ class FheSettings:
     show_mlir: bool = False
     precision_search: Optional[PrecisionSearch] = None
     runner: str = "auto"
+    output_extra_weight_bits: int = DEFAULT_OUTPUT_EXTRA_WEIGHT_BITS
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "FheSettings":
@@ -335,6 +344,16 @@ def _validated(values: dict) -> dict:
         raise OptionError(
             f"option 'runner' = {values['runner']!r}: allowed {RUNNERS} (how `execute` spreads a "
             "batch's samples: 'local' one after another, 'threads' one per core, 'ray' on a Ray cluster)"
+        )
+    extra = values["output_extra_weight_bits"]
+    if (
+        isinstance(extra, bool)
+        or not isinstance(extra, int)
+        or not 0 <= extra <= MAX_OUTPUT_EXTRA_WEIGHT_BITS
+    ):
+        raise OptionError(
+            f"option 'output_extra_weight_bits' = {extra!r}: expected an int in 0..{MAX_OUTPUT_EXTRA_WEIGHT_BITS} "
+            "(the most weight bits an output layer adds when it takes per-tensor weights)"
         )
     if values["key_cache_dir"] is not None:
         values["key_cache_dir"] = str(values["key_cache_dir"])

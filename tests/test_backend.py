@@ -135,6 +135,8 @@ def test_entry_point_works_without_importing_the_package():
         ({"fhe": "fast"}, ["fhe", "fast", "simulate"]),
         ({"configuration": "cpu"}, ["configuration", "Configuration"]),
         ({"inputs_encryption_status": ["clear"]}, ["inputs_encryption_status", "encrypted"]),
+        ({"output_extra_weight_bits": 9}, ["output_extra_weight_bits", "0..8"]),
+        ({"output_extra_weight_bits": True}, ["output_extra_weight_bits", "True"]),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, words):

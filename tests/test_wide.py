@@ -3,6 +3,8 @@ Concrete's NoParametersFound never surfaces raw, and >16-bit accumulators run ri
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,56 @@ def test_a_rounding_fallback_reaches_the_graphs_of_every_batch_size():
         assert torch.equal(compiled(x[2:5]), batch[2:5])  # a graph compiled after the fallback
     roundings = {p.settings.rounding_threshold_bits for p in fhe_backend.partitions(compiled)}
     assert len(fhe_backend.partitions(compiled)) >= 2 and None not in roundings
+
+
+def _stacked_linears() -> nn.Module:
+    """Linear(3, 2) -> Linear(2, 5) whose output rows' weight scales spread 16x (the
+    differential generator's seed 603)."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 5)).eval()
+    weights = [
+        [[0.28392407, 0.20476411, 0.25743714], [-0.24290401, 0.11025994, -0.09632496]],
+        [-0.32385972, 0.20079441],
+        [[0.04442411, -0.00710552], [0.20991001, 0.81120658], [-0.0986437, 0.29679322]]
+        + [[-0.06205035, -0.27320781], [0.72835857, -0.89059788]],
+        [0.15526330, -0.42755637, 0.36810172, 0.01822711, -0.08837502],
+    ]
+    with torch.no_grad():
+        for parameter, value in zip(model.parameters(), weights):
+            parameter.copy_(torch.tensor(value))
+    return model
+
+
+def test_no_parameters_found_narrows_the_output_layers_extra_weight_bits():
+    """The output layer takes per-tensor weights with up to 4 more bits (one scale for the
+    client). At n_bits 6, exact rounding 8 and p_error 2**-40 its 4 extra bits leave Concrete without crypto
+    parameters: the backend warns, gives up one bit and compiles; the program still equals the
+    circuit and stays within quantization error of eager torch."""
+    model = _stacked_linears()
+    generator = torch.Generator().manual_seed(603)
+    x = torch.cat([torch.randn(108, 3, generator=generator), torch.randn(24, 3, generator=generator)])
+    options = {"n_bits": 6, "rounding_threshold_bits": {"n_bits": 8, "method": "exact"}, "p_error": 2**-40}
+    with pytest.warns(
+        UserWarning, match=r"retrying with output_extra_weight_bits=3: the output layer\(s\) 'addmm_1'"
+    ):
+        quantized = compile_torch_model(model, x, **options)
+    partition = quantized.partition
+    assert partition.settings.output_extra_weight_bits == 3
+    assert partition.program.one_scale_nodes == {"addmm_1": 3}
+    simulated = quantized.forward(x[:20].numpy(), fhe="simulate")
+    disabled = quantized.forward(x[:20].numpy(), fhe="disable")
+    assert np.array_equal(simulated, disabled)
+    expected = model(x[:20]).detach()
+    assert np.abs(disabled - expected.numpy()).max() <= quantization_tolerance(expected, 6, steps=2)
+    # asked for at once (the option), no fallback is needed
+    options = {"inputset": x, "fhe": "simulate", "output_extra_weight_bits": 3, **options}
+    compiled = torch.compile(model, backend="fhe", options=options)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("error", message=".*no crypto parameters")
+        simulated = compiled(x[:20])
+        (partition,) = fhe_backend.partitions(compiled)
+        assert partition.program.one_scale_nodes == {"addmm_1": 3}
+        with fhe_backend.fhe_mode("disable"):
+            assert torch.equal(compiled(x[:20]), simulated)
 
 
 def test_no_parameters_for_a_wide_output_fed_by_lookups_names_the_output():

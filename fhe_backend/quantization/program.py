@@ -41,12 +41,6 @@ from .slips import slips_under
 
 ROUNDED_CALIBRATION_PASSES = 8  # placements of rounded lookups on the ranges the last one gave
 CENTERING_MARGIN = 0.125  # share of a lookup's calibrated span kept free on each side when centering
-# A partition output is read by the client with ONE scale. The linear ops whose per-channel scales
-# would reach an output take per-tensor weights instead, with log2(spread of the rows' scales)
-# more bits, at most this many: rounded up in a leveled circuit (each row keeps its per-channel
-# step while the rows' scales are within 2**this), down where the circuit bootstraps (lookups or
-# encrypted products share the output's width; a row's step at most twice its per-channel one).
-OUTPUT_WEIGHT_EXTRA_BITS = 4
 WEIGHTED_OPS = (
     torch.ops.aten.mm.default,
     torch.ops.aten.bmm.default,
@@ -331,8 +325,9 @@ class IntegerProgram:
 
     def _one_output_scale(self, out_node: fx.Node, env: Dict[fx.Node, Any]) -> bool:
         """Give the output one scale at its source: the linear ops whose per-channel weight
-        scales reach `out_node` through leveled ops take per-tensor weights (with up to
-        OUTPUT_WEIGHT_EXTRA_BITS more bits) from the next run on (`__call__` runs again at once).
+        scales reach `out_node` through leveled ops take per-tensor weights, with up to the option
+        `output_extra_weight_bits` more bits (DEFAULT_OUTPUT_EXTRA_WEIGHT_BITS), from the next
+        run on (`__call__` runs again at once).
 
         Per-channel output scales would tell the client each row's largest weight. Marks only on
         a numpy run (the first run is the calibration's); what remains goes to `public_output`.
@@ -351,7 +346,7 @@ class IntegerProgram:
             seen.add(node)
             if node.target in WEIGHTED_OPS:  # its inputs were requantized to one scale: the
                 if numpy_run and node.name not in self.one_scale_nodes:  # spread is its weights'
-                    bits = math.log2(min(_scale_spread(env[node]), 2**OUTPUT_WEIGHT_EXTRA_BITS))
+                    bits = math.log2(min(_scale_spread(env[node]), 2**self.settings.output_extra_weight_bits))
                     extra = math.floor(bits) if self._bootstraps() else math.ceil(bits)
                     self.one_scale_nodes[node.name] = extra
                     self._relower = True
