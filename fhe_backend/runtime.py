@@ -258,8 +258,9 @@ class FhePartition(torch.nn.Module):
         `artifacts` (a `concrete.fhe.DebugArtifacts`) collects Concrete's graphs and MLIR. When
         Concrete finds no crypto parameters for the program, it is rebuilt narrower and compiled
         again, with a warning each time (`_no_parameters_fallback`): unrounded lookups are
-        rounded (`rounding_threshold_bits="auto"`), then output layers give up their extra
-        weight bits one at a time. When nothing is left to narrow, a BitWidthError names the
+        rounded (`rounding_threshold_bits="auto"`), then average pools' window sums are
+        requantized (`pool_sum_bits=0`), then output layers give up their extra weight bits one
+        at a time (`output_extra_weight_bits`). When nothing is left to narrow, a BitWidthError names the
         widest lookups and what lowers them.
         """
         start = time.perf_counter()
@@ -299,6 +300,12 @@ class FhePartition(torch.nn.Module):
         what they change in words), or None when there is nothing left to narrow."""
         if self.settings.rounding_threshold_bits is None:
             return {"rounding_threshold_bits": Rounding.parse(AUTO)}, "rounding_threshold_bits='auto'"
+        if self.program.pool_sums:
+            pools = ", ".join(f"'{name}'" for name in sorted(self.program.pool_sums))
+            return {"pool_sum_bits": 0}, (
+                f"pool_sum_bits=0: the window sums of {pools} are requantized by a lookup before "
+                "the next linear op reads them (narrower accumulators, more lookups)"
+            )
         extra = self.program.one_scale_nodes
         if max(extra.values(), default=0) > 0:
             bits = max(extra.values()) - 1

@@ -18,6 +18,7 @@ from .fold_constants import fold_constants
 from .free_batch_views import free_batch_views
 from .masked_softmax import masked_softmax
 from .remove_identities import remove_identities
+from .sizes_from_inputs import sizes_from_inputs
 
 GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
@@ -28,6 +29,7 @@ DEFAULT_PASSES: Sequence[GraphPass] = (
     masked_softmax,
     detect_fake_quant,
     free_batch_views,
+    sizes_from_inputs,
 )
 
 
@@ -62,4 +64,5 @@ __all__ = [
     "free_batch_views",
     "masked_softmax",
     "remove_identities",
+    "sizes_from_inputs",
 ]

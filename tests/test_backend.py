@@ -137,6 +137,7 @@ def test_entry_point_works_without_importing_the_package():
         ({"inputs_encryption_status": ["clear"]}, ["inputs_encryption_status", "encrypted"]),
         ({"output_extra_weight_bits": 9}, ["output_extra_weight_bits", "0..8"]),
         ({"output_extra_weight_bits": True}, ["output_extra_weight_bits", "True"]),
+        ({"pool_sum_bits": -1}, ["pool_sum_bits", "0..8", "average pool"]),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, words):

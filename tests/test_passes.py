@@ -20,6 +20,7 @@ from fhe_backend.passes import (
     free_batch_views,
     masked_softmax,
     remove_identities,
+    sizes_from_inputs,
 )
 from tests.harness import assert_matches_torch, compile_fhe
 
@@ -43,6 +44,7 @@ def test_default_passes_order():
         masked_softmax,
         detect_fake_quant,
         free_batch_views,
+        sizes_from_inputs,
     ]
 
 
@@ -408,3 +410,38 @@ def test_decompose_fused_transformer_layer_equals_the_fused_kernel(norm_first):
         )
         torch.testing.assert_close(graph_module(x), fused(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(graph_module(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def _pool_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(18, 3),
+    ).eval()
+
+
+def test_sizes_read_from_an_fhe_region_come_from_the_inputs():
+    """With symbolic dimensions (`dynamic=True`, or dynamo recompiling `nn.Sequential.forward`
+    for a second Sequential), `flatten` reads its sizes from the pool before it. Those reads used
+    to cut the FHE region in two (a decryption between two circuits) and change the program;
+    they are now computed from the inputs' sizes: one partition, the same results as with
+    static shapes."""
+    x = torch.randn(120, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    options = {"inputset": x, "fhe": "disable", "n_bits": 6}
+    results = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(_pool_model(), backend="fhe", dynamic=dynamic, options=options)
+        with torch.no_grad():
+            results[dynamic] = compiled(x[:7])
+        (partition,) = fhe_backend.partitions(compiled)
+        sizes = [
+            n
+            for n in partition.graph_module.graph.nodes
+            if n.op == "placeholder" and n.name not in partition.stats
+        ]
+        assert len(sizes) == (2 if dynamic else 0)  # the batch, and the flattened size
+    assert torch.equal(results[True], results[False])

@@ -175,6 +175,43 @@ def test_no_parameters_found_narrows_the_output_layers_extra_weight_bits():
             assert torch.equal(compiled(x[:20]), simulated)
 
 
+def test_no_parameters_found_requantizes_average_pool_sums():
+    """With approximate rounding an average pool's window sum feeds the next linear op without
+    a lookup. Feeding the output layer here, it leaves Concrete without crypto parameters at
+    n_bits 7, approximate rounding 7: the backend warns, requantizes the sums and compiles."""
+    torch.manual_seed(58)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        nn.Sigmoid(),
+        nn.Conv2d(4, 4, 1),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(36, 3),
+    ).eval()
+    x = torch.randn(100, 2, 6, 6)
+    options = {
+        "n_bits": 7,
+        "rounding_threshold_bits": {"n_bits": 7, "method": "approximate"},
+        "p_error": 2**-40,
+    }
+    with pytest.warns(UserWarning, match="retrying with pool_sum_bits=0: the window sums of 'avg_pool2d'"):
+        quantized = compile_torch_model(model, x, **options)
+    assert quantized.partition.settings.pool_sum_bits == 0 and not quantized.partition.program.pool_sums
+    expected = model(x[:20]).detach()
+    disabled = quantized.forward(x[:20].numpy(), fhe="disable")
+    simulated = quantized.forward(x[:20].numpy(), fhe="simulate")
+    tolerance = quantization_tolerance(expected, 7, steps=4)
+    assert np.abs(disabled - expected.numpy()).max() <= tolerance
+    assert np.abs(simulated - disabled).max() <= tolerance
+    # asked for at once (the option), the same program in the clear, and no fallback
+    compiled = torch.compile(
+        model, backend="fhe", options={"inputset": x, "fhe": "disable", "pool_sum_bits": 0, **options}
+    )
+    with torch.no_grad():
+        assert np.array_equal(compiled(x[:20]).numpy(), disabled.astype(np.float32))
+
+
 def test_no_parameters_for_a_wide_output_fed_by_lookups_names_the_output():
     """A sigmoid feeding a 1024-input linear layer at n_bits 7: the output needs 19 bits, and
     Concrete encodes the lookups that feed it at that width, so no rounding helps (17 and 18

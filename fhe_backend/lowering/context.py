@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ class ProgramState(Protocol):
     slips: Optional[Callable[[Any, int], Any]]
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
+    pool_sums: Set[str]  # average pools whose window sum a linear op reads unrequantized
 
     def record_extremes(self, expr: Any, layout: Any = None) -> Tuple[int, int]:
         """(min, max) of an integer array whose batch lies as `layout` says (dim 0 by default)."""

@@ -15,14 +15,6 @@ from .registry import register
 
 aten = torch.ops.aten
 
-# an average pool's window sum feeds the next linear op directly (no requantizing lookup) when
-# it adds at most this many bits to its input and lookups round approximately: on the digits CNN
-# (2x2 pool before a conv) that saved 64 of 352 PBS and 18% of the complexity, at the same
-# accuracy or better. With exact rounding each of those bits costs a bootstrap per lookup of the
-# next layer and widens its parameters (digits CNN, exact 6: 2624 PBS but 6.35e11 against 2752
-# and 5.69e11 with the lookup); without rounding the next lookup itself would be 2 bits wider.
-POOL_SUM_FRESH_BITS = 2
-
 
 def _pairs(value, ndim: int = 2):
     value = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -54,8 +46,9 @@ def avg_pool2d(
 ):
     """Average pooling: a depth-wise convolution with a kernel of ones, scale / window size.
 
-    With approximate rounding, a window of at most 2**POOL_SUM_FRESH_BITS elements leaves a sum
-    the next linear op reads without a lookup (its accumulator gets that many more bits)."""
+    With approximate rounding, a window of at most 2**`pool_sum_bits` elements (an option,
+    DEFAULT_POOL_SUM_BITS) leaves a sum the next linear op reads without a lookup (its
+    accumulator gets that many more bits); the program lists those pools in `pool_sums`."""
     x = ctx.as_linear_input(x)
     kernel = _pairs(kernel_size)
     stride = _pairs(stride) if stride else kernel
@@ -66,7 +59,9 @@ def avg_pool2d(
     window = int(np.prod(kernel))
     # the window sum is an integer with zero-point 0: a small one is a linear op's input as it is
     rounding = ctx.settings.rounding_threshold_bits
-    fresh = window <= 2**POOL_SUM_FRESH_BITS and rounding is not None and rounding.approximate
+    fresh = window <= 2**ctx.settings.pool_sum_bits and rounding is not None and rounding.approximate
+    if fresh and window > 1:
+        ctx.program.pool_sums.add(ctx.node.name)
     return Encrypted(acc, x.scale / window, 0.0, fresh=fresh)
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import threading
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ class IntegerProgram:
         self._run_state = threading.local()
         # linear ops feeding an output with per-tensor weights: node name -> extra weight bits
         self.one_scale_nodes: Dict[str, int] = {}
+        self.pool_sums: Set[str] = set()  # see ProgramState.pool_sums
         self._relower = False
         self.output_bias_bits: Dict[str, int] = {}  # output node -> bits of finer step for its bias
         # QAT: bits of finer output step where the bias is fractional; None: QAT_BIAS_BITS without
