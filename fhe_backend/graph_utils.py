@@ -47,6 +47,12 @@ def source_line(node: fx.Node) -> str:
     return f"{matches[-1][0]}:{matches[-1][1]}" if matches else ""
 
 
+def where(node: fx.Node) -> str:
+    """' (file:line)' of the user code behind `node`, '' when unknown."""
+    line = source_line(node)
+    return f" ({line})" if line else ""
+
+
 def solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
     """The value of a symbolic-size input for these tensors.
 

@@ -19,7 +19,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .graph_utils import source_line
+from .graph_utils import source_line, where
 from .lowering.batch import (
     BATCH_MAJOR,
     BatchAt,
@@ -155,6 +155,7 @@ def partition(
             f"fhe_backend: running in torch instead of FHE: {record}{more}. {clear_values_note(record.node)}",
             stacklevel=2,
         )
+    _warn_size_cuts(graph_module, proposals)
     for _, nodes in proposals:
         _own_constants(graph_module, nodes)
     fused = fuse_by_partitions(graph_module, [nodes for _, nodes in proposals], prefix=PARTITION_PREFIX)
@@ -173,6 +174,36 @@ def partition(
         partitions.append(wrapper)
     fused.recompile()
     return fused, partitions, left_in_torch
+
+
+def _warn_size_cuts(graph_module: fx.GraphModule, proposals) -> None:
+    """Warn where sizes read from a partition's tensor (`sym_size`s the pass
+    `sizes_from_inputs` could not rebuild from the inputs) feed a later partition: they are
+    computed in torch, so the FHE region is cut in two circuits there, with a decryption
+    between them, although no op of it runs in torch."""
+    owner = {node: index for index, (_, nodes) in enumerate(proposals) for node in nodes}
+    cuts: Dict[fx.Node, List[str]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node in owner or _is_compute(node):
+            continue
+        sources = [arg for arg in node.all_input_nodes if arg in owner]
+        reached, stack = set(), list(node.users)
+        while sources and stack:
+            user = stack.pop()
+            if user in owner:
+                reached.add(owner[user])
+            elif user.op == "call_function" and not _is_compute(user):
+                stack.extend(user.users)
+        if reached - {owner[arg] for arg in sources}:
+            cuts.setdefault(sources[0], []).append(f"'{node.name}' = {node.meta.get('val')}")
+    for source, sizes in cuts.items():
+        warnings.warn(
+            f"fhe_backend: the FHE region is cut after '{source.name}'{where(source)}: the size(s) "
+            f"{', '.join(sizes)} read from it are computed in torch, so the region runs as "
+            "separate circuits with a decryption between them. Compile with static shapes "
+            "(torch.compile(..., dynamic=False), after torch._dynamo.reset()) to keep it whole",
+            stacklevel=3,
+        )
 
 
 def _grouped(records: List[TorchNode]) -> List[List[TorchNode]]:

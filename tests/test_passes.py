@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.fx as fx
@@ -445,3 +447,22 @@ def test_sizes_read_from_an_fhe_region_come_from_the_inputs():
         ]
         assert len(sizes) == (2 if dynamic else 0)  # the batch, and the flattened size
     assert torch.equal(results[True], results[False])
+
+
+def test_a_size_read_that_still_cuts_the_region_warns(monkeypatch):
+    """A size `sizes_from_inputs` cannot rebuild (here: as if floor division had no
+    counterpart) still cuts the FHE region; the cut is not silent."""
+    monkeypatch.setattr(importlib.import_module("fhe_backend.passes.sizes_from_inputs"), "OPERATORS", {})
+    x = torch.randn(120, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        _pool_model(), backend="fhe", dynamic=True, options={"inputset": x, "fhe": "disable"}
+    )
+    with (
+        pytest.warns(
+            UserWarning, match=r"the FHE region is cut after 'avg_pool2d': the size\(s\) 'sym_size_int_"
+        ),
+        torch.no_grad(),
+    ):
+        compiled(x[:7])
+    assert len(fhe_backend.partitions(compiled)) == 2

@@ -24,7 +24,7 @@ from concrete import fhe
 from torch.utils._pytree import tree_leaves
 
 from ..errors import BitWidthError, LoweringError
-from ..graph_utils import as_tuple, fetch_attr, output_nodes, source_line
+from ..graph_utils import as_tuple, fetch_attr, output_nodes, where
 from ..lowering.context import Encrypted, LoweringContext, is_encrypted
 from ..lowering.quant import FAKE_QUANT, fake_quant_spec
 from ..lowering.registry import lowering_for
@@ -253,7 +253,7 @@ class IntegerProgram:
         except Exception as error:
             raise LoweringError(
                 f"lowering {node.target} failed at node '{node.name}'"
-                f"{_where(node)}: {type(error).__name__}: {error}"
+                f"{where(node)}: {type(error).__name__}: {error}"
             ) from error
         if is_encrypted(result) and node.name in self.stats:
             self._note_stats(result, node)
@@ -807,12 +807,6 @@ def _output_error(program: "IntegerProgram", q_inputs, reference, spans) -> floa
     """Worst mean absolute output error, as a share of each output's span."""
     outputs = program.dequantize_outputs(*as_tuple(program(*q_inputs)))
     return max(float(np.mean(np.abs(out - ref))) / span for out, ref, span in zip(outputs, reference, spans))
-
-
-def _where(node: fx.Node) -> str:
-    """' (file:line)' of the user code behind `node`, '' when unknown."""
-    line = source_line(node)
-    return f" ({line})" if line else ""
 
 
 def _numpy(x: Any) -> np.ndarray:
