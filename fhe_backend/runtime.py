@@ -573,7 +573,9 @@ class FhePartition(torch.nn.Module):
                         hashlib.sha256(constant.cpu().contiguous().numpy().tobytes()).hexdigest(),
                     )
                 )
-            elif node.op in ("placeholder", "call_function"):
+            elif node.op == "call_function" or (node.op == "placeholder" and shape is not None):
+                # symbolic-size inputs left out: the program reads its shapes from calibration
+                # (a graph specialised to batch 1 has no batch-size input, the dynamic one has)
                 parts.append((node.op, str(node.target) if node.op == "call_function" else "", shape))
         return tuple(parts)
 

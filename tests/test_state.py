@@ -101,6 +101,25 @@ def test_one_compiled_object_shares_its_circuit_across_batch_sizes():
     assert own[0].mode == "disable" and fhe_backend.partitions(other)[0].mode == "simulate"
 
 
+def test_dynamic_shapes_share_the_circuit_with_the_batch_of_one():
+    """With symbolic shapes the batch-size graph takes the batch size as an input and the
+    graph dynamo specialises for one sample does not. Both partitions used to be calibrated on
+    their own (in other float orders), so a sample alone came out one float32 step away from
+    itself in a batch; they now share one program and circuit, and agree exactly."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv2d(1, 1, 2), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(9, 4)).eval()
+    x = torch.randn(100, 1, 8, 8)
+    torch._dynamo.reset()
+    options = {"inputset": x, "n_bits": 4, "fhe": "disable"}
+    compiled = torch.compile(model, backend="fhe", dynamic=True, options=options)
+    with torch.no_grad():
+        batch = compiled(x[:5])
+        alone = [compiled(x[i : i + 1]) for i in range(2)]
+    assert len(fhe_backend.partitions(compiled)) == 1
+    for i, row in enumerate(alone):
+        assert torch.equal(row, batch[i : i + 1])
+
+
 def test_threads_each_get_their_own_mode():
     """One compiled model, two threads: one in disable, one in simulate (4-bit lookups, 3-bit
     output; simulate differs from disable for this model, so a shared mode would show)."""
