@@ -18,6 +18,7 @@ import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import sympy
 import torch
 import torch.fx as fx
 from functorch.compile import aot_module_simplified
@@ -213,18 +214,19 @@ class CompiledGraph(torch.nn.Module):
             partition_.compile(circuit=compile_circuits)
 
     def _traced_batches(self, inputset: List[tuple]) -> List[tuple]:
-        """Re-batch the inputset to the traced batch size when the graph has static shapes.
+        """Re-batch the inputset to the traced batch size when the graph has static shapes (or
+        a symbolic batch size tied to another dimension, see `_traced_batch_size`).
 
         The last chunk is completed with samples from the start (they only repeat ranges).
         When the graph runs unchanged on several traced batches at once (checked on a probe),
         calibration takes chunks of CALIBRATION_CHUNK samples instead of one batch per call.
         """
-        first = next(
-            (n.meta["val"] for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)), None
-        )
-        if first is None or not first.dim() or not isinstance(first.shape[0], int):
+        tensors = [n.meta["val"] for n in self.user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+        if not tensors or not tensors[0].dim():
             return inputset
-        size = first.shape[0]
+        size = _traced_batch_size(tensors)
+        if size is None:
+            return inputset
         columns = [torch.cat(column) for column in zip(*inputset)]
         total = columns[0].shape[0]
         probe = torch.arange(PROBE_BATCHES * size) % total
@@ -542,6 +544,28 @@ def compile_aten_graph(
     if settings.inputset is not None and calibrate:
         compiled.calibrate(settings.inputset)
     return compiled
+
+
+def _traced_batch_size(tensors: Sequence[torch.Tensor]) -> Optional[int]:
+    """The batch size a graph holds to, or None when any batch size runs through it.
+
+    A static dim 0 is that size. A symbolic one is free, unless its symbol also sizes another
+    dimension: dynamo gives equal sizes one symbol ("duck sizing"), so a graph traced with
+    `dynamic=True` on a batch of 2 sequences of 2 assumes every batch as long as its sequences
+    (a guard that calibration, which runs the graph directly, would break). Such a graph gets
+    batches of the traced size (the symbol's example value).
+    """
+    batch = tensors[0].shape[0]
+    if isinstance(batch, int):
+        return batch
+    symbol = getattr(batch.node, "expr", None)
+    tied = any(
+        symbol in getattr(getattr(size, "node", None), "expr", sympy.Integer(0)).free_symbols
+        for tensor in tensors
+        for size in tensor.shape[1:]
+        if not isinstance(size, int)
+    )
+    return int(batch.node.hint) if tied and batch.node.hint is not None else None
 
 
 # ops that exist only while a module is in training mode

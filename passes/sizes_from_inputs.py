@@ -7,7 +7,8 @@ read from a tensor inside an FHE region made the partitioner cut the region ther
 circuits with a decryption between them, and gave a different program than the same model with
 static shapes. Each such size is rebuilt here from its symbolic expression over the graph's
 inputs (their symbolic sizes, or the dimensions of tensor inputs that are exactly a symbol),
-so it no longer depends on the tensor. Expressions of other kinds keep their node.
+so it no longer depends on the tensor (sums, products, non-negative integer powers, floor
+divisions and remainders). Expressions of other kinds keep their node.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _build(graph: fx.Graph, expr: Any, sources: Dict[sympy.Symbol, Callable[[], 
     if expr.is_Symbol:
         return sources[expr]() if expr in sources else None
     fold = OPERATORS.get(type(expr).__name__)
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:  # s0**2: duck-sized dims
+        fold = operator.pow
     if fold is None:
         return None
     args = [_build(graph, arg, sources) for arg in expr.args]

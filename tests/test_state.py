@@ -120,6 +120,37 @@ def test_dynamic_shapes_share_the_circuit_with_the_batch_of_one():
         assert torch.equal(row, batch[i : i + 1])
 
 
+class _Attention(nn.Module):
+    """One attention head over sequences of 2, averaged, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1)
+        return self.out((scores @ self.v(x)).mean(1))
+
+
+def test_dynamic_shapes_with_the_batch_as_long_as_the_sequence():
+    """`dynamic=True` and a first call on 2 sequences of 2: dynamo gives both sizes one symbol,
+    so the graph assumes every batch as long as its sequences. Calibrating it on batches of the
+    inputset's size used to fail (a reshape of 80 x 80 rows); it now takes batches of the traced
+    size, keeps one partition, and gives what static shapes give."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(80, 2, 4, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        options = {"inputset": x, "n_bits": 6, "fhe": "disable"}
+        compiled = torch.compile(model, backend="fhe", dynamic=dynamic, options=options)
+        with torch.no_grad():
+            results[dynamic] = compiled(x[:2])
+        assert len(fhe_backend.partitions(compiled)) == 1
+    assert torch.equal(results[True], results[False])
+
+
 def test_threads_each_get_their_own_mode():
     """One compiled model, two threads: one in disable, one in simulate (4-bit lookups, 3-bit
     output; simulate differs from disable for this model, so a shared mode would show)."""
