@@ -561,7 +561,7 @@ class FhePartition(torch.nn.Module):
         for node in self.graph_module.graph.nodes:
             value = node.meta.get("val")
             shape = (
-                (str(value.dtype), tuple(str(d) for d in value.shape[1:]))
+                (str(value.dtype), tuple(_sample_dim(d) for d in value.shape[1:]))
                 if isinstance(value, torch.Tensor)
                 else None
             )
@@ -617,6 +617,13 @@ class FhePartition(torch.nn.Module):
     def extra_repr(self) -> str:
         """Name, mode and module path, shown by print(model)."""
         return f"name={self.name!r}, mode={self._mode!r}, module={self.module_path!r}"
+
+
+def _sample_dim(size: Any) -> str:
+    """A per-sample dimension in a signature: a symbolic one by its traced value (the program's
+    shapes come from calibration, whatever dynamo named the symbol in this graph)."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return str(hint if hint is not None else size)
 
 
 def _returns_tuple(graph_module: fx.GraphModule) -> bool:

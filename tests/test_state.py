@@ -136,7 +136,9 @@ def test_dynamic_shapes_with_the_batch_as_long_as_the_sequence():
     """`dynamic=True` and a first call on 2 sequences of 2: dynamo gives both sizes one symbol,
     so the graph assumes every batch as long as its sequences. Calibrating it on batches of the
     inputset's size used to fail (a reshape of 80 x 80 rows); it now takes batches of the traced
-    size, keeps one partition, and gives what static shapes give."""
+    size, keeps one partition, and gives what static shapes give. The graph dynamo compiles
+    next, for a batch of 5, shares that partition (its symbols have other names, the same
+    traced sizes)."""
     torch.manual_seed(0)
     model = _Attention().eval()
     x = torch.randn(80, 2, 4, generator=torch.Generator().manual_seed(1))
@@ -147,6 +149,8 @@ def test_dynamic_shapes_with_the_batch_as_long_as_the_sequence():
         compiled = torch.compile(model, backend="fhe", dynamic=dynamic, options=options)
         with torch.no_grad():
             results[dynamic] = compiled(x[:2])
+            # another batch size breaks the guard: a new graph, which shares the program
+            assert torch.equal(compiled(x[:5])[:2], results[dynamic])
         assert len(fhe_backend.partitions(compiled)) == 1
     assert torch.equal(results[True], results[False])
 
