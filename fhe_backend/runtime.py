@@ -260,8 +260,8 @@ class FhePartition(torch.nn.Module):
         again, with a warning each time (`_no_parameters_fallback`): unrounded lookups are
         rounded (`rounding_threshold_bits="auto"`), then average pools' window sums are
         requantized (`pool_sum_bits=0`), then output layers give up their extra weight bits one
-        at a time (`output_extra_weight_bits`). When nothing is left to narrow, a BitWidthError names the
-        widest lookups and what lowers them.
+        at a time (`output_extra_weight_bits`). When nothing is left to narrow, a BitWidthError
+        names the widest lookups and what lowers them.
         """
         start = time.perf_counter()
         self.program.check_circuit_bit_widths()
