@@ -18,7 +18,6 @@ import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import sympy
 import torch
 import torch.fx as fx
 from functorch.compile import aot_module_simplified
@@ -30,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .dynamo_compat import fhe_compile_wrapper
 from .dynamo_compat import install as install_safe_options_comparison
 from .errors import FheBackendError, OptionError, surfaced
-from .graph_utils import solve_symbol
+from .graph_utils import solve_symbol, symbolic_expr
 from .partition import TargetGroup, TorchNode, fhe_partitions, partition
 from .passes import PassManager
 from .quantization.calibration import batches
@@ -558,12 +557,12 @@ def _traced_batch_size(tensors: Sequence[torch.Tensor]) -> Optional[int]:
     batch = tensors[0].shape[0]
     if isinstance(batch, int):
         return batch
-    symbol = getattr(batch.node, "expr", None)
+    symbol = symbolic_expr(batch)
     tied = any(
-        symbol in getattr(getattr(size, "node", None), "expr", sympy.Integer(0)).free_symbols
+        symbol in symbolic_expr(size).free_symbols
         for tensor in tensors
         for size in tensor.shape[1:]
-        if not isinstance(size, int)
+        if symbolic_expr(size) is not None
     )
     return int(batch.node.hint) if tied and batch.node.hint is not None else None
 

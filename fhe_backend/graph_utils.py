@@ -53,6 +53,11 @@ def where(node: fx.Node) -> str:
     return f" ({line})" if line else ""
 
 
+def symbolic_expr(value: Any) -> Any:
+    """The sympy expression of a symbolic size (a torch.SymInt), None for anything else."""
+    return getattr(getattr(value, "node", None), "expr", None)
+
+
 def solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
     """The value of a symbolic-size input for these tensors.
 
@@ -61,13 +66,13 @@ def solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
     symbol, then the expression is evaluated.
     """
     value = node.meta.get("val")
-    expr = getattr(getattr(value, "node", None), "expr", None)
+    expr = symbolic_expr(value)
     if expr is None:
         return value
     bindings: Dict[Any, Any] = {}
     for tensor_node, tensor in tensors.items():
         for dim, size in enumerate(tensor_node.meta["val"].shape):
-            size_expr = getattr(getattr(size, "node", None), "expr", None)
+            size_expr = symbolic_expr(size)
             if size_expr is not None and size_expr.is_Symbol:
                 bindings.setdefault(size_expr, sympy.Integer(int(tensor.shape[dim])))
     solved = sympy.sympify(expr).xreplace(bindings)

@@ -13,13 +13,14 @@ divisions and remainders). Expressions of other kinds keep their node.
 
 from __future__ import annotations
 
-import functools
 import operator
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import sympy
 import torch
 import torch.fx as fx
+
+from fhe_backend.graph_utils import symbolic_expr
 
 aten = torch.ops.aten
 # sympy (and torch.utils._sympy) functions -> the Python operator folding their arguments
@@ -32,57 +33,64 @@ OPERATORS: Dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-def _expr(value: Any) -> Any:
-    return getattr(getattr(value, "node", None), "expr", None)
-
-
-def _symbol_sources(graph: fx.Graph) -> Dict[sympy.Symbol, Callable[[], fx.Node]]:
-    """Each symbol the graph's inputs carry -> a maker of the node that gives its value: the
-    symbolic-size input itself, or `sym_size` of a tensor input's dimension."""
-    sources: Dict[sympy.Symbol, Callable[[], fx.Node]] = {}
+def _symbol_sources(graph: fx.Graph) -> Dict[sympy.Symbol, Tuple[fx.Node, Optional[int]]]:
+    """Each symbol the graph's inputs carry -> where its value is: (the symbolic-size input,
+    None), or (a tensor input, the dimension that is exactly that symbol)."""
+    sources: Dict[sympy.Symbol, Tuple[fx.Node, Optional[int]]] = {}
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
         value = node.meta.get("val")
-        if isinstance(value, torch.SymInt) and _expr(value) is not None and _expr(value).is_Symbol:
-            sources.setdefault(_expr(value), functools.partial(_itself, node))
-        elif isinstance(value, torch.Tensor):
-            for dim, size in enumerate(value.shape):
-                expr = _expr(size)
-                if expr is not None and expr.is_Symbol:
-                    sources.setdefault(expr, functools.partial(_sym_size, graph, node, dim, size))
+        sizes: List[Tuple[Optional[int], Any]] = [(None, value)]  # a symbolic-size input
+        if isinstance(value, torch.Tensor):
+            sizes = list(enumerate(value.shape))
+        for dim, size in sizes:
+            expr = symbolic_expr(size)
+            if expr is not None and expr.is_Symbol:
+                sources.setdefault(expr, (node, dim))
     return sources
 
 
-def _itself(node: fx.Node) -> fx.Node:
-    return node
+def _supported(expr: Any, sources: Dict[sympy.Symbol, Tuple[fx.Node, Optional[int]]]) -> bool:
+    """Whether every operation and symbol of `expr` has a counterpart here."""
+    return all(
+        part.is_Integer
+        or (part.is_Symbol and part in sources)
+        or type(part).__name__ in OPERATORS
+        or (part.is_Pow and part.exp.is_Integer and part.exp >= 0)  # s0**2: duck-sized dims
+        for part in sympy.preorder_traversal(expr)
+    )
 
 
-def _sym_size(graph: fx.Graph, tensor: fx.Node, dim: int, size: torch.SymInt) -> fx.Node:
-    node = graph.call_function(aten.sym_size.int, (tensor, dim))
-    node.meta["val"] = size
-    return node
+class _Builder:
+    """Nodes computing size expressions from the graph's inputs; each input size is read once."""
 
+    def __init__(self, graph: fx.Graph, sources: Dict[sympy.Symbol, Tuple[fx.Node, Optional[int]]]):
+        self.graph, self.sources = graph, sources
+        self.made: Dict[sympy.Symbol, fx.Node] = {}
 
-def _build(graph: fx.Graph, expr: Any, sources: Dict[sympy.Symbol, Callable[[], fx.Node]]) -> Optional[Any]:
-    """Nodes computing `expr` from the inputs (an int for a constant); None when an operation
-    or a symbol has no counterpart."""
-    if expr.is_Integer:
-        return int(expr)
-    if expr.is_Symbol:
-        return sources[expr]() if expr in sources else None
-    fold = OPERATORS.get(type(expr).__name__)
-    if expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:  # s0**2: duck-sized dims
-        fold = operator.pow
-    if fold is None:
-        return None
-    args = [_build(graph, arg, sources) for arg in expr.args]
-    if any(arg is None for arg in args):
-        return None
-    result = args[0]
-    for arg in args[1:]:
-        result = graph.call_function(fold, (result, arg))
-    return result
+    def __call__(self, expr: Any) -> Any:
+        """`expr` (checked with `_supported`) as a node, or an int for a constant."""
+        if expr.is_Integer:
+            return int(expr)
+        if expr.is_Symbol:
+            return self._symbol(expr)
+        fold = operator.pow if expr.is_Pow else OPERATORS[type(expr).__name__]
+        args = [self(arg) for arg in expr.args]
+        result = args[0]
+        for arg in args[1:]:
+            result = self.graph.call_function(fold, (result, arg))
+        return result
+
+    def _symbol(self, symbol: sympy.Symbol) -> fx.Node:
+        if symbol not in self.made:
+            node, dim = self.sources[symbol]
+            if dim is not None:
+                size = node.meta["val"].shape[dim]
+                node = self.graph.call_function(aten.sym_size.int, (node, dim))
+                node.meta["val"] = size
+            self.made[symbol] = node
+        return self.made[symbol]
 
 
 def sizes_from_inputs(graph_module: fx.GraphModule, settings=None) -> fx.GraphModule:
@@ -95,19 +103,21 @@ def sizes_from_inputs(graph_module: fx.GraphModule, settings=None) -> fx.GraphMo
         and node.target == aten.sym_size.int
         and isinstance(node.args[0], fx.Node)
         and node.args[0].op != "placeholder"
-        and _expr(node.meta.get("val")) is not None
+        and symbolic_expr(node.meta.get("val")) is not None
     ]
     if not reads:
         return graph_module
     sources = _symbol_sources(graph)
+    build = _Builder(graph, sources)
     after_inputs = [node for node in graph.nodes if node.op == "placeholder"][-1].next
     for node in reads:
+        expr = sympy.sympify(symbolic_expr(node.meta["val"]))
+        if not _supported(expr, sources):
+            continue  # the read stays (the partitioner warns where it cuts an FHE region)
         with graph.inserting_before(after_inputs):
-            size = _build(graph, sympy.sympify(_expr(node.meta["val"])), sources)
-        if size is None:
-            continue
-        if isinstance(size, fx.Node):
-            size.meta["val"] = node.meta["val"]
+            size = build(expr)
+        if isinstance(size, fx.Node):  # a new fold has none; an input size keeps its own
+            size.meta.setdefault("val", node.meta["val"])
         node.replace_all_uses_with(size)
         graph.erase_node(node)
     graph_module.recompile()
