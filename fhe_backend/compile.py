@@ -83,7 +83,14 @@ class QuantizedModule:
     them differently, which `input_order` / `output_order` record.
     """
 
-    def __init__(self, graph: CompiledGraph, aten_code: str):
+    def __init__(self, graph: Optional[CompiledGraph] = None, aten_code: str = ""):
+        self.aten_code = aten_code
+        self.source: Optional[Dict[str, Any]] = None  # what `dump` saves (set by _build)
+        if graph is None:  # empty, as Concrete ML's QuantizedModule(): nothing runs, nothing compiles
+            self.graph = None
+            self.partition = None
+            self.input_order, self.output_order = [], []
+            return
         if len(graph.partitions) != 1:
             raise UnsupportedOpError(
                 f"the model was captured as {len(graph.partitions)} FHE parts instead of one; "
@@ -91,17 +98,25 @@ class QuantizedModule:
             )
         self.graph = graph
         self.partition: FhePartition = graph.partitions[0]
-        self.aten_code = aten_code
         self.input_order = _partition_input_order(graph, self.partition)
         self.output_order = _partition_output_order(graph, self.partition)
-        self.source: Optional[Dict[str, Any]] = None  # what `dump` saves (set by _build)
 
     # -- quantizers --------------------------------------------------------------------------
 
     @property
     def program(self):
         """The `IntegerProgram` run in every mode."""
-        return self.partition.program
+        return self._require_model().program
+
+    def _require_model(self) -> FhePartition:
+        """The partition; an empty module (`QuantizedModule()`) raises."""
+        if self.partition is None:
+            raise ModuleNotCompiledError(
+                "The quantized module is not compiled: this QuantizedModule is empty (built "
+                "without a model); make one with compile_torch_model, compile_brevitas_qat_model "
+                "or build_quantized_module"
+            )
+        return self.partition
 
     @property
     def input_quantizers(self) -> List[Any]:
@@ -127,13 +142,15 @@ class QuantizedModule:
     @property
     def is_compiled(self) -> bool:
         """True once `compile` has produced a circuit."""
-        return self.partition.compiled
+        return self.partition is not None and self.partition.compiled
 
     def check_model_is_compiled(self) -> None:
-        """Raise `NotCompiledError` unless the circuit exists."""
+        """Raise `ModuleNotCompiledError` (a `NotCompiledError` and, as in Concrete ML, an
+        `AttributeError`) unless the circuit exists."""
+        self._require_model()
         if not self.is_compiled:
-            raise NotCompiledError(
-                "this QuantizedModule is quantized but not compiled: call "
+            raise ModuleNotCompiledError(
+                "The quantized module is not compiled: it is quantized, call "
                 "quantized_module.compile(inputset) (or use compile_torch_model) before using the "
                 "FHE circuit or the 'simulate' / 'execute' modes"
             )
@@ -259,8 +276,8 @@ class QuantizedModule:
     def _partition_inputs(self, q_x: Sequence[np.ndarray]) -> List[np.ndarray]:
         return [np.asarray(q_x[index]) for index in self.input_order]
 
-    @staticmethod
-    def _check_count(values: Sequence[Any], expected: int, what: str) -> None:
+    def _check_count(self, values: Sequence[Any], expected: int, what: str) -> None:
+        self._require_model()
         if len(values) != expected:
             raise OptionError(f"got {len(values)} {what}(s), the model has {expected}")
 
@@ -942,6 +959,11 @@ def _check_rounding(rounding_threshold_bits: Any) -> None:
         )
 
 
+class ModuleNotCompiledError(NotCompiledError, AttributeError):
+    """A `QuantizedModule` needs its circuit (or a model) for this (Concrete ML raises
+    AttributeError here, so `except NotCompiledError` and `except AttributeError` both catch it)."""
+
+
 class ModelTypeError(OptionError, AssertionError):
     """A compile function was given a model or option of the wrong kind (Concrete ML raises
     AssertionError here, so both `except OptionError` and `except AssertionError` catch it)."""
@@ -1386,6 +1408,7 @@ ONNX_OPS = {
 
 __all__ = [
     "OPSET_VERSION_FOR_ONNX_EXPORT",
+    "ModuleNotCompiledError",
     "OnnxModule",
     "QuantizedModule",
     "build_quantized_module",

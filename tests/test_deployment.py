@@ -92,7 +92,7 @@ def test_keys_are_random_reused_from_key_dir_and_regenerated_on_force(partition,
 
 def test_versions_are_checked_and_artifacts_not_overwritten(partition, tmp_path):
     FHEModelDev(tmp_path, partition).save()
-    with pytest.raises(DeploymentError, match="already exists"):
+    with pytest.raises(DeploymentError, match="is not empty"):
         FHEModelDev(tmp_path, partition).save()
     path = tmp_path / "client.zip"
     with zipfile.ZipFile(path) as archive:
@@ -110,3 +110,82 @@ def test_versions_are_checked_and_artifacts_not_overwritten(partition, tmp_path)
 def test_model_with_several_partitions_is_rejected(tmp_path):
     with pytest.raises(DeploymentError, match="one FHE partition"):
         FHEModelDev(tmp_path, torch.nn.Linear(2, 2)).save()
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    def forward(self, a, b):
+        hidden = torch.relu(a - b)
+        return hidden, a + b
+
+
+@pytest.fixture(scope="module")
+def two_in_two_out():
+    """A QuantizedModule with two inputs and two outputs (3-bit lookups)."""
+    from fhe_backend.compile import compile_torch_model
+
+    rng = np.random.default_rng(1)
+    inputset = (rng.uniform(-1, 1, (100, 3)), rng.uniform(-1, 1, (100, 3)))
+    return compile_torch_model(_TwoInTwoOut(), inputset, n_bits=3)
+
+
+def test_several_inputs_and_outputs_pass_as_arguments_as_in_concrete_ml(two_in_two_out, tmp_path):
+    """Concrete ML's client takes a model's inputs as arguments and one sample's outputs as
+    arguments (`deserialize_decrypt(*server_result)`); the server gives `fhe.Value` outputs for
+    `fhe.Value` inputs. Results equal the module's own simulate run."""
+    from concrete import fhe
+
+    FHEModelDev(tmp_path / "dev", two_in_two_out).save()
+    client = FHEModelClient(tmp_path / "dev")
+    server = FHEModelServer(tmp_path / "dev")
+    keys = client.get_serialized_evaluation_keys()
+    rng = np.random.default_rng(2)
+    a, b = rng.uniform(-1, 1, (1, 3)), rng.uniform(-1, 1, (1, 3))
+    encrypted = client.quantize_encrypt_serialize(a, b)
+    assert isinstance(encrypted, tuple) and len(encrypted) == 2
+    assert client.quantize_encrypt_serialize((a, b)).__class__ is tuple  # one tuple: the same
+    result = server.run(encrypted, keys)
+    expected = two_in_two_out.quantized_forward(*two_in_two_out.quantize_input(a, b), fhe="simulate")
+    for got, want in zip(client.deserialize_decrypt(*result), expected):
+        np.testing.assert_array_equal(got, want)
+    floats = client.deserialize_decrypt_dequantize(*result)
+    for got, want in zip(floats, two_in_two_out.dequantize_output(*expected)):
+        np.testing.assert_array_equal(got, want)
+    values = server.run(tuple(fhe.Value.deserialize(v) for v in encrypted), keys)
+    assert all(isinstance(v, fhe.Value) for v in values)
+    for got, want in zip(client.client.decrypt(*values), expected):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(DeploymentError, match="all be serialized"):
+        server.run((encrypted[0], fhe.Value.deserialize(encrypted[1])), keys)
+    with pytest.raises(DeploymentError, match="got 1 input"):
+        client.quantize_encrypt_serialize(a)
+
+
+def test_save_modes_folders_and_uncompiled_modules_as_in_concrete_ml(two_in_two_out, tmp_path):
+    from fhe_backend.compile import QuantizedModule, build_quantized_module
+    from fhe_backend.deployment import DeploymentMode
+
+    FHEModelDev(tmp_path / "none", two_in_two_out).save(mode=None)  # None: inference
+    FHEModelDev(tmp_path / "enum", two_in_two_out).save(mode=DeploymentMode.INFERENCE)
+    FHEModelDev(tmp_path / "upper", two_in_two_out).save(mode="INFERENCE")
+    assert DeploymentMode.is_valid("training") and not DeploymentMode.is_valid("train")
+    for mode in ("invalid_mode", "train", "", "training", DeploymentMode.TRAINING):
+        with pytest.raises(ValueError, match="Mode must be|Training FHE circuit does not exist"):
+            FHEModelDev(tmp_path / "bad", two_in_two_out).save(mode=mode)
+    created = FHEModelDev(tmp_path / "created" / "here", two_in_two_out)
+    assert created.path_dir.is_dir()  # created at construction, as in Concrete ML
+    (created.path_dir / "notes.txt").write_text("mine")
+    with pytest.raises(DeploymentError, match=r"path_dir: .* is not empty\. Please delete it"):
+        created.save()
+    assert sorted(p.name for p in created.path_dir.iterdir()) == ["notes.txt"]  # nothing written
+    rng = np.random.default_rng(3)
+    quantized = build_quantized_module(
+        _TwoInTwoOut(), (rng.normal(size=(100, 3)), rng.normal(size=(100, 3))), n_bits=3
+    )
+    for module in (quantized, QuantizedModule()):
+        with pytest.raises(AttributeError, match="quantized module is not compiled"):
+            FHEModelDev(tmp_path / "uncompiled", module).save()
+        with pytest.raises(fhe_backend.NotCompiledError):
+            getattr(module, "fhe_circuit")  # noqa: B009
+    assert QuantizedModule().bitwidth_and_range_report() is None
+    with pytest.raises(AttributeError, match="empty"):
+        QuantizedModule().forward(np.zeros((1, 3)))

@@ -7,10 +7,20 @@ FastAPI application behind ``fhe-backend serve``; `http_client` is its client.
 
 from .fhe_client_server import (
     DeploymentError,
+    DeploymentMode,
+    DeploymentModeError,
     FHEModelClient,
     FHEModelDev,
     FHEModelServer,
     VersionMismatchError,
 )
 
-__all__ = ["DeploymentError", "FHEModelClient", "FHEModelDev", "FHEModelServer", "VersionMismatchError"]
+__all__ = [
+    "DeploymentError",
+    "DeploymentMode",
+    "DeploymentModeError",
+    "FHEModelClient",
+    "FHEModelDev",
+    "FHEModelServer",
+    "VersionMismatchError",
+]

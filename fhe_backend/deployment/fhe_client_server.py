@@ -19,6 +19,7 @@ single sample is serialized as ``bytes``, a batch as a list with one item per sa
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import platform
@@ -45,7 +46,6 @@ CLIENT_SPECS = "client.specs.json"
 PROCESSING = "serialized_processing.json"
 VERSIONS = "versions.json"
 SERVER_INFO = "server_info.json"
-DEPLOYMENT_MODES = ("inference", "training")  # Concrete ML's DeploymentMode values
 
 # one sample of a circuit with one input/output is bytes; several inputs/outputs: a tuple
 SerializedSample = Union[bytes, Tuple[bytes, ...]]
@@ -58,6 +58,23 @@ class DeploymentError(FheBackendError):
 
 class VersionMismatchError(DeploymentError):
     """Artifacts were saved with package versions other than the running ones."""
+
+
+class DeploymentModeError(DeploymentError, ValueError):
+    """`FHEModelDev.save` got an unknown mode, or one this project does not have (Concrete ML
+    raises ValueError / AssertionError there)."""
+
+
+class DeploymentMode(enum.Enum):
+    """What `FHEModelDev.save` deploys (Concrete ML's names; only INFERENCE exists here)."""
+
+    INFERENCE = "inference"
+    TRAINING = "training"
+
+    @staticmethod
+    def is_valid(mode: Union["DeploymentMode", str]) -> bool:
+        """Whether `mode` (a member or its value) names a deployment mode."""
+        return getattr(mode, "value", mode) in {member.value for member in DeploymentMode}
 
 
 def package_versions() -> Dict[str, str]:
@@ -191,37 +208,44 @@ class FHEModelDev:
     """Save the client and server artifacts of one compiled FHE partition."""
 
     def __init__(self, path_dir: Union[str, Path], model: Any = None):
+        """`path_dir`: the folder to save into (created now, as in Concrete ML)."""
         self.path_dir = Path(path_dir)
         self.model = model
+        self.path_dir.mkdir(parents=True, exist_ok=True)
 
-    def save(self, mode: Any = "inference", via_mlir: bool = True) -> None:
-        """Write client.zip and server.zip into `path_dir` (created; must not hold them yet).
+    def save(
+        self, mode: Union[DeploymentMode, str, None] = DeploymentMode.INFERENCE, via_mlir: bool = True
+    ) -> None:
+        """Write client.zip and server.zip into `path_dir`, which must be empty.
 
-        mode: Concrete ML's deployment mode; only "inference" exists here (Concrete ML's
-        "training" mode saves the training circuit of its built-in SGD models, which this
-        project does not have: it raises). via_mlir (default True, as in Concrete ML): save
-        the circuit as MLIR, recompiled when the server loads it (portable across machines).
+        mode: Concrete ML's `DeploymentMode` or its name in any case (None: inference); only
+        inference exists here (Concrete ML's "training" mode saves the training circuit of its
+        built-in SGD models, which this project does not have: it raises). via_mlir (default
+        True, as in Concrete ML): save the circuit as MLIR, recompiled when the server loads
+        it (portable across machines).
         """
-        mode_name = str(getattr(mode, "value", mode)).lower()
-        if mode_name not in DEPLOYMENT_MODES:
-            raise DeploymentError(
+        mode_name = "inference" if mode is None else str(getattr(mode, "value", mode)).lower()
+        if not DeploymentMode.is_valid(mode_name):
+            raise DeploymentModeError(
                 f"FHEModelDev.save(mode={mode!r}): Mode must be either 'inference' or 'training'"
             )
-        if mode_name == "training":
-            raise DeploymentError(
+        if DeploymentMode(mode_name) is DeploymentMode.TRAINING:
+            raise DeploymentModeError(
                 "FHEModelDev.save(mode='training'): Training FHE circuit does not "
                 "exist: fhe_backend deploys inference circuits (LoRA training "
                 "runs through HybridFHEModel / LoraTrainer instead)"
             )
+        check_compiled = getattr(self.model, "check_model_is_compiled", None)
+        if check_compiled is not None:  # a QuantizedModule says so in Concrete ML's words
+            check_compiled()
         partition = partition_of(self.model)
         partition._require_compiled()
-        for name in (CLIENT_ZIP, SERVER_ZIP):
-            if (self.path_dir / name).exists():
-                raise DeploymentError(
-                    f"{self.path_dir / name} already exists: choose an empty folder "
-                    "or delete the old artifacts"
-                )
         self.path_dir.mkdir(parents=True, exist_ok=True)
+        if any(self.path_dir.iterdir()):
+            raise DeploymentError(
+                f"path_dir: {self.path_dir} is not empty. Please delete it before saving a new "
+                "model (or choose an empty folder)."
+            )
         circuit = partition.circuit
         circuit.enable_fhe_execution()
         processing = ProcessingSpec.from_partition(partition)
@@ -306,10 +330,21 @@ class FHEModelClient:
         self.generate_private_and_evaluation_keys()
         return self.client.evaluation_keys.serialize()
 
-    def quantize_encrypt_serialize(self, x: Any) -> Serialized:
-        """Float input(s) -> bytes for one sample, or a list of per-sample bytes for a batch."""
-        inputs = as_tuple(x)
-        q_inputs = tuple(q.quantize(_numpy(v)) for q, v in zip(self.processing.input_quantizers, inputs))
+    def quantize_encrypt_serialize(self, *x: Any) -> Serialized:
+        """Float inputs -> bytes for one sample, or a list of per-sample bytes for a batch.
+
+        A model with several inputs takes them as arguments, as in Concrete ML
+        (``quantize_encrypt_serialize(a, b)``), or as one tuple; one sample of several inputs
+        serializes to a tuple of bytes.
+        """
+        inputs = as_tuple(x[0]) if len(x) == 1 else x
+        quantizers = self.processing.input_quantizers
+        if len(inputs) != len(quantizers):
+            raise DeploymentError(
+                f"quantize_encrypt_serialize got {len(inputs)} input(s); the circuit has "
+                f"{len(quantizers)}: pass one array per model input"
+            )
+        q_inputs = tuple(q.quantize(_numpy(v)) for q, v in zip(quantizers, inputs))
         return self.encrypt_serialize_integers(q_inputs)
 
     def encrypt_serialize_integers(self, q_inputs: Sequence[np.ndarray]) -> Serialized:
@@ -323,9 +358,15 @@ class FHEModelClient:
             items.append(serialized[0] if len(serialized) == 1 else serialized)
         return items[0] if len(items) == 1 else items
 
-    def deserialize_decrypt(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
-        """Serialized result(s) -> integer array(s), samples concatenated along dim 0."""
-        items = y if isinstance(y, list) else [y]
+    def deserialize_decrypt(self, *y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+        """Serialized result(s) -> integer array(s), samples concatenated along dim 0.
+
+        One sample's outputs come as arguments, as in Concrete ML
+        (``deserialize_decrypt(*server_result)``), or as the server's result itself (bytes, a
+        tuple of bytes, or a list of them for a batch).
+        """
+        result = y[0] if len(y) == 1 else tuple(y)
+        items = result if isinstance(result, list) else [result]
         per_sample = []
         for item in items:
             values = as_tuple(item)
@@ -336,9 +377,9 @@ class FHEModelClient:
         )
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def deserialize_decrypt_dequantize(self, y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
-        """Serialized result(s) -> float array(s)."""
-        decrypted = self.deserialize_decrypt(y)
+    def deserialize_decrypt_dequantize(self, *y: Serialized) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+        """Serialized result(s) -> float array(s) (arguments as in `deserialize_decrypt`)."""
+        decrypted = self.deserialize_decrypt(*y)
         outputs = as_tuple(decrypted)
         floats = tuple(d.dequantize(o) for d, o in zip(self.processing.output_dequantizers, outputs))
         return floats[0] if len(floats) == 1 else floats
@@ -381,7 +422,9 @@ class FHEModelServer:
         serialized_encrypted_input: Serialized,
         serialized_evaluation_keys: Union[bytes, fhe.EvaluationKeys],
     ) -> Serialized:
-        """Run the circuit on each sample; returns the same layout (bytes, or list of bytes)."""
+        """Run the circuit on each sample; returns the same layout: bytes (a tuple of them for
+        several inputs or outputs) or a list of those for a batch. Inputs given as `fhe.Value`
+        (not serialized) give `fhe.Value` outputs, as in Concrete ML."""
         from .wire import WireFormatError, check_evaluation_keys
 
         keys = serialized_evaluation_keys
@@ -396,13 +439,18 @@ class FHEModelServer:
         keep_python_sigpipe()  # Concrete's runtime, now started, may have taken SIGPIPE
         return results if isinstance(items, list) else results[0]
 
-    def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> SerializedSample:
+    def _run_sample(self, item: Any, keys: fhe.EvaluationKeys) -> Any:
         values = as_tuple(item)
-        values = tuple(
-            v if isinstance(v, fhe.Value) else self._checked_value(v, i) for i, v in enumerate(values)
-        )
+        serialized = [isinstance(v, bytes) for v in values]
+        if not all(serialized) and (any(serialized) or not all(isinstance(v, fhe.Value) for v in values)):
+            raise DeploymentError(
+                f"{self.path_dir}: inputs must all be serialized ciphertexts (bytes) or all "
+                f"concrete.fhe.Value, got {[type(v).__name__ for v in values]}"
+            )
+        if all(serialized):
+            values = tuple(self._checked_value(v, i) for i, v in enumerate(values))
         result = self.server.run(*values, evaluation_keys=keys)
-        outputs = tuple(r.serialize() for r in as_tuple(result))
+        outputs = tuple(r.serialize() if all(serialized) else r for r in as_tuple(result))
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _checked_value(self, data: bytes, position: int) -> fhe.Value:
