@@ -336,3 +336,24 @@ def test_tiny_qat_circuit_with_aligned_exact_rounding_executes_as_disable(insecu
         executed = compiled(x[:3])
     torch.testing.assert_close(simulated, disabled)
     torch.testing.assert_close(executed, disabled)
+
+
+@pytest.mark.parametrize("signed, narrow", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_input_quantizer_clamps_on_the_client_for_any_range(signed, narrow):
+    """The model's input QuantIdentity becomes the client's quantizer, clamping to its own
+    integer range (a narrow one too: 7 levels at 3 bits): no lookup re-clamps the encrypted
+    input, and the results equal Brevitas' (inputs beyond the range are clamped by both)."""
+    from fhe_backend.compile import compile_brevitas_qat_model
+
+    torch.manual_seed(0)
+    quant_input = qnn.QuantIdentity(bit_width=3, signed=signed, narrow_range=narrow, return_quant_tensor=True)
+    model = nn.Sequential(quant_input, qnn.QuantLinear(4, 2, bias=False, weight_bit_width=3)).eval()
+    x = torch.randn(200, 4) * 2
+    module = compile_brevitas_qat_model(model, x)
+    assert module.statistics["pbs_count"] == 0
+    q_max = module.input_quantizers[0].q_max
+    assert q_max == (6 if narrow else 7)  # narrow: 7 levels ([-3, 3], or [1, 7] unsigned)
+    assert int(np.max(module.quantize_input(x.numpy()))) == q_max  # clamped by the client
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(module.forward(x.numpy(), fhe="simulate"), expected, rtol=1e-5, atol=1e-6)

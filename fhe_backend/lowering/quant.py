@@ -79,8 +79,15 @@ class FakeQuantSpec:
         return np.clip(q, self.qmin, self.qmax).astype(np.int64)
 
     def input_quantizer(self) -> UniformQuantizer:
-        """The same quantizer as an unsigned `UniformQuantizer` (integers shifted by -qmin)."""
-        return UniformQuantizer(self.scale, self.zero_point - self.qmin, self.n_bits)
+        """The same quantizer as an unsigned `UniformQuantizer` (integers shifted by -qmin, up
+        to qmax - qmin: a narrow range is clamped by the client, not by a lookup)."""
+        levels = self.qmax - self.qmin
+        return UniformQuantizer(
+            self.scale,
+            self.zero_point - self.qmin,
+            self.n_bits,
+            None if levels == 2**self.n_bits - 1 else levels,
+        )
 
 
 def _scalar(value: Any) -> Optional[float]:
@@ -133,9 +140,7 @@ def _already_on_grid(value: Encrypted, spec: FakeQuantSpec, ctx: LoweringContext
         ):
             continue
         offset = float(quantizer.zero_point) - spec.zero_point  # QAT integer = q - offset
-        return (
-            offset == round(offset) and -offset >= spec.qmin and 2**quantizer.n_bits - 1 - offset <= spec.qmax
-        )
+        return offset == round(offset) and -offset >= spec.qmin and quantizer.q_max - offset <= spec.qmax
     return False
 
 

@@ -23,11 +23,19 @@ def bit_width(low: float, high: float) -> int:
 
 @dataclass
 class UniformQuantizer:
-    """Asymmetric unsigned quantizer: float = scale * (q - zero_point), q in [0, 2**n_bits - 1]."""
+    """Asymmetric unsigned quantizer: float = scale * (q - zero_point), q in [0, q_max]."""
 
     scale: ArrayLike
     zero_point: ArrayLike
     n_bits: int
+    # the largest integer; None: 2**n_bits - 1 (a QAT input quantizer with a narrow range, such
+    # as Brevitas' narrow_range=True, stops below: the client clamps, the circuit needs no lookup)
+    max_level: Optional[int] = None
+
+    @property
+    def q_max(self) -> int:
+        """The largest integer this quantizer gives."""
+        return 2**self.n_bits - 1 if self.max_level is None else self.max_level
 
     @classmethod
     def from_range(cls, low: float, high: float, n_bits: int) -> "UniformQuantizer":
@@ -45,9 +53,9 @@ class UniformQuantizer:
         return cls(scale, zero_point, n_bits)
 
     def quantize(self, values: Any) -> np.ndarray:
-        """Float array -> integers in [0, 2**n_bits - 1]."""
+        """Float array -> integers in [0, q_max]."""
         q = np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
-        return np.clip(q, 0, 2**self.n_bits - 1).astype(np.int64)
+        return np.clip(q, 0, self.q_max).astype(np.int64)
 
     def dequantize(self, q: Any) -> np.ndarray:
         """Integers -> float array."""
@@ -56,20 +64,27 @@ class UniformQuantizer:
     def clipped(self, values: Any) -> int:
         """How many values fall outside the quantizer's range (`quantize` clips them)."""
         q = np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
-        return int(np.count_nonzero((q < 0) | (q > 2**self.n_bits - 1)))
+        return int(np.count_nonzero((q < 0) | (q > self.q_max)))
 
     def to_dict(self) -> dict:
         """A JSON-serializable description (used by deployment artifacts)."""
-        return {
+        data = {
             "scale": _jsonable(self.scale),
             "zero_point": _jsonable(self.zero_point),
             "n_bits": self.n_bits,
         }
+        return data if self.max_level is None else {**data, "max_level": self.max_level}
 
     @classmethod
     def from_dict(cls, data: dict) -> "UniformQuantizer":
         """Inverse of `to_dict`."""
-        return cls(_array(data["scale"]), _array(data["zero_point"]), int(data["n_bits"]))
+        max_level = data.get("max_level")
+        return cls(
+            _array(data["scale"]),
+            _array(data["zero_point"]),
+            int(data["n_bits"]),
+            None if max_level is None else int(max_level),
+        )
 
 
 @dataclass
