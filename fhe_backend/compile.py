@@ -238,6 +238,14 @@ class QuantizedModule:
     def quantized_forward(self, *q_x: np.ndarray, fhe: Any = "disable"):
         """Integer inputs -> integer outputs, in the clear, in simulation or encrypted."""
         self._check_count(q_x, len(self.input_order), "quantized input")
+        for index, value in enumerate(q_x):
+            dtype = np.asarray(value).dtype
+            if not np.issubdtype(dtype, np.integer):
+                raise TypeError(
+                    f"Input values are expected to be integers of dtype int64 (the output of "
+                    f"quantize_input), got {dtype} for input {index}: quantize floats with "
+                    "quantize_input first, or call forward"
+                )
         mode = _mode(fhe)
         if mode != "disable":
             self.check_model_is_compiled()
@@ -258,6 +266,7 @@ class QuantizedModule:
         ``{"output": its float value}`` (what its integers decode to), for comparing
         intermediate values with torch.
         """
+        self._check_float_inputs(x)
         q_x = as_tuple(self.quantize_input(*x))
         if debug and _mode(fhe) == "disable":
             values: Dict[str, Dict[Any, np.ndarray]] = {}
@@ -268,6 +277,26 @@ class QuantizedModule:
         return self.post_processing(self.dequantize_output(*q_y))
 
     __call__ = forward
+
+    def _check_float_inputs(self, x: Sequence[Any]) -> None:
+        """Integer values for an input calibrated on floats are refused, as in Concrete ML (an
+        input calibrated on integers, such as token ids, takes integers)."""
+        self._check_count(x, len(self.input_order), "input")
+        program = self.program
+        by_user = dict(zip(self.input_order, program.tensor_inputs))
+        for index, value in enumerate(x):
+            dtype = value.dtype if isinstance(value, (torch.Tensor, np.ndarray)) else None
+            is_float = dtype is None or (
+                dtype.is_floating_point
+                if isinstance(dtype, torch.dtype)
+                else np.issubdtype(dtype, np.floating)
+            )
+            if not is_float and not program.stats[by_user[index].name].integral:
+                raise TypeError(
+                    f"Input values are expected to be floating points of dtype float32 or "
+                    f"float64 (the model was calibrated on floats), got {dtype} for input {index}: "
+                    "cast them (x.astype(numpy.float64)), or pass integers to quantized_forward"
+                )
 
     def post_processing(self, values: Any) -> Any:
         """Hook applied to the dequantized outputs (identity, as in Concrete ML)."""

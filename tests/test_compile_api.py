@@ -138,6 +138,19 @@ def test_quantization_steps_compose_to_forward(ptq):
     np.testing.assert_array_equal(y, quantized_module.forward(x_test.numpy()))
     assert quantized_module.input_quantizers[0].n_bits == 6
     assert len(quantized_module.output_dequantizers) == 1
+
+
+def test_inputs_of_the_wrong_kind_of_dtype_raise_as_in_concrete_ml(ptq):
+    """Floats given to quantized_forward used to run as if they were integers (wrong outputs,
+    no error); integers given to a model calibrated on floats raise as in Concrete ML."""
+    _, _, quantized_module = ptq
+    x_test = np.random.default_rng(2).normal(size=(3, N_FEAT))
+    with pytest.raises(TypeError, match="Input values are expected to be integers of dtype"):
+        quantized_module.quantized_forward(x_test.astype(np.float32))
+    for integers in (x_test.astype(np.int64), torch.from_numpy(x_test).long()):
+        with pytest.raises(TypeError, match="Input values are expected to be floating points of dtype"):
+            quantized_module.forward(integers)
+    quantized_module.forward(x_test.astype(np.float32))  # any float dtype
     with pytest.raises(OptionError, match="allowed modes"):
         quantized_module.forward(x_test, fhe="encrypted")
 
