@@ -1100,6 +1100,7 @@ class OnnxModule(torch.nn.Module):
     """An ONNX graph evaluated with torch operations, so it is captured like any torch model.
 
     Float initializers become buffers (the circuit's clear constants); integer initializers and
+    constants (as `torch.onnx.export` writes a Reshape's shape or an Unsqueeze's axes) and
     `Shape` results stay Python values, so shape arithmetic is resolved while tracing.
     """
 
@@ -1120,7 +1121,7 @@ class OnnxModule(torch.nn.Module):
                 self.register_buffer(name, torch.from_numpy(array).float(), persistent=False)
                 self.buffer_names[initializer.name] = name
             else:
-                self.values[initializer.name] = torch.from_numpy(array)
+                self.values[initializer.name] = _python_value(array)
         known = set(self.values) | set(self.buffer_names)
         self.input_names = [i.name for i in graph.input if i.name not in known]
         self.output_names = [o.name for o in graph.output]
@@ -1134,6 +1135,7 @@ class OnnxModule(torch.nn.Module):
             )
             for node in graph.node
         ]
+        self.nodes = _fuse_log_sigmoid(self.nodes)
         unknown = sorted({op for op, *_ in self.nodes} - set(ONNX_OPS))
         if unknown:
             raise UnsupportedOpError(
@@ -1148,6 +1150,8 @@ class OnnxModule(torch.nn.Module):
         env.update(zip(self.input_names, inputs))
         for op, input_names, output_names, attributes, name in self.nodes:
             args = [env[i] if i else None for i in input_names]
+            if op not in ONNX_OPS_ON_PYTHON_VALUES:  # a torch op: integer constants as tensors
+                args = [torch.tensor(a) if isinstance(a, list) else a for a in args]
             try:
                 result = ONNX_OPS[op](*args, **attributes)
             except Exception as error:
@@ -1165,8 +1169,38 @@ def _onnx_attribute(attribute: Any) -> Any:
 
     value = helper.get_attribute_value(attribute)
     if hasattr(value, "data_type"):  # a TensorProto
-        return torch.from_numpy(numpy_helper.to_array(value).copy())
+        array = numpy_helper.to_array(value).copy()
+        return torch.from_numpy(array) if np.issubdtype(array.dtype, np.floating) else _python_value(array)
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _fuse_log_sigmoid(nodes: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    """`torch.onnx.export` writes LogSigmoid as Sigmoid then Log; evaluated as two float32 ops,
+    log(sigmoid(-200)) is -inf (an unquantizable range) where log_sigmoid is -200."""
+    readers: Dict[str, int] = {}
+    for _, inputs, *_ in nodes:
+        for name in inputs:
+            readers[name] = readers.get(name, 0) + 1
+    sigmoids = {outputs[0]: inputs for op, inputs, outputs, *_ in nodes if op == "Sigmoid"}
+    fused = {
+        inputs[0]
+        for op, inputs, *_ in nodes
+        if op == "Log" and inputs[0] in sigmoids and readers[inputs[0]] == 1
+    }
+    result = []
+    for op, inputs, outputs, attributes, name in nodes:
+        if op == "Sigmoid" and outputs[0] in fused:
+            continue
+        if op == "Log" and inputs[0] in fused:
+            op, inputs = "LogSigmoid", sigmoids[inputs[0]]
+        result.append((op, inputs, outputs, attributes, name))
+    return result
+
+
+def _python_value(array: np.ndarray) -> Any:
+    """An integer (or boolean) ONNX constant as a Python int or nested list: a constant to
+    dynamo, where a tensor's values read while tracing would be data-dependent."""
+    return array.tolist()
 
 
 def _ints(value: Any) -> List[Any]:
@@ -1283,11 +1317,13 @@ def _concat(*xs, axis=0):
 
 
 def _gather(x, indices, axis=0):
+    scalar = isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0)
     if not isinstance(x, torch.Tensor):
         picked = [x[i] for i in _ints(indices)]
-        return picked[0] if indices.dim() == 0 else picked
-    if indices.dim() == 0:
+        return picked[0] if scalar else picked
+    if scalar:
         return x.select(axis, int(indices))
+    indices = torch.as_tensor(indices)
     flat = torch.index_select(x, axis, indices.reshape(-1).long() % x.shape[axis])
     return flat.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
 
@@ -1354,7 +1390,11 @@ def _cast(x, to, saturate=1):
 def _constant(value=None, value_float=None, value_floats=None, value_int=None, value_ints=None):
     for candidate in (value, value_float, value_floats, value_int, value_ints):
         if candidate is not None:
-            return candidate if isinstance(candidate, torch.Tensor) else torch.tensor(candidate)
+            if isinstance(candidate, float) or (
+                isinstance(candidate, list) and any(isinstance(v, float) for v in candidate)
+            ):
+                return torch.tensor(candidate)
+            return candidate  # a float tensor, or integers kept as Python values
     raise UnsupportedOpError("ONNX Constant without a value")
 
 
@@ -1391,6 +1431,7 @@ ONNX_OPS = {
     "Gemm": _gemm,
     "Relu": F.relu,
     "Sigmoid": torch.sigmoid,
+    "LogSigmoid": F.logsigmoid,  # Sigmoid then Log, fused by _fuse_log_sigmoid
     "Tanh": torch.tanh,
     "Softplus": F.softplus,
     "Softsign": F.softsign,
@@ -1433,6 +1474,24 @@ ONNX_OPS = {
     "ReduceSum": _with_axes_attribute(_reduce(torch.sum)),
     "ReduceMean": _with_axes_attribute(_reduce(torch.mean)),
 }
+# ops that take shapes, axes or indices as Python values (the others get tensors)
+ONNX_OPS_ON_PYTHON_VALUES = frozenset(
+    {
+        "Pad",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Gather",
+        "Slice",
+        "Cast",
+        "Identity",
+        "Constant",
+        "Shape",
+        "ReduceSum",
+        "ReduceMean",
+    }
+)
 
 
 __all__ = [

@@ -318,6 +318,40 @@ def test_onnx_model_compiles_like_torch():
     np.testing.assert_array_equal(simulated, quantized.forward(x_test, fhe="disable"))
 
 
+class _ViewSigmoid(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x.view(-1, 1))
+
+
+class _UnsqueezeRelu(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.unsqueeze(1))
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [_ViewSigmoid, _UnsqueezeRelu, lambda: nn.Sequential(nn.Linear(5, 5), nn.LogSigmoid(), nn.Linear(5, 5))],
+    ids=["reshape-constant", "unsqueeze-constant", "log-sigmoid"],
+)
+def test_onnx_exports_with_constant_shapes_and_log_sigmoid_compile(make_model):
+    """`torch.onnx.export` writes a Reshape's shape and an Unsqueeze's axes as Constant nodes
+    (they failed to capture: their values were data-dependent tensors) and LogSigmoid as
+    Sigmoid then Log (-inf on the inputset in float32). Both paths give the same program."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = make_model().eval()
+    inputset = torch.empty(200, 5).uniform_(-100, 100)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (inputset[:1],), buffer, dynamo=False, opset_version=14)
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    assert "Constant" in {n.op_type for n in onnx_model.graph.node} or isinstance(model, nn.Sequential)
+    from_onnx = build_quantized_module(onnx_model, inputset, n_bits=4)
+    from_torch = build_quantized_module(model, inputset, n_bits=4)
+    x_test = torch.empty(20, 5).uniform_(-100, 100)
+    np.testing.assert_array_equal(from_onnx.forward(x_test), from_torch.forward(x_test))
+
+
 def test_show_mlir_verbose_and_artifacts(tmp_path, capsys):
     from concrete import fhe
 
