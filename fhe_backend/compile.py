@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import inspect
 import io
+import itertools
 import json
 import math
 import warnings
@@ -325,13 +326,16 @@ class QuantizedModule:
     def lookup_report(self) -> Dict[str, Dict[str, Any]]:
         """`bitwidth_and_range_report` computed from the calibration, compiled or not."""
         nodes = {node.name: node for node in self.partition.graph_module.graph.nodes}
-        report = {}
+        report: Dict[str, Dict[str, Any]] = {}
         for key, (low, high) in self.partition.lookup_ranges.items():
-            node_name, index = key.split(":")
+            node_name = self.program.lookup_sources.get(key, key.split(":")[0])
             node = nodes.get(node_name)
             where = module_path(node) if node is not None else ""
-            name = f"{where}/{node_name}" if where else node_name
-            name = name if index == "0" else f"{name}:{index}"
+            name = base = f"{where}/{node_name}" if where else node_name
+            for index in itertools.count(1):  # several lookups read one node's integers
+                if name not in report:
+                    break
+                name = f"{base}:{index}"
             bits = bit_width(low, high)
             report[name] = {
                 "range": (int(low), int(high)),

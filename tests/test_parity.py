@@ -485,6 +485,23 @@ def test_bitwidth_report_none_before_compile(small_module):
     assert report and all("range" in entry and "bitwidth" in entry for entry in report.values())
 
 
+
+def test_bitwidth_report_names_each_lookup_by_the_layer_it_reads():
+    """The lookup after fc1's ReLU reads fc1's accumulator: its entry is 'fc1/addmm' with that
+    accumulator's range, as in the circuit (it was filed under the next layer, fc2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.fc1, model.act_1 = nn.Linear(8, 6), nn.ReLU()
+    model.fc2, model.act_2 = nn.Linear(6, 4), nn.ReLU()
+    model.fc3 = nn.Linear(4, 2)
+    quantized = compile_torch_model(model.eval(), torch.randn(100, 8), n_bits=3)
+    report = quantized.bitwidth_and_range_report()
+    assert list(report) == ["fc1/addmm", "fc2/addmm_1"]
+    graph = quantized.fhe_circuit.graph
+    accumulators = [n.bounds for n in graph.query_nodes(ordered=True) if n.properties.get("name") == "matmul"]
+    assert [tuple(report[name]["range"]) for name in report] == [tuple(b) for b in accumulators[:2]]
+
+
 ACTIVATIONS = [
     nn.Sigmoid,
     nn.ReLU,

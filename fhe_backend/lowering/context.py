@@ -178,6 +178,7 @@ class LoweringContext:
         if exact:
             return fhe.univariate(table)(expr)
         key = f"{self.node.name}:{next(self._lookups)}"
+        self.program.lookup_sources[key] = self.program.integers_source(expr) or self.node.name
         if self.program.recording is not None:
             low, high = self.program.record_extremes(expr, self._batch_layout(expr))
             old = self.program.recording.get(key)

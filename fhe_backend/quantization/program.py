@@ -131,6 +131,9 @@ class IntegerProgram:
         self.output_widths: Dict[str, int] = {}  # output node -> its integer width on the inputset
         self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
         self.encrypted_products = False  # set when a run meets a product of encrypted values
+        # lookup key -> the node that computed the integers it reads (a linear op's accumulator,
+        # read by the lookup of the activation fused after it): how reports name lookups
+        self.lookup_sources: Dict[str, str] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -173,6 +176,11 @@ class IntegerProgram:
         # row / rows is exact in reals, not in floats (29 / 200 * 200 = 28.999...)
         return {min(int(position * samples + 1e-9), samples - 1) for position in positions}
 
+    def integers_source(self, expr: Any) -> Optional[str]:
+        """The node whose lowering first made the integer array/tracer `expr` in this run."""
+        entry = getattr(self._run_state, "sources", {}).get(id(expr))
+        return entry[1] if entry is not None and entry[0] is expr else None
+
     def value_stats(self, value: Encrypted, ctx: LoweringContext) -> NodeStats:
         """Float statistics of a value: of the node that produced it (default: ctx's node)."""
         entry = getattr(self._run_state, "value_stats", {}).get(id(value))
@@ -205,7 +213,7 @@ class IntegerProgram:
     def _run(self, q_inputs: Sequence[Any]):
         env: Dict[fx.Node, Any] = {}
         inputs = iter(q_inputs)
-        self._run_state.value_stats = {}
+        self._run_state.value_stats, self._run_state.sources = {}, {}
         try:
             for node in self.graph_module.graph.nodes:
                 if node.op == "placeholder":
@@ -217,7 +225,7 @@ class IntegerProgram:
                 elif node.op == "output":
                     return self._outputs(node, env)
         finally:
-            self._run_state.value_stats = {}
+            self._run_state.value_stats, self._run_state.sources = {}, {}
         raise LoweringError("partition graph has no output node")
 
     def _note_stats(self, value: Any, node: fx.Node) -> None:
@@ -257,6 +265,8 @@ class IntegerProgram:
             ) from error
         if is_encrypted(result) and node.name in self.stats:
             self._note_stats(result, node)
+        if is_encrypted(result):  # the first node to make these integers (fusions keep them)
+            self._run_state.sources.setdefault(id(result.expr), (result.expr, node.name))
         return result
 
     def _outputs(self, node: fx.Node, env: Dict[fx.Node, Any]):
