@@ -32,8 +32,7 @@ import torch.nn.functional as F
 
 from .backend import DECOMPOSITIONS, CompiledGraph, compile_aten_graph
 from .errors import FheBackendError, LoweringError, NotCompiledError, OptionError, UnsupportedOpError
-from .graph_utils import as_tuple
-from .partition import module_path
+from .graph_utils import as_tuple, node_label
 from .quantization.calibration import batches
 from .quantization.quantizers import bit_width
 from .runtime import FhePartition
@@ -330,8 +329,7 @@ class QuantizedModule:
         for key, (low, high) in self.partition.lookup_ranges.items():
             node_name = self.program.lookup_sources.get(key, key.split(":")[0])
             node = nodes.get(node_name)
-            where = module_path(node) if node is not None else ""
-            name = base = f"{where}/{node_name}" if where else node_name
+            name = base = node_label(node) if node is not None else node_name
             for index in itertools.count(1):  # several lookups read one node's integers
                 if name not in report:
                     break
@@ -1024,10 +1022,8 @@ class _ValueRecorder:
         def recording_call(node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
             result = original(node, env)
             if is_encrypted(result):
-                where = module_path(node)
-                name = f"{where}/{node.name}" if where else node.name
                 floats = result.value_fn()(result.expr)
-                self.values[name] = {"output": np.asarray(floats, dtype=np.float64)}
+                self.values[node_label(node)] = {"output": np.asarray(floats, dtype=np.float64)}
             return result
 
         self.program._call = recording_call

@@ -83,3 +83,32 @@ def solve_symbol(node: fx.Node, tensors: Dict[fx.Node, torch.Tensor]) -> int:
             "the graph's tensor inputs. Compile with torch.compile(..., dynamic=False) to work around"
         )
     return int(solved)
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path of a node, as `named_modules()` spells it ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    return normalize_module_path(raw)
+
+
+def module_paths(node: fx.Node) -> List[Tuple[str, type]]:
+    """(path, class) of every module enclosing the node, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(normalize_module_path(path), cls) for path, cls in stack.values()]
+
+
+def normalize_module_path(raw: str) -> str:
+    """ "L['self'].seq._modules['0']" or "L['fn'].0" -> 'seq.0'."""
+    path = re.sub(r"^L\['[^']*'\]\.?", "", raw)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".").replace("..", ".")
+
+
+def node_label(node: fx.Node) -> str:
+    """'module path/node name' of a node ('node name' at the root), as reports name it."""
+    where_in_model = module_path(node)
+    return f"{where_in_model}/{node.name}" if where_in_model else node.name

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from .errors import OptionError
-from .partition import TargetGroup, normalize_module_path
+from .graph_utils import normalize_module_path
+from .partition import TargetGroup
 from .settings import FheSettings
 
 _MARK_ATTRIBUTE = "_fhe_module_options"

@@ -7,7 +7,6 @@ module, with `CapabilityBasedPartitioner`; everything else stays eager torch and
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from .errors import UnsupportedOpError
-from .graph_utils import source_line, where
+from .graph_utils import module_path, module_paths, source_line, where
 from .lowering.batch import (
     BATCH_MAJOR,
     BatchAt,
@@ -60,29 +59,6 @@ class TargetGroup:
     key: str
     settings: FheSettings
     nodes: List[fx.Node] = field(default_factory=list)
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost module path of a node, as `named_modules()` spells it ('' for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
-    return normalize_module_path(raw)
-
-
-def module_paths(node: fx.Node) -> List[Tuple[str, type]]:
-    """(path, class) of every module enclosing the node, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(normalize_module_path(path), cls) for path, cls in stack.values()]
-
-
-def normalize_module_path(raw: str) -> str:
-    """ "L['self'].seq._modules['0']" or "L['fn'].0" -> 'seq.0'."""
-    path = re.sub(r"^L\['[^']*'\]\.?", "", raw)
-    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".").replace("..", ".")
 
 
 class _InTarget(OperatorSupportBase):

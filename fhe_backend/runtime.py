@@ -32,7 +32,7 @@ from .errors import (
     NotCompiledError,
     OptionError,
 )
-from .graph_utils import as_tuple, fetch_attr, output_nodes
+from .graph_utils import as_tuple, fetch_attr, node_label, output_nodes
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.precision_search import search_precision
 from .quantization.program import IntegerProgram
@@ -102,6 +102,7 @@ class FhePartition(torch.nn.Module):
         # its other graphs hold for this one (other batch sizes) round as this one does
         self.session_ref: Optional[Callable[[], Any]] = None
         self._clip_warned = False
+        self._wrap_warned = False
         self._ran_in_the_clear = False  # whether `disable` results were returned (see compile_circuit)
         # seconds the last circuit compilation took (its checks and any retry included)
         self.compile_seconds: Optional[float] = None
@@ -501,6 +502,27 @@ class FhePartition(torch.nn.Module):
         outputs = self.program.dequantize_outputs(*q_outputs)
         return self._to_torch(outputs, tensors)
 
+    def _warn_wraps(self, wraps: Sequence[Tuple[str, int, int, int, int]]) -> None:
+        """Warn once when inputs drive a lookup's input beyond what the circuit holds."""
+        if not wraps or self._wrap_warned:
+            return
+        self._wrap_warned = True
+        key, low, high, capacity_low, capacity_high = wraps[0]
+        source = self.program.lookup_sources.get(key, key.split(":")[0])
+        node = next((n for n in self.graph_module.graph.nodes if n.name == source), None)
+        others = len({w[0] for w in wraps}) - 1
+        warnings.warn(
+            f"fhe_backend: partition '{self.name}': on these inputs the lookup reading "
+            f"'{node_label(node) if node is not None else source}' gets integers in [{low}, {high}], beyond the "
+            f"[{capacity_low}, {capacity_high}] its circuit input holds (calibrated on "
+            f"{self.lookup_ranges.get(key)})"
+            + (f", and {others} other lookup(s) too" if others else "")
+            + ": under FHE (simulate/execute) such values wrap around and give wrong results "
+            "where fhe='disable' does not. Calibrate on an inputset that covers these inputs "
+            "(warned once)",
+            stacklevel=3,
+        )
+
     def _warn_if_clipped(self, tensors: Sequence[torch.Tensor]) -> None:
         """Warn once when inputs fall outside the calibration range (they are clipped)."""
         if self._clip_warned:
@@ -528,11 +550,15 @@ class FhePartition(torch.nn.Module):
         mode = mode or self.mode
         if mode == "disable" and self.program is not None:
             self._ran_in_the_clear = True
-            return as_tuple(self.program(*q_inputs))
+            outputs, wraps = self.program.run_checking_wraps(*q_inputs)
+            self._warn_wraps(wraps)
+            return as_tuple(outputs)
         self._require_compiled()
         if mode == "remote":
             return as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
+            if not self._wrap_warned:  # the clear run costs nothing next to the encrypted one
+                self._warn_wraps(self.program.run_checking_wraps(*q_inputs)[1])
             self.keygen()
         per_sample = self.runner.run(self._samples(q_inputs), mode)
         return tuple(np.concatenate(parts) for parts in zip(*per_sample))

@@ -255,3 +255,26 @@ def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuratio
         with fhe_backend.fhe_mode("execute"):
             executed = compiled(x[:2])
     assert torch.equal(disabled, simulated) and torch.equal(simulated, executed)
+
+
+@pytest.mark.parametrize("rounding", [None, 4, {"n_bits": 4, "method": "approximate"}])
+def test_inputs_beyond_what_a_lookup_holds_warn_that_fhe_wraps(rounding):
+    """Each input stays in its calibrated range, but together they push the first layer's
+    accumulator far beyond the calibrated one: under FHE that value wraps around (simulate
+    differs from disable), so disable and execute warn, naming the layer; inputs like the
+    inputset's do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.9]]))
+    t = torch.linspace(-1, 1, 200)
+    inputset = torch.stack([t, -t + 0.05 * torch.randn(200)], dim=1)  # x0 + x1 stays near 0
+    module = compile_torch_model(model, inputset, n_bits=4, rounding_threshold_bits=rounding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.forward(inputset[:50].numpy())  # the inputset's own kind of inputs: no warning
+    beyond = np.array([[1.0, 1.0], [-1.0, -1.0]])
+    with pytest.warns(UserWarning, match=r"lookup reading '0/addmm' gets integers .* wrap around"):
+        clear = module.forward(beyond)
+    simulated = module.forward(beyond, fhe="simulate")
+    assert not np.array_equal(clear, simulated)  # the wrap the warning is about

@@ -194,6 +194,7 @@ class LoweringContext:
         if np.any(offset):  # a clear addition that centers the range: one bit less to round and look up
             expr, inner = expr + offset, table
             table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
+        self.program.note_lookup_input(key, expr)
         lsbs = self.program.rounding_lsbs.get(key, 0)
         if lsbs:
             approximate = self.settings.rounding_threshold_bits.approximate

@@ -134,6 +134,9 @@ class IntegerProgram:
         # lookup key -> the node that computed the integers it reads (a linear op's accumulator,
         # read by the lookup of the activation fused after it): how reports name lookups
         self.lookup_sources: Dict[str, str] = {}
+        # lookup key -> the integers its input (offset included) holds in the circuit: beyond
+        # them a value wraps around under FHE (see run_checking_wraps)
+        self.lookup_capacity: Dict[str, Tuple[int, int]] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -175,6 +178,26 @@ class IntegerProgram:
             self.recording, self.extreme_positions = recording, None
         # row / rows is exact in reals, not in floats (29 / 200 * 200 = 28.999...)
         return {min(int(position * samples + 1e-9), samples - 1) for position in positions}
+
+    def run_checking_wraps(self, *q_inputs: Any) -> Tuple[Any, List[Tuple[str, int, int, int, int]]]:
+        """Run in the clear and report the lookups whose input went beyond what the circuit
+        holds (it would wrap around under FHE): (key, low, high, capacity low, capacity high)."""
+        self._run_state.wraps = []
+        try:
+            result = self(*q_inputs)
+            return result, list(self._run_state.wraps)
+        finally:
+            self._run_state.wraps = None
+
+    def note_lookup_input(self, key: str, expr: Any) -> None:
+        """During `run_checking_wraps`: record a lookup input beyond its capacity."""
+        wraps = getattr(self._run_state, "wraps", None)
+        capacity = self.lookup_capacity.get(key)
+        if wraps is None or capacity is None or not isinstance(expr, np.ndarray) or not expr.size:
+            return
+        low, high = int(expr.min()), int(expr.max())
+        if low < capacity[0] or high > capacity[1]:
+            wraps.append((key, low, high, *capacity))
 
     def integers_source(self, expr: Any) -> Optional[str]:
         """The node whose lowering first made the integer array/tracer `expr` in this run."""
@@ -563,6 +586,8 @@ class IntegerProgram:
             self._align_rounding(q_inputs, raw_ranges, ranges)
         elif self.qat or (rounding is not None and not rounding.approximate):
             self._round_through_zero(raw_ranges, ranges)
+        placed = self._placed(raw_ranges)
+        self.lookup_capacity = {key: _capacity(placed[key], raw_ranges[key]) for key in placed}
         return ranges
 
     @property
@@ -778,6 +803,12 @@ def _rounding_top(bits: int, lsbs: int, approximate: bool) -> int:
     if not approximate:
         return 2**bits - 1 - 2 ** (lsbs - 1)
     return 2**bits - 2 ** (lsbs + 1) + 2 ** (lsbs - 1) - 1
+
+
+def _capacity(placed: Tuple[int, int], raw: Tuple[int, int]) -> Tuple[int, int]:
+    """The integers a lookup's placed input holds at the width Concrete gives it."""
+    width = _seen_width(placed, raw)
+    return (0, 2**width - 1) if placed[0] >= 0 else (-(2 ** (width - 1)), 2 ** (width - 1) - 1)
 
 
 def _seen_width(placed: Tuple[int, int], raw: Tuple[int, int]) -> int:
