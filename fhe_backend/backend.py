@@ -35,7 +35,7 @@ from .passes import PassManager
 from .quantization.calibration import batches
 from .replay import Replay, dynamo_call, fed_by_call
 from .runtime import FhePartition, fhe_mode
-from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings
+from .settings import MIN_RECOMMENDED_INPUTSET, FheSettings, check_encryption_status
 from .skipped_frames import install as install_skipped_frame_checks
 from .skipped_frames import note_capture
 
@@ -594,11 +594,7 @@ def _input_status(user_inputs: List[fx.Node], settings: FheSettings) -> Dict[str
     status = settings.inputs_encryption_status
     if status is None:
         return {}
-    if len(status) != len(tensors):
-        raise OptionError(
-            f"option 'inputs_encryption_status' = {status!r} has {len(status)} "
-            f"entries but the model has {len(tensors)} tensor input(s)"
-        )
+    check_encryption_status(status, len(tensors))
     return {node.name: s for node, s in zip(tensors, status)}
 
 

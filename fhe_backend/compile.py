@@ -36,7 +36,7 @@ from .graph_utils import as_tuple, node_label
 from .quantization.calibration import batches
 from .quantization.quantizers import bit_width
 from .runtime import FhePartition
-from .settings import FheSettings
+from .settings import FheSettings, check_encryption_status
 
 OPSET_VERSION_FOR_ONNX_EXPORT = 14
 DEFAULT_QAT_IO_BITS = 8
@@ -217,11 +217,7 @@ class QuantizedModule:
         return self.partition.circuit
 
     def _set_encryption_status(self, status: Tuple[str, ...]) -> None:
-        if len(status) != len(self.input_order):
-            raise OptionError(
-                f"inputs_encryption_status = {status!r} has {len(status)} entries but "
-                f"the model has {len(self.input_order)} input(s)"
-            )
+        check_encryption_status(status, len(self.input_order))
         ordered = tuple(status[index] for index in self.input_order)
         self.partition.encryption_status = ordered
         self.program.encryption_status = ordered
@@ -631,6 +627,7 @@ def _compile(
     _check_artifacts(artifacts)
     _check_device(device)
     _check_rounding(rounding_threshold_bits)
+    _warn_mono_parameters(configuration, rounding_threshold_bits)
     settings = _settings(
         n_bits=n_bits,
         rounding_threshold_bits=rounding_threshold_bits,
@@ -655,6 +652,21 @@ def _compile(
     if verbose:
         print(f"[fhe_backend] compiled: {quantized.statistics}")
     return quantized
+
+
+def _warn_mono_parameters(configuration: Any, rounding_threshold_bits: Any) -> None:
+    """Rounding pays off with Concrete's multi-parameter optimization (as Concrete ML warns)."""
+    from concrete.fhe import ParameterSelectionStrategy
+
+    strategy = getattr(configuration, "parameter_selection_strategy", ParameterSelectionStrategy.MULTI)
+    if rounding_threshold_bits is not None and strategy != ParameterSelectionStrategy.MULTI:
+        warnings.warn(
+            f"fhe_backend: the configuration's parameter_selection_strategy is {strategy}: it is "
+            "recommended to set the optimization strategy to multi-parameter when using "
+            "rounding as it should provide better performance "
+            "(fhe.ParameterSelectionStrategy.MULTI, Concrete's default)",
+            stacklevel=4,
+        )
 
 
 def _build(

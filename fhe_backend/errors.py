@@ -23,6 +23,11 @@ class BitWidthError(FheBackendError, ValueError):
     """A table lookup would exceed Concrete's precision limit."""
 
 
+class NoParametersFoundError(BitWidthError, RuntimeError):
+    """Concrete found no crypto parameters for a circuit, and nothing was left to narrow (a
+    `BitWidthError`; also a `RuntimeError`, what Concrete and Concrete ML raise there)."""
+
+
 class LoweringError(FheBackendError):
     """A supported operator could not be turned into an integer program or a circuit."""
 

@@ -59,6 +59,11 @@ class LoraError(FheBackendError, ValueError):
     """A LoRA training model, input or argument is not usable; the message says how to fix it."""
 
 
+class LoraBatchError(LoraError, AssertionError):
+    """A training batch of the wrong form (Concrete ML asserts there, so `except LoraError`,
+    `except ValueError` and `except AssertionError` all catch it)."""
+
+
 # ---- helpers of the Concrete ML API ------------------------------------------------------------
 
 
@@ -342,6 +347,29 @@ class _FheLinearFunction(torch.autograd.Function):
         return layer.backward_module(grad_output), None
 
 
+class ForwardModuleLinear(FheMatmul):
+    """The forward of a frozen linear, ``x Wᵀ + b``, as an FHE matmul (Concrete ML's name).
+
+    `weight` is (out, in), or (in, out) with ``weight_transposed=True`` (GPT-2's Conv1D).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        weight_transposed: bool = False,
+        name: str = "",
+    ):
+        super().__init__(weight if weight_transposed else weight.t(), bias, name=name)
+
+
+class BackwardModuleLinear(FheMatmul):
+    """The input gradient of a frozen linear, ``grad W``, as an FHE matmul (Concrete ML's name)."""
+
+    def __init__(self, weight: torch.Tensor, weight_transposed: bool = False, name: str = ""):
+        super().__init__(weight.t() if weight_transposed else weight, None, name=name)
+
+
 class FheLinear(nn.Module):
     """A frozen linear whose forward and input-gradient run in FHE (Concrete ML's CustomLinear).
 
@@ -363,9 +391,9 @@ class FheLinear(nn.Module):
         self.name = name
         self.weight_transposed = weight_transposed
         self.in_features, self.out_features = linear_weight.shape[1], linear_weight.shape[0]
-        self.forward_module = FheMatmul(linear_weight.t(), bias, name=f"{name}.forward_module")
+        self.forward_module = ForwardModuleLinear(linear_weight, bias, name=f"{name}.forward_module")
         self.backward_module = (
-            FheMatmul(linear_weight, None, name=f"{name}.backward_module") if with_backward else None
+            BackwardModuleLinear(linear_weight, name=f"{name}.backward_module") if with_backward else None
         )
 
     @property
@@ -449,6 +477,8 @@ class LoraTraining(nn.Module):
         self.inference_model = model
         self.loss_fn = loss_fn
         self.loss_scaling_factor = 1.0
+        if loss_fn is None:  # the model computes the loss: it must take the labels
+            self._require_labels_argument()
         self.replace_layers_with_custom(model, n_layers_to_skip_for_backprop)
 
     @staticmethod
@@ -506,9 +536,12 @@ class LoraTraining(nn.Module):
         if isinstance(inputs, Mapping):
             return inputs.get("attention_mask"), inputs.get("labels")
         if isinstance(inputs, (tuple, list)):
-            labels = inputs[1] if len(inputs) > 1 else None
-            mask = inputs[2] if len(inputs) > 2 else None
-            return mask, labels
+            if len(inputs) < 2:
+                raise LoraBatchError(
+                    f"Tuple inputs to LoraTraining must have two elements (data, labels), got "
+                    f"{len(inputs)}; give (x, labels), (x, labels, attention_mask) or a dict"
+                )
+            return (inputs[2] if len(inputs) > 2 else None), inputs[1]
         return None, None
 
     def forward(self, inputs: Any) -> Tuple[torch.Tensor, None]:
@@ -530,10 +563,7 @@ class LoraTraining(nn.Module):
             if attention_mask is not None:
                 model_inputs["attention_mask"] = attention_mask
             if self.loss_fn is None and labels is not None:
-                self._require_labels_argument()
                 model_inputs["labels"] = labels
-        if self.loss_fn is None:
-            self._require_labels_argument()
         output = self.inference_model(*args, **model_inputs)
         if self.loss_fn is not None:
             if labels is None:
@@ -545,8 +575,8 @@ class LoraTraining(nn.Module):
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if loss is None:
             raise LoraError(
-                f"{type(self.inference_model).__name__} returned no loss: give the "
-                "batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer"
+                f"The model did not return a loss ({type(self.inference_model).__name__}): give "
+                "the batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer"
             )
         return loss
 
@@ -558,8 +588,9 @@ class LoraTraining(nn.Module):
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
         ):
             raise LoraError(
-                f"{type(base).__name__}.forward has no 'labels' argument, so it cannot "
-                "compute a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss())"
+                f"When no loss_fn is provided, the model's forward method must accept a 'labels' "
+                f"parameter ({type(base).__name__}.forward has none, so it cannot compute a "
+                "loss): pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss())"
             )
 
 
@@ -598,8 +629,10 @@ class LoraHybridModel:
     __call__ = forward
 
     def save_and_clear_private_info(self, path: str) -> None:
-        """`LoraTrainer.save_and_clear_private_info`."""
-        self.trainer.save_and_clear_private_info(path)
+        """Save the client's model under `path` and remove the frozen server weights from it
+        (`LoraTrainer.save_and_clear_private_info` goes through here, as in Concrete ML)."""
+        trainer = self.trainer
+        trainer.deployment.save_and_clear_private_info(path, trainer.lora_training_module.inference_model)
 
 
 def _logits(output: Any) -> Any:
@@ -658,12 +691,9 @@ class LoraTrainer:
         self.start_epoch, self.global_step, self._skip_batches = 1, 0, 0
         self._epoch_batches_done = 0
         self._steps_per_epoch: Optional[int] = None
-
-    @property
-    def hybrid_model(self) -> "LoraHybridModel":
-        """Concrete ML's ``LoraTrainer.hybrid_model``: the training module with its remote
-        (FHE) linears, callable as ``hybrid_model(inputs, fhe=...)``."""
-        return LoraHybridModel(self)
+        # Concrete ML's attribute: the training module with its remote (FHE) linears, callable
+        # as hybrid_model(inputs, fhe=...); training and saving go through it
+        self.hybrid_model = LoraHybridModel(self)
 
     # ---- compilation ----------------------------------------------------------------------
 
@@ -806,14 +836,13 @@ class LoraTrainer:
     def _train_epoch(
         self, train_loader: Iterable, epoch: int, steps_per_epoch: int, device: str, progress: Any
     ) -> None:
-        module = self.lora_training_module
         skip = self._skip_batches
         self._epoch_batches_done = skip
         self.optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(train_loader):
             if index < skip:
                 continue
-            loss, _ = module(_to_device(batch, device))
+            loss, _ = self.hybrid_model(_to_device(batch, device))
             self.global_step += 1
             self._epoch_batches_done = index + 1
             value = float(loss)
@@ -961,7 +990,7 @@ class LoraTrainer:
 
         After this the remote linears run only in FHE modes (simulate, execute, remote).
         """
-        self.deployment.save_and_clear_private_info(path, self.lora_training_module.inference_model)
+        self.hybrid_model.save_and_clear_private_info(path)
 
 
 def _training_args(training_args: Any) -> Dict[str, Any]:
@@ -1022,9 +1051,12 @@ __all__ = [
     "FheMatmul",
     "CustomLinear",
     "FheForwardLinear",
+    "ForwardModuleLinear",
+    "BackwardModuleLinear",
     "LINEAR_LAYERS",
     "LoraHybridModel",
     "is_lora_module",
+    "LoraBatchError",
     "LoraError",
     "LoraTrainer",
     "LoraTraining",

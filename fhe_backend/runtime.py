@@ -26,9 +26,9 @@ from concrete import fhe
 from .circuit_runner import CircuitRunner, Sample
 from .errors import (
     CONCRETE_COMPILE_ERRORS,
-    BitWidthError,
     FheBackendError,
     LoweringError,
+    NoParametersFoundError,
     NotCompiledError,
     OptionError,
 )
@@ -399,7 +399,7 @@ class FhePartition(torch.nn.Module):
             "the MLIR it was given"
         )
 
-    def _no_parameters_error(self) -> BitWidthError:
+    def _no_parameters_error(self) -> NoParametersFoundError:
         rounding = self.settings.rounding_threshold_bits
         if rounding is None or rounding.auto:
             widest = self._lookup_widths()[0][0] if self.lookup_ranges else 0
@@ -413,7 +413,7 @@ class FhePartition(torch.nn.Module):
                 rounding_advice += f", or {{'n_bits': {rounding.n_bits}, 'method': 'approximate'}}"
             rounding_advice += ")"
         n_bits = self.settings.n_bits.op_inputs
-        return BitWidthError(
+        return NoParametersFoundError(
             f"partition '{self.name}' ({self.module_path or 'model'}): Concrete found no crypto "
             f"parameters (NoParametersFound) for its {len(self.lookup_ranges)} lookup(s); widest: "
             f"{self._widest_lookups()} (rounding {rounding}, n_bits {self.settings.n_bits}). Lower "

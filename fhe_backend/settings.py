@@ -349,10 +349,10 @@ def _validated(values: dict) -> dict:
     status = values["inputs_encryption_status"]
     if status is not None:
         status = tuple(status)
-        if not status or any(s not in ENCRYPTION_STATUSES for s in status) or "encrypted" not in status:
+        if any(s not in ENCRYPTION_STATUSES for s in status):
             raise OptionError(
-                f"option 'inputs_encryption_status' = {status!r}: one of {ENCRYPTION_STATUSES} per "
-                "input, at least one 'encrypted'"
+                f"Unexpected status from '{status}', expected 'clear' or 'encrypted'. (option "
+                f"'inputs_encryption_status': one of {ENCRYPTION_STATUSES} per input)"
             )
         values["inputs_encryption_status"] = status
     if values["runner"] not in RUNNERS:
@@ -369,3 +369,18 @@ def _validated(values: dict) -> dict:
     if values["key_cache_dir"] is not None:
         values["key_cache_dir"] = str(values["key_cache_dir"])
     return values
+
+
+def check_encryption_status(status: Tuple[str, ...], count: int) -> None:
+    """Check `inputs_encryption_status` against a model of `count` tensor inputs (Concrete ML's
+    checks, in its order and words): one status per input, at least one 'encrypted'."""
+    option = f"(option 'inputs_encryption_status': one of {ENCRYPTION_STATUSES} per input)"
+    if len(status) < count:
+        raise OptionError(f"Missing arguments from '{status}', expected {count} arguments. {option}")
+    if len(status) > count:
+        raise OptionError(f"Too many arguments in '{status}', expected {count} arguments. {option}")
+    if "encrypted" not in status:
+        raise OptionError(
+            f"At least one input should be encrypted but got {status}: a circuit computes on "
+            f"encrypted values {option}"
+        )

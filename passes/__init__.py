@@ -16,6 +16,7 @@ from .decompose_fused import decompose_fused
 from .detect_fake_quant import detect_fake_quant
 from .fold_constants import fold_constants
 from .free_batch_views import free_batch_views
+from .masked_assign import masked_assign
 from .masked_softmax import masked_softmax
 from .remove_identities import remove_identities
 from .sizes_from_inputs import sizes_from_inputs
@@ -25,6 +26,7 @@ GraphPass = Callable[[fx.GraphModule, object], fx.GraphModule]
 DEFAULT_PASSES: Sequence[GraphPass] = (
     decompose_fused,
     remove_identities,
+    masked_assign,
     fold_constants,
     masked_softmax,
     detect_fake_quant,
@@ -62,6 +64,7 @@ __all__ = [
     "detect_fake_quant",
     "fold_constants",
     "free_batch_views",
+    "masked_assign",
     "masked_softmax",
     "remove_identities",
     "sizes_from_inputs",

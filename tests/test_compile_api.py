@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -222,10 +223,16 @@ def test_clear_input(insecure_configuration):
         torch.from_numpy(expected), 3, steps=1
     )
     np.testing.assert_array_equal(simulated, quantized.forward(x, y, fhe="disable"))
-    with pytest.raises(OptionError, match="inputs_encryption_status"):
-        compile_torch_model(model, inputset, n_bits=3, inputs_encryption_status=["encrypted"])
-    with pytest.raises(OptionError, match="inputs_encryption_status"):
-        compile_torch_model(model, inputset, n_bits=3, inputs_encryption_status=["clear", "clear"])
+    concrete_ml_checks = [  # Concrete ML's order and words
+        ([], r"Missing arguments from '.*', expected 2 arguments\."),
+        (["encrypted"], r"Missing arguments from '.*', expected 2 arguments\."),
+        (["encrypted", "clear", "clear"], r"Too many arguments in '.*', expected 2 arguments\."),
+        (["encrypted", "random"], r"Unexpected status from '.*', expected 'clear' or 'encrypted'\."),
+        (["clear", "clear"], r"At least one input should be encrypted but got .*"),
+    ]
+    for status, message in concrete_ml_checks:
+        with pytest.raises(OptionError, match=message):
+            compile_torch_model(model, inputset, n_bits=3, inputs_encryption_status=status)
 
 
 def test_only_one_of_p_error_and_global_p_error():
@@ -384,3 +391,20 @@ def test_convert_torch_tensor_or_numpy_array_to_numpy_array():
     assert convert_torch_tensor_or_numpy_array_to_numpy_array(same) is same
     with pytest.raises(OptionError):
         convert_torch_tensor_or_numpy_array_to_numpy_array([1, 2])
+
+
+def test_rounding_with_mono_parameters_warns_as_in_concrete_ml():
+    from concrete import fhe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    configuration = fhe.Configuration(parameter_selection_strategy=fhe.ParameterSelectionStrategy.MONO)
+    inputset = torch.randn(100, 3)
+    with pytest.warns(
+        UserWarning, match="set the optimization strategy to multi-parameter when using rounding"
+    ):
+        compile_torch_model(model, inputset, n_bits=3, rounding_threshold_bits=3, configuration=configuration)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_torch_model(model, inputset, n_bits=3, configuration=configuration)
+    assert not any("multi-parameter" in str(w.message) for w in caught)

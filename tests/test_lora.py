@@ -362,10 +362,9 @@ def test_errors_say_how_to_fix(tmp_path):
     """Bad models, inputs and modes raise errors naming the fix."""
     with pytest.raises(ValueError, match="does not contain any detectable LoRA layers"):
         LoraTraining(TinyMLP())
-    training = LoraTraining(tiny_mlp_lora())  # no loss_fn, and TinyMLP.forward takes no labels
+    with pytest.raises(ValueError, match="must accept a 'labels' parameter.*loss_fn"):
+        LoraTraining(tiny_mlp_lora())  # no loss_fn, and TinyMLP.forward takes no labels
     x, y = mlp_data(4)
-    with pytest.raises(ValueError, match="loss_fn"):
-        training((x, y))
     trainer = mlp_trainer(tmp_path)
     with pytest.raises(NotCompiledError, match="compile"):
         trainer.train([(x, y)], fhe="simulate")
@@ -376,6 +375,52 @@ def test_errors_say_how_to_fix(tmp_path):
     trainer.compile((x, y), n_bits=4)
     with pytest.raises(OptionError, match="remote"):
         trainer.train([(x, y)], fhe="remote")
+
+
+def test_concrete_ml_batch_checks_hybrid_model_and_backprop_modules(tmp_path):
+    """Concrete ML's LoraTraining checks, its LoraTrainer.hybrid_model attribute that training
+    and saving go through, and its hybrid_backprop_linear module path."""
+    from fhe_backend.hybrid_backprop_linear import BackwardModuleLinear, CustomLinear, ForwardModuleLinear
+
+    class ReturnsNoLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_a = nn.Parameter(torch.zeros(4, 4))
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x, labels=None):
+            return {"logits": self.linear(x)}
+
+    training = LoraTraining(ReturnsNoLoss())
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="The model did not return a loss"):
+        training((x, None))
+    with pytest.raises(AssertionError, match="must have two elements"):
+        training((x,))
+
+    trainer = mlp_trainer(tmp_path)
+    assert trainer.hybrid_model is trainer.hybrid_model
+    calls = []
+    original = trainer.hybrid_model.forward
+    trainer.hybrid_model.forward = lambda inputs, fhe=None: calls.append(inputs) or original(inputs, fhe)
+    data = mlp_data(8)
+    trainer.train([data], fhe="torch")
+    assert len(calls) == 1 and calls[0][0] is data[0]  # the training step went through it
+    saved = []
+    trainer.hybrid_model.save_and_clear_private_info = saved.append
+    trainer.save_and_clear_private_info(str(tmp_path / "client"))
+    assert saved == [str(tmp_path / "client")]
+
+    weight, bias = torch.randn(5, 3), torch.randn(5)
+    forward, backward = ForwardModuleLinear(weight, bias), BackwardModuleLinear(weight)
+    inputs = torch.randn(2, 3)
+    torch.testing.assert_close(forward(inputs), inputs @ weight.t() + bias)
+    gradient = torch.randn(2, 5)
+    torch.testing.assert_close(backward(gradient), gradient @ weight)
+    layer = CustomLinear(weight, bias)
+    inputs.requires_grad_(True)
+    layer(inputs).backward(gradient)
+    torch.testing.assert_close(inputs.grad, gradient @ weight)
 
 
 def test_training_inputs_forms_and_helpers(tmp_path):

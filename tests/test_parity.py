@@ -485,7 +485,6 @@ def test_bitwidth_report_none_before_compile(small_module):
     assert report and all("range" in entry and "bitwidth" in entry for entry in report.values())
 
 
-
 def test_bitwidth_report_names_each_lookup_by_the_layer_it_reads():
     """The lookup after fc1's ReLU reads fc1's accumulator: its entry is 'fc1/addmm' with that
     accumulator's range, as in the circuit (it was filed under the next layer, fc2)."""
@@ -618,3 +617,30 @@ def test_lora_trainer_train_dummy_model(tmp_path, use_dynamic_quantization):
     assert isinstance(model.linear1, nn.Linear)
     loss, _ = trainer.hybrid_model((torch.randn(2, 10), torch.randn(2, 10)), fhe="disable")
     assert torch.isfinite(loss)
+
+
+class _WhereConstantMask(nn.Module):
+    def __init__(self, features: int, keep_encrypted_where_true: bool):
+        super().__init__()
+        self.mask = torch.rand(1, features) > 0.5
+        self.keep = keep_encrypted_where_true
+
+    def forward(self, x):
+        return torch.where(self.mask, x, 0.25) if self.keep else torch.where(self.mask, -3.0, x)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_where_with_a_constant_mask_is_leveled(keep):
+    """Concrete ML's where-net: a constant mask selecting an encrypted value or a constant is
+    a multiplication by the 0/1 mask, not a lookup of the value's full width (at n_bits 16 the
+    lookup had no Concrete parameters, and the narrowing fallback cost 6 units of accuracy)."""
+    torch.manual_seed(0)
+    model = _WhereConstantMask(32, keep).eval()
+    inputset = torch.empty(100, 32).uniform_(-100, 100)
+    quantized = compile_torch_model(model, inputset, n_bits=16)
+    assert quantized.statistics["pbs_count"] == 0
+    x_test = torch.empty(10, 32).uniform_(-100, 100)
+    expected = model(x_test).numpy()
+    clear = quantized.forward(x_test.numpy())
+    assert np.abs(clear - expected).max() <= 200 / (2**16 - 1)  # one 16-bit input step
+    np.testing.assert_array_equal(quantized.forward(x_test.numpy(), fhe="simulate"), clear)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -20,6 +21,7 @@ from fhe_backend.passes import (
     detect_fake_quant,
     fold_constants,
     free_batch_views,
+    masked_assign,
     masked_softmax,
     remove_identities,
     sizes_from_inputs,
@@ -42,12 +44,45 @@ def test_default_passes_order():
     assert list(DEFAULT_PASSES) == [
         decompose_fused,
         remove_identities,
+        masked_assign,
         fold_constants,
         masked_softmax,
         detect_fake_quant,
         free_batch_views,
         sizes_from_inputs,
     ]
+
+
+class _StepByAssignment(torch.nn.Module):
+    """Concrete ML's step activation: a masked assignment (`index_put`)."""
+
+    def forward(self, x):
+        y = torch.zeros_like(x)
+        y[torch.gt(x - 0.5, 0.0)] = 1.0
+        return torch.relu(y * 2.0)
+
+
+class _StepBySelect(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(torch.where(x - 0.5 > 0.0, 1.0, 0.0) * 2.0)
+
+
+def test_masked_assignment_runs_as_a_select():
+    """`y[mask] = value` compiles (index_put had no lowering) to the same program as the
+    `torch.where` it means; an index_put of other shapes is left alone."""
+    from fhe_backend.compile import compile_torch_model
+
+    graph = masked_assign(aten_graph(_StepByAssignment(), torch.randn(4, 5)))
+    assert aten.where.self in targets(graph) and aten.index_put.default not in targets(graph)
+    rows = aten_graph(lambda x, i: x.index_put([i], torch.ones(5)), torch.randn(4, 5), torch.tensor([0, 2]))
+    assert aten.index_put.default in targets(masked_assign(rows))
+
+    inputset = torch.empty(200, 5).uniform_(-10, 10)
+    by_assignment = compile_torch_model(_StepByAssignment(), inputset, n_bits=5)
+    by_select = compile_torch_model(_StepBySelect(), inputset, n_bits=5)
+    x_test = torch.empty(30, 5).uniform_(-10, 10).numpy()
+    np.testing.assert_array_equal(by_assignment.forward(x_test, fhe="simulate"), by_select.forward(x_test))
+    assert by_assignment.statistics["pbs_count"] == by_select.statistics["pbs_count"]
 
 
 def test_remove_identities_drops_copies_keeps_layout_clones():

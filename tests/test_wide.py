@@ -223,6 +223,8 @@ def test_no_parameters_for_a_wide_output_fed_by_lookups_names_the_output():
     rounding = {"n_bits": 5, "method": "approximate"}
     with pytest.raises(fhe_backend.BitWidthError) as raised:
         compile_torch_model(model, torch.randn(100, 3), n_bits=7, rounding_threshold_bits=rounding)
+    assert isinstance(raised.value, fhe_backend.NoParametersFoundError)
+    assert isinstance(raised.value, RuntimeError)  # what Concrete and Concrete ML raise here
     message = str(raised.value)
     assert "NoParametersFound" in message and "Its output 'addmm_1' is 19 bits wide" in message
     assert "fewer 'op_weights' or 'op_inputs' bits" in message

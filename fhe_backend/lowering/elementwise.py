@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..errors import LoweringError
 from ..quantization.calibration import NodeStats, tensor_stats
-from .context import Encrypted, LoweringContext, is_encrypted, shape_of, with_value
+from .context import Encrypted, LoweringContext, constant_array, is_encrypted, shape_of, with_value
 from .registry import is_constant, is_pointwise, meta_shape, op_name, register, register_pointwise
 
 aten = torch.ops.aten
@@ -164,8 +164,33 @@ def pointwise(ctx: LoweringContext, *args, **kwargs):
     if not encrypted:
         return ctx.node.target(*args, **kwargs)
     if len({id(a.expr) for a in encrypted}) == 1:
-        return _affine(ctx, args, kwargs) or fold(ctx, args, kwargs)
+        return _affine(ctx, args, kwargs) or _masked(ctx, args) or fold(ctx, args, kwargs)
     return _two_encrypted(ctx, args, kwargs)
+
+
+def _masked(ctx: LoweringContext, args: tuple) -> Optional[Encrypted]:
+    """where(constant condition, affine value, constant) (or the value second): leveled. The
+    integers are multiplied by the 0/1 mask and the zero-point of the other positions set so
+    that their 0 decodes to the constant, where a table lookup per position of the value's full
+    width would be needed otherwise. None if not that pattern."""
+    if ctx.node.target not in WHERE or len(args) != 3 or is_encrypted(args[0]):
+        return None
+    condition, a, b = args
+    value, other, keep = (a, b, True) if is_encrypted(a) else (b, a, False)
+    if not (value.affine and not is_encrypted(other)):
+        return None
+    shape = tuple(shape_of(value.expr))
+    if np.broadcast_shapes(_shape(condition), _shape(other), shape) != shape:
+        return None  # the result would be larger than the encrypted value
+    mask = constant_array(condition).astype(bool)
+    mask = mask if keep else ~mask
+    constant = _numpy_constant(other)
+    return with_value(
+        value,
+        expr=value.expr * mask.astype(np.int64),
+        zero_point=np.where(mask, value.zero_point, -np.asarray(constant) / value.scale),
+        fresh=False,
+    )
 
 
 def _two_encrypted(ctx: LoweringContext, args: tuple, kwargs: dict) -> Encrypted:
