@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -357,3 +358,20 @@ def test_the_input_quantizer_clamps_on_the_client_for_any_range(signed, narrow):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(module.forward(x.numpy(), fhe="simulate"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qat_model_whose_input_is_not_quantized_warns():
+    """Its first layer sees floats in Brevitas and n_bits['model_inputs'] integers here: the
+    results differ, so the compilation says which input and what to add."""
+    from fhe_backend.compile import compile_brevitas_qat_model
+
+    torch.manual_seed(0)
+    layers = [qnn.QuantLinear(4, 3, bias=True, weight_bit_width=3), qnn.QuantReLU(bit_width=3)]
+    x = torch.randn(100, 4)
+    with pytest.warns(UserWarning, match="input '.*' of this quantization-aware model is not quantized"):
+        compile_brevitas_qat_model(nn.Sequential(*layers).eval(), x)
+    quantized_input = nn.Sequential(qnn.QuantIdentity(bit_width=3, return_quant_tensor=True), *layers).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_brevitas_qat_model(quantized_input, x)
+    assert not any("is not quantized by the model" in str(w.message) for w in caught)

@@ -114,6 +114,7 @@ class IntegerProgram:
         self.extreme_positions: Optional[set] = None
         self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if n.name in stats]
+        self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
         self.input_quantizers = [self._input_quantizer(node) for node in self.tensor_inputs]
         self.output_dequantizers: List[OutputDequantizer] = []
         # per thread, during one run: id(value) -> (value, statistics of the node that made it);
@@ -129,7 +130,6 @@ class IntegerProgram:
         self.qat_bias_bits: Optional[int] = None
         self._bias_widths: Dict[str, List[int]] = {}  # output -> its width at 0..QAT_BIAS_BITS bits
         self.output_widths: Dict[str, int] = {}  # output node -> its integer width on the inputset
-        self.qat = any(node.target == FAKE_QUANT for node in graph_module.graph.nodes)
         self.encrypted_products = False  # set when a run meets a product of encrypted values
         # lookup key -> the node that computed the integers it reads (a linear op's accumulator,
         # read by the lookup of the activation fused after it): how reports name lookups
@@ -146,7 +146,18 @@ class IntegerProgram:
         if stats.integral and stats.low >= 0:
             # integer inputs (token ids, indices) are exact with scale 1
             return UniformQuantizer(1.0, 0, bit_width(stats.low, stats.high))
-        return UniformQuantizer.from_range(stats.low, stats.high, self.settings.n_bits.model_inputs)
+        bits = self.settings.n_bits.model_inputs
+        if self.qat and not any(user.target == FAKE_QUANT for user in node.users):
+            warnings.warn(
+                f"fhe_backend: input '{node.name}' of this quantization-aware model is not quantized "
+                f"by the model (no input quantizer, e.g. a Brevitas QuantIdentity, reads it): it is "
+                f"quantized to {bits} bits (n_bits['model_inputs']) on the inputset's range, so "
+                "results differ from the model's own, which sees floats there; add an input "
+                "quantizer and train with it to get the model's results (Concrete ML refuses such "
+                "a model)",
+                stacklevel=2,
+            )
+        return UniformQuantizer.from_range(stats.low, stats.high, bits)
 
     def record_extremes(self, expr: Any, layout: Any = None) -> Tuple[int, int]:
         """(min, max) of an integer array; while `extreme_samples` runs, also where in the batch
