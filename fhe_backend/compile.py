@@ -86,9 +86,9 @@ class QuantizedModule:
     def __init__(self, graph: Optional[CompiledGraph] = None, aten_code: str = ""):
         self.aten_code = aten_code
         self.source: Optional[Dict[str, Any]] = None  # what `dump` saves (set by _build)
+        self.graph: Optional[CompiledGraph] = graph
+        self.partition: Optional[FhePartition] = None
         if graph is None:  # empty, as Concrete ML's QuantizedModule(): nothing runs, nothing compiles
-            self.graph = None
-            self.partition = None
             self.input_order, self.output_order = [], []
             return
         if len(graph.partitions) != 1:
@@ -96,8 +96,7 @@ class QuantizedModule:
                 f"the model was captured as {len(graph.partitions)} FHE parts instead of one; "
                 "compile it with torch.compile(model, backend='fhe') to run several parts"
             )
-        self.graph = graph
-        self.partition: FhePartition = graph.partitions[0]
+        self.partition = graph.partitions[0]
         self.input_order = _partition_input_order(graph, self.partition)
         self.output_order = _partition_output_order(graph, self.partition)
 

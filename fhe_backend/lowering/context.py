@@ -112,12 +112,19 @@ class ProgramState(Protocol):
     recording: Optional[Dict[str, Tuple[int, int]]]
     input_quantizers: List[UniformQuantizer]
     pool_sums: Set[str]  # average pools whose window sum a linear op reads unrequantized
+    lookup_sources: Dict[str, str]  # lookup key -> the node whose integers it reads
 
     def record_extremes(self, expr: Any, layout: Any = None) -> Tuple[int, int]:
         """(min, max) of an integer array whose batch lies as `layout` says (dim 0 by default)."""
 
     def value_stats(self, value: Encrypted, ctx: "LoweringContext") -> NodeStats:
         """Float statistics of the node that produced `value`."""
+
+    def integers_source(self, expr: Any) -> Optional[str]:
+        """The node that made the integer array/tracer `expr` in this run, if known."""
+
+    def note_lookup_input(self, key: str, expr: Any) -> None:
+        """Check a lookup's placed input against what the circuit holds (wrap-around)."""
 
 
 def _batch_dim(node: fx.Node) -> int:
