@@ -626,7 +626,9 @@ class LoraHybridModel:
             self.set_fhe_mode(fhe)
         return self.model(inputs)
 
-    __call__ = forward
+    def __call__(self, inputs: Any, fhe: Any = None) -> Any:
+        """`forward` (looked up on the instance, so that it can be replaced there)."""
+        return self.forward(inputs, fhe)
 
     def save_and_clear_private_info(self, path: str) -> None:
         """Save the client's model under `path` and remove the frozen server weights from it

@@ -597,9 +597,18 @@ class IntegerProgram:
             self._align_rounding(q_inputs, raw_ranges, ranges)
         elif self.qat or (rounding is not None and not rounding.approximate):
             self._round_through_zero(raw_ranges, ranges)
-        placed = self._placed(raw_ranges)
-        self.lookup_capacity = {key: _capacity(placed[key], raw_ranges[key]) for key in placed}
+        self.lookup_capacity = {
+            key: _capacity(self._shifted(key, placed), raw_ranges[key])
+            for key, placed in self._placed(raw_ranges).items()
+        }
         return ranges
+
+    def _shifted(self, key: str, placed: Tuple[int, int]) -> Tuple[int, int]:
+        """A lookup's placed range widened by its per-position shifts (aligned QAT rounding)."""
+        shift = self.lookup_shifts.get(key)
+        if shift is None:
+            return placed
+        return placed[0] + min(int(np.min(shift)), 0), placed[1] + max(int(np.max(shift)), 0)
 
     @property
     def _approximate(self) -> bool:
