@@ -557,7 +557,7 @@ class FhePartition(torch.nn.Module):
         if mode == "remote":
             return as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
-            if not self._wrap_warned:  # the clear run costs nothing next to the encrypted one
+            if not self._wrap_warned and self.program is not None:  # costs nothing next to FHE
                 self._warn_wraps(self.program.run_checking_wraps(*q_inputs)[1])
             self.keygen()
         per_sample = self.runner.run(self._samples(q_inputs), mode)
