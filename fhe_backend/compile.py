@@ -311,9 +311,11 @@ class QuantizedModule:
         """Per table lookup: {name: {"range": (low, high), "bitwidth": bits, ...}}; None until
         the module is compiled (as in Concrete ML; `lookup_report` works before).
 
-        The range is the integer range of the lookup's input over the calibration set;
-        "bitwidth" is the precision the lookup runs at (after rounding), "accumulator_bitwidth"
-        the precision before rounding. Names are 'module path/node' of the ATen graph.
+        The range is the integer range of the lookup's input over the calibration set, named
+        after the node that computed it (the ReLU after fc1 reads fc1's accumulator:
+        'fc1/addmm'); "bitwidth" is the precision the lookup runs at (after rounding),
+        "accumulator_bitwidth" the precision before rounding. Names are 'module path/node' of
+        the ATen graph.
         """
         return self.lookup_report() if self.is_compiled else None
 
@@ -702,10 +704,10 @@ def _build(
             "inputs: there is nothing to run in FHE"
         )
     quantized = QuantizedModule(graph, aten_code)
-    if import_qat and not _has_quantizers(quantized):
+    if import_qat and _has_weight_layers(quantized) and not _has_quantizers(quantized):
         raise OptionError(
             "Error occurred during quantization aware training (QAT) import: import_qat=True but "
-            f"{type(model).__name__} has no quantizer (no Brevitas layer, no round/clamp "
+            f"{type(model).__name__} has weight layers and no quantizer (no Brevitas layer, no round/clamp "
             "fake-quantizer reached the graph), so its values cannot be read as quantized. Add "
             "a quantizer before each linear layer (e.g. brevitas.nn.QuantIdentity), or compile "
             "it post-training with import_qat=False and n_bits=..."
@@ -920,6 +922,14 @@ def _source(
         "reduce_sum_copy": reduce_sum_copy,
         "import_qat": import_qat,
     }
+
+
+def _has_weight_layers(quantized: QuantizedModule) -> bool:
+    """True when the captured graph multiplies by weights (matmuls, convolutions): what QAT
+    import reads as quantized (a model without any has nothing to import, as in Concrete ML)."""
+    aten = torch.ops.aten
+    weight_ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default}
+    return any(node.target in weight_ops for node in quantized.partition.graph_module.graph.nodes)
 
 
 def _has_quantizers(quantized: QuantizedModule) -> bool:

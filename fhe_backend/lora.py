@@ -575,8 +575,8 @@ class LoraTraining(nn.Module):
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if loss is None:
             raise LoraError(
-                f"The model did not return a loss ({type(self.inference_model).__name__}): give "
-                "the batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer"
+                f"The model did not return a loss. ({type(self.inference_model).__name__} returned "
+                "none: give the batch 'labels', or pass loss_fn=... to LoraTraining/LoraTrainer)"
             )
         return loss
 
@@ -808,7 +808,7 @@ class LoraTrainer:
         """
         from tqdm.auto import tqdm
 
-        self.set_fhe_mode(fhe)
+        self.hybrid_model.set_fhe_mode(fhe)  # through hybrid_model, as Concrete ML's train
         module = self.lora_training_module
         module.to(device)
         optimizer_to(self.optimizer, device)

@@ -393,7 +393,7 @@ def test_concrete_ml_batch_checks_hybrid_model_and_backprop_modules(tmp_path):
 
     training = LoraTraining(ReturnsNoLoss())
     x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="The model did not return a loss"):
+    with pytest.raises(ValueError, match=r"The model did not return a loss\."):
         training((x, None))
     with pytest.raises(AssertionError, match="must have two elements"):
         training((x,))

@@ -331,11 +331,22 @@ def test_dump_and_load_round_trip(small_module, tmp_path):
         QuantizedModule.load(io.StringIO('{"format": "other"}'))
 
 
+class _CastThreshold(nn.Module):
+    def forward(self, x):
+        return (x > 0.5).to(torch.float32) * 2.0
+
+
 def test_import_qat_on_a_float_network_raises():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
     with pytest.raises(ValueError, match="Error occurred during quantization aware training"):
         compile_torch_model(model, torch.randn(50, 4), import_qat=True)
+    # no weight layer: nothing to import, as in Concrete ML's cast test (import_qat passed
+    # positionally there)
+    inputset = torch.rand(100, 4)
+    quantized = compile_torch_model(_CastThreshold(), inputset, True, n_bits=4)
+    x_test = inputset[:20].numpy()
+    np.testing.assert_array_equal(quantized.forward(x_test, fhe="simulate"), quantized.forward(x_test))
 
 
 # ==== Part 2: behaviours Concrete ML's test suite checks ====================================

@@ -74,19 +74,23 @@ class FakeQuantSpec:
         return max(1, math.ceil(math.log2(self.qmax - self.qmin + 1)))
 
     def quantize(self, values: Any) -> np.ndarray:
-        """Float values -> the QAT integers in [qmin, qmax]."""
-        q = np.rint(np.asarray(values, dtype=np.float64) / self.scale + self.zero_point)
+        """Float values -> the QAT integers in [qmin, qmax], rounded as `fake_quant` rounds them
+        in the model's float32 (a tie there may not be one in float64)."""
+        scaled = np.asarray(values, dtype=np.float32) / np.float32(self.scale)
+        q = np.rint(scaled + np.float32(self.zero_point))
         return np.clip(q, self.qmin, self.qmax).astype(np.int64)
 
     def input_quantizer(self) -> UniformQuantizer:
         """The same quantizer as an unsigned `UniformQuantizer` (integers shifted by -qmin, up
-        to qmax - qmin: a narrow range is clamped by the client, not by a lookup)."""
+        to qmax - qmin: a narrow range is clamped by the client, not by a lookup), rounding as
+        `fake_quant` does on the model's float32 inputs."""
         levels = self.qmax - self.qmin
         return UniformQuantizer(
             self.scale,
             self.zero_point - self.qmin,
             self.n_bits,
             None if levels == 2**self.n_bits - 1 else levels,
+            model_zero_point=self.zero_point,
         )
 
 

@@ -31,6 +31,11 @@ class UniformQuantizer:
     # the largest integer; None: 2**n_bits - 1 (a QAT input quantizer with a narrow range, such
     # as Brevitas' narrow_range=True, stops below: the client clamps, the circuit needs no lookup)
     max_level: Optional[int] = None
+    # a QAT model's own input quantizer: round(x / scale + model_zero_point) in float32, as the
+    # model computes it, then shifted to this quantizer's zero-point. In float64, or with the
+    # shift added before rounding, a tie of the float32 grid (8 / 5.3333335 is 1.5 in float32)
+    # rounds the other way (round half to even)
+    model_zero_point: Optional[float] = None
 
     @property
     def q_max(self) -> int:
@@ -54,8 +59,14 @@ class UniformQuantizer:
 
     def quantize(self, values: Any) -> np.ndarray:
         """Float array -> integers in [0, q_max]."""
-        q = np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
-        return np.clip(q, 0, self.q_max).astype(np.int64)
+        return np.clip(self._unclipped(values), 0, self.q_max).astype(np.int64)
+
+    def _unclipped(self, values: Any) -> np.ndarray:
+        if self.model_zero_point is not None:
+            scaled = np.asarray(values, dtype=np.float32) / np.asarray(self.scale, dtype=np.float32)
+            rounded = np.rint(scaled + np.float32(self.model_zero_point)).astype(np.float64)
+            return rounded + (self.zero_point - self.model_zero_point)
+        return np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
 
     def dequantize(self, q: Any) -> np.ndarray:
         """Integers -> float array."""
@@ -63,7 +74,7 @@ class UniformQuantizer:
 
     def clipped(self, values: Any) -> int:
         """How many values fall outside the quantizer's range (`quantize` clips them)."""
-        q = np.rint(np.asarray(values, dtype=np.float64) / self.scale) + self.zero_point
+        q = self._unclipped(values)
         return int(np.count_nonzero((q < 0) | (q > self.q_max)))
 
     def to_dict(self) -> dict:
@@ -73,7 +84,11 @@ class UniformQuantizer:
             "zero_point": _jsonable(self.zero_point),
             "n_bits": self.n_bits,
         }
-        return data if self.max_level is None else {**data, "max_level": self.max_level}
+        if self.max_level is not None:
+            data["max_level"] = self.max_level
+        if self.model_zero_point is not None:
+            data["model_zero_point"] = self.model_zero_point
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "UniformQuantizer":
@@ -84,6 +99,7 @@ class UniformQuantizer:
             _array(data["zero_point"]),
             int(data["n_bits"]),
             None if max_level is None else int(max_level),
+            None if data.get("model_zero_point") is None else float(data["model_zero_point"]),
         )
 
 
