@@ -292,9 +292,18 @@ class FhePartition(torch.nn.Module):
             )
             self._reprogram(dataclasses.replace(self.settings, **overrides), q_inputs)
             self._share_fallback(overrides)
+        self._note_output_capacity()
         self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
+
+    def _note_output_capacity(self) -> None:
+        """The circuit's outputs hold the integers of the types Concrete gave them (measured on
+        its inputset); beyond them an output wraps around (see `IntegerProgram.capacity`)."""
+        circuit_outputs = self.circuit.graph.ordered_outputs()
+        for node, circuit_output in zip(output_nodes(self.graph_module), circuit_outputs):
+            dtype = circuit_output.output.dtype
+            self.program.capacity[f"output:{node.name}"] = (int(dtype.min()), int(dtype.max()))
 
     def _no_parameters_fallback(self) -> Optional[Tuple[Dict[str, Any], str]]:
         """The next narrower settings to try after NoParametersFound, as (setting overrides,
@@ -503,20 +512,26 @@ class FhePartition(torch.nn.Module):
         return self._to_torch(outputs, tensors)
 
     def _warn_wraps(self, wraps: Sequence[Tuple[str, int, int, int, int]]) -> None:
-        """Warn once when inputs drive a lookup's input beyond what the circuit holds."""
+        """Warn once when inputs drive a lookup's input, or an output, beyond the integers the
+        circuit holds there."""
         if not wraps or self._wrap_warned:
             return
         self._wrap_warned = True
         key, low, high, capacity_low, capacity_high = wraps[0]
-        source = self.program.lookup_sources.get(key, key.split(":")[0])
+        is_output = key.startswith("output:")
+        source = key.split(":")[1] if is_output else self.program.lookup_sources.get(key, key.split(":")[0])
         node = next((n for n in self.graph_module.graph.nodes if n.name == source), None)
+        label = node_label(node) if node is not None else source
+        where_it_wraps = (
+            f"the output '{label}' is"
+            if is_output
+            else f"the lookup reading '{label}' (calibrated on {self.lookup_ranges.get(key)}) gets"
+        )
         others = len({w[0] for w in wraps}) - 1
         warnings.warn(
-            f"fhe_backend: partition '{self.name}': on these inputs the lookup reading "
-            f"'{node_label(node) if node is not None else source}' gets integers in [{low}, {high}], beyond the "
-            f"[{capacity_low}, {capacity_high}] its circuit input holds (calibrated on "
-            f"{self.lookup_ranges.get(key)})"
-            + (f", and {others} other lookup(s) too" if others else "")
+            f"fhe_backend: partition '{self.name}': on these inputs {where_it_wraps} integers in "
+            f"[{low}, {high}], beyond the [{capacity_low}, {capacity_high}] the circuit holds there"
+            + (f" (and {others} other place(s))" if others else "")
             + ": under FHE (simulate/execute) such values wrap around and give wrong results "
             "where fhe='disable' does not. Calibrate on an inputset that covers these inputs "
             "(warned once)",

@@ -837,3 +837,28 @@ def test_rounded_lookups_never_carry_past_the_width_concrete_measures(
         p_error=2**-40,
     )
     assert rounding_carries(partition.circuit) == [] and approximate_slips_that_wrap(partition.circuit) == []
+
+
+@pytest.mark.parametrize(
+    "seed, scale, place",
+    [
+        (25, 1.5, "the lookup reading 'steps.0.layer/addmm'"),
+        (214, 3.0, "the output 'steps.0.layer/addmm' is"),
+    ],
+    ids=["rounding-carry", "output"],
+)
+def test_inputs_that_wrap_under_fhe_warn(seed, scale, place):
+    """Inputs beyond the calibration: seed 25's tanh lookup input stays within its type but
+    above its exact rounding's top, so the rounding carries and wraps; seed 214's output (a
+    linear layer, no lookup) leaves the type Concrete gave it. Both differ in simulate from
+    disable; disable says so, naming the place (found by an audit of the warning: neither was
+    checked at first)."""
+    case = generate_case(seed)
+    torch.manual_seed(seed)
+    runner = Runner(case, RandomGraph(case), _inputs(case, case.calibration, seed))
+    runner.circuits()
+    generator = torch.Generator().manual_seed(seed + 100003)
+    xs = tuple(scale * torch.randn(32, width, generator=generator) for width in case.inputs)
+    with pytest.warns(UserWarning, match=f"{place}.* wrap around"):
+        clear = runner.run(xs, "disable")
+    assert not np.array_equal(runner.run(xs, "simulate"), clear)

@@ -123,7 +123,7 @@ class ProgramState(Protocol):
     def integers_source(self, expr: Any) -> Optional[str]:
         """The node that made the integer array/tracer `expr` in this run, if known."""
 
-    def note_lookup_input(self, key: str, expr: Any) -> None:
+    def note_integers(self, key: str, expr: Any) -> None:
         """Check a lookup's placed input against what the circuit holds (wrap-around)."""
 
 
@@ -201,7 +201,7 @@ class LoweringContext:
         if np.any(offset):  # a clear addition that centers the range: one bit less to round and look up
             expr, inner = expr + offset, table
             table = lambda q: inner(np.asarray(q) - offset)  # noqa: E731
-        self.program.note_lookup_input(key, expr)
+        self.program.note_integers(key, expr)
         lsbs = self.program.rounding_lsbs.get(key, 0)
         if lsbs:
             approximate = self.settings.rounding_threshold_bits.approximate

@@ -134,9 +134,10 @@ class IntegerProgram:
         # lookup key -> the node that computed the integers it reads (a linear op's accumulator,
         # read by the lookup of the activation fused after it): how reports name lookups
         self.lookup_sources: Dict[str, str] = {}
-        # lookup key -> the integers its input (offset included) holds in the circuit: beyond
-        # them a value wraps around under FHE (see run_checking_wraps)
-        self.lookup_capacity: Dict[str, Tuple[int, int]] = {}
+        # lookup key (or "output:<node>") -> the integers its input (offset included), or the
+        # output, holds in the circuit: beyond them a value wraps around under FHE (see
+        # run_checking_wraps)
+        self.capacity: Dict[str, Tuple[int, int]] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -200,10 +201,11 @@ class IntegerProgram:
         finally:
             self._run_state.wraps = None
 
-    def note_lookup_input(self, key: str, expr: Any) -> None:
-        """During `run_checking_wraps`: record a lookup input beyond its capacity."""
+    def note_integers(self, key: str, expr: Any) -> None:
+        """During `run_checking_wraps`: record a lookup input or an output (`key`) beyond its
+        capacity."""
         wraps = getattr(self._run_state, "wraps", None)
-        capacity = self.lookup_capacity.get(key)
+        capacity = self.capacity.get(key)
         if wraps is None or capacity is None or not isinstance(expr, np.ndarray) or not expr.size:
             return
         low, high = int(expr.min()), int(expr.max())
@@ -333,6 +335,7 @@ class IntegerProgram:
             if self.recording is not None:
                 width = bit_width(*self.record_extremes(expr))
                 self.output_widths[out_node.name] = max(width, self.output_widths.get(out_node.name, 0))
+            self.note_integers(f"output:{out_node.name}", expr)
             results.append(expr)
             dequantizers.append(OutputDequantizer(scale, 0.0))
         self.output_dequantizers = dequantizers
@@ -597,18 +600,25 @@ class IntegerProgram:
             self._align_rounding(q_inputs, raw_ranges, ranges)
         elif self.qat or (rounding is not None and not rounding.approximate):
             self._round_through_zero(raw_ranges, ranges)
-        self.lookup_capacity = {
-            key: _capacity(self._shifted(key, placed), raw_ranges[key])
+        self.capacity = {
+            key: self._lookup_capacity(key, placed, raw_ranges[key])
             for key, placed in self._placed(raw_ranges).items()
         }
         return ranges
 
-    def _shifted(self, key: str, placed: Tuple[int, int]) -> Tuple[int, int]:
-        """A lookup's placed range widened by its per-position shifts (aligned QAT rounding)."""
+    def _lookup_capacity(self, key: str, placed: Tuple[int, int], raw: Tuple[int, int]) -> Tuple[int, int]:
+        """What a lookup's placed input holds: the type Concrete gives it (its per-position
+        shifts included) and, when it is rounded, no more than its rounding's top at the placed
+        width (above it the rounding carries and wraps around, `_leave_room_on_top`)."""
         shift = self.lookup_shifts.get(key)
-        if shift is None:
-            return placed
-        return placed[0] + min(int(np.min(shift)), 0), placed[1] + max(int(np.max(shift)), 0)
+        shifted = placed
+        if shift is not None:  # aligned QAT rounding
+            shifted = (placed[0] + min(int(np.min(shift)), 0), placed[1] + max(int(np.max(shift)), 0))
+        low, high = _type_range(shifted, _seen_width(shifted, raw))
+        lsbs = self.rounding_lsbs.get(key)
+        if lsbs:
+            high = min(high, _rounding_top(bit_width(*placed), lsbs, self._approximate))
+        return low, high
 
     @property
     def _approximate(self) -> bool:
@@ -825,10 +835,9 @@ def _rounding_top(bits: int, lsbs: int, approximate: bool) -> int:
     return 2**bits - 2 ** (lsbs + 1) + 2 ** (lsbs - 1) - 1
 
 
-def _capacity(placed: Tuple[int, int], raw: Tuple[int, int]) -> Tuple[int, int]:
-    """The integers a lookup's placed input holds at the width Concrete gives it."""
-    width = _seen_width(placed, raw)
-    return (0, 2**width - 1) if placed[0] >= 0 else (-(2 ** (width - 1)), 2 ** (width - 1) - 1)
+def _type_range(bounds: Tuple[int, int], width: int) -> Tuple[int, int]:
+    """The integers a `width`-bit value holds: unsigned when `bounds` are non-negative."""
+    return (0, 2**width - 1) if bounds[0] >= 0 else (-(2 ** (width - 1)), 2 ** (width - 1) - 1)
 
 
 def _seen_width(placed: Tuple[int, int], raw: Tuple[int, int]) -> int:
