@@ -124,7 +124,8 @@ class ProgramState(Protocol):
         """The node that made the integer array/tracer `expr` in this run, if known."""
 
     def note_integers(self, key: str, expr: Any) -> None:
-        """Check a lookup's placed input against what the circuit holds (wrap-around)."""
+        """During a checked run: record a lookup's placed input (or an output, `key`
+        "output:<node>") beyond what the circuit holds there (it would wrap around)."""
 
 
 def _batch_dim(node: fx.Node) -> int:
