@@ -36,7 +36,7 @@ from .graph_utils import as_tuple, fetch_attr, node_label, output_nodes
 from .quantization.calibration import NodeStats, StatsRecorder
 from .quantization.precision_search import search_precision
 from .quantization.program import IntegerProgram
-from .quantization.quantizers import bit_width
+from .quantization.quantizers import bit_width, decryption_window
 from .settings import AUTO, FHE_MODES, MAX_TLU_BIT_WIDTH, FheSettings, Rounding
 
 logger = logging.getLogger("fhe_backend")
@@ -292,18 +292,25 @@ class FhePartition(torch.nn.Module):
             )
             self._reprogram(dataclasses.replace(self.settings, **overrides), q_inputs)
             self._share_fallback(overrides)
-        self._note_output_capacity()
+        self._note_output_windows()
         self.compile_seconds = time.perf_counter() - start
         if self.settings.verbose or logger.isEnabledFor(logging.INFO):  # statistics cost seconds
             self._log(f"compiled in {self.compile_seconds:.2f}s: {self.statistics}")
 
-    def _note_output_capacity(self) -> None:
-        """The circuit's outputs hold the integers of the types Concrete gave them (measured on
-        its inputset); beyond them an output wraps around (see `IntegerProgram.capacity`)."""
+    def _note_output_windows(self) -> None:
+        """Each circuit output decrypts modulo a power of two that the type Concrete gave it
+        sets; the integers it stands for are that many, centered on its range on the inputset
+        (`decryption_window`). So a value an approximate rounding's slip or a bootstrap error
+        takes a little past its calibrated range decrypts right, and beyond the window a clear
+        run warns that it wraps (see `IntegerProgram.set_output_window`)."""
         circuit_outputs = self.circuit.graph.ordered_outputs()
-        for node, circuit_output in zip(output_nodes(self.graph_module), circuit_outputs):
+        for index, (node, circuit_output) in enumerate(zip(output_nodes(self.graph_module), circuit_outputs)):
             dtype = circuit_output.output.dtype
-            self.program.capacity[f"output:{node.name}"] = (int(dtype.min()), int(dtype.max()))
+            if not circuit_output.output.is_encrypted or circuit_output.bounds is None:
+                continue
+            low, high = (int(bound) for bound in circuit_output.bounds)
+            window = decryption_window(low, high, int(dtype.bit_width), bool(dtype.is_signed))
+            self.program.set_output_window(index, node.name, window)
 
     def _no_parameters_fallback(self) -> Optional[Tuple[Dict[str, Any], str]]:
         """The next narrower settings to try after NoParametersFound, as (setting overrides,
@@ -569,14 +576,17 @@ class FhePartition(torch.nn.Module):
             self._warn_wraps(wraps)
             return as_tuple(outputs)
         self._require_compiled()
+        if not self._wrap_warned and self.program is not None:  # a numpy run: little next to FHE
+            self._warn_wraps(self.program.run_checking_wraps(*q_inputs)[1])
         if mode == "remote":
             return as_tuple(self.remote_runner(q_inputs))
         if mode == "execute":
-            if not self._wrap_warned and self.program is not None:  # costs nothing next to FHE
-                self._warn_wraps(self.program.run_checking_wraps(*q_inputs)[1])
             self.keygen()
         per_sample = self.runner.run(self._samples(q_inputs), mode)
-        return tuple(np.concatenate(parts) for parts in zip(*per_sample))
+        outputs = tuple(np.concatenate(parts) for parts in zip(*per_sample))
+        if self.program is None:
+            return outputs
+        return tuple(d.decrypted(y) for d, y in zip(self.program.output_dequantizers, outputs))
 
     def _to_torch(self, outputs: Sequence[np.ndarray], like: Sequence[torch.Tensor]) -> Any:
         out_nodes = output_nodes(self.graph_module)

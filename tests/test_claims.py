@@ -19,7 +19,7 @@ from concrete import fhe
 import fhe_backend
 from fhe_backend.compile import compile_torch_model
 from fhe_backend.output_dirs import remove_with_circuit
-from fhe_backend.quantization.quantizers import bit_width
+from fhe_backend.quantization.quantizers import OutputDequantizer, bit_width, decryption_window
 
 
 class _Max(nn.Module):
@@ -127,6 +127,36 @@ def test_approximate_rounding_keeps_one_lookup_per_activation_and_exact_pays_per
     assert approximate.statistics["pbs_count"] == 4  # the 4 ReLUs
     # each of the 4 lookups pays about one bootstrap per removed bit on top
     assert 4 * removed <= exact.statistics["pbs_count"] - 4 <= 4 * (removed + 1)
+
+
+@pytest.mark.parametrize(
+    "offset, probes, decrypted",
+    [
+        (5, [4, 0, 63], [127, 123, 58]),  # unsigned 6 bits [1, 55]: modulo 2**7 (padding bit)
+        (30, [63, 3], [-31, -27]),  # signed 6 bits [-24, 30]: modulo 2**6
+    ],
+    ids=["unsigned", "signed"],
+)
+def test_concrete_decrypts_outputs_modulo_what_the_decryption_window_assumes(
+    offset, probes, decrypted, insecure_configuration
+):
+    """`quantizers.decryption_window`: concrete-python decrypts an output beyond its type modulo
+    2**(bits + 1) when unsigned and 2**bits when signed, in simulate and execute alike; the
+    window, centered on the inputset's range, maps each decrypted value back to the integer it
+    stands for (another Concrete version that decrypts otherwise fails here)."""
+
+    @fhe.compiler({"x": "encrypted"})
+    def shifted(x):
+        return x - offset
+
+    circuit = shifted.compile(list(range(6, 61)), insecure_configuration)
+    (output,) = circuit.graph.ordered_outputs()
+    dtype = output.output.dtype
+    window = decryption_window(*output.bounds, dtype.bit_width, dtype.is_signed)
+    dequantizer = OutputDequantizer(1.0, 0.0, window)
+    for probe, expected in zip(probes, decrypted):
+        assert circuit.simulate(probe) == expected == circuit.encrypt_run_decrypt(probe)
+        assert dequantizer.decrypted(np.array([expected]))[0] == probe - offset
 
 
 # ---- measurements behind the figures the tests cannot afford --------------------------------

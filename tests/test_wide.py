@@ -13,6 +13,7 @@ from torch import nn
 import fhe_backend
 from fhe_backend.backend import compiled_graphs
 from fhe_backend.compile import build_quantized_module, compile_torch_model
+from fhe_backend.deployment.fhe_client_server import FHEModelClient, FHEModelDev, FHEModelServer
 
 from .harness import quantization_tolerance
 
@@ -263,8 +264,8 @@ def test_accumulators_over_16_bits_execute_equals_simulate(insecure_configuratio
 def test_inputs_beyond_what_a_lookup_holds_warn_that_fhe_wraps(rounding):
     """Each input stays in its calibrated range, but together they push the first layer's
     accumulator far beyond the calibrated one: under FHE that value wraps around (simulate
-    differs from disable), so disable and execute warn, naming the layer; inputs like the
-    inputset's do not."""
+    differs from disable), so every mode warns, naming the layer (simulate here; disable in
+    test_differential's wrap tests); inputs like the inputset's do not."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).eval()
     with torch.no_grad():
@@ -277,6 +278,40 @@ def test_inputs_beyond_what_a_lookup_holds_warn_that_fhe_wraps(rounding):
         module.forward(inputset[:50].numpy())  # the inputset's own kind of inputs: no warning
     beyond = np.array([[1.0, 1.0], [-1.0, -1.0]])
     with pytest.warns(UserWarning, match=r"lookup reading '0/addmm' .* gets integers .* wrap around"):
-        clear = module.forward(beyond)
-    simulated = module.forward(beyond, fhe="simulate")
+        simulated = module.forward(beyond, fhe="simulate")
+    clear = module.forward(beyond)
     assert not np.array_equal(clear, simulated)  # the wrap the warning is about
+
+
+def test_outputs_a_little_beyond_their_calibrated_range_decrypt_as_themselves(
+    insecure_configuration, tmp_path
+):
+    """x0 - x1 stays within [0.2, 0.5] on the inputset, so Concrete types the output unsigned.
+    Inputs within each input's own range can take it to 0 or below: Concrete decrypts such a
+    value modulo a power of two (-1 as 2**(bits + 1) - 1, a huge float), and before the
+    decryption window (`OutputDequantizer.decrypted`) simulate and execute returned it so,
+    silently. An approximate rounding's slip does the same to a max or a ReLU at 0 (found on
+    random graph 124: 337 off disable on an output span of 34)."""
+    model = nn.Linear(2, 1).eval()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        model.bias.zero_()
+    x0 = torch.linspace(0.2, 1.0, 120)
+    inputset = torch.stack([x0, x0 - 0.2 - 0.3 * torch.rand(120)], dim=1)
+    module = compile_torch_model(model, inputset, n_bits=6, configuration=insecure_configuration)
+    (output,) = module.partition.circuit.graph.ordered_outputs()
+    assert not output.output.dtype.is_signed and output.bounds[0] > 0
+    beyond = np.array([[0.3, 0.3], [0.25, 0.3], [0.9, 0.35]], dtype=np.float32)  # 0, -0.05, 0.55
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the window: nothing wraps, no warning
+        clear = module.forward(beyond)
+    np.testing.assert_allclose(clear[:, 0], [0.0, -0.05, 0.55], atol=0.02)
+    assert np.array_equal(module.forward(beyond, fhe="simulate"), clear)
+    assert np.array_equal(module.forward(beyond, fhe="execute"), clear)  # no lookup: keys in seconds
+    FHEModelDev(tmp_path, module).save()  # the deployed client decrypts the same way
+    client, server = FHEModelClient(tmp_path), FHEModelServer(tmp_path)
+    result = server.run(client.quantize_encrypt_serialize(beyond), client.get_serialized_evaluation_keys())
+    assert np.array_equal(client.deserialize_decrypt_dequantize(result), clear)
+    low, modulus = module.output_dequantizers[0].window
+    far = low - modulus // 4  # beyond the window a clear run says that it wraps
+    assert module.output_dequantizers[0].decrypted(np.array([far])) != far

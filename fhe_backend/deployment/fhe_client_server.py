@@ -372,8 +372,16 @@ class FHEModelClient:
             values = as_tuple(item)
             decrypted = self.client.decrypt(*[fhe.Value.deserialize(v) for v in values])
             per_sample.append(as_tuple(decrypted))
+        dequantizers = self.processing.output_dequantizers
+        if len(per_sample[0]) != len(dequantizers):
+            raise DeploymentError(
+                f"the result holds {len(per_sample[0])} output(s) per sample, the client's "
+                f"specs ({self.path_dir / CLIENT_ZIP}) {len(dequantizers)}: is it the server of "
+                "another model?"
+            )
         outputs = tuple(
-            np.concatenate([np.asarray(p[i]) for p in per_sample]) for i in range(len(per_sample[0]))
+            dequantizer.decrypted(np.concatenate([np.asarray(p[i]) for p in per_sample]))
+            for i, dequantizer in enumerate(dequantizers)
         )
         return outputs[0] if len(outputs) == 1 else outputs
 

@@ -138,6 +138,9 @@ class IntegerProgram:
         # output, holds in the circuit: beyond them a value wraps around under FHE (see
         # run_checking_wraps)
         self.capacity: Dict[str, Tuple[int, int]] = {}
+        # output node -> (low, modulus): the integers its decrypted values stand for, once the
+        # circuit is compiled (see set_output_window)
+        self.output_windows: Dict[str, Tuple[int, int]] = {}
 
     def _input_quantizer(self, node: fx.Node) -> UniformQuantizer:
         qat_quantizer = qat_input_quantizer(node)  # QAT: the model's own input quantizer
@@ -200,6 +203,14 @@ class IntegerProgram:
             return result, list(self._run_state.wraps)
         finally:
             self._run_state.wraps = None
+
+    def set_output_window(self, index: int, name: str, window: Tuple[int, int]) -> None:
+        """The compiled circuit decrypts output `index` (node `name`) into `window` = (low,
+        modulus): its dequantizer maps decrypted values there, and a clear run warns beyond it."""
+        self.output_windows[name] = window
+        self.capacity[f"output:{name}"] = (window[0], window[0] + window[1] - 1)
+        if index < len(self.output_dequantizers):
+            self.output_dequantizers[index].window = window
 
     def note_integers(self, key: str, expr: Any) -> None:
         """During `run_checking_wraps`: record a lookup input or an output (`key`) beyond its
@@ -337,7 +348,7 @@ class IntegerProgram:
                 self.output_widths[out_node.name] = max(width, self.output_widths.get(out_node.name, 0))
             self.note_integers(f"output:{out_node.name}", expr)
             results.append(expr)
-            dequantizers.append(OutputDequantizer(scale, 0.0))
+            dequantizers.append(OutputDequantizer(scale, 0.0, self.output_windows.get(out_node.name)))
         self.output_dequantizers = dequantizers
         return results[0] if len(results) == 1 else tuple(results)
 

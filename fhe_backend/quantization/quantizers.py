@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
@@ -105,23 +105,58 @@ class UniformQuantizer:
 
 @dataclass
 class OutputDequantizer:
-    """float = scale * (q - zero_point) for a circuit output (accumulator or quantized value)."""
+    """float = scale * (q - zero_point) for a circuit output (accumulator or quantized value).
+
+    `window` = (low, modulus), set once the circuit is compiled: Concrete decrypts the output
+    modulo `modulus`, and the integer a decrypted value stands for is its representative in
+    [low, low + modulus), a window centered on the output's range on the inputset (see
+    `decrypted`).
+    """
 
     scale: ArrayLike
     zero_point: ArrayLike
+    window: Optional[Tuple[int, int]] = None
 
     def dequantize(self, q: Any) -> np.ndarray:
         """Integers -> float array."""
         return dequantize(q, self.scale, self.zero_point)
 
+    def decrypted(self, q: Any) -> np.ndarray:
+        """Integers as Concrete decrypted them -> the integers they stand for: an output a
+        little below an unsigned type's 0 (a max that an approximate rounding's slip takes to
+        -1) decrypts as 2**(bits + 1) - 1, and is -1 again here."""
+        q = np.asarray(q)
+        if self.window is None or not np.issubdtype(q.dtype, np.integer):
+            return q
+        low, modulus = self.window
+        return low + np.mod(q.astype(np.int64) - low, modulus)
+
     def to_dict(self) -> dict:
         """A JSON-serializable description (used by deployment artifacts)."""
-        return {"scale": _jsonable(self.scale), "zero_point": _jsonable(self.zero_point)}
+        data = {"scale": _jsonable(self.scale), "zero_point": _jsonable(self.zero_point)}
+        if self.window is not None:
+            data["window"] = list(self.window)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "OutputDequantizer":
         """Inverse of `to_dict`."""
-        return cls(_array(data["scale"]), _array(data["zero_point"]))
+        window = data.get("window")
+        return cls(
+            _array(data["scale"]),
+            _array(data["zero_point"]),
+            None if window is None else (int(window[0]), int(window[1])),
+        )
+
+
+def decryption_window(low: int, high: int, bits: int, signed: bool) -> Tuple[int, int]:
+    """(lowest integer, modulus) of the window a Concrete output of `bits` bits decrypts into,
+    centered on its range [low, high] on the inputset. concrete-python 2.11 decrypts a signed
+    output modulo 2**bits and an unsigned one modulo 2**(bits + 1) (its padding bit); a value
+    within half that of the range's middle decrypts to itself (tested in tests/test_claims.py,
+    so that another Concrete version that decrypts otherwise fails the suite)."""
+    modulus = 2**bits if signed else 2 ** (bits + 1)
+    return -((modulus - low - high - 1) // 2), modulus
 
 
 def dequantize(q: Any, scale: ArrayLike, zero_point: ArrayLike) -> np.ndarray:
