@@ -14,6 +14,7 @@ import torch
 
 import fhe_backend
 from fhe_backend.deployment import (
+    ArtifactsNotFoundError,
     DeploymentError,
     FHEModelClient,
     FHEModelDev,
@@ -105,6 +106,16 @@ def test_versions_are_checked_and_artifacts_not_overwritten(partition, tmp_path)
             archive.writestr(name, data)
     with pytest.raises(VersionMismatchError, match="concrete-python"):
         FHEModelClient(tmp_path)
+
+
+def test_missing_artifacts_raise_an_assertion_error_as_in_concrete_ml(tmp_path):
+    """A folder that does not exist, or holds no saved archive: `ArtifactsNotFoundError`, a
+    DeploymentError and the AssertionError Concrete ML raises there."""
+    for side in (FHEModelClient, FHEModelServer):
+        with pytest.raises(ArtifactsNotFoundError, match="does not exist. Please specify a valid path"):
+            side(tmp_path / "missing")
+        with pytest.raises(AssertionError, match="not found: save the artifacts"):
+            side(tmp_path)
 
 
 def test_model_with_several_partitions_is_rejected(tmp_path):

@@ -844,15 +844,18 @@ def test_rounded_lookups_never_carry_past_the_width_concrete_measures(
     [
         (25, 1.5, "the lookup reading 'steps.0.layer/addmm'"),
         (214, 3.0, "the output 'steps.0.layer/addmm' is"),
+        (57, 1.5, "the lookup reading 'steps.3/amax'"),
     ],
-    ids=["rounding-carry", "output"],
+    ids=["rounding-carry", "output", "narrowed-lookup"],
 )
 def test_inputs_that_wrap_under_fhe_warn(seed, scale, place):
     """Inputs beyond the calibration: seed 25's tanh lookup input stays within its type but
     above its exact rounding's top, so the rounding carries and wraps; seed 214's output (a
-    linear layer, no lookup) leaves the type Concrete gave it. Both differ in simulate from
-    disable; disable says so, naming the place (found by an audit of the warning: neither was
-    checked at first)."""
+    linear layer, no lookup) leaves its decryption window; seed 57's max tree reads a
+    difference placed on [-49, 47] at 7 bits although the value is typed int8 (Concrete
+    narrows lookup inputs of up to 8 bits to their own range's width), so -67 wraps to 61.
+    All differ in simulate from disable; disable says so, naming the place (found by an audit
+    of the warning: none was checked at first)."""
     case = generate_case(seed)
     torch.manual_seed(seed)
     runner = Runner(case, RandomGraph(case), _inputs(case, case.calibration, seed))

@@ -6,6 +6,7 @@ FastAPI application behind ``fhe-backend serve``; `http_client` is its client.
 """
 
 from .fhe_client_server import (
+    ArtifactsNotFoundError,
     DeploymentError,
     DeploymentMode,
     DeploymentModeError,
@@ -16,6 +17,7 @@ from .fhe_client_server import (
 )
 
 __all__ = [
+    "ArtifactsNotFoundError",
     "DeploymentError",
     "DeploymentMode",
     "DeploymentModeError",

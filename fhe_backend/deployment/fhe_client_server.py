@@ -60,6 +60,11 @@ class VersionMismatchError(DeploymentError):
     """Artifacts were saved with package versions other than the running ones."""
 
 
+class ArtifactsNotFoundError(DeploymentError, AssertionError):
+    """`FHEModelClient` / `FHEModelServer` on a folder without the saved artifacts (Concrete ML
+    asserts that the folder exists: an AssertionError)."""
+
+
 class DeploymentModeError(DeploymentError, ValueError):
     """`FHEModelDev.save` got an unknown mode, or one this project does not have (Concrete ML
     raises ValueError / AssertionError there)."""
@@ -269,8 +274,15 @@ def _append_to_zip(path: Path, members: Dict[str, str]) -> None:
 
 
 def _read_zip(path: Path, names: Sequence[str]) -> Dict[str, bytes]:
+    if not path.parent.is_dir():
+        raise ArtifactsNotFoundError(
+            f"{path.parent} does not exist. Please specify a valid path: the folder that "
+            "FHEModelDev(...).save() wrote"
+        )
     if not path.is_file():
-        raise DeploymentError(f"{path} not found: save the artifacts with FHEModelDev(...).save() first")
+        raise ArtifactsNotFoundError(
+            f"{path} not found: save the artifacts with FHEModelDev(...).save() first"
+        )
     with zipfile.ZipFile(path) as archive:
         missing = [n for n in names if n not in archive.namelist()]
         if missing:

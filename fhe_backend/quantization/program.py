@@ -620,16 +620,32 @@ class IntegerProgram:
     def _lookup_capacity(self, key: str, placed: Tuple[int, int], raw: Tuple[int, int]) -> Tuple[int, int]:
         """What a lookup's placed input holds: the type Concrete gives it (its per-position
         shifts included) and, when it is rounded, no more than its rounding's top at the placed
-        width (above it the rounding carries and wraps around, `_leave_room_on_top`)."""
+        width (above it the rounding carries and wraps around, `_leave_room_on_top`).
+
+        An unrounded lookup whose placed range needs at most
+        `optimize_tlu_based_on_original_bit_width` bits (Concrete's option, 8 by default) is
+        read at that width, not at the wider one its input shares with the value it was
+        computed from: Concrete multiplies the input up and reinterprets it narrower (random
+        graph 57: a lookup placed on [-49, 47] read -67 as 61, with its input typed int8).
+        """
         shift = self.lookup_shifts.get(key)
         shifted = placed
         if shift is not None:  # aligned QAT rounding
             shifted = (placed[0] + min(int(np.min(shift)), 0), placed[1] + max(int(np.max(shift)), 0))
-        low, high = _type_range(shifted, _seen_width(shifted, raw))
         lsbs = self.rounding_lsbs.get(key)
+        width = _seen_width(shifted, raw)
+        if not lsbs and self._reads_at_own_width(bit_width(*shifted)):
+            width = bit_width(*shifted)
+        low, high = _type_range(shifted, width)
         if lsbs:
             high = min(high, _rounding_top(bit_width(*placed), lsbs, self._approximate))
         return low, high
+
+    def _reads_at_own_width(self, bits: int) -> bool:
+        """Whether Concrete reads a lookup input of `bits` bits (from its own range) at that
+        width (`optimize_tlu_based_on_original_bit_width`: a bound, or True / False)."""
+        narrowing = getattr(self.settings.configuration, "optimize_tlu_based_on_original_bit_width", 8)
+        return bool(narrowing) if isinstance(narrowing, bool) else bits <= int(narrowing)
 
     @property
     def _approximate(self) -> bool:
