@@ -148,10 +148,20 @@ def test_no_candidate_cheaper_than_the_choice_is_within_tolerance_at_lower_preci
     choice = again.partition.program.precision_choice
     limit = choice.bounds_loss + 0.02
     assert choice.loss <= limit
-    # approximate rounding: per-channel weights as given and range capped are both searched
-    assert {e.candidate.range_capped for e in scored} == {False, True}
-    settings = again.partition.program.settings
+    # approximate rounding: per-channel weights as given and range capped are both searched, each
+    # with the lookups' rounding grid at the placement's phase and through 0
+    assert {(e.candidate.range_capped, e.candidate.rounding_grid) for e in scored} == {
+        (False, "aligned"),
+        (True, "aligned"),
+        (False, "zero"),
+        (True, "zero"),
+    }
+    program = again.partition.program
+    settings = program.settings
     assert (settings.per_channel_weights == "range_capped") == choice.range_capped
+    assert program.rounding_grid == choice.rounding_grid
+    if choice.rounding_grid == "zero":  # the chosen program rounds its accumulators through 0
+        assert program.lookup_shifts and "rounding grid through 0" in choice.describe()
     chosen_precision = settings.rounding_threshold_bits.n_bits
     lower = [
         e
@@ -159,6 +169,7 @@ def test_no_candidate_cheaper_than_the_choice_is_within_tolerance_at_lower_preci
         if e.candidate.rounding_bits < chosen_precision
         and not e.candidate.lookup_bits
         and e.candidate.range_capped == choice.range_capped
+        and e.candidate.rounding_grid == choice.rounding_grid
     ]
     assert lower, "the search tried no lower precision"
     assert all(e.loss > limit for e in lower)
@@ -284,7 +295,10 @@ def test_lookups_at_several_precisions_are_kept_only_when_concrete_finds_them_ch
     choice = wide_tolerance.partition.program.precision_choice
     assert len(choice.compared) >= 2, "no per-lookup step to compare: the setup no longer tests this"
     assert len(
-        {(c.n_bits, tuple(sorted(c.lookup_bits.items())), c.range_capped) for c in choice.compared}
+        {
+            (c.n_bits, tuple(sorted(c.lookup_bits.items())), c.range_capped, c.rounding_grid)
+            for c in choice.compared
+        }
     ) == len(choice.compared)
     # the circuit compiled at the end is a compared candidate with the least product (equal
     # circuits: the search takes the lower loss)
@@ -292,7 +306,8 @@ def test_lookups_at_several_precisions_are_kept_only_when_concrete_finds_them_ch
     (chosen,) = [
         c
         for c in choice.compared
-        if (c.n_bits, c.lookup_bits, c.range_capped) == (bits, choice.lookup_bits, choice.range_capped)
+        if (c.n_bits, c.lookup_bits, c.range_capped, c.rounding_grid)
+        == (bits, choice.lookup_bits, choice.range_capped, choice.rounding_grid)
     ]
     assert chosen.complexity * chosen.key_bytes == min(c.complexity * c.key_bytes for c in choice.compared)
     circuit = wide_tolerance.partition.circuit
@@ -337,6 +352,8 @@ def test_the_range_cap_is_searched_only_where_it_changes_the_weights(classifier,
         with torch.no_grad():
             compiled(x[:2])
     assert scored and not any(c.range_capped for c in scored)
+    exact = options.get("rounding_threshold_bits") == 6  # always through 0: no grid to search
+    assert {c.rounding_grid for c in scored} == ({"aligned"} if exact else {"aligned", "zero"})
     (partition,) = fhe_backend.partitions(compiled)
     choice = partition.program.precision_choice
     assert not choice.range_capped and "range capped" not in choice.describe()

@@ -228,7 +228,7 @@ def test_rounded_qat_lookups_align_their_grid_with_the_thresholds(rounded_simple
 
 
 def test_the_zero_grid_rounds_the_accumulator_itself(rounded_simple_net, digits):
-    """`qat_rounding_grid="zero"` (Concrete ML's grid): the clear shift cancels the placement's
+    """`rounding_grid="zero"` (Concrete ML's grid): the clear shift cancels the placement's
     offset modulo the rounding step, so each lookup reads round(accumulator) to a multiple of
     the step, where the aligned grid moves the edges to the thresholds."""
     from fhe_backend.quantization.program import ZERO_GRID, IntegerProgram
@@ -237,7 +237,7 @@ def test_the_zero_grid_rounds_the_accumulator_itself(rounded_simple_net, digits)
     x_train = digits[0]
     aligned = module.partition.program
     program = IntegerProgram(aligned.graph_module, aligned.stats, aligned.settings, aligned.encryption_status)
-    program.qat_rounding_grid = ZERO_GRID
+    program.rounding_grid = ZERO_GRID
     q_inputs = program.quantize_inputs(x_train)
     program.calibrate_rounding(q_inputs)
     assert program.rounding_lsbs == aligned.rounding_lsbs and program.lookup_offsets
@@ -275,9 +275,9 @@ def test_precision_search_narrows_the_qat_output_bias_step(simple_net, digits):
     program, choice = module.partition.program, module.partition.program.precision_choice
     assert choice.loss <= choice.bounds_loss + 0.02
     # both rounding grids searched (no range cap: QAT weights are integers already)
-    assert {c.qat_rounding_grid for c in scored} == {"aligned", "zero"}
+    assert {c.rounding_grid for c in scored} == {"aligned", "zero"}
     assert not any(c.range_capped for c in scored)
-    assert program.qat_rounding_grid == choice.qat_rounding_grid
+    assert program.rounding_grid == choice.rounding_grid
     # 4 bits made the output the circuit's widest integer (11 bits for 7); the search takes fewer
     (bias_bits,) = program.output_bias_bits.values()
     assert bias_bits < QAT_BIAS_BITS

@@ -80,7 +80,7 @@ class Candidate:
     lookup_bits: Tuple[Tuple[str, int], ...] = ()
     qat_bias_bits: Optional[int] = None  # QAT outputs' bias step (IntegerProgram.qat_bias_bits)
     range_capped: bool = False  # per-channel weights capped to per-tensor accumulator ranges
-    qat_rounding_grid: str = ALIGNED_GRID  # QAT rounded lookups' grid (IntegerProgram.qat_rounding_grid)
+    rounding_grid: str = ALIGNED_GRID  # rounded lookups' grid (IntegerProgram.rounding_grid)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class PrecisionChoice:
     rounding: Optional[Rounding]
     lookup_bits: Dict[str, int]  # bits each lookup reads after rounding (per-lookup overrides)
     range_capped: bool  # per_channel_weights="range_capped" where the user's rounding has no cap
-    qat_rounding_grid: str  # QAT: the rounded lookups' grid (IntegerProgram.qat_rounding_grid)
+    rounding_grid: str  # the rounded lookups' grid (IntegerProgram.rounding_grid)
     metric: str
     loss: float  # the chosen program's, against float
     bounds_loss: float  # the program's at the user's n_bits and rounding (the reference)
@@ -124,7 +124,7 @@ class PrecisionChoice:
             f"n_bits op_inputs {self.n_bits.op_inputs}, op_weights {self.n_bits.op_weights}; rounding "
             f"{rounding}; lookups {max(self.lookup_bits.values(), default=0)} bits at most; "
             f"{'per-channel weights range capped; ' if self.range_capped else ''}"
-            f"{'QAT rounding grid through 0; ' if self.qat_rounding_grid == ZERO_GRID else ''}"
+            f"{'rounding grid through 0; ' if self.rounding_grid == ZERO_GRID else ''}"
             f"{self.metric} loss {self.loss:.4f} against float ({self.bounds_loss:.4f} at the "
             f"bounds, tolerance {self.tolerance}) on "
             f"{self.holdout_samples} held-out samples, {self.evaluations} programs scored"
@@ -134,8 +134,8 @@ class PrecisionChoice:
             (
                 c
                 for c in self.compared
-                if (c.n_bits, c.lookup_bits, c.range_capped, c.qat_rounding_grid)
-                == (bits, self.lookup_bits, self.range_capped, self.qat_rounding_grid)
+                if (c.n_bits, c.lookup_bits, c.range_capped, c.rounding_grid)
+                == (bits, self.lookup_bits, self.range_capped, self.rounding_grid)
             ),
             None,
         )
@@ -156,7 +156,7 @@ class CircuitCost:
     complexity: float  # Concrete's cost of one evaluation
     key_bytes: int  # bootstrap + keyswitch keys, uncompressed (key generation time follows it)
     range_capped: bool = False  # the candidate's per-channel weights were range capped
-    qat_rounding_grid: str = ALIGNED_GRID  # the candidate's QAT rounding grid
+    rounding_grid: str = ALIGNED_GRID  # the candidate's rounding grid
 
     def rank(self) -> Tuple[float, float]:
         """Smaller is better: complexity times key bytes (a relative gain on either side weighs
@@ -285,7 +285,7 @@ def _apply(candidate: Candidate, program: IntegerProgram) -> None:
     program.lookup_precision = dict(candidate.lookup_bits)
     if candidate.qat_bias_bits is not None:
         program.qat_bias_bits = candidate.qat_bias_bits
-    program.qat_rounding_grid = candidate.qat_rounding_grid
+    program.rounding_grid = candidate.rounding_grid
 
 
 def candidate_settings(base: FheSettings, candidate: Candidate, method: str) -> FheSettings:
@@ -375,7 +375,7 @@ def search_precision(
         rounding=chosen.rounding_threshold_bits,
         lookup_bits=dict(best.kept_bits),
         range_capped=best.candidate.range_capped,
-        qat_rounding_grid=best.candidate.qat_rounding_grid,
+        rounding_grid=best.candidate.rounding_grid,
         metric=spec.metric,
         loss=best.loss,
         bounds_loss=bounds.loss,
@@ -398,14 +398,18 @@ def _variants(program: IntegerProgram, base: FheSettings, method: str) -> List[D
     - The per-channel range cap trades per-channel precision for narrower accumulators (lower
       lookup bits, smaller norms): worth it on the digits MLP and CNN, not on a GPT-2 block at
       8 bits. Exact rounding caps already; QAT weights are integers (never stretched).
-    - A QAT program's rounded lookups: the grid aligned with the QuantReLU's thresholds (closer
-      to Brevitas) or through 0 (Concrete ML's; more accurate on the digits QAT network).
+    - The rounded lookups' grid: a QAT program's aligned with the QuantReLU's thresholds (closer
+      to Brevitas) or through 0 (Concrete ML's; more accurate on the digits QAT network); a
+      float program's under approximate rounding at its placement's phase or through 0 (the
+      digits CNN: a point more accurate in `simulate`, where the rounding's slips count). The
+      grid costs nothing: between equal circuits the search keeps the lower loss. Exact
+      rounding always rounds through 0.
     """
     variants: List[Dict[str, Any]] = [{}]
     if base.per_channel_weights is True and method != "exact" and not program.qat:
         variants.append({"range_capped": True})
-    if program.qat:
-        variants.append({"qat_rounding_grid": ZERO_GRID})
+    if program.qat or method == "approximate":
+        variants += [{**variant, "rounding_grid": ZERO_GRID} for variant in variants]
     return variants
 
 
@@ -502,7 +506,7 @@ class _CircuitCosts:
             float(circuit.complexity),
             int(circuit.size_of_bootstrap_keys) + int(circuit.size_of_keyswitch_keys),
             candidate.range_capped,
-            candidate.qat_rounding_grid,
+            candidate.rounding_grid,
         )
         logger.debug("precision_search %s: %s", candidate, cost)
         self.compiled[candidate] = cost
